@@ -1,0 +1,68 @@
+/* spac routing sensor: a ggml graph-eval callback that records MoE expert selection.
+ *
+ * The callback watches the `ffn_moe_topk-<layer>` nodes of llama.cpp's graph (an I32 view
+ * [k, n_tokens] whose rows are strided by nb[1]) and decodes the selected expert ids of every
+ * token into caller-owned buffers (numpy arrays on the Python side), so reading them needs no
+ * copy. All buffers are allocated by the caller and sized from the fields below; the callback
+ * never writes outside them and counts whatever it had to drop.
+ *
+ * Threading: the callback runs on the thread that calls llama_decode. The caller reads the
+ * buffers between decode calls.
+ */
+#ifndef SPAC_SENSOR_H
+#define SPAC_SENSOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ggml_tensor;
+
+typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
+
+typedef struct spac_sensor {
+    /* geometry, fixed at creation */
+    int32_t n_layer;   /* blocks in the model; valid layer ids are [0, n_layer) */
+    int32_t n_expert;  /* valid expert ids are [0, n_expert) */
+    int32_t k_max;     /* largest experts-used-per-token of any layer */
+    int32_t capacity;  /* token slots in the ids ring */
+
+    /* caller-owned output buffers */
+    int32_t *ids;          /* [capacity][n_layer][k_max]; -1 = not observed */
+    int32_t *step_counts;  /* [n_layer][n_expert]; tokens that chose (layer, expert) this step */
+    int64_t *total_counts; /* [n_layer][n_expert]; since creation / last reset */
+    int32_t *step_layer_tokens; /* [n_layer]; token rows observed per layer this step */
+
+    /* running state */
+    int64_t n_tokens;      /* tokens recorded so far (monotonic; ring slot = index % capacity) */
+    int64_t n_ubatches;    /* ubatches observed */
+    int64_t n_events;      /* topk nodes decoded */
+    int64_t n_bad_ids;     /* ids outside [0, n_expert): dropped */
+    int64_t n_bad_events;  /* topk nodes with an unexpected layer, type or shape: skipped */
+    int32_t last_layer;    /* layer of the previous event in this ubatch, -1 at a boundary */
+    int32_t ubatch_tokens; /* tokens of the current ubatch (rows of its first MoE layer) */
+    int32_t enabled;       /* 0: observe nothing (the callback only chains) */
+    int32_t user_asked;    /* the chained callback asked for the node we are about to see */
+
+    /* chained user callback (may be NULL) */
+    spac_eval_cb user_cb;
+    void *user_data;
+
+    /* scratch for tensors that live in device memory (not host-readable) */
+    uint8_t *scratch;
+    size_t scratch_size;
+} spac_sensor;
+
+/* The graph-eval callback; user_data must be a spac_sensor*. */
+bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);
+
+/* Close the current ubatch so the next event starts a new one (call after each llama_decode). */
+void spac_sensor_flush(spac_sensor *s);
+
+/* Frees the scratch buffer (the caller owns every other buffer). */
+void spac_sensor_release(spac_sensor *s);
+
+/* Parse "<prefix><int>" names such as "ffn_moe_topk-12"; returns -1 when the name does not match. */
+int32_t spac_node_layer(const char *name, const char *prefix);
+
+#endif

@@ -1,0 +1,24 @@
+"""spac-llamacpp: speculative-lookahead expert offloading for MoE GGUF models in llama.cpp."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+__all__ = ["Llama", "SpacError", "__version__"]
+
+from .errors import SpacError
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+
+def __getattr__(name: str):
+    # Importing llama_cpp loads the native libraries: defer until Llama is really asked for,
+    # so that `spac inspect` stays fast and works without them.
+    if name == "Llama":
+        from .llama import Llama
+
+        return Llama
+    raise AttributeError(f"module 'spac_llamacpp' has no attribute {name!r}")

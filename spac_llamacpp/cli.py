@@ -1,0 +1,227 @@
+"""Command line: ``spac-run`` (generate text) and ``spac`` (inspect, trace, build-native)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import SpacError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line on stderr and exit status 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpacError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except (ValueError, RuntimeError, OSError) as exc:  # llama_cpp's load/decode failures
+            _fail(" ".join(f"{type(exc).__name__}: {exc}".split()))
+
+    return wrapper
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that loads a model."""
+    opts = [
+        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context length."),
+        click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: llama.cpp's)."),
+        click.option("--gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
+                     help="Layers offloaded to the GPU (-1: all)."),
+        click.option("-ot", "--override-tensor", "override_tensor", default=None,
+                     help="Tensor placement, llama.cpp syntax: 'REGEX=DEVICE,...' e.g. '\\.ffn_.*_exps=CPU'."),
+        click.option("--no-repack", is_flag=True,
+                     help="Keep CPU weights file-backed (use_extra_bufts=False): no repacking into anonymous memory."),
+        click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load(model: str, n_ctx: int, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
+          no_repack: bool, verbose: bool, seed: int = 0, routing_history: int | None = 1024):
+    from .llama import Llama
+
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    return Llama(
+        model,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        tensor_buft_overrides=override_tensor,
+        use_extra_bufts=False if no_repack else None,
+        seed=seed,
+        verbose=verbose,
+        routing_history=routing_history,
+    )
+
+
+def _routing_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        f"routing: {summary['tokens']} tokens in {summary['steps']} steps through {summary['moe_layers']} MoE layers "
+        f"x {summary['n_expert']} experts ({summary['selections']} expert selections, "
+        f"{summary['bad_ids']} bad ids)"
+    ]
+    for layer in summary["layers"]:
+        if not layer.get("selections"):
+            continue
+        hot = ", ".join(f"e{e}:{c}" for e, c in layer["top_experts"])
+        lines.append(
+            f"  layer {layer['layer']:>3}: {layer['experts_used']:>4} experts used, "
+            f"balance {layer['normalized_entropy']:.2f}, hottest {hot}"
+        )
+    return lines
+
+
+@click.command(name="spac-run")
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", default="Once upon a time", show_default=True, help="Prompt text.")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=64, show_default=True, help="Tokens to generate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--stats", type=click.Choice(["text", "json"]), is_flag=False, flag_value="text", default=None,
+              help="After the text, print tokens/s and a routing summary to stderr ('--stats json': as JSON).")
+@click.option("--stats-file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the JSON stats to this file.")
+@model_options
+@friendly_errors
+def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: float, stats: str | None,
+             stats_file: str | None, **load_kw: Any) -> None:
+    """Generate text from MODEL (a MoE GGUF), streaming it to stdout.
+
+    Without MODEL, runs the embedded default model.
+    """
+    from .default_model import DEFAULT_LABEL, default_model_path
+    from .generate import GenerationStats, stream_generate
+
+    if model is None:
+        click.echo(f"spac-run: no model given; using the {DEFAULT_LABEL}", err=True)
+        model = str(default_model_path())
+    if n_predict < 1:
+        raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
+    t_load = time.perf_counter()
+    llm = _load(model, seed=seed, **load_kw)
+    load_seconds = time.perf_counter() - t_load
+
+    gen = GenerationStats()
+    click.echo(prompt, nl=False)
+    for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
+        click.echo(piece, nl=False)
+    click.echo()
+
+    report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
+    if llm.routing is not None:
+        report["routing"] = llm.routing.summary()
+    if stats == "json":
+        click.echo(json.dumps(report), err=True)
+    elif stats == "text":
+        click.echo(
+            f"\n{gen.prompt_tokens} prompt tokens in {gen.prompt_seconds:.3f} s "
+            f"({gen.prompt_tokens_per_second:.1f} tok/s); {gen.generated_tokens} generated in "
+            f"{gen.decode_seconds:.3f} s ({gen.decode_tokens_per_second:.1f} tok/s decode); stop: {gen.stop_reason}",
+            err=True,
+        )
+        if "routing" in report:
+            for line in _routing_lines(report["routing"]):
+                click.echo(line, err=True)
+        else:
+            click.echo("routing: model has no routed experts", err=True)
+    if stats_file:
+        Path(stats_file).write_text(json.dumps(report, indent=2) + "\n")
+    llm.close()
+
+
+@click.group()
+@click.version_option(package_name="spac-llamacpp")
+@click.option("-v", "--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def spac(log_level: str) -> None:
+    """spac-llamacpp tools for Mixture-of-Experts GGUF models."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+
+@spac.command(name="inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@friendly_errors
+def inspect_cmd(model: str, as_json: bool) -> None:
+    """Show the MoE structure of MODEL from its GGUF header (no weights are read)."""
+    from .gguf_info import format_report, inspect_model
+
+    info = inspect_model(model)
+    click.echo(json.dumps(info.to_json(), indent=2) if as_json else format_report(info))
+
+
+@spac.command(name="trace")
+@click.argument("model")
+@click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with one prompt per line.")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=64, show_default=True,
+              help="Tokens generated per prompt.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True)
+@model_options
+@friendly_errors
+def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_predict: int, output: str,
+              seed: int, temp: float, **load_kw: Any) -> None:
+    """Record a routing trace of MODEL: per-step, per-layer expert ids of every token."""
+    from tqdm import tqdm
+
+    from .generate import GenerationStats, stream_generate
+    from .trace import RoutingTrace
+
+    all_prompts = list(prompts)
+    if prompt_file:
+        all_prompts += [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
+    if not all_prompts:
+        raise SpacError("no prompt given; pass -p PROMPT or -f prompts.txt")
+    llm = _load(model, seed=seed, routing_history=None, **load_kw)
+    if llm.routing is None:
+        raise SpacError(f"{model} has no routed experts; `spac trace` needs a Mixture-of-Experts model")
+    runs = []
+    for i, prompt in enumerate(tqdm(all_prompts, desc="trace", unit="prompt", disable=len(all_prompts) < 2)):
+        gen = GenerationStats()
+        first_step = llm.routing.n_steps
+        for _ in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed + i, stats=gen):
+            pass
+        runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
+    meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
+    trace = RoutingTrace.from_log(llm.routing, meta)
+    trace.save(output)
+    click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
+               f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)
+    llm.close()
+
+
+@spac.command(name="build-native")
+@click.option("--force", is_flag=True, help="Rebuild even if a matching build exists.")
+@friendly_errors
+def build_native_cmd(force: bool) -> None:
+    """Compile the native module against the installed llama-cpp-python."""
+    from . import native
+
+    click.echo(str(native.build(force=force)))
+
+
+spac.add_command(spac_run, name="run")

@@ -1,0 +1,136 @@
+"""``spac_llamacpp.Llama``: a drop-in ``llama_cpp.Llama`` that observes MoE routing.
+
+It is a subclass, so everything written for ``llama_cpp.Llama`` (``llama_cpp.server``, chat
+handlers, speculative drafts) keeps working. On top it accepts the parameters the stock bindings
+leave unused (``tensor_buft_overrides``, ``use_extra_bufts``, ``no_host``, ``cb_eval``) and installs
+the native routing sensor, exposing what it saw as ``llm.routing``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_c
+
+from .errors import GGUFError
+from .gguf_info import MoEModelInfo, read_model_header
+from .params import OverridesArg, TensorBuftOverrides, patched_default_params
+from .routing import RoutingLog
+from .sensor import RoutingSensor, UserCallback, callback_address
+
+log = logging.getLogger(__name__)
+
+_EXPERT_USED_SUFFIX = ".expert_used_count"
+
+
+class Llama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` plus routing observation and tensor placement.
+
+    Accepts every argument of ``llama_cpp.Llama``, and:
+
+    Args:
+        tensor_buft_overrides: tensor placement, ``"regex=DEVICE,..."`` (llama.cpp's ``-ot``), a
+            mapping or a list of ``(regex, device)``; e.g. ``{r"\\.ffn_.*_exps": "CPU"}``.
+        use_extra_bufts: allow CPU weight repacking (llama.cpp default True). Set False to keep
+            CPU experts file-backed in the memory-mapped GGUF.
+        no_host: bypass host (pinned) buffers for CPU-side weights.
+        cb_eval, cb_eval_user_data: a graph-eval callback of your own; the routing sensor chains
+            to it (a Python callable ``(tensor_ptr, ask, user_data) -> bool``, a
+            ``llama_cpp.ggml_backend_sched_eval_callback`` or a C function address).
+        routing: install the native routing sensor (default True). Dense models get none.
+        routing_history: evaluation steps kept in ``llm.routing.steps`` (None = all).
+        routing_capacity: tokens of per-token expert ids kept in the native ring.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tensor_buft_overrides: OverridesArg = None,
+        use_extra_bufts: bool | None = None,
+        no_host: bool | None = None,
+        cb_eval: UserCallback = None,
+        cb_eval_user_data: int | None = None,
+        routing: bool = True,
+        routing_history: int | None = 1024,
+        routing_capacity: int = 4096,
+        **kwargs: Any,
+    ) -> None:
+        self._spac_options = {
+            "tensor_buft_overrides": tensor_buft_overrides,
+            "use_extra_bufts": use_extra_bufts,
+            "no_host": no_host,
+            "routing": routing,
+            "routing_history": routing_history,
+            "routing_capacity": routing_capacity,
+        }
+        self.moe_info: MoEModelInfo = read_model_header(model_path)
+        self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
+        self._sensor: RoutingSensor | None = None
+        self.routing: RoutingLog | None = None
+
+        info = self.moe_info
+        if routing and info.n_expert > 0:
+            k_max = _max_expert_used(info, kwargs.get("kv_overrides"))
+            self._sensor = RoutingSensor(
+                info.block_count, info.n_expert, k_max, routing_capacity, cb_eval, cb_eval_user_data
+            )
+            self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history)
+        elif routing:
+            log.info("%s has no routed experts: routing sensor not installed", model_path)
+
+        def edit_model(p: llama_c.llama_model_params) -> None:
+            if self._buft_overrides is not None:
+                p.tensor_buft_overrides = self._buft_overrides.address
+            if use_extra_bufts is not None:
+                p.use_extra_bufts = use_extra_bufts
+            if no_host is not None:
+                p.no_host = no_host
+
+        def edit_context(p: llama_c.llama_context_params) -> None:
+            if self._sensor is not None:
+                p.cb_eval = self._sensor.cb_eval
+                p.cb_eval_user_data = self._sensor.cb_eval_user_data
+            elif cb_eval is not None:
+                addr, self._cb_keepalive = callback_address(cb_eval)
+                p.cb_eval = llama_c.ggml_backend_sched_eval_callback(addr)
+                p.cb_eval_user_data = cb_eval_user_data
+
+        with patched_default_params(edit_model, edit_context):
+            try:
+                super().__init__(model_path, **kwargs)
+            except ValueError as exc:
+                raise GGUFError(f"llama.cpp could not load {model_path}: {exc}") from exc
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Evaluate tokens (one routing step) and record the routing they took."""
+        try:
+            super().eval(tokens)
+        finally:
+            if self.routing is not None:
+                self.routing.end_step()
+
+    def close(self) -> None:
+        """Free the model and context, then the sensor (the context must go first)."""
+        if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
+            super().close()
+        sensor = getattr(self, "_sensor", None)
+        if sensor is not None:
+            sensor.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(self._spac_options)
+        return state
+
+
+def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:
+    """Largest experts-per-token in any layer, honouring ``kv_overrides`` of expert_used_count."""
+    k = max(info.n_expert_used) if info.n_expert_used else 1
+    for key, value in (kv_overrides or {}).items():
+        if key.endswith(_EXPERT_USED_SUFFIX) and isinstance(value, int) and not isinstance(value, bool):
+            k = max(k, value)
+    return min(max(k, 1), info.n_expert)
