@@ -80,7 +80,7 @@ def stream_generate(
         if stats.generated_tokens == 0:
             t_first = now
             stats.prompt_seconds = now - t0
-        if llama_cpp.llama_token_is_eog(llm._model.vocab, tok):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
             stats.stop_reason = "eos"
             break
         stats.generated_tokens += 1

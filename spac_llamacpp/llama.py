@@ -15,7 +15,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 
-from .errors import GGUFError
+from .errors import GGUFError, SpacError
 from .gguf_info import MoEModelInfo, read_model_header
 from .params import OverridesArg, TensorBuftOverrides, patched_default_params
 from .routing import RoutingLog
@@ -107,6 +107,9 @@ class Llama(llama_cpp.Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None or ctx.ctx is None:
+            raise SpacError("this Llama was closed; create a new one to evaluate tokens")
         try:
             super().eval(tokens)
         finally:

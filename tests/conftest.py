@@ -1,0 +1,43 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+from spac_llamacpp.factory import write_tiny_dense, write_tiny_moe
+
+TinyModel = Callable[..., pathlib.Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """``tiny_model(arch="qwen3moe", dtype="f16") -> Path``: a factory MoE GGUF, written once per session.
+
+    ``arch`` is one of ``spac_llamacpp.factory.ARCHITECTURES``; the files use the factory defaults
+    (seed 0) and must not be modified by tests.
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict[tuple[str, str], pathlib.Path] = {}
+
+    def tiny_model(arch: str = "qwen3moe", dtype: str = "f16") -> pathlib.Path:
+        key = (arch, dtype)
+        if key not in cache:
+            cache[key] = write_tiny_moe(root / f"{arch}-{dtype}.gguf", arch, dtype=dtype)
+        return cache[key]
+
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: TinyModel) -> TinyModel:
+    """Alias of :func:`tiny_models`."""
+    return tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny dense (not MoE) llama GGUF (f16), written once per session."""
+    return write_tiny_dense(tmp_path_factory.mktemp("tiny_dense") / "dense-f16.gguf")
