@@ -14,12 +14,14 @@ Public API::
     start, end = t.expert_range(5)            # absolute file byte range of expert 5 in t
 
 Every bad input raises a :class:`~spac_llamacpp.errors.SpacError` subclass with a one-line message
-(what is wrong, and what to do); no exception from ``struct``/``numpy``/``gguf`` escapes.
+(what is wrong, and what to do); no other exception type escapes.  Corrupt headers fail fast:
+counts and lengths are checked against the file size before anything is allocated or looped over.
 
-Layout facts (vendored llama.cpp, see docs/reference): ``ne`` is in ggml order (``ne[0]`` is the
-fastest axis), the expert axis is the *last* axis of an expert tensor (``ne[2]`` for weights,
-``ne[1]`` for ``*_exps.bias``, ``ne[0]`` for ``*_exps.scale``), so expert ``e`` of a tensor is the
-contiguous byte range ``[offset + e*nb_last, offset + (e+1)*nb_last)``.
+Layout facts (vendored llama.cpp src/llama-arch.cpp, src/llama-model.cpp, ggml/src/gguf.cpp):
+``ne`` is in ggml order (``ne[0]`` is the fastest axis); the expert axis is the *last* axis of an
+expert tensor (``ne[2]`` for weights, ``ne[1]`` for ``*_exps.bias``, ``ne[0]`` for ``*_exps.scale``),
+so expert ``e`` of a tensor is the contiguous byte range
+``[offset + e*bytes_per_expert, offset + (e+1)*bytes_per_expert)``.
 """
 
 from __future__ import annotations
@@ -245,9 +247,11 @@ class MoEModelInfo:
     block_count: int
     n_expert: int
     n_expert_used: tuple[int, ...]  # per block, expanded from a scalar or read from an array
-    n_expert_shared: int
-    expert_ff_length: int | None  # from <arch>.expert_feed_forward_length, else from the tensors
-    gating: str  # "softmax", "sigmoid", "softmax_weight", "sqrt_softplus" (as llama.cpp runs it)
+    n_expert_shared: int  # <arch>.expert_shared_count; 1 if absent but ffn_*_shexp tensors exist
+    expert_ff_length: int | None  # expert FFN width (checked against the metadata); None if per-block
+    gating: (
+        str  # "softmax", "sigmoid", "softmax_weight", "sqrt_softplus" as llama.cpp runs it; "none" if dense
+    )
     moe_layers: tuple[int, ...]  # blocks with routed-expert tensors
     dense_layers: tuple[int, ...]
     leading_dense_block_count: int
@@ -766,6 +770,39 @@ class _Meta:
         return v if isinstance(v, str) else None
 
 
+@dataclass
+class _MoEKeys:
+    n_expert: int = 0
+    used: tuple[int, ...] | None = None
+    n_shared: int = 0
+    lead: int = 0
+    every_n: int = 0
+    step: int = 0
+    ff_exp: tuple[int, ...] | None = None
+    ff: tuple[int, ...] | None = None
+    latent: int = 0
+    per_group: int = 0
+
+
+def _read_moe_keys(meta: _Meta, n_layer: int) -> _MoEKeys:
+    k = _MoEKeys()
+    k.n_expert = meta.uint("expert_count", 0) or 0
+    if k.n_expert > LLAMA_MAX_EXPERTS:
+        raise meta.fail(
+            f"'{meta.key('expert_count')}' is {k.n_expert} (llama.cpp allows at most {LLAMA_MAX_EXPERTS})"
+        )
+    k.used, _ = meta.uint_or_array("expert_used_count", n_layer)
+    k.n_shared = meta.uint("expert_shared_count", 0) or 0
+    k.lead = meta.uint("leading_dense_block_count", 0) or 0
+    k.every_n = meta.uint("moe_every_n_layers", 0) or 0
+    k.step = meta.uint("interleave_moe_layer_step", 0) or 0
+    k.ff_exp, _ = meta.uint_or_array("expert_feed_forward_length", n_layer)
+    k.ff, _ = meta.uint_or_array("feed_forward_length", n_layer)
+    k.latent = meta.uint("expert_latent_length", 0) or meta.uint("moe_latent_size", 0) or 0
+    k.per_group = meta.uint("experts_per_group", 0) or 0
+    return k
+
+
 def _resolve_gating(meta: _Meta, n_layer: int) -> tuple[str, str, list[str]]:
     """Which gating function llama.cpp will actually run, and why."""
     notes: list[str] = []
@@ -867,27 +904,13 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
     nextn = meta.uint("nextn_predict_layers", 0) or 0
     if nextn > n_layer:
         raise meta.fail(f"'{meta.key('nextn_predict_layers')}' ({nextn}) exceeds block_count ({n_layer})")
-    n_expert_meta = meta.uint("expert_count", 0) or 0
-    if n_expert_meta > LLAMA_MAX_EXPERTS:
-        raise meta.fail(
-            f"'{meta.key('expert_count')}' is {n_expert_meta} (llama.cpp allows at most {LLAMA_MAX_EXPERTS})"
-        )
-    used_arr, _ = meta.uint_or_array("expert_used_count", n_layer)
-    n_shared = meta.uint("expert_shared_count", 0) or 0
-    lead = meta.uint("leading_dense_block_count", 0) or 0
-    every_n = meta.uint("moe_every_n_layers", 0) or 0
-    step = meta.uint("interleave_moe_layer_step", 0) or 0
-    ff_exp_arr, ff_exp_is_arr = meta.uint_or_array("expert_feed_forward_length", n_layer)
-    ff_arr, _ = meta.uint_or_array("feed_forward_length", n_layer)
-    latent = meta.uint("expert_latent_length", 0) or meta.uint("moe_latent_size", 0) or 0
-    d_expert = latent or n_embd
-    per_group = meta.uint("experts_per_group", 0) or 0
 
     # ---- classify tensors ------------------------------------------------------------------
     total_bytes = 0
     shared_bytes = 0
     router_bytes = 0
     has_router_bias = False
+    has_shexp = False
     experts: list[ExpertTensor] = []
     routers: list[tuple[int, _TensorInfo]] = []
     for ti in hdr.tensors:
@@ -926,6 +949,7 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
             continue
         if _SHEXP_RE.fullmatch(ti.name):
             shared_bytes += ti.nbytes
+            has_shexp = True
             continue
         m = _ROUTER_RE.fullmatch(ti.name)
         if m:
@@ -934,6 +958,22 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
             if m.group(2).startswith("exp_probs_b"):
                 has_router_bias = True
     expert_bytes = sum(t.nbytes for t in experts)
+
+    # ---- MoE metadata: strict when the file has experts; a dense model never fails on it -----
+    if experts:
+        moe = _read_moe_keys(meta, n_layer)
+    else:
+        try:
+            moe = _read_moe_keys(meta, n_layer)
+        except GGUFError:
+            moe = _MoEKeys()
+    n_expert_meta, used_arr, n_shared = moe.n_expert, moe.used, moe.n_shared
+    if experts and has_shexp and not n_shared and not meta.has("expert_shared_count"):
+        n_shared = 1  # qwen2moe-style: one (gated) shared expert, sized by expert_shared_feed_forward_length
+    lead, every_n, step = moe.lead, moe.every_n, moe.step
+    ff_exp_arr, ff_arr = moe.ff_exp, moe.ff
+    d_expert = moe.latent or n_embd
+    per_group = moe.per_group
 
     # ---- which blocks are MoE ----------------------------------------------------------------
     if experts and n_expert_meta == 0:
@@ -992,14 +1032,14 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
     dense_layers = tuple(il for il in range(n_layer) if il not in set(with_experts))
 
     # ---- per-layer k -------------------------------------------------------------------------
-    if used_arr is None:
-        if experts:
-            raise GGUFError(
-                f"{label}: required metadata key '{meta.key('expert_used_count')}' is missing "
-                f"(llama.cpp cannot route without it); re-convert the model"
-            )
-        used_arr = (0,) * n_layer
-    if experts:
+    if not experts:
+        used_arr = (0,) * n_layer  # llama.cpp: no experts, no routing
+    elif used_arr is None:
+        raise GGUFError(
+            f"{label}: required metadata key '{meta.key('expert_used_count')}' is missing "
+            f"(llama.cpp cannot route without it); re-convert the model"
+        )
+    else:
         if max(used_arr) > n_expert:
             raise meta.fail(
                 f"'{meta.key('expert_used_count')}' ({max(used_arr)}) exceeds expert_count ({n_expert})"
@@ -1033,17 +1073,10 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
             )
 
     # ---- expert FF length ------------------------------------------------------------------
-    expert_ff: int | None = None
-    if ff_exp_arr is not None:
-        vals = {ff_exp_arr[il] for il in moe_layers} if moe_layers else set(ff_exp_arr)
-        if len(vals) == 1:
-            expert_ff = vals.pop()
-        elif not ff_exp_is_arr:
-            expert_ff = ff_exp_arr[0]
-    elif moe_layers:
-        vals = {ff_per_layer[il] for il in moe_layers}
-        if len(vals) == 1:
-            expert_ff = vals.pop()
+    # the tensors are the truth (they were checked against expert_feed_forward_length above);
+    # None when MoE blocks differ (see expert_ff_lengths) or for a dense model
+    ff_vals = {ff_per_layer[il] for il in moe_layers}
+    expert_ff = ff_vals.pop() if len(ff_vals) == 1 else None
 
     # ---- gating ------------------------------------------------------------------------------
     if experts:

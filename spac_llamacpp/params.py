@@ -13,7 +13,6 @@ import ctypes
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Union
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
@@ -21,8 +20,8 @@ import llama_cpp.llama_cpp as llama_c
 from .errors import SpacError
 from .libs import buffer_type
 
-BuftSpec = Union[str, int]
-OverridesArg = Union[str, Mapping[str, BuftSpec], Sequence[tuple[str, BuftSpec]], None]
+BuftSpec = str | int
+OverridesArg = str | Mapping[str, BuftSpec] | Sequence[tuple[str, BuftSpec]] | None
 
 _PARAMS_LOCK = threading.RLock()
 
@@ -46,7 +45,7 @@ class TensorBuftOverrides:
             raise SpacError(f"too many tensor_buft_overrides ({len(self.pairs)}); llama.cpp accepts {limit - 1}")
         self._patterns = [p.encode() for p, _ in self.pairs]
         self._array = (_BuftOverride * (len(self.pairs) + 1))()
-        for i, ((_, dev), pat) in enumerate(zip(self.pairs, self._patterns)):
+        for i, ((_, dev), pat) in enumerate(zip(self.pairs, self._patterns, strict=True)):
             self._array[i].pattern = pat
             self._array[i].buft = dev if isinstance(dev, int) else buffer_type(dev)
         # the last element stays {NULL, NULL}: the terminator

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import llama_cpp.llama_cpp as llama_c
 import numpy as np
@@ -17,7 +17,7 @@ import numpy as np
 from . import native
 from .errors import SpacError
 
-UserCallback = Union[Callable[[int, bool, int], bool], int, Any, None]
+UserCallback = Callable[[int, bool, int], bool] | int | Any | None
 
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in llama-hparams.h
 

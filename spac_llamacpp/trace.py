@@ -104,7 +104,9 @@ class RoutingTrace:
                     meta=meta,
                 )
         except (OSError, KeyError, ValueError, EOFError) as exc:
-            raise SpacError(f"{path} is not a spac routing trace ({type(exc).__name__}); record one with `spac trace`")
+            raise SpacError(
+                f"{path} is not a spac routing trace ({type(exc).__name__}); record one with `spac trace`"
+            ) from exc
         if trace.meta.get("version") != TRACE_VERSION:
             raise SpacError(f"{path}: trace version {trace.meta.get('version')} is not {TRACE_VERSION}; re-record it")
         return trace

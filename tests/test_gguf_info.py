@@ -110,7 +110,7 @@ def _write_moe(
     for key, val in (extra_kv or {}).items():
         kv[key] = ("raw", val)
     if n_tokens:
-        toks = [("tok%d" % i) * (1 + i % 7) for i in range(n_tokens)]
+        toks = [f"tok{i}" * (1 + i % 7) for i in range(n_tokens)]
         w.add_array("tokenizer.ggml.tokens", toks)
     for key, (kind, val) in kv.items():
         if key in drop_kv:
@@ -361,9 +361,7 @@ def test_merged_gate_up(tmp_path: Path) -> None:
 
 
 def test_merged_and_separate_together_is_an_error(tmp_path: Path) -> None:
-    p = _write_moe(
-        tmp_path / "m.gguf", merged=True, extra_tensors={"blk.0.ffn_up_exps.weight": (64, 32, 4)}
-    )
+    p = _write_moe(tmp_path / "m.gguf", merged=True, extra_tensors={"blk.0.ffn_up_exps.weight": (64, 32, 4)})
     with pytest.raises(GGUFError, match="both merged"):
         inspect_model(p)
 
@@ -393,7 +391,9 @@ def test_shape_disagreeing_with_metadata(tmp_path: Path, override: dict, pattern
 
 
 def test_gate_up_odd_shape_is_an_error(tmp_path: Path) -> None:
-    p = _write_moe(tmp_path / "m.gguf", merged=True, override_shapes={"blk.0.ffn_gate_up_exps.weight": (64, 60, 4)})
+    p = _write_moe(
+        tmp_path / "m.gguf", merged=True, override_shapes={"blk.0.ffn_gate_up_exps.weight": (64, 60, 4)}
+    )
     with pytest.raises(GGUFError, match="gate_up_exps"):
         inspect_model(p)
 
@@ -402,6 +402,45 @@ def test_missing_down_is_an_error(tmp_path: Path) -> None:
     p = _write_moe(tmp_path / "m.gguf", drop_tensors=("blk.1.ffn_down_exps.weight",))
     with pytest.raises(GGUFError, match="block 1 .*no ffn_down_exps"):
         inspect_model(p)
+
+
+def test_per_layer_expert_ff_length_array(tmp_path: Path) -> None:
+    arr = (gguf.GGUFValueType.ARRAY, [0, 32, 32, 48])
+    shapes = {"blk.3.ffn_gate_exps.weight": (64, 48, 4), "blk.3.ffn_up_exps.weight": (64, 48, 4)}
+    shapes["blk.3.ffn_down_exps.weight"] = (48, 64, 4)
+    p = _write_moe(
+        tmp_path / "m.gguf",
+        arch="deepseek2",
+        lead=1,
+        ff_key=False,
+        override_shapes=shapes,
+        extra_kv={"deepseek2.expert_feed_forward_length": arr},
+    )
+    info = inspect_model(p)
+    assert info.expert_ff_lengths == (0, 32, 32, 48)
+    assert info.expert_ff_length is None
+    assert info.layer_expert_bytes(3) == 3 * 64 * 48 * 2
+    _check_against_gguf_reader(p, info)
+    bad = _write_moe(
+        tmp_path / "bad.gguf",
+        arch="deepseek2",
+        lead=1,
+        ff_key=False,
+        extra_kv={"deepseek2.expert_feed_forward_length": arr},
+    )
+    with pytest.raises(GGUFError, match="ff=32 but 'deepseek2.expert_feed_forward_length' is 48 for block 3"):
+        inspect_model(bad)
+
+
+def test_dense_model_ignores_bad_moe_metadata(tmp_path: Path) -> None:
+    p = _write_moe(
+        tmp_path / "d.gguf",
+        arch="llama",
+        n_expert=0,
+        k=None,
+        extra_kv={"llama.expert_used_count": (gguf.GGUFValueType.FLOAT32, 2.0)},
+    )
+    assert read_model_header(p).n_expert == 0
 
 
 def test_expert_ff_length_inferred_without_key(tmp_path: Path) -> None:
@@ -414,7 +453,9 @@ def test_latent_expert_dim(tmp_path: Path) -> None:
     p = _write_moe(
         tmp_path / "m.gguf",
         arch="nemotron_h_moe",
-        override_shapes={f"blk.{i}.ffn_{x}_exps.weight": (32, 32, 4) for i in range(4) for x in ("up", "gate")}
+        override_shapes={
+            f"blk.{i}.ffn_{x}_exps.weight": (32, 32, 4) for i in range(4) for x in ("up", "gate")
+        }
         | {f"blk.{i}.ffn_down_exps.weight": (32, 32, 4) for i in range(4)},
         extra_kv={"nemotron_h_moe.moe_latent_size": (gguf.GGUFValueType.UINT32, 32)},
     )
@@ -610,13 +651,31 @@ def test_big_endian_file(tmp_path: Path) -> None:
         inspect_model(p)
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can read anything")
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = _write_moe(tmp_path / "m.gguf")
-    p.chmod(0)
-    with pytest.raises(GGUFError, match="permission denied"):
+    if os.geteuid() == 0:  # root reads anything: simulate the failure
+
+        def deny(*a: Any, **kw: Any) -> Any:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(gguf_info, "open", deny, raising=False)
+    else:
+        p.chmod(0)
+    with pytest.raises(GGUFError, match="permission denied") as ei:
         inspect_model(p)
+    _one_line(ei.value)
+
+
+def test_io_error_while_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _write_moe(tmp_path / "m.gguf")
+
+    def broken(*a: Any, **kw: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(gguf_info, "open", broken, raising=False)
+    with pytest.raises(GGUFError, match="cannot read the file .Input/output error") as ei:
+        inspect_model(p)
+    _one_line(ei.value)
 
 
 def test_truncated_anywhere(tmp_path: Path) -> None:
@@ -890,6 +949,24 @@ def test_reads_only_header_of_a_20gb_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert stats["bytes"] <= info.data_offset + gguf_info._Reader.CHUNK
 
 
+def test_corrupt_array_count_over_zeros_fails_fast(tmp_path: Path) -> None:
+    """A string-array count corrupted to 2**26 walking over (sparse) zeros stops quickly."""
+    src = _write_moe(tmp_path / "m.gguf", n_tokens=5000)
+    r, offs = _field_offsets(src)
+    pos = offs["tokenizer.ggml.tokens"] + 8 + len(b"tokenizer.ggml.tokens") + 4 + 4
+    data = bytearray(src.read_bytes())
+    struct.pack_into("<Q", data, pos, 1 << 26)
+    data[pos + 8 :] = bytes(len(data) - pos - 8)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    os.truncate(bad, 1 << 30)
+    t0 = time.perf_counter()
+    with pytest.raises(GGUFError, match="header is larger than") as ei:
+        inspect_model(bad)
+    assert time.perf_counter() - t0 < 3.0
+    _one_line(ei.value)
+
+
 def test_large_string_array_then_keys(tmp_path: Path) -> None:
     """The fast path over a tokenizer array crosses buffer boundaries correctly."""
     p = _write_moe(tmp_path / "m.gguf", n_tokens=60_000)
@@ -921,11 +998,13 @@ def test_expert_range_bounds(tmp_path: Path) -> None:
         info.expert_ranges(0, 4)
     # experts of one tensor tile it exactly
     ranges = [t.expert_range(e) for e in range(t.n_expert)]
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
 
 
 def test_to_json_and_report(tmp_path: Path) -> None:
-    info = inspect_model(_write_moe(tmp_path / "m.gguf", arch="deepseek2", lead=1, shexp=True, router_bias=True))
+    info = inspect_model(
+        _write_moe(tmp_path / "m.gguf", arch="deepseek2", lead=1, shexp=True, router_bias=True)
+    )
     d = info.to_json()
     s = json.dumps(d)
     back = json.loads(s)
@@ -939,6 +1018,43 @@ def test_to_json_and_report(tmp_path: Path) -> None:
     rep = format_report(info)
     assert "deepseek2" in rep and "softmax" in rep and "1-3" in rep
     assert len(rep.splitlines()) < 20
+
+
+def test_header_values_match_gguf_reader(tmp_path: Path) -> None:
+    p = _write_moe(
+        tmp_path / "m.gguf",
+        k=[1, 2, 2, 1],
+        n_tokens=100,
+        extra_kv={
+            "general.alignment": (gguf.GGUFValueType.UINT32, 64),
+            "test.f32": (gguf.GGUFValueType.FLOAT32, 0.5),
+            "test.i64": (gguf.GGUFValueType.INT64, -7),
+            "test.bool": (gguf.GGUFValueType.BOOL, True),
+            "test.f64": (gguf.GGUFValueType.FLOAT64, 1e300),
+        },
+    )
+    with open(p, "rb") as f:
+        hdr, nread = gguf_info._parse_header(f, p.stat().st_size, str(p))
+    reader = gguf.GGUFReader(str(p))
+    assert hdr.data_offset == reader.data_offset and hdr.alignment == 64
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        ours = hdr.kv[name]
+        theirs = field.contents()
+        if isinstance(ours, gguf_info._Array):
+            assert list(ours.values) == theirs, name
+        else:
+            assert ours == theirs, name
+    assert [t.name for t in hdr.tensors] == [t.name for t in reader.tensors]
+    assert [hdr.data_offset + t.offset for t in hdr.tensors] == [t.data_offset for t in reader.tensors]
+    assert nread <= hdr.data_offset + gguf_info._Reader.CHUNK
+
+
+def test_gguf_v2_is_accepted(tmp_path: Path) -> None:
+    src = _write_moe(tmp_path / "m.gguf")
+    v2 = _patch(src, tmp_path / "v2.gguf", 4, "<I", 2)
+    assert inspect_model(v2).gguf_version == 2
 
 
 def test_ggml_type_table_matches_gguf_py() -> None:
@@ -968,10 +1084,15 @@ def _factory() -> Any:
 
 
 _FACTORY = _factory()
-_FACTORY_ARCHS = (
-    list(getattr(_FACTORY, "ARCHITECTURES", ()))
-    or ["llama", "qwen2moe", "qwen3moe", "deepseek2", "deepseek2-merged", "olmoe", "gpt-oss"]
-)
+_FACTORY_ARCHS = list(getattr(_FACTORY, "ARCHITECTURES", ())) or [
+    "llama",
+    "qwen2moe",
+    "qwen3moe",
+    "deepseek2",
+    "deepseek2-merged",
+    "olmoe",
+    "gpt-oss",
+]
 _EXPECTED_GATING = {
     "llama": "softmax",
     "qwen2moe": "softmax",
@@ -1017,6 +1138,8 @@ def test_factory_models(tmp_path: Path, arch: str, dtype: str) -> None:
         assert info.gating == _EXPECTED_GATING[arch]
     if arch.startswith("deepseek2"):
         assert info.has_router_bias
+    if arch in ("qwen2moe", "deepseek2", "deepseek2-merged"):
+        assert info.n_expert_shared >= 1 and info.shared_expert_bytes > 0
     _check_against_gguf_reader(p, info)
     assert format_report(info)
 
