@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .cache import cache_dir
+
 DEFAULT_ARCH = "qwen3moe"
 DEFAULT_LABEL = (
     "embedded default: tiny random-weight qwen3moe test model from spac's factory "
@@ -20,11 +22,7 @@ _FILE = "spac-default-tiny-qwen3moe-f16-v1.gguf"
 
 def models_cache_dir() -> Path:
     """Where generated models are kept (``$SPAC_MODEL_CACHE`` or ``~/.cache/spac-llamacpp/models``)."""
-    env = os.environ.get("SPAC_MODEL_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "spac-llamacpp" / "models"
+    return cache_dir("models", "SPAC_MODEL_CACHE")
 
 
 def default_model_path() -> Path:

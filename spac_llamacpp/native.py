@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+from .cache import cache_dir
 from .errors import NativeError
 from .libs import llama_include_dir, llama_lib_dir
 
@@ -71,14 +72,6 @@ def _build_key(src_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("SPAC_NATIVE_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "spac-llamacpp" / "native"
-
-
 def _built_module_path(out_dir: Path) -> Path | None:
     found = sorted(out_dir.glob(f"{MODULE_NAME}*.so"))
     return found[0] if found else None
@@ -87,7 +80,7 @@ def _built_module_path(out_dir: Path) -> Path | None:
 def build(force: bool = False) -> Path:
     """Compile the native module if needed; return the path of the shared object."""
     src_dir = native_source_dir()
-    out_dir = _cache_root() / _build_key(src_dir)
+    out_dir = cache_dir("native", "SPAC_NATIVE_CACHE") / _build_key(src_dir)
     existing = _built_module_path(out_dir)
     if existing is not None and not force:
         return existing

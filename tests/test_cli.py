@@ -123,3 +123,22 @@ def test_trace_load_rejects_other_files(tmp_path):
         RoutingTrace.load(bad)
     with pytest.raises(SpacError):
         RoutingTrace.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("deepseek2-merged", "q8_0"), ("gpt-oss", "f16")])
+def test_inspect_json_byte_ranges_are_the_real_expert_bytes(tiny_model, arch, dtype):
+    """Hash one expert's bytes read through the --json range and through gguf's own tensor data."""
+    import hashlib
+
+    import gguf
+
+    path = tiny_model(arch, dtype)
+    info = json.loads(run("spac", "inspect", str(path), "--json").stdout)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    raw = path.read_bytes()
+    for et in info["expert_tensors"]:
+        e = info["n_expert"] - 1
+        start = et["file_offset"] + e * et["bytes_per_expert"]
+        via_range = raw[start:start + et["bytes_per_expert"]]
+        data = np.ascontiguousarray(tensors[et["name"]].data).view(np.uint8).reshape(info["n_expert"], -1)
+        assert hashlib.sha256(via_range).digest() == hashlib.sha256(data[e].tobytes()).digest(), et["name"]

@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import pytest
 
-from spac_llamacpp import gguf_info
+from spac_llamacpp import factory, gguf_info
 from spac_llamacpp.errors import GGUFError, NotMoEError, SpacError
 from spac_llamacpp.gguf_info import (
     GGML_TYPES,
@@ -1070,29 +1070,9 @@ def test_ggml_type_table_matches_gguf_py() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Over the factory's llama.cpp-loadable tiny models (skipped until spac_llamacpp.factory exists)
+# Over the factory's llama.cpp-loadable tiny models
 
 
-def _factory() -> Any:
-    try:
-        from spac_llamacpp import factory
-    except Exception:  # noqa: BLE001 - any import problem means "not ready yet"
-        return None
-    if not hasattr(factory, "write_tiny_moe"):
-        return None
-    return factory
-
-
-_FACTORY = _factory()
-_FACTORY_ARCHS = list(getattr(_FACTORY, "ARCHITECTURES", ())) or [
-    "llama",
-    "qwen2moe",
-    "qwen3moe",
-    "deepseek2",
-    "deepseek2-merged",
-    "olmoe",
-    "gpt-oss",
-]
 _EXPECTED_GATING = {
     "llama": "softmax",
     "qwen2moe": "softmax",
@@ -1102,22 +1082,10 @@ _EXPECTED_GATING = {
 }
 
 
-def _llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dtype", ["f16", "f32", "q8_0"])
-@pytest.mark.parametrize("arch", _FACTORY_ARCHS)
+@pytest.mark.parametrize("arch", factory.ARCHITECTURES)
 def test_factory_models(tmp_path: Path, arch: str, dtype: str) -> None:
-    if _FACTORY is None:
-        pytest.skip("spac_llamacpp.factory is not available yet")
-    if dtype == "q8_0" and not _llama_cpp_available():
-        pytest.skip("quantized factory models need llama_cpp")
-    p = _FACTORY.write_tiny_moe(tmp_path / f"{arch}.gguf", arch, dtype=dtype, seed=3)
+    p = factory.write_tiny_moe(tmp_path / f"{arch}.gguf", arch, dtype=dtype, seed=3)
     info = inspect_model(p)
     gguf_arch = "deepseek2" if arch.startswith("deepseek2") else arch
     assert info.architecture == gguf_arch
@@ -1145,9 +1113,7 @@ def test_factory_models(tmp_path: Path, arch: str, dtype: str) -> None:
 
 
 def test_factory_dense_model(tmp_path: Path) -> None:
-    if _FACTORY is None or not hasattr(_FACTORY, "write_tiny_dense"):
-        pytest.skip("spac_llamacpp.factory is not available yet")
-    p = _FACTORY.write_tiny_dense(tmp_path / "dense.gguf")
+    p = factory.write_tiny_dense(tmp_path / "dense.gguf")
     assert read_model_header(p).n_expert == 0
     with pytest.raises(NotMoEError):
         inspect_model(p)
