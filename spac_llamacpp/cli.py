@@ -50,6 +50,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-repack", is_flag=True,
                      help="Keep CPU weights file-backed (use_extra_bufts=False): no repacking into anonymous memory."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+        click.option("--draft", "draft", type=click.Path(dir_okay=False), default=None,
+                     help="Speculative decoding with this draft GGUF (same tokenizer as MODEL)."),
+        click.option("--lookup", is_flag=True, help="Speculative decoding with prompt lookup (n-gram) drafts."),
+        click.option("--n-draft", type=int, default=4, show_default=True, help="Draft tokens per step (start value)."),
+        click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -57,13 +62,24 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(model: str, n_ctx: int, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
-          no_repack: bool, verbose: bool, seed: int = 0, routing_history: int | None = 1024):
+          no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
+          seed: int = 0, routing_history: int | None = 1024, speculation_history: int | None = 256):
+    from .drafting import PromptLookupDraft
     from .llama import Llama
 
     if not Path(model).is_file():
         raise SpacError(f"model file not found: {model}")
+    if draft and lookup:
+        raise SpacError("choose one draft source: --draft PATH or --lookup")
+    if n_draft < 1:
+        raise SpacError(f"--n-draft must be at least 1, not {n_draft}")
     return Llama(
         model,
+        draft_model_path=draft,
+        draft_model=PromptLookupDraft(n_draft) if lookup else None,
+        n_draft=n_draft,
+        adaptive_draft=not fixed_draft,
+        speculation_history=speculation_history,
         n_ctx=n_ctx,
         n_threads=n_threads,
         n_gpu_layers=n_gpu_layers,
@@ -131,6 +147,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
+    if llm.speculation is not None:
+        report["speculation"] = llm.speculation.summary()
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -140,6 +158,11 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             f"{gen.decode_seconds:.3f} s ({gen.decode_tokens_per_second:.1f} tok/s decode); stop: {gen.stop_reason}",
             err=True,
         )
+        if "speculation" in report:
+            sp = report["speculation"]
+            click.echo(f"speculation ({sp['provider']}): {sp['accepted']}/{sp['drafted']} drafts accepted "
+                       f"({100 * sp['acceptance_rate']:.1f}%) in {sp['verifications']} verifications; "
+                       f"draft length now {sp['n_draft_now']}", err=True)
         if "routing" in report:
             for line in _routing_lines(report["routing"]):
                 click.echo(line, err=True)
@@ -196,7 +219,7 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
         all_prompts += [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
     if not all_prompts:
         raise SpacError("no prompt given; pass -p PROMPT or -f prompts.txt")
-    llm = _load(model, seed=seed, routing_history=None, **load_kw)
+    llm = _load(model, seed=seed, routing_history=None, speculation_history=None, **load_kw)
     if llm.routing is None:
         raise SpacError(f"{model} has no routed experts; `spac trace` needs a Mixture-of-Experts model")
     runs = []
@@ -207,7 +230,9 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
             pass
         runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
-    trace = RoutingTrace.from_log(llm.routing, meta)
+    if llm.speculation is not None:
+        meta["speculation"] = llm.speculation.summary()
+    trace = RoutingTrace.from_log(llm.routing, meta, llm.speculation)
     trace.save(output)
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
                f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)

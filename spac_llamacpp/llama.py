@@ -15,11 +15,13 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 
+from .drafting import AdaptiveDraftLength, GGUFDraftModel, check_same_vocabulary
 from .errors import GGUFError, SpacError
 from .gguf_info import MoEModelInfo, read_model_header
 from .params import OverridesArg, TensorBuftOverrides, patched_default_params
 from .routing import RoutingLog
 from .sensor import RoutingSensor, UserCallback, callback_address
+from .speculation import SpeculationTracker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ class Llama(llama_cpp.Llama):
         routing: install the native routing sensor (default True). Dense models get none.
         routing_history: evaluation steps kept in ``llm.routing.steps`` (None = all).
         routing_capacity: tokens of per-token expert ids kept in the native ring.
+        draft_model_path: a small GGUF draft model with the target's tokenizer, for speculative
+            decoding (the stock ``draft_model=`` also works; both feed ``llm.speculation``).
+        n_draft: draft tokens per verification step (the starting length when adaptive).
+        adaptive_draft: adapt the draft length to the running acceptance rate.
+        draft_kwargs: extra ``llama_cpp.Llama`` arguments for the draft model (``n_threads``, ...).
+        speculation_history: frequency maps kept in ``llm.speculation.maps``.
     """
 
     def __init__(
@@ -57,6 +65,11 @@ class Llama(llama_cpp.Llama):
         routing: bool = True,
         routing_history: int | None = 1024,
         routing_capacity: int = 4096,
+        draft_model_path: str | None = None,
+        n_draft: int = 4,
+        adaptive_draft: bool = True,
+        draft_kwargs: dict[str, Any] | None = None,
+        speculation_history: int | None = 256,
         **kwargs: Any,
     ) -> None:
         self._spac_options = {
@@ -66,6 +79,11 @@ class Llama(llama_cpp.Llama):
             "routing": routing,
             "routing_history": routing_history,
             "routing_capacity": routing_capacity,
+            "draft_model_path": draft_model_path,
+            "n_draft": n_draft,
+            "adaptive_draft": adaptive_draft,
+            "draft_kwargs": draft_kwargs,
+            "speculation_history": speculation_history,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
@@ -81,6 +99,19 @@ class Llama(llama_cpp.Llama):
             self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history)
         elif routing:
             log.info("%s has no routed experts: routing sensor not installed", model_path)
+
+        self.speculation: SpeculationTracker | None = None
+        self._draft_llm: GGUFDraftModel | None = None
+        inner = kwargs.get("draft_model")
+        if draft_model_path is not None:
+            if inner is not None:
+                raise SpacError("pass either draft_model or draft_model_path, not both")
+            dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
+            inner = self._draft_llm = GGUFDraftModel(draft_model_path, n_draft, kwargs.get("n_ctx", 512), **dkw)
+        if inner is not None:
+            adaptive = AdaptiveDraftLength(k_init=n_draft, k_max=max(8, n_draft)) if adaptive_draft else None
+            self.speculation = SpeculationTracker(self, inner, adaptive, history=speculation_history)
+            kwargs["draft_model"] = self.speculation
 
         def edit_model(p: llama_c.llama_model_params) -> None:
             if self._buft_overrides is not None:
@@ -104,22 +135,31 @@ class Llama(llama_cpp.Llama):
                 super().__init__(model_path, **kwargs)
             except ValueError as exc:
                 raise GGUFError(f"llama.cpp could not load {model_path}: {exc}") from exc
+        if self._draft_llm is not None:
+            check_same_vocabulary(self, self._draft_llm.llm)
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took."""
         ctx = getattr(self, "_ctx", None)
         if ctx is None or ctx.ctx is None:
             raise SpacError("this Llama was closed; create a new one to evaluate tokens")
+        position = self.n_tokens
+        step = None
         try:
             super().eval(tokens)
         finally:
             if self.routing is not None:
-                self.routing.end_step()
+                step = self.routing.end_step()
+            if self.speculation is not None:
+                self.speculation.on_step(step, position, len(tokens))
 
     def close(self) -> None:
         """Free the model and context, then the sensor (the context must go first)."""
         if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
             super().close()
+        draft = getattr(self, "_draft_llm", None)
+        if draft is not None:
+            draft.close()
         sensor = getattr(self, "_sensor", None)
         if sensor is not None:
             sensor.close()
@@ -127,6 +167,8 @@ class Llama(llama_cpp.Llama):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(self._spac_options)
+        if self.speculation is not None:  # hand back what the user passed, not our wrapper
+            state["draft_model"] = None if self._draft_llm is not None else self.speculation.inner
         return state
 
 

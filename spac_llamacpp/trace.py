@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import SpacError
 from .routing import RoutingLog
+
+if TYPE_CHECKING:
+    from .speculation import SpeculationTracker
 
 TRACE_VERSION = 1
 
@@ -35,6 +38,8 @@ class RoutingTrace:
     moe_layers: np.ndarray  # [n_moe_layers] int32
     n_expert: int
     meta: dict[str, Any] = field(default_factory=dict)
+    step_n_draft: np.ndarray | None = None  # [n_steps] int32: drafts verified in the step (0: plain step)
+    step_accepted: np.ndarray | None = None  # [n_steps] int32: drafts accepted (-1: unknown)
 
     @property
     def n_tokens(self) -> int:
@@ -45,8 +50,13 @@ class RoutingTrace:
         return int(self.step_n_tokens.shape[0])
 
     @classmethod
-    def from_log(cls, log: RoutingLog, meta: dict[str, Any] | None = None) -> RoutingTrace:
-        """Build a trace from a log that kept every step with its ids (``history=None``)."""
+    def from_log(cls, log: RoutingLog, meta: dict[str, Any] | None = None,
+                 speculation: SpeculationTracker | None = None) -> RoutingTrace:
+        """Build a trace from a log that kept every step with its ids (``history=None``).
+
+        With ``speculation`` (kept with ``history=None`` too), each step also records its draft length
+        and how many drafts the target accepted.
+        """
         steps = list(log.steps)
         if log.n_steps != len(steps) or any(s.ids is None for s in steps):
             raise SpacError("the routing log dropped steps or ids; record traces with routing_history=None")
@@ -59,7 +69,18 @@ class RoutingTrace:
             ids = np.zeros((0, log.n_layer, k), np.int16)
             token_step = np.zeros(0, np.int32)
             counts = np.zeros((0, log.n_layer, log.n_expert), np.int32)
+        n_draft = accepted = None
+        if speculation is not None:
+            index = {s.index: i for i, s in enumerate(steps)}
+            n_draft = np.zeros(len(steps), np.int32)
+            accepted = np.zeros(len(steps), np.int32)
+            for fmap in speculation.maps:
+                if fmap.step in index:
+                    n_draft[index[fmap.step]] = fmap.n_draft
+                    accepted[index[fmap.step]] = -1 if fmap.accepted is None else fmap.accepted
         return cls(
+            step_n_draft=n_draft,
+            step_accepted=accepted,
             ids=ids,
             token_step=token_step,
             step_n_tokens=np.array([s.n_tokens for s in steps], np.int32),
@@ -73,9 +94,13 @@ class RoutingTrace:
         """Write the trace as a compressed ``.npz``."""
         path = Path(path)
         meta = {"version": TRACE_VERSION, "n_expert": self.n_expert, **self.meta}
+        optional = {}
+        if self.step_n_draft is not None and self.step_accepted is not None:
+            optional = {"step_n_draft": self.step_n_draft, "step_accepted": self.step_accepted}
         with path.open("wb") as fh:
             np.savez_compressed(
                 fh,
+                **optional,
                 ids=self.ids,
                 token_step=self.token_step,
                 step_n_tokens=self.step_n_tokens,
@@ -102,6 +127,8 @@ class RoutingTrace:
                     moe_layers=z["moe_layers"],
                     n_expert=int(meta.pop("n_expert")),
                     meta=meta,
+                    step_n_draft=z["step_n_draft"] if "step_n_draft" in z.files else None,
+                    step_accepted=z["step_accepted"] if "step_accepted" in z.files else None,
                 )
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise SpacError(

@@ -1,0 +1,158 @@
+"""Draft providers, frequency maps and acceptance: speculation changes speed, never output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+from spac_llamacpp import Llama
+from spac_llamacpp.drafting import (
+    AdaptiveDraftLength,
+    DraftVocabError,
+    PromptLookupDraft,
+    check_same_vocabulary,
+)
+from spac_llamacpp.errors import SpacError
+from spac_llamacpp.factory import write_tiny_moe
+from spac_llamacpp.generate import GenerationStats, stream_generate
+from spac_llamacpp.trace import RoutingTrace
+
+COMMON = {"n_ctx": 512, "verbose": False, "seed": 0, "n_threads": 2}
+PROMPT = "the cat sat on the mat. the cat sat on the"
+BIN = Path(sys.executable).parent
+
+
+def greedy(llm: llama_cpp.Llama, n: int = 32, prompt: str = PROMPT) -> list[int]:
+    stats = GenerationStats()
+    for _ in stream_generate(llm, prompt, n, temperature=0.0, stats=stats):
+        pass
+    return stats.token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+def test_drafting_never_changes_greedy_output(tiny_model, tiny_dense_model, arch):
+    path = str(tiny_model(arch))
+    expected = greedy(Llama(path, **COMMON))
+    for kwargs in (
+        {"draft_model_path": path},  # a perfect draft: every token accepted
+        {"draft_model_path": str(tiny_dense_model)},  # a poor draft: most rejected
+        {"draft_model_path": str(tiny_dense_model), "adaptive_draft": False, "n_draft": 3},
+        {"draft_model": PromptLookupDraft()},
+        {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=3)},  # the stock provider
+    ):
+        llm = Llama(path, **kwargs, **COMMON)
+        assert greedy(llm) == expected, kwargs
+        llm.close()
+
+
+def test_perfect_draft_frequency_maps(tiny_model):
+    path = str(tiny_model("qwen3moe"))
+    llm = Llama(path, draft_model_path=path, n_draft=2, **COMMON)
+    out = greedy(llm, n=40)
+    spec = llm.speculation
+    assert spec.acceptance_rate == 1.0 and spec.n_verifications >= 3
+    assert spec.n_draft > 2  # the adaptive length grew on full acceptance
+    k_used = llm.moe_info.n_expert_used
+    verifications = [m for m in spec.maps if m.n_draft]
+    assert verifications and all(m.n_tokens == m.n_draft + 1 for m in verifications)
+    for m in spec.maps:
+        for layer in llm.moe_info.moe_layers:  # logits_all (forced by drafting): every row of every layer
+            assert m.counts[layer].sum() == m.n_tokens * k_used[layer]
+        if m.accepted is not None:
+            assert m.accepted_mask.sum() == m.n_tokens - m.n_draft + m.accepted
+            np.testing.assert_array_equal(m.counts_where(np.ones(m.n_tokens, bool)), m.counts)
+    # one verification step yields several tokens: fewer steps than tokens
+    assert llm.routing.n_steps < len(out)
+    # prefix reuse: the draft model evaluated each context token about once, not once per step
+    assert llm._draft_llm.evaluated_tokens <= len(llm.tokenize(PROMPT.encode())) + len(out) + 2 * spec.n_verifications
+    llm.close()
+
+
+def test_poor_draft_shrinks_and_records_rejections(tiny_model, tiny_dense_model):
+    llm = Llama(str(tiny_model("qwen3moe")), draft_model_path=str(tiny_dense_model), n_draft=6, **COMMON)
+    greedy(llm, n=40)
+    spec = llm.speculation
+    assert spec.acceptance_rate < 0.5 and spec.n_draft < 6
+    resolved = [m for m in spec.maps if m.n_draft and m.accepted is not None]
+    assert any(m.accepted < m.n_draft for m in resolved)
+    for m in resolved:
+        assert m.accepted_mask[: m.accepted + 1].all() and not m.accepted_mask[m.accepted + 1:].any()
+    llm.close()
+
+
+def test_adaptive_draft_length():
+    a = AdaptiveDraftLength(k_init=4, k_min=1, k_max=8)
+    for _ in range(20):
+        k = a.update(a.k, a.k)
+    assert k == 8
+    for _ in range(20):
+        k = a.update(k, 0)
+    assert k == 1
+    with pytest.raises(SpacError):
+        AdaptiveDraftLength(k_init=9, k_max=8)
+
+
+def test_prompt_lookup_uses_the_most_recent_match():
+    d = PromptLookupDraft(n_draft=3, max_ngram=2)
+    ids = np.array([5, 6, 1, 2, 5, 6, 3, 4, 9, 5, 6], dtype=np.intc)
+    assert d(ids).tolist() == [3, 4, 9]
+    assert d(np.array([1, 2, 3], dtype=np.intc)).tolist() == []
+
+
+def test_vocabulary_mismatch_is_one_line(tiny_model, tmp_path):
+    other = write_tiny_moe(tmp_path / "other.gguf", "qwen3moe", n_vocab=300)
+    with pytest.raises(DraftVocabError) as exc:
+        Llama(str(tiny_model("qwen3moe")), draft_model_path=str(other), **COMMON)
+    assert "\n" not in str(exc.value) and "vocabulary" in str(exc.value)
+
+
+def test_vocabulary_texts_are_compared(tiny_model, monkeypatch):
+    target = llama_cpp.Llama(str(tiny_model("qwen3moe")), **COMMON)
+    draft = llama_cpp.Llama(str(tiny_model("olmoe")), **COMMON)
+    check_same_vocabulary(target, draft)  # the factory's archs share one tokenizer
+    original = draft._model.token_get_text
+    monkeypatch.setattr(draft._model, "token_get_text", lambda t: "X" if t == target.n_vocab() - 1 else original(t))
+    with pytest.raises(DraftVocabError):
+        check_same_vocabulary(target, draft)
+    target.close()
+    draft.close()
+
+
+def test_cli_draft_and_lookup(tiny_model, tmp_path):
+    path = str(tiny_model("qwen2moe"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "spac-run"), path, "-p", PROMPT, "-n", "16", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    plain = run()
+    drafted = run("--draft", path, "--stats")
+    lookup = run("--lookup", "--stats")
+    assert plain.returncode == drafted.returncode == lookup.returncode == 0, drafted.stderr + lookup.stderr
+    assert drafted.stdout == plain.stdout == lookup.stdout
+    assert "speculation (GGUFDraftModel)" in drafted.stderr and "accepted (100.0%)" in drafted.stderr
+    assert "speculation (PromptLookupDraft)" in lookup.stderr
+    both = run("--lookup", "--draft", path)
+    assert both.returncode == 2 and both.stderr.startswith("error: ")
+    missing = run("--draft", str(tmp_path / "none.gguf"))
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_trace_records_drafts_and_acceptance(tiny_model, tmp_path):
+    path = str(tiny_model("qwen3moe"))
+    out = tmp_path / "t.npz"
+    proc = subprocess.run([str(BIN / "spac"), "trace", path, "--draft", path, "-p", PROMPT, "-n", "24",
+                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    t = RoutingTrace.load(out)
+    assert t.step_n_draft is not None and t.step_n_draft[0] == 0 and t.step_n_draft[1:].max() > 0
+    verified = t.step_n_draft > 0
+    np.testing.assert_array_equal(t.step_n_tokens[verified], t.step_n_draft[verified] + 1)
+    known = t.step_accepted >= 0
+    assert (t.step_accepted[known & verified] == t.step_n_draft[known & verified]).all()  # perfect draft
