@@ -249,4 +249,38 @@ def build_native_cmd(force: bool) -> None:
     click.echo(str(native.build(force=force)))
 
 
+@spac.command(name="eval-utility")
+@click.argument("trace_path", metavar="TRACE")
+@click.option("--budget-experts", "budget", type=int, required=True, help="Experts kept per MoE layer.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write all scores as JSON.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False), default=None,
+              help="Plot hit rate vs budget (all budgets 1..experts) to this PNG.")
+@friendly_errors
+def eval_utility_cmd(trace_path: str, budget: int, json_out: str | None, png_out: str | None) -> None:
+    """Score utility estimators on TRACE: hit rate of keeping the top-N experts per layer."""
+    from .trace import RoutingTrace
+    from .utility_eval import evaluate, plot_sweep, sweep
+
+    trace = RoutingTrace.load(trace_path)
+    scores = evaluate(trace, budget)
+    click.echo(f"{trace_path}: {trace.n_steps} steps, {trace.n_tokens} tokens, {len(trace.moe_layers)} MoE layers "
+               f"x {trace.n_expert} experts; keeping {budget} per layer")
+    click.echo(f"{'policy':<12} {'hit rate':>9} {'loads/step':>11} {'moves/step':>11}")
+    for s in scores:
+        click.echo(f"{s.policy:<12} {s.hit_rate:>9.4f} {s.loads_per_step:>11.2f} {s.moves_per_step:>11.2f}")
+    results = None
+    if png_out or json_out:
+        budgets = sorted({*range(1, trace.n_expert + 1, max(1, trace.n_expert // 16)), budget, trace.n_expert})
+        results = sweep(trace, budgets)
+    if png_out:
+        plot_sweep(results, png_out, title=Path(trace_path).name)
+        click.echo(f"wrote {png_out}", err=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps({
+            "trace": trace_path, "budget_experts": budget, "scores": [s.to_json() for s in scores],
+            "sweep": {str(b): [s.to_json() for s in v] for b, v in (results or {}).items()},
+        }, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
 spac.add_command(spac_run, name="run")

@@ -1,0 +1,149 @@
+"""Utility estimators and their evaluation on traces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spac_llamacpp.errors import SpacError
+from spac_llamacpp.estimators import (
+    DecayedAverage,
+    FrequencyWeightedLRU,
+    HysteresisEstimator,
+    Observation,
+    SpacEstimator,
+    make_estimator,
+)
+from spac_llamacpp.trace import RoutingTrace
+from spac_llamacpp.utility_eval import belady_kept, evaluate, lru_kept
+
+BIN = Path(sys.executable).parent
+
+
+def obs(counts, n_tokens=None, accepted=None):
+    c = np.asarray(counts, dtype=np.int64).reshape(1, -1)
+    acc = None if accepted is None else np.asarray(accepted, dtype=np.int64).reshape(1, -1)
+    return Observation(c, n_tokens or int(c.sum()), acc)
+
+
+def test_hysteresis_rule_of_moe_spac():
+    h = HysteresisEstimator(1, 3)
+    h.update(obs([5, 4, 0]))  # up when count >= state + 5
+    assert h.utility().tolist() == [[1, 0, 0]]
+    h.update(obs([6, 9, 0]))
+    assert h.utility().tolist() == [[2, 1, 0]]
+    h.update(obs([1, 1, 0]))  # down when count < state
+    assert h.utility().tolist() == [[1, 1, 0]]
+    for _ in range(10):
+        h.update(obs([20, 0, 0]))
+    assert h.utility()[0, 0] == 5  # capped
+
+
+def test_decayed_average_has_inertia():
+    d = DecayedAverage(1, 2, beta=0.5)
+    d.update(obs([2, 0], n_tokens=2))
+    d.update(obs([0, 2], n_tokens=2))
+    u = d.utility()[0]
+    assert u[1] > u[0] > 0  # recent demand leads, but the older one is not forgotten at once
+    with pytest.raises(SpacError):
+        DecayedAverage(1, 2, beta=1.0)
+
+
+def test_frequency_weighted_lru_orders_by_recency_then_frequency():
+    f = FrequencyWeightedLRU(1, 3)
+    f.update(obs([5, 0, 0]))
+    f.update(obs([0, 1, 3]))
+    u = f.utility()[0]
+    assert u[2] > u[1] > u[0]
+
+
+def test_spac_estimator_discounts_rejected_drafts():
+    a = SpacEstimator(1, 2, rejected_weight=0.0)
+    a.update(obs([1, 3], n_tokens=4, accepted=[1, 0]))  # expert 1 only chosen by rejected drafts
+    assert a.utility()[0, 0] > a.utility()[0, 1] == 0
+    b = SpacEstimator(1, 2, rejected_weight=1.0)
+    b.update(obs([1, 3], n_tokens=4, accepted=[1, 0]))
+    assert b.utility()[0, 1] > b.utility()[0, 0]
+
+
+def test_unknown_estimator():
+    with pytest.raises(SpacError):
+        make_estimator("nope", 1, 1)
+
+
+def synthetic_trace(steps: int = 60, n_layer: int = 2, n_expert: int = 8, seed: int = 0) -> RoutingTrace:
+    """Each token picks 2 experts; experts 0-2 are hot (with temporal locality)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((steps, n_layer, 2), dtype=np.int16)
+    for t in range(steps):
+        for layer in range(n_layer):
+            hot = rng.random() < 0.8
+            ids[t, layer] = rng.choice(3, 2, replace=False) if hot else rng.choice(np.arange(3, n_expert), 2, False)
+    counts = np.zeros((steps, n_layer, n_expert), dtype=np.int32)
+    for t in range(steps):
+        for layer in range(n_layer):
+            counts[t, layer, ids[t, layer]] += 1
+    return RoutingTrace(ids=ids, token_step=np.arange(steps, dtype=np.int32),
+                        step_n_tokens=np.ones(steps, np.int32), counts=counts,
+                        moe_layers=np.arange(n_layer, dtype=np.int32), n_expert=n_expert)
+
+
+def test_lru_by_hand():
+    # one layer, budget 2, accesses 0,1 | 2 | 0: LRU holds {0,1}, then {1,2} and misses 0;
+    # Belady evicts 1 (never used again) when 2 comes in, so 0 hits
+    ids = np.array([[[0, 1]], [[2, -1]], [[0, -1]]], dtype=np.int16)
+    counts = np.array([[[1, 1, 0]], [[0, 0, 1]], [[1, 0, 0]]], dtype=np.int32)
+    t = RoutingTrace(ids, np.arange(3, dtype=np.int32), np.ones(3, np.int32), counts, np.array([0]), 3)
+    kept = [k[0].tolist() for k in lru_kept(t, 2)]
+    assert kept == [[True, True, False], [False, True, True]]
+    scores = {s.policy: s for s in evaluate(t, 2)}
+    assert scores["lru"].hit_rate == 0.0  # step 1 misses expert 2, step 2 misses expert 0
+    assert scores["belady"].hit_rate == 0.5  # evicts 1 (never used again), so expert 0 hits
+
+
+def test_belady_and_oracle_bound_the_others():
+    t = synthetic_trace()
+    for budget in (1, 2, 3, 5):
+        scores = {s.policy: s for s in evaluate(t, budget)}
+        assert scores["oracle"].hit_rate >= max(s.hit_rate for s in scores.values()) - 1e-12
+        assert scores["belady"].hit_rate >= scores["lru"].hit_rate
+        for mask in belady_kept(t, budget):
+            assert (mask.sum(axis=1) <= budget).all()
+    full = {s.policy: s for s in evaluate(t, 8)}  # every expert fits: only demand caching misses (cold)
+    assert all(s.hit_rate == 1.0 for s in full.values() if s.policy not in ("belady", "hysteresis"))
+    assert full["belady"].loads_per_step * full["belady"].steps <= 2 * 8  # at most one cold miss per expert
+
+
+def test_estimators_learn_the_hot_set():
+    t = synthetic_trace(steps=200)
+    scores = {s.policy: s.hit_rate for s in evaluate(t, 3)}
+    for name in ("decayed", "spac"):
+        assert scores[name] > 0.7, scores  # random choice of 3 of 8 experts would give ~0.38
+
+
+def test_bad_budget(tmp_path):
+    with pytest.raises(SpacError):
+        evaluate(synthetic_trace(), 0)
+    with pytest.raises(SpacError):
+        evaluate(synthetic_trace(), 9)
+
+
+def test_eval_utility_cli(tmp_path):
+    path = synthetic_trace().save(tmp_path / "t.npz")
+    png, js = tmp_path / "h.png", tmp_path / "h.json"
+    proc = subprocess.run([str(BIN / "spac"), "eval-utility", str(path), "--budget-experts", "3",
+                           "--png", str(png), "--json", str(js)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("hysteresis", "decayed", "fw-lru", "spac", "lru", "belady", "oracle"):
+        assert name in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    assert {s["policy"] for s in data["scores"]} >= {"lru", "belady", "spac"} and data["sweep"]
+    bad = subprocess.run([str(BIN / "spac"), "eval-utility", str(path), "--budget-experts", "99"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
