@@ -149,3 +149,25 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
     }
     return true;
 }
+
+const char *spac_tensor_name(const struct ggml_tensor *t) {
+    return t == NULL ? "" : t->name;
+}
+
+int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max_rows, int64_t n_cols) {
+    if (t == NULL || dst == NULL || t->type != GGML_TYPE_F32 || t->ne[0] != n_cols || t->ne[2] != 1 ||
+        t->ne[3] != 1 || t->nb[0] != sizeof(float) || t->data == NULL) {
+        return -1;
+    }
+    int64_t rows = t->ne[1] < max_rows ? t->ne[1] : max_rows;
+    const size_t row_bytes = (size_t)n_cols * sizeof(float);
+    bool host = t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer);
+    for (int64_t j = 0; j < rows; j++) {
+        if (host) {
+            memcpy(dst + j * n_cols, (const uint8_t *)t->data + j * t->nb[1], row_bytes);
+        } else {
+            ggml_backend_tensor_get(t, dst + j * n_cols, j * t->nb[1], row_bytes);
+        }
+    }
+    return rows;
+}

@@ -65,4 +65,11 @@ void spac_sensor_release(spac_sensor *s);
 /* Parse "<prefix><int>" names such as "ffn_moe_topk-12"; returns -1 when the name does not match. */
 int32_t spac_node_layer(const char *name, const char *prefix);
 
+/* Name of a graph tensor ("" for NULL). */
+const char *spac_tensor_name(const struct ggml_tensor *t);
+
+/* Copy up to max_rows rows of an F32 [n_cols, rows] tensor (host or device) into dst (row-major).
+ * Returns the rows copied, or -1 when the tensor is not F32 with n_cols contiguous columns. */
+int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max_rows, int64_t n_cols);
+
 #endif

@@ -41,6 +41,8 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);
 void spac_sensor_flush(spac_sensor *s);
 void spac_sensor_release(spac_sensor *s);
 int32_t spac_node_layer(const char *name, const char *prefix);
+const char *spac_tensor_name(const struct ggml_tensor *t);
+int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max_rows, int64_t n_cols);
 """
 
 _SOURCES = ("spac_sensor.c",)
