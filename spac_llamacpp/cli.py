@@ -307,3 +307,86 @@ def lookahead_cmd(model: str, prompts: tuple[str, ...], n_predict: int, node: st
 
 
 spac.add_command(spac_run, name="run")
+
+
+# --- balancer: calibrate, simulate (issue 5) -------------------------------------------------------
+
+
+@spac.command(name="calibrate")
+@click.option("--show", is_flag=True, help="Print the cached calibration of this machine (and --model) instead.")
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="Calibrate for this GGUF: its expert weight types and read sizes; flash test file next to it.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: llama-cpp-python's default).")
+@click.option("--types", default=None,
+              help="Comma-separated weight types to measure (default: F16,Q8_0,Q4_0 and the model's).")
+@click.option("--flash-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory on the flash device to test (default: the model's directory or the cache).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the summary.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+@friendly_errors
+def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str | None, flash_dir: str | None,
+                  as_json: bool, output: str | None) -> None:
+    """Measure this machine's cost model (CPU expert matmuls, flash reads, RAM->VRAM, memory) and cache it."""
+    from .calibrate import calibrate, calibration_path, dumps, format_calibration, load_cached
+
+    if model is not None and not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    if show:
+        cm = load_cached(model)
+        if cm is None:
+            raise SpacError(f"no calibration cached for this machine at {calibration_path(model)}; "
+                            "run `spac calibrate`")
+    else:
+        type_list = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
+        cm = calibrate(model, threads=threads, types=type_list, flash_dir=flash_dir,
+                       progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+        cm.source = str(cm.save(calibration_path(model)))
+    if output:
+        Path(output).write_text(dumps(cm) + "\n")
+    click.echo(dumps(cm) if as_json else format_calibration(cm))
+
+
+@spac.command(name="simulate")
+@click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.option("--budget", required=True, help="Fast-tier memory incl. non-expert weights: 123456, 512KiB, 6GiB.")
+@click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
+              help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
+@click.option("--policy", default="ours", show_default=True,
+              help="none, static, lru, lfu, pin, spac, ours, belady.")
+@click.option("--compare", is_flag=True, help="Run every policy, print them side by side and write a PNG.")
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="GGUF the trace was recorded from (default: the path in the trace).")
+@click.option("--calibration", default=None, type=click.Path(dir_okay=False),
+              help="Calibration JSON (default: this machine's cached one, measured now if there is none).")
+@click.option("--png", default=None, type=click.Path(dir_okay=False),
+              help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
+@friendly_errors
+def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
+                 calibration: str | None, png: str | None, as_json: bool) -> None:
+    """Replay a routing TRACE through placement policies under the measured cost model."""
+    from .policies import POLICIES
+    from .simulator import compare as run_compare
+    from .simulator import format_table, load_inputs, make_setup, plot, simulate
+    from .sizes import format_size, parse_size
+
+    if not compare and policy not in POLICIES:
+        raise SpacError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    size = parse_size(budget)
+    trace, layout, cost = load_inputs(trace_path, model, calibration,
+                                      progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+    setup = make_setup(trace, tier, size, cost, layout)
+    results = run_compare(trace, setup) if compare else [simulate(trace, policy, setup)]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        click.echo(f"{trace_path}: {trace.n_tokens} tokens, {trace.n_steps} steps, {layout.n_layer} MoE layers x "
+                   f"{layout.n_expert} experts ({format_size(layout.total_expert_bytes)} of experts); tier {tier}, "
+                   f"budget {format_size(size)} ({format_size(setup.budget)} for experts); cost model "
+                   f"{cost.source or 'measured now'}" + ("" if tier == "flash" or cost.gpu.measured else
+                                                        "; GPU not measured: assumed GPU numbers"))
+        click.echo(format_table(results))
+    if compare:
+        out = Path(png) if png else Path(trace_path).with_name(f"{Path(trace_path).stem}-compare-{tier}.png")
+        plot(results, out, title=f"{Path(trace_path).name}: {tier} tier, budget {format_size(size)}")
+        click.echo(f"wrote {out}", err=True)

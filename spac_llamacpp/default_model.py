@@ -1,23 +1,31 @@
-"""The embedded default model that ``spac-run`` uses when no model is given.
+"""The embedded default model that ``spac-run`` uses when no model is given, and its draft model.
 
-For now this is the test-model factory's small qwen3moe model with random weights: it exercises the
-whole pipeline (loading, routing, the sensor) but writes gibberish. It is generated
-deterministically into the user's cache on first use, so nothing is downloaded.
+Both ship inside the package (``spac_llamacpp/models/``), so nothing is ever downloaded: a small
+Mixture-of-Experts language model in llama.cpp's ``llama`` architecture (Mixtral layout: 6 layers,
+16 experts, top-2 softmax routing with learned, load-balanced routers) and a 2-layer dense llama
+with the same tokenizer for speculative decoding. Both were trained on Shakespeare's works by
+``scripts/train_tiny_moe.py``; ``docs/models.md`` has the recipe, losses and routing statistics.
+The random-weight models of ``factory.py`` remain the tests' architecture coverage.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .cache import cache_dir
+from .errors import SpacError
+from .tinylm.recipe import DENSE_NAME, MOE_NAME
 
-DEFAULT_ARCH = "qwen3moe"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+"""Where the shipped GGUFs live."""
+
 DEFAULT_LABEL = (
-    "embedded default: tiny random-weight qwen3moe test model from spac's factory "
-    "(its text is gibberish; it only demonstrates the pipeline)"
+    "embedded default: spac's tiny Shakespeare MoE (llama/Mixtral layout, 6 layers x 16 experts, top-2, "
+    "16M parameters; trained by scripts/train_tiny_moe.py)"
 )
-_FILE = "spac-default-tiny-qwen3moe-f16-v1.gguf"
+
+CORPUS_WORDS_FILE = "shakespeare-words.txt.gz"
+"""Every word (lower-cased letter run) of the training corpus, for readability checks."""
 
 
 def models_cache_dir() -> Path:
@@ -25,14 +33,26 @@ def models_cache_dir() -> Path:
     return cache_dir("models", "SPAC_MODEL_CACHE")
 
 
-def default_model_path() -> Path:
-    """Path of the default model, written on first use."""
-    from .factory import write_tiny_moe
-
-    path = models_cache_dir() / _FILE
+def _shipped(name: str) -> Path:
+    path = MODELS_DIR / name
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        write_tiny_moe(tmp, DEFAULT_ARCH, dtype="f16", seed=0, n_layer=6, n_embd=128, n_expert=16, n_ff_exp=64)
-        os.replace(tmp, path)
+        raise SpacError(
+            f"shipped model file {path} is missing; reinstall spac-llamacpp or rebuild it with "
+            "scripts/train_tiny_moe.py all"
+        )
     return path
+
+
+def default_model_path() -> Path:
+    """Path of the default MoE model (shipped in the package)."""
+    return _shipped(f"{MOE_NAME}.gguf")
+
+
+def default_draft_path() -> Path:
+    """Path of the default model's dense draft model (same tokenizer), for speculative decoding."""
+    return _shipped(f"{DENSE_NAME}.gguf")
+
+
+def corpus_words_path() -> Path:
+    """Path of the gzip'd word list of the default models' training corpus."""
+    return _shipped(CORPUS_WORDS_FILE)

@@ -2,8 +2,9 @@
 
 Every file written here loads and runs in the llama.cpp vendored by llama-cpp-python 0.3.36:
 it has the tensors and metadata keys the loader of its architecture requires, a small
-byte-level BPE tokenizer (gpt2 model, ``gpt-2`` pre-tokenizer, 256 byte tokens plus merges
-trained on a built-in English text) and a ChatML chat template.
+byte-level BPE tokenizer (``bpe.py``: gpt2 model, ``gpt-2`` pre-tokenizer, 256 byte tokens plus
+merges trained on a built-in English text) and a ChatML chat template. Shapes are described by
+``model_spec.TinySpec``; the GGUF itself is written by ``gguf_write.write_gguf``.
 
 Weights come from a numpy RNG seeded per tensor name, so the same arguments always give the
 same bytes, and the same seed gives the same weights whatever the dtype (and whether the
@@ -19,149 +20,32 @@ AMX kernel dies with SIGSEGV at ``ldtilecfg``.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import dataclasses
 import functools
-import logging
 import os
 import pathlib
-import re
-import tempfile
 import zlib
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import gguf
 import numpy as np
 
+from .bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, BpeVocab, train_bpe
 from .errors import SpacError
+from .gguf_write import check_write_args, write_gguf
+from .model_spec import ARCHITECTURES, DTYPES, EXTRA_DTYPES, GGUF_ARCH, TinySpec, tiny_spec
 
-ARCHITECTURES: tuple[str, ...] = (
-    "llama",
-    "qwen2moe",
-    "qwen3moe",
-    "deepseek2",
-    "deepseek2-merged",
-    "olmoe",
-    "gpt-oss",
-)
-"""Names accepted by :func:`write_tiny_moe`; ``deepseek2-merged`` is architecture deepseek2
-with the expert gate/up stored as one ``ffn_gate_up_exps`` tensor."""
-
-DTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
-"""Weight types every architecture is tested with."""
-
-EXTRA_DTYPES: tuple[str, ...] = ("q4_0",)
-"""Also accepted by the writers, but not part of the standard test matrix."""
-
-# GGUF ``general.architecture`` for each factory name.
-GGUF_ARCH: dict[str, str] = {a: ("deepseek2" if a == "deepseek2-merged" else a) for a in ARCHITECTURES}
-
-SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-"""Control tokens, always the last ids of the vocabulary (bos = <|endoftext|>, eos = <|im_end|>)."""
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-_QUANT_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_0
-_QBLOCK = 32  # block size of q8_0 and q4_0: every quantized row must be a multiple of it
-
-_TOKEN_NORMAL = 1
-_TOKEN_CONTROL = 3
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Shape and scale parameters of a tiny model; :func:`tiny_spec` fills in arch defaults.
-
-    Head size is ``n_embd // n_head`` for all architectures except deepseek2, whose MLA sizes
-    are given by the ``*_rank`` and ``*_dim`` fields.
-    """
-
-    arch: str = "qwen3moe"
-    n_layer: int = 4
-    n_embd: int = 64
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_expert: int = 8
-    n_expert_used: int = 2
-    n_ff_exp: int = 64
-    n_ff: int = 128  # dense FFN width (dense models, deepseek2 leading dense blocks)
-    n_ff_shexp: int = 128  # qwen2moe shared expert width
-    n_expert_shared: int = 1  # deepseek2: shared expert width is n_ff_exp * n_expert_shared
-    n_dense_lead: int = 1  # deepseek2 leading dense blocks
-    n_vocab: int = 512
-    n_ctx_train: int = 4096
-    rope_freq_base: float = 10000.0
-    rms_eps: float = 1e-5
-    # deepseek2 MLA
-    q_lora_rank: int = 32
-    kv_lora_rank: int = 32
-    qk_rope_dim: int = 16
-    qk_nope_dim: int = 32
-    v_head_dim: int = 32
-    expert_weights_scale: float = 2.5
-    # gpt-oss
-    sliding_window: int = 128
-    # scales: weights are normal * gain / sqrt(fan_in); the router gain is large so that
-    # the expert choice depends strongly on the token.
-    attn_gain: float = 0.7
-    ffn_gain: float = 1.0
-    router_gain: float = 3.0
-    output_gain: float = 3.0
-    bias_std: float = 0.05
-
-    @property
-    def gguf_arch(self) -> str:
-        """The ``general.architecture`` value."""
-        return GGUF_ARCH.get(self.arch, self.arch)
-
-    @property
-    def head_dim(self) -> int:
-        """Attention head size for the non-MLA architectures."""
-        return self.n_embd // self.n_head
-
-    @property
-    def is_moe(self) -> bool:
-        """Whether the model has routed experts."""
-        return self.n_expert > 0
-
-
-# Per-architecture overrides of the TinySpec defaults (matching what the real models do).
-_ARCH_DEFAULTS: dict[str, dict[str, object]] = {
-    "llama": {"n_head_kv": 2},
-    "qwen2moe": {"n_head_kv": 2, "rms_eps": 1e-6, "rope_freq_base": 1000000.0},
-    "qwen3moe": {"n_head_kv": 2, "rms_eps": 1e-6, "rope_freq_base": 1000000.0},
-    "deepseek2": {"n_head_kv": 1, "rms_eps": 1e-6},
-    "deepseek2-merged": {"n_head_kv": 1, "rms_eps": 1e-6},
-    "olmoe": {},  # n_head_kv = n_head: olmoe's k-norm spans n_embd, so no GQA
-    "gpt-oss": {"n_head_kv": 2, "rope_freq_base": 150000.0},
-}
-
-
-def tiny_spec(arch: str = "qwen3moe", **overrides: object) -> TinySpec:
-    """Return the :class:`TinySpec` of ``arch`` with its defaults, updated by ``overrides``.
-
-    Raises :class:`SpacError` for an unknown architecture or field name.
-    """
-    if arch not in ARCHITECTURES:
-        raise SpacError(f"unknown tiny-model architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    fields = {f.name for f in dataclasses.fields(TinySpec)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise SpacError(
-            f"unknown TinySpec field(s) {', '.join(bad)}; valid fields: {', '.join(sorted(fields))}"
-        )
-    params: dict[str, object] = {**_ARCH_DEFAULTS[arch], **overrides}
-    if arch == "olmoe" and "n_head_kv" not in overrides:
-        params["n_head_kv"] = params.get("n_head", TinySpec.n_head)
-    return TinySpec(arch=arch, **params)  # type: ignore[arg-type]
+__all__ = [
+    "ARCHITECTURES",
+    "CHAT_TEMPLATE",
+    "DTYPES",
+    "EXTRA_DTYPES",
+    "GGUF_ARCH",
+    "SPECIAL_TOKENS",
+    "TinySpec",
+    "factory_vocab",
+    "tiny_spec",
+    "write_tiny_dense",
+    "write_tiny_model",
+    "write_tiny_moe",
+]
 
 
 def write_tiny_moe(
@@ -228,8 +112,9 @@ def write_tiny_model(
     dtype: str = "f16",
     seed: int = 0,
     quantize: str = "experts",
+    vocab: BpeVocab | None = None,
 ) -> pathlib.Path:
-    """Write the model described by ``spec`` (MoE or, with ``n_expert=0`` on llama, dense).
+    """Write the random-weight model described by ``spec`` (MoE or, with ``n_expert=0`` on llama, dense).
 
     ``quantize`` applies to the quantized dtypes: ``"experts"`` (default) quantizes only the
     routed-expert tensors (``*_exps``, like llama.cpp's MXFP4_MOE) and stores the other
@@ -237,78 +122,19 @@ def write_tiny_model(
     vendored CPU backend moves quantized ``MUL_MAT`` weights into its AMX buffer, whose kernel
     crashes on the development VM; routed experts (``MUL_MAT_ID``) never go there, so
     ``"experts"`` files run with a stock ``llama_cpp.Llama`` everywhere.
+
+    ``vocab`` replaces the factory's tokenizer (:func:`factory_vocab`), e.g. to build a random
+    model with the tokenizer of a trained one; ``spec.n_vocab`` must match its size.
     """
-    if quantize not in ("experts", "all"):
-        raise SpacError(f"unknown quantize scope {quantize!r}; choose 'experts' or 'all'")
-    path = pathlib.Path(path)
-    if dtype not in DTYPES + EXTRA_DTYPES:
-        raise SpacError(
-            f"unknown tiny-model dtype {dtype!r}; choose one of {', '.join(DTYPES + EXTRA_DTYPES)}"
-        )
     if spec.arch not in ARCHITECTURES:
         raise SpacError(
             f"unknown tiny-model architecture {spec.arch!r}; choose one of {', '.join(ARCHITECTURES)}"
         )
-    _check_spec(spec, quantized=dtype in _QUANT_FTYPES)
-    if dtype in _QUANT_FTYPES:
-        # llama.cpp quantizes from a float file; write it next to the target and remove it.
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".f32.tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            _write_float(pathlib.Path(tmp), spec, "f32", seed)
-            _quantize(pathlib.Path(tmp), path, _QUANT_FTYPES[dtype], quantize)
-        finally:
-            os.unlink(tmp)
-    else:
-        _write_float(path, spec, dtype, seed)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# checks
-
-
-def _check_spec(spec: TinySpec, *, quantized: bool) -> None:
-    if spec.n_layer < 1 or spec.n_embd < 1 or spec.n_head < 1:
-        raise SpacError("n_layer, n_embd and n_head must be positive")
-    if spec.n_vocab < 256 + len(SPECIAL_TOKENS) + 1:
-        raise SpacError(
-            f"n_vocab must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + special tokens)"
-        )
-    if spec.arch == "llama" and spec.n_expert == 0:
-        pass  # the dense model
-    elif spec.n_expert < 1 or not 1 <= spec.n_expert_used <= spec.n_expert:
-        raise SpacError(f"{spec.arch} needs n_expert >= 1 and 1 <= n_expert_used <= n_expert")
-    mla = spec.arch.startswith("deepseek2")
-    if not mla:
-        if spec.n_embd % spec.n_head or spec.head_dim % 2:
-            raise SpacError(f"n_embd ({spec.n_embd}) must be n_head ({spec.n_head}) times an even head size")
-        if spec.n_head % spec.n_head_kv:
-            raise SpacError(f"n_head ({spec.n_head}) must be a multiple of n_head_kv ({spec.n_head_kv})")
-    elif spec.n_dense_lead >= spec.n_layer:
-        raise SpacError("deepseek2 needs n_dense_lead < n_layer (at least one MoE block)")
-    if quantized:
-        rows = {
-            "n_embd": spec.n_embd,
-            "n_ff_exp": spec.n_ff_exp,
-            "n_ff": spec.n_ff,
-            "n_ff_shexp": spec.n_ff_shexp,
-        }
-        if not mla:
-            rows["n_head * head_dim"] = spec.n_head * spec.head_dim
-        else:
-            rows |= {
-                "q_lora_rank": spec.q_lora_rank,
-                "kv_lora_rank": spec.kv_lora_rank,
-                "qk_nope_dim": spec.qk_nope_dim,
-                "n_head * v_head_dim": spec.n_head * spec.v_head_dim,
-                "n_ff_exp * n_expert_shared": spec.n_ff_exp * spec.n_expert_shared,
-            }
-        bad = [f"{k}={v}" for k, v in rows.items() if v % _QBLOCK]
-        if bad:
-            raise SpacError(
-                f"quantized tiny models need row sizes that are multiples of {_QBLOCK}: {', '.join(bad)}"
-            )
+    check_write_args(spec, dtype, quantize)  # before drawing weights for shapes that cannot work
+    if vocab is None:
+        vocab = factory_vocab(spec.n_vocab)
+    tensors = _tensors(spec, seed, vocab.silent_ids())
+    return write_gguf(path, spec, tensors, vocab, dtype=dtype, quantize=quantize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,95 +169,10 @@ thank you. Hello, world! Yes, no, maybe. It is true that this is not the end; it
 beginning. "Hello," she said, 'how are you?' (It's a test.) [one, two, three] {a: 1, b: 2}
 """
 
-# GPT-2 pre-tokenizer, restricted to the ASCII corpus above.
-_PRETOKENIZE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_to_unicode() -> tuple[str, ...]:
-    """GPT-2's reversible byte -> printable character map (as in tokenizers' ByteLevel)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs, strict=True))
-    return tuple(chr(table[b]) for b in range(256))
-
-
 @functools.lru_cache(maxsize=8)
-def _bpe_vocab(n_vocab: int) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    """Train a byte-level BPE on the built-in corpus: (tokens, token types, merges).
-
-    Ids 0-255 are the bytes, then the merged tokens, then ``<|reserved_N|>`` padding if the
-    corpus runs out of pairs, then :data:`SPECIAL_TOKENS`.
-    """
-    b2u = _byte_to_unicode()
-    n_merged_max = n_vocab - 256 - len(SPECIAL_TOKENS)
-    words = Counter(tuple(b2u[b] for b in w.encode("utf-8")) for w in _PRETOKENIZE.findall(_CORPUS))
-    tokens: list[str] = list(b2u)
-    known = set(tokens)
-    merges: list[str] = []
-    while len(tokens) - 256 < n_merged_max:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] += count
-        if not pairs:
-            break
-        # most frequent pair; ties broken by the pair itself so training is deterministic
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append(f"{best[0]} {best[1]}")
-        joined = best[0] + best[1]
-        if joined not in known:  # two different merges can yield the same string
-            known.add(joined)
-            tokens.append(joined)
-        new_words: Counter[tuple[str, ...]] = Counter()
-        for word, count in words.items():
-            out: list[str] = []
-            i = 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(joined)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            new_words[tuple(out)] += count
-        words = new_words
-    types = [_TOKEN_NORMAL] * len(tokens)
-    n_pad = n_merged_max - (len(tokens) - 256)
-    tokens += [f"<|reserved_{i}|>" for i in range(n_pad)]
-    types += [_TOKEN_CONTROL] * n_pad
-    tokens += list(SPECIAL_TOKENS)
-    types += [_TOKEN_CONTROL] * len(SPECIAL_TOKENS)
-    return tuple(tokens), tuple(types), tuple(merges)
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, n_vocab: int) -> list[int]:
-    """Add the tokenizer and chat template to ``writer``; return the ids to keep out of the output.
-
-    Those are the control tokens and the byte tokens that are not printable ASCII (or newline).
-    """
-    tokens, types, merges = _bpe_vocab(n_vocab)
-    w = writer
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(list(tokens))
-    w.add_token_types(list(types))
-    w.add_token_merges(list(merges))
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_pad_token_id(tokens.index("<|endoftext|>"))
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
-    printable = set(range(0x20, 0x7F)) | {0x0A}
-    return [i for i, t in enumerate(types) if t == _TOKEN_CONTROL or (i < 256 and i not in printable)]
+def factory_vocab(n_vocab: int) -> BpeVocab:
+    """The factory's tokenizer: a byte-level BPE of ``n_vocab`` tokens trained on a built-in English text."""
+    return train_bpe(_CORPUS, n_vocab)
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,136 +298,3 @@ def _tensors(spec: TinySpec, seed: int, silent_ids: list[int]) -> list[tuple[str
             lin(p + "ffn_up_shexp.weight", (fs, D), s.ffn_gain)
             lin(p + "ffn_down_shexp.weight", (D, fs), s.ffn_gain)
     return out
-
-
-# MLA absorption matrices stay F32: in an F16/quantized file the vendored CPU backend may put
-# them in its AMX extra buffer, which cannot run their matmul with a permuted (non-contiguous)
-# activation, and the graph scheduler then aborts (GGML_ASSERT(*cur_backend_id != -1)).
-_F32_MATRICES = re.compile(r"\.attn_[kv]_b\.weight$")
-
-
-def _keep_f32(name: str, arr: np.ndarray) -> bool:
-    """Tensors kept in F32: 1-D, biases, norms and the router (as converted models do), MLA k_b/v_b."""
-    return (
-        arr.ndim < 2
-        or name.endswith(".bias")
-        or name.endswith("_norm.weight")
-        or "ffn_gate_inp" in name
-        or _F32_MATRICES.search(name) is not None
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# metadata
-
-
-def _add_hparams(g: gguf.GGUFWriter, s: TinySpec) -> None:
-    a = s.arch
-    g.add_name(f"tiny-{a}" if s.is_moe else "tiny-dense-llama")
-    g.add_context_length(s.n_ctx_train)
-    g.add_embedding_length(s.n_embd)
-    g.add_block_count(s.n_layer)
-    g.add_head_count(s.n_head)
-    g.add_head_count_kv(s.n_head_kv)
-    g.add_layer_norm_rms_eps(s.rms_eps)
-    g.add_rope_freq_base(s.rope_freq_base)
-    g.add_vocab_size(s.n_vocab)
-    if s.is_moe:
-        g.add_expert_count(s.n_expert)
-        g.add_expert_used_count(s.n_expert_used)
-
-    if a == "llama" or a == "olmoe":
-        # these loaders size the experts with feed_forward_length (Mixtral / OLMoE convention)
-        g.add_feed_forward_length(s.n_ff_exp if s.is_moe else s.n_ff)
-        g.add_rope_dimension_count(s.head_dim)
-    elif a == "qwen2moe":
-        g.add_feed_forward_length(s.n_ff)
-        g.add_expert_feed_forward_length(s.n_ff_exp)
-        g.add_expert_shared_feed_forward_length(s.n_ff_shexp)
-    elif a == "qwen3moe":
-        g.add_feed_forward_length(s.n_ff)
-        g.add_expert_feed_forward_length(s.n_ff_exp)
-    elif a.startswith("deepseek2"):
-        g.add_feed_forward_length(s.n_ff)
-        g.add_leading_dense_block_count(s.n_dense_lead)
-        g.add_q_lora_rank(s.q_lora_rank)
-        g.add_kv_lora_rank(s.kv_lora_rank)
-        # MLA is run as MQA over the compressed kv: K = kv_lora + rope, V = kv_lora
-        g.add_key_length(s.kv_lora_rank + s.qk_rope_dim)
-        g.add_value_length(s.kv_lora_rank)
-        g.add_key_length_mla(s.qk_nope_dim + s.qk_rope_dim)
-        g.add_value_length_mla(s.v_head_dim)
-        g.add_rope_dimension_count(s.qk_rope_dim)
-        g.add_expert_feed_forward_length(s.n_ff_exp)
-        g.add_expert_shared_count(s.n_expert_shared)
-        g.add_expert_weights_scale(s.expert_weights_scale)
-        g.add_expert_weights_norm(True)
-        g.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    elif a == "gpt-oss":
-        g.add_feed_forward_length(s.n_ff_exp)
-        g.add_expert_feed_forward_length(s.n_ff_exp)
-        g.add_key_length(s.head_dim)
-        g.add_value_length(s.head_dim)
-        g.add_sliding_window(s.sliding_window)
-
-
-def _write_float(path: pathlib.Path, spec: TinySpec, dtype: str, seed: int) -> None:
-    writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
-    try:
-        _add_hparams(writer, spec)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-        silent_ids = _add_tokenizer(writer, spec.n_vocab)
-        for name, arr in _tensors(spec, seed, silent_ids):
-            if dtype == "f16" and not _keep_f32(name, arr):
-                arr = arr.astype(np.float16)
-            writer.add_tensor(name, arr)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-
-
-# --------------------------------------------------------------------------------------------
-# quantization through llama.cpp
-
-
-def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str) -> None:
-    """Convert ``src`` to ``dst`` with ``llama_model_quantize``; ``scope`` as in write_tiny_model."""
-    import llama_cpp
-
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 1  # tiny tensors: threads cost more than they save
-    # pure: every quantized matrix gets ftype; otherwise llama.cpp picks k-quants for some
-    # tensors (output, attn_v, ...) that then fall back because rows are not 256-aligned.
-    params.pure = True
-    # Type overrides, first match wins (the quantizer itself skips norms, biases and routers).
-    patterns = [(_F32_MATRICES.pattern, 0)]  # GGML_TYPE_F32: what _keep_f32 keeps
-    if scope == "experts":
-        patterns.append((r"^(?!.*_exps\.weight$)", 1))  # GGML_TYPE_F16: all but routed experts
-    overrides = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()  # {NULL, 0} ends it
-    for entry, (pattern, ggml_type) in zip(overrides, patterns, strict=False):
-        entry.pattern = pattern.encode()
-        entry.type = ggml_type
-    params.tt_overrides = overrides
-    with _quiet_llama_log():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise SpacError(
-            f"llama.cpp could not quantize the tiny model to {dst} (llama_model_quantize returned {rc})"
-        )
-
-
-@contextlib.contextmanager
-def _quiet_llama_log() -> Iterator[None]:
-    """Silence llama-cpp-python's log callback (the quantizer prints a line per tensor)."""
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    # CRITICAL, not ERROR: llama-cpp-python's level map is off by one and shows WARN as ERROR
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

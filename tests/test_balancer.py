@@ -1,0 +1,329 @@
+"""The placement integer program, its greedy fallback, the replanner and the utility estimator."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pulp
+import pytest
+
+from spac_llamacpp import balancer as B
+from spac_llamacpp.balancer import Balancer, Problem, brute_force, expert_budget, greedy, quick_bound, solve
+from spac_llamacpp.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
+from spac_llamacpp.errors import SpacError
+from spac_llamacpp.replanner import Replanner
+from spac_llamacpp.utility import DecayedCounts, DemandEstimator, FromScores, make_demand, utility_drift
+
+
+def cost_model(gpu_bandwidth: float = 1.5e12) -> CostModel:
+    return CostModel(
+        cpu={"F16": CpuKernel((1, 2, 4, 8), (1e-10, 1.2e-10, 1.5e-10, 2.2e-10)),
+             "Q4_K": CpuKernel((1, 8), (2e-10, 4e-10))},
+        flash_miss=ReadCost(1.0e9, 1e-3),
+        flash_prefetch=ReadCost(1.5e9, 2e-4),
+        gpu=GpuCost(bandwidth=gpu_bandwidth, launch_s=15e-6),
+    )
+
+
+def random_problem(rng: np.random.Generator, L: int, E: int, parallel: bool, fill: float = 0.4,
+                   cap: int | None = None) -> Problem:
+    size = rng.integers(1_000, 50_000, size=(L, 1)).repeat(E, axis=1) if rng.random() < 0.5 else \
+        rng.integers(1_000, 50_000, size=(L, E))
+    u = rng.pareto(1.2, size=(L, E)) * (rng.random((L, E)) < 0.8)
+    cpu = size * 1e-9
+    slow = u * cpu * (1.0 if parallel else 5.0)
+    fast = u * (cpu * rng.uniform(0.1, 1.5, size=(L, E)) if parallel else cpu)
+    load = size * rng.uniform(1e-9, 5e-9, size=(L, E))
+    resident = rng.random((L, E)) < 0.2
+    budget = int(fill * size.sum())
+    max_load = float(load.sum() * rng.uniform(0.05, 0.3)) if rng.random() < 0.3 else None
+    return Problem(fast, slow, load, size.astype(np.int64), resident, budget, parallel,
+                   horizon=float(rng.choice([1.0, 8.0, 64.0])), max_per_layer=cap, max_load=max_load)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_ilp_respects_budget_exactly(parallel):
+    rng = np.random.default_rng(1 if parallel else 2)
+    for k in range(12):
+        p = random_problem(rng, int(rng.integers(2, 7)), int(rng.integers(3, 17)), parallel,
+                           fill=float(rng.uniform(0.05, 0.9)), cap=int(rng.integers(1, 4)) if k % 3 == 0 else None)
+        plan = solve(p, solver="cbc", time_limit=5, gap=0.0, certify=bool(k % 2))
+        assert int(p.size[plan.x].sum()) <= p.budget
+        assert p.feasible(plan.x)
+        if p.max_per_layer is not None:
+            assert plan.x.sum(axis=1).max() <= p.max_per_layer
+        if p.max_load is not None:
+            assert p.load_of(plan.x) <= p.max_load * (1 + 1e-9)
+        assert plan.objective == pytest.approx(p.objective(plan.x))
+        assert plan.objective <= p.objective(greedy(p)) + 1e-15
+        assert plan.objective >= quick_bound(p) - 1e-12
+
+
+def test_ilp_budget_on_knife_edge():
+    """Budget exactly one byte short of a combination: rounding in the MILP must not overshoot."""
+    size = np.array([[1_000_003, 1_000_001, 999_999, 1_000_007]], np.int64)
+    u = np.array([[1.0, 0.9, 0.8, 0.7]])
+    p = Problem(u * 1e-4, u * 1e-3, np.zeros((1, 4)), size, np.zeros((1, 4), bool),
+                int(size[0, 0] + size[0, 2]) - 1, parallel=False)
+    plan = solve(p, solver="cbc", gap=0.0, certify=False)
+    assert int(size[plan.x].sum()) <= p.budget
+    assert plan.x.tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_ilp_equals_brute_force(parallel):
+    rng = np.random.default_rng(10 + parallel)
+    for _ in range(8):
+        L, E = (2, 5) if rng.random() < 0.5 else (3, 4)
+        p = random_problem(rng, L, E, parallel, fill=float(rng.uniform(0.1, 0.7)),
+                           cap=2 if rng.random() < 0.3 else None)
+        _, best = brute_force(p)
+        plan = solve(p, solver="cbc", time_limit=10, gap=0.0, certify=False)
+        assert plan.objective == pytest.approx(best, rel=1e-6, abs=1e-12), plan.status
+        assert plan.objective >= B.lp_bound(p) - 1e-9
+
+
+def test_greedy_can_be_worse_than_the_ilp_when_the_gpu_side_binds():
+    # per layer max(F, S): a slow "GPU" makes greedy over-fill one layer
+    lay = ExpertLayout.synthetic(2, 6, 30_000, 2, ggml_type="F16")
+    u = np.array([[1.0, 1.0, 1.0, 0.2, 0.1, 0.1], [0.5, 0.4, 0.3, 0.3, 0.2, 0.1]])
+    bal = Balancer(lay, cost_model(gpu_bandwidth=40e9), "vram", 6 * 30_000, tokens_per_step=1)
+    p = bal.problem(u)
+    plan = solve(p, solver="cbc", gap=0.0)
+    assert plan.objective <= p.objective(greedy(p))
+    assert plan.objective == pytest.approx(brute_force(p)[1])
+
+
+def hard_problem() -> Problem:
+    """Parallel, mixed sizes: the quick bound does not certify greedy, so the MILP runs."""
+    rng = np.random.default_rng(5)
+    p = random_problem(rng, 4, 12, True, fill=0.3)
+    assert p.objective(greedy(p)) - quick_bound(p) > 1e-3 * p.objective(greedy(p))
+    return p
+
+
+class _TimedOutSolver(pulp.LpSolver):
+    """A solver that, like CBC at its time limit without an incumbent, returns no solution."""
+
+    name = "timed_out"
+
+    def available(self):
+        return True
+
+    def actualSolve(self, lp, **kwargs):
+        time.sleep(0.05)
+        return pulp.LpStatusNotSolved
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(B, "_last_warned", {})
+    monkeypatch.setattr(B, "_milp_seconds_per_var", [0.0])  # tests set their own time limits
+    monkeypatch.setattr(B, "_MILP_STARTUP", 0.0)
+
+
+def test_greedy_fallback_when_solver_times_out(monkeypatch, caplog):
+    p = hard_problem()
+    monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+        plan = solve(p, time_limit=0.04)
+    assert plan.method == "greedy" and plan.status == "fallback"
+    assert "time limit" in plan.reason
+    assert np.array_equal(plan.x, greedy(p)) or p.objective(plan.x) <= p.objective(greedy(p))
+    assert any("greedy" in r.message and "time limit" in r.message for r in caplog.records)
+
+
+def test_greedy_fallback_with_real_cbc_and_a_tiny_time_limit(caplog):
+    """CBC with a ~0 time limit: either it still proves the optimum or the fallback is logged."""
+    rng = np.random.default_rng(7)
+    p = random_problem(rng, 12, 40, True, fill=0.3)
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+        plan = solve(p, solver="cbc", time_limit=1e-6, gap=0.0, certify=False)
+    assert p.feasible(plan.x)
+    if plan.method == "greedy":
+        assert any("greedy" in r.message for r in caplog.records)
+    else:
+        assert plan.status in ("optimal", "time limit") or plan.status.startswith(("optimal,", "time limit,"))
+
+
+def test_greedy_when_the_time_limit_leaves_no_time_for_the_solver(monkeypatch, caplog):
+    p = hard_problem()
+    monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
+    with caplog.at_level(logging.INFO, logger="spac_llamacpp.balancer"):
+        plan = solve(p, time_limit=0.0)
+        plan2 = solve(p, time_limit=0.0)
+    assert plan.method == plan2.method == "greedy" and "no time left" in plan.reason
+    levels = [r.levelno for r in caplog.records if "no time left" in r.message]
+    assert levels == [logging.WARNING, logging.INFO]  # repeated fallbacks are not warned every time
+
+
+def test_greedy_fallback_when_no_solver(monkeypatch, caplog):
+    p = hard_problem()
+    monkeypatch.setattr(pulp.PULP_CBC_CMD, "available", lambda self: False)
+    monkeypatch.setattr(pulp.HiGHS, "available", lambda self: False)
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+        plan = solve(p)
+    assert plan.method == "greedy" and "no MILP solver" in plan.reason
+    assert any("no MILP solver" in r.message for r in caplog.records)
+
+
+def test_greedy_fallback_without_pulp(monkeypatch, caplog):
+    import sys
+
+    p = hard_problem()
+    monkeypatch.setitem(sys.modules, "pulp", None)  # import pulp -> ImportError
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+        plan = solve(p)
+    assert plan.method == "greedy" and "PuLP is not installed" in plan.reason
+
+
+def test_certified_greedy_skips_the_solver(monkeypatch):
+    lay = ExpertLayout.synthetic(4, 16, 100_000, 2)
+    u = np.random.default_rng(0).pareto(1.0, size=(4, 16))
+    bal = Balancer(lay, cost_model(), "flash", lay.non_expert_bytes + 2 * 100_000 + 20 * 100_000)
+
+    def boom(*a, **k):
+        raise AssertionError("solver must not run")
+
+    monkeypatch.setattr(B, "_solver", boom)
+    plan = bal.plan(u)
+    assert plan.method == "greedy" and plan.status == "optimal (bound)"
+
+
+@pytest.mark.parametrize("tier", ["vram", "flash"])
+def test_infeasible_budgets_are_one_line_errors(tier):
+    one = 3 << 18  # bytes of one expert
+    lay = ExpertLayout.synthetic(3, 8, one, 2, non_expert_bytes=50 << 20)
+    for budget in (0, 1000, 50 << 20, (50 << 20) + one // 2):
+        with pytest.raises(SpacError) as exc:
+            expert_budget(tier, budget, lay)
+        msg = str(exc.value)
+        assert "\n" not in msg and "too small" in msg and tier in msg
+    ok = (50 << 20) + one + (2 * one if tier == "flash" else 0)
+    assert expert_budget(tier, ok, lay) == one
+    with pytest.raises(SpacError):
+        Balancer(lay, cost_model(), tier, ok - 1)
+
+
+def test_tier_costs_shapes_and_signs():
+    lay = ExpertLayout.synthetic(3, 5, 200_000, 2, ggml_type="F16")
+    u = np.array([[0, 0.5, 1, 2, 4]] * 3, float)
+    for tier in ("vram", "flash"):
+        c = B.tier_costs(tier, cost_model(), lay, u, tokens_per_step=4)
+        assert c.fast.shape == (3, 5) and (c.fast[:, 0] == 0).all() and (c.slow[:, 0] == 0).all()
+        assert (np.diff(c.slow, axis=1) > 0).all()
+        assert (c.load > 0).all()
+    assert B.tier_costs("flash", cost_model(), lay, u).parallel is False
+    with pytest.raises(SpacError):
+        B.tier_costs("disk", cost_model(), lay, u)
+
+
+def test_decayed_counts():
+    est = DecayedCounts(2, 3, half_life=1.0)
+    assert isinstance(est, DemandEstimator)
+    assert est.utility().sum() == 0
+    c = np.array([[1, 0, 0], [0, 2, 0]])
+    est.update(c, 1)
+    np.testing.assert_allclose(est.utility(), c)  # normalised from the first step
+    est.update(np.zeros((2, 3)), 1)
+    np.testing.assert_allclose(est.utility(), c / 3)  # weights 0.25 and 0.5 -> 1/3
+    assert est.tokens_per_step == pytest.approx(1.0)
+    with pytest.raises(SpacError):
+        est.update(np.zeros((3, 3)), 1)
+    assert utility_drift(np.ones(3), None) == float("inf")
+    assert utility_drift(np.ones(3) * 1.5, np.ones(3)) == pytest.approx(0.5)
+
+
+def test_replanner_never_blocks_the_decoding_thread():
+    calls = []
+
+    def slow_plan(u, resident):
+        calls.append(float(u.sum()))
+        time.sleep(0.3)
+        return B.Plan(u > 0.5, 0.0, "fake", "optimal", seconds=0.3)
+
+    rp = Replanner(slow_plan, every=1, drift=0.0)
+    try:
+        t0 = time.perf_counter()
+        for step in range(20):
+            rp.submit(np.full((2, 2), step, float), step)
+        submit_time = time.perf_counter() - t0
+        assert submit_time < 0.1  # 20 submits while a 0.3 s solve runs
+        assert rp.wait_idle(5)
+        plan = rp.latest()
+        assert plan is not None and plan.step == 19  # the newest utilities were planned last
+        assert rp.stats.coalesced >= 1 and rp.stats.solves < 20
+        assert rp.take() is plan and rp.take() is None
+    finally:
+        rp.close()
+
+
+def test_replanner_triggers_on_period_and_drift():
+    plans = []
+
+    def plan_fn(u, resident):
+        plans.append(u.copy())
+        return B.Plan(np.zeros_like(u, bool), 0.0, "fake", "optimal")
+
+    rp = Replanner(plan_fn, every=10, drift=0.5, background=False)
+    u = np.ones((1, 4))
+    assert rp.submit(u, 0)  # first call: no previous utilities
+    assert not rp.submit(u * 1.1, 1)  # small drift
+    assert rp.submit(u * 2.0, 2)  # drift 1.0 > 0.5
+    assert not any(rp.submit(u * 2.0, s) for s in range(3, 12))
+    assert rp.submit(u * 2.0, 12)  # period
+    assert len(plans) == 3 and rp.stats.solves == 3
+
+
+def test_replanner_with_balancer_in_background():
+    lay = ExpertLayout.synthetic(4, 8, 100_000, 2)
+    bal = Balancer(lay, cost_model(), "vram", 10 * 100_000)
+    est = DecayedCounts(4, 8, 4)
+    rng = np.random.default_rng(0)
+    with Replanner(bal.plan, every=4) as rp:
+        for step in range(16):
+            est.update(rng.multinomial(2, [1 / 8] * 8, size=4), 1)
+            rp.submit(est.utility(), step)
+        assert rp.wait_idle(30)
+        plan = rp.latest()
+    assert plan is not None and int(lay.bytes_matrix[plan.x].sum()) <= bal.budget
+
+
+def test_replanner_caps_the_time_limit_at_a_share_of_decode_time():
+    limits = []
+
+    def plan_fn(u, resident, time_limit=None):
+        limits.append(time_limit)
+        return B.Plan(np.zeros_like(u, bool), 0.0, "fake", "optimal")
+
+    rp = Replanner(plan_fn, every=4, drift=0.0, share=0.5, min_time_limit=0.001, background=False)
+    for step in range(9):
+        rp.submit(np.ones((1, 2)), step)
+        time.sleep(0.01)  # a 10 ms "decode step"
+    assert limits[0] is None  # no step time measured yet
+    assert len(limits) == 3 and all(0.01 <= lim <= 0.2 for lim in limits[1:])  # ~0.5 * 4 * 10 ms
+    assert rp.step_seconds == pytest.approx(0.01, rel=0.8)
+
+
+def test_scores_of_the_speculative_estimators_become_expected_tokens():
+    from spac_llamacpp.estimators import ESTIMATORS
+
+    k = [2, 3]
+    for name in ESTIMATORS:
+        d = make_demand(name, 2, 4, k)
+        assert isinstance(d, FromScores) and isinstance(d, DemandEstimator)
+        assert d.utility().sum() == 0
+        c = np.array([[6, 0, 0, 0], [0, 4, 4, 1]])
+        for _ in range(6):
+            d.update(c, 3)
+        u = d.utility()
+        assert d.tokens_per_step == pytest.approx(3.0)
+        rows = u.sum(axis=1) > 0  # (hysteresis never raises layer 1: 4 < 0 + 5)
+        assert rows[0]
+        np.testing.assert_allclose(u.sum(axis=1)[rows], np.array([2 * 3, 3 * 3])[rows])
+        assert u[0, 0] > u[0, 1]
+    assert isinstance(make_demand("decayed-counts", 2, 4, k), DecayedCounts)
+    with pytest.raises(SpacError):
+        make_demand("nope", 2, 4, k)
