@@ -132,9 +132,11 @@ class SpacEstimator(_Base):
 
     name = "spac"
 
-    def __init__(self, n_layer: int, n_expert: int, w_last: float = 1.0, w_fast: float = 1.0,
-                 w_slow: float = 0.5, beta_fast: float = 0.6, beta_slow: float = 0.97,
-                 rejected_weight: float = 0.5) -> None:
+    # defaults tuned on a trace of the embedded default model with its draft (docs/utility.md): the
+    # last-step term only adds churn, and rejected drafts' routing still predicts the next tokens
+    def __init__(self, n_layer: int, n_expert: int, w_last: float = 0.0, w_fast: float = 1.0,
+                 w_slow: float = 1.0, beta_fast: float = 0.8, beta_slow: float = 0.97,
+                 rejected_weight: float = 1.0) -> None:
         super().__init__(n_layer, n_expert)
         self.w_last, self.w_fast, self.w_slow = w_last, w_fast, w_slow
         self.rejected_weight = rejected_weight
