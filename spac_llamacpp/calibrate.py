@@ -47,6 +47,7 @@ import numpy as np
 from .cache import cache_dir
 from .costmodel import CostModel, CpuKernel, GpuCost, ReadCost
 from .errors import SpacError
+from .gguf_write import quiet_llama_log
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,6 @@ def default_threads() -> int:
 # CPU
 
 
-@contextlib.contextmanager
-def _quiet_llama_log() -> Iterator[None]:
-    """Silence llama-cpp-python's log callback while loading and quantizing."""
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -181,7 +172,7 @@ def _quantize(src: Path, dst: Path, ggml_type: str, threads: int) -> Path:
     overrides[0].pattern = pattern
     overrides[0].type = 0  # GGML_TYPE_F32
     params.tt_overrides = overrides
-    with _quiet_llama_log():
+    with quiet_llama_log():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise SpacError(f"llama.cpp could not quantize the calibration model to {ggml_type} (rc {rc})")
@@ -206,7 +197,7 @@ def _time_batches(model: Path, batches: Sequence[int], threads: int, repeats: in
     """Min wall time of evaluating ``b`` tokens from an empty context, per batch size."""
     from .llama import Llama
 
-    with _quiet_llama_log(), _mute_fds():
+    with quiet_llama_log(), _mute_fds():
         llm = Llama(str(model), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads, verbose=False,
                     use_extra_bufts=False, routing=False)
     try:

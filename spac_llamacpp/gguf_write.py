@@ -204,7 +204,7 @@ def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str) -> N
         entry.pattern = pattern.encode()
         entry.type = ggml_type
     params.tt_overrides = overrides
-    with _quiet_llama_log():
+    with quiet_llama_log():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise SpacError(
@@ -213,7 +213,7 @@ def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str) -> N
 
 
 @contextlib.contextmanager
-def _quiet_llama_log() -> Iterator[None]:
+def quiet_llama_log() -> Iterator[None]:
     """Silence llama-cpp-python's log callback (the quantizer prints a line per tensor)."""
     logger = logging.getLogger("llama-cpp-python")
     level = logger.level

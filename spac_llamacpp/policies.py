@@ -25,6 +25,7 @@ import numpy as np
 from .balancer import Balancer, Plan, Problem, solve, tier_costs
 from .costmodel import CostModel, ExpertLayout
 from .errors import SpacError
+from .estimators import HysteresisEstimator, Observation
 from .replanner import Replanner
 from .utility import make_demand
 
@@ -176,7 +177,8 @@ class SpacHysteresisPolicy(Policy):
     ``c >= s + up`` raises s by one (up = 5), ``c < s`` lowers it by one. Experts with s above
     ``threshold`` are fetched; resident experts stay until the space is needed (lowest state evicted
     first, as MoE-SpAc's slot scores). MoE-SpAc counts over a verification batch of K+1 = 9 tokens, so
-    plain decoding traces are aggregated over windows of ``ceil(9 / tokens per step)`` steps.
+    steps are aggregated until ``window_tokens`` tokens were seen (or over ``window`` steps). The state
+    machine is ``estimators.HysteresisEstimator``.
     """
 
     name = "spac"
@@ -189,7 +191,7 @@ class SpacHysteresisPolicy(Policy):
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        self.state = np.zeros(setup.shape, np.int64)
+        self.hysteresis = HysteresisEstimator(*setup.shape, max_state=self.top, up_margin=self.up)
         self.acc = np.zeros(setup.shape, np.int64)
         self.acc_tokens = 0
         self._changed = False
@@ -201,14 +203,14 @@ class SpacHysteresisPolicy(Policy):
         full = self.acc_tokens >= self.window_tokens if self.window is None else (t + 1) % self.window == 0
         if not full:
             return
-        c, s = self.acc, self.state
-        up = c >= s + self.up
-        down = ~up & (c < s)
-        s[up] = np.minimum(s[up] + 1, self.top)
-        s[down] -= 1
+        self.hysteresis.update(Observation(self.acc, self.acc_tokens))
         self.acc = np.zeros_like(self.acc)
         self.acc_tokens = 0
         self._changed = True
+
+    @property
+    def state(self) -> np.ndarray:
+        return self.hysteresis.state
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         if not self._changed:
