@@ -214,16 +214,13 @@ def test_cli_simulate_errors(recorded, tmp_path):
                                    "--calibration", str(cal)), "does not match")
 
 
-def test_cli_calibrate_show(tmp_path):
+def test_cli_calibrate_show(tmp_path, monkeypatch):
     env = {"SPAC_CALIBRATION_CACHE": str(tmp_path)}
     assert_one_line_error(run_spac("calibrate", "--show", env=env), "no calibration")
     from spac_llamacpp import calibrate
 
-    os.environ["SPAC_CALIBRATION_CACHE"] = str(tmp_path)
-    try:
-        cost_model().save(calibrate.calibration_path(None))
-    finally:
-        del os.environ["SPAC_CALIBRATION_CACHE"]
+    monkeypatch.setenv("SPAC_CALIBRATION_CACHE", str(tmp_path))
+    cost_model().save(calibrate.calibration_path(None))
     proc = run_spac("calibrate", "--show", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "F16" in proc.stdout and "flash miss" in proc.stdout and "GPU" in proc.stdout
