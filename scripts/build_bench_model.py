@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-windows", type=int, default=16, help="512-token windows per corpus (code, prose)")
     p.add_argument("--no-refit", action="store_true", help="keep the dense down matrices (k = E is then exact)")
     p.add_argument("--refit-ridge", type=float, default=1.0, help="ridge of the down-matrix refit")
+    p.add_argument("--router-target", default="norm", choices=("zscore", "norm"),
+                   help="what the router regresses on (spac_llamacpp/moefy/router.py)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp and BLAS threads")
     p.add_argument("--eval", action="store_true", help="perplexity and samples, dense vs MoE")
     # k <= 32: with k = 64 the graph outgrows llama.cpp's node budget (8 x tensors) and aborts
@@ -87,9 +89,11 @@ def main() -> int:
 
     cfg = MoEfyConfig(n_expert=args.n_expert, n_shared=args.n_shared, n_expert_used=args.k, seed=args.seed,
                       eval_k=tuple(sorted({k for k in (4, 8, 16) if k <= args.n_expert} | {args.k})),
-                      refit=not args.no_refit, refit_ridge=args.refit_ridge)
+                      refit=not args.no_refit, refit_ridge=args.refit_ridge, router_target=args.router_target)
     n_ff_exp = cfg.n_ff_exp(8960)
     healed = "raw" if args.no_refit else f"k{args.k}" + ("" if args.refit_ridge == 1.0 else f"r{args.refit_ridge:g}")
+    if args.router_target != "zscore":
+        healed += f"-router{args.router_target}"
     out = cache / f"qwen2.5-coder-1.5b-moe-e{args.n_expert}x{n_ff_exp}-s{args.n_shared}-{healed}-{args.dtype}.gguf"
     chunks = build.calibration_chunks(dense, [corpora["calib_code"], corpora["calib_prose"]], 512,
                                       args.calib_windows)

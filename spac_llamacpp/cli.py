@@ -15,6 +15,8 @@ import click
 
 from .errors import SpacError
 
+DEFAULT_CTX = 2048
+
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
@@ -41,7 +43,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that loads a model."""
     opts = [
-        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context length."),
+        click.option("--ctx", "n_ctx", type=int, default=None,
+                     help=f"Context length [default: {DEFAULT_CTX}, or the model's training context if shorter]."),
         click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: llama.cpp's)."),
         click.option("--gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="Layers offloaded to the GPU (-1: all)."),
@@ -61,7 +64,19 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _load(model: str, n_ctx: int, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
+def default_ctx(model: str, n_ctx: int | None) -> int:
+    """``n_ctx`` as given, else ``DEFAULT_CTX`` clamped to the model's training context."""
+    if n_ctx is not None:
+        if n_ctx < 1:
+            raise SpacError(f"--ctx must be at least 1, not {n_ctx}")
+        return n_ctx
+    from .gguf_info import read_model_header
+
+    trained = read_model_header(model).context_length
+    return min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+
+
+def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           seed: int = 0, routing_history: int | None = 1024, speculation_history: int | None = 256):
     from .drafting import PromptLookupDraft
@@ -80,7 +95,7 @@ def _load(model: str, n_ctx: int, n_threads: int | None, n_gpu_layers: int, over
         n_draft=n_draft,
         adaptive_draft=not fixed_draft,
         speculation_history=speculation_history,
-        n_ctx=n_ctx,
+        n_ctx=default_ctx(model, n_ctx),
         n_threads=n_threads,
         n_gpu_layers=n_gpu_layers,
         tensor_buft_overrides=override_tensor,

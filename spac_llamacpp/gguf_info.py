@@ -268,6 +268,7 @@ class MoEModelInfo:
     data_offset: int = 0  # where the tensor data section starts
     tensor_count: int = 0
     n_embd: int = 0
+    context_length: int = 0  # <arch>.context_length (training context); 0 if absent
     gating_source: str = ""  # "graph" (fixed by llama.cpp), "key", "default" (llama.cpp's), "assumed"
     interleave_moe_layer_step: int = 0
     nextn_predict_layers: int = 0
@@ -902,6 +903,7 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
     n_embd = meta.uint("embedding_length", required=True)
     assert n_embd is not None
     nextn = meta.uint("nextn_predict_layers", 0) or 0
+    context_length = meta.uint("context_length", 0) or 0
     if nextn > n_layer:
         raise meta.fail(f"'{meta.key('nextn_predict_layers')}' ({nextn}) exceeds block_count ({n_layer})")
 
@@ -1110,6 +1112,7 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
         data_offset=hdr.data_offset,
         tensor_count=len(hdr.tensors),
         n_embd=n_embd,
+        context_length=context_length,
         gating_source=gating_source,
         interleave_moe_layer_step=step,
         nextn_predict_layers=nextn,

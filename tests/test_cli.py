@@ -142,3 +142,16 @@ def test_inspect_json_byte_ranges_are_the_real_expert_bytes(tiny_model, arch, dt
         via_range = raw[start:start + et["bytes_per_expert"]]
         data = np.ascontiguousarray(tensors[et["name"]].data).view(np.uint8).reshape(info["n_expert"], -1)
         assert hashlib.sha256(via_range).digest() == hashlib.sha256(data[e].tobytes()).digest(), et["name"]
+
+
+def test_default_ctx_clamped_to_training_context(tiny_model):
+    from spac_llamacpp.cli import DEFAULT_CTX, default_ctx
+    from spac_llamacpp.default_model import default_model_path
+    from spac_llamacpp.gguf_info import read_model_header
+
+    shipped = default_model_path()
+    assert read_model_header(shipped).context_length == 256
+    assert default_ctx(str(shipped), None) == 256
+    assert default_ctx(str(shipped), 1024) == 1024  # an explicit --ctx wins
+    trained = read_model_header(tiny_model).context_length
+    assert default_ctx(str(tiny_model), None) == (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)

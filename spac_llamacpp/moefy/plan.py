@@ -12,7 +12,7 @@ import numpy as np
 
 from .ffn import MoELayer, activations, mixed_activations, moe_ffn, relative_error, sigmoid
 from .refit import refit_down
-from .router import expert_output_norms, fit_router, fit_shared_gate, temperature
+from .router import expert_output_norms, fit_router, fit_shared_gate, router_targets, temperature
 from .split import balanced_kmeans, choose_shared, coactivation_features, contributions, experts_from_labels
 
 
@@ -26,6 +26,7 @@ class MoEfyConfig:
     seed: int = 0
     kmeans_iter: int = 10
     ridge: float = 1e-2
+    router_target: str = "norm"  # "norm" (measured best perplexity) or "zscore" (balanced load; router.py)
     spread: float = 2e-3  # router logit spread (max - min) at the 99.9th percentile of calibration tokens
     gate_margin: float = 24.0  # smallest shared-gate logit on calibration tokens; sigmoid(24) = 1 - 4e-11
     holdout_every: int = 8
@@ -41,7 +42,8 @@ class MoEfyConfig:
 
     def tag(self) -> str:
         refit = f"-refit{self.refit_ridge:g}k{self.n_expert_used}" if self.refit else ""
-        return f"e{self.n_expert}-s{self.n_shared}-seed{self.seed}{refit}"
+        router = "" if self.router_target == "zscore" else f"-router{self.router_target}"
+        return f"e{self.n_expert}-s{self.n_shared}-seed{self.seed}{refit}{router}"
 
 
 @dataclass
@@ -82,7 +84,7 @@ def plan_layer(layer: int, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
     del contrib
 
     target = expert_output_norms(h_fit, down, experts)
-    raw_router = fit_router(x_fit, target, cfg.ridge)
+    raw_router = fit_router(x_fit, router_targets(target, cfg.router_target), cfg.ridge)
     router = raw_router * np.float32(temperature(x_fit, raw_router, cfg.spread))
     shared_gate, coverage = fit_shared_gate(x_fit, cfg.gate_margin)
     moe = MoELayer(shared=shared, experts=experts, router=router, shared_gate=shared_gate,

@@ -2,8 +2,12 @@
 
 Router: ridge regression (no intercept: ``ffn_gate_inp`` has no bias) from the FFN input to each
 expert's *output size* on that token, centred per token (the softmax ranking ignores per-token
-shifts, so the fit need not spend capacity on them). The top-k of the fitted scores are the experts
-expected to matter most.
+shifts, so the fit need not spend capacity on them). By default the sizes are first standardised per
+expert (z-scores over the calibration tokens): the router then picks the experts that are unusually
+busy on this token rather than the experts that are always big. That costs almost nothing in
+reconstruction error (+0.3 to +1 point on validation tokens) and spreads the load like a trained MoE
+with a balancing loss (normalised selection entropy ~0.98-0.99 instead of 0.91-0.96; the hottest
+quarter of experts takes 35-40% of selections instead of 43-56%).
 
 Temperature: the fitted scores are then shrunk so that, on calibration tokens, the spread of the
 router logits across experts stays below ``spread``; the softmax is then near-uniform (every selected
@@ -28,6 +32,15 @@ def expert_output_norms(h: np.ndarray, down: np.ndarray, experts: np.ndarray) ->
     for e, cols in enumerate(experts):
         out[:, e] = np.linalg.norm(h[:, cols] @ down[:, cols].T, axis=1)
     return out
+
+
+def router_targets(norms: np.ndarray, kind: str = "zscore") -> np.ndarray:
+    """What the router regresses on: expert output ``norms [tokens, E]`` as is, or z-scored per expert."""
+    if kind == "norm":
+        return norms
+    if kind == "zscore":
+        return (norms - norms.mean(axis=0)) / np.maximum(norms.std(axis=0), 1e-12)
+    raise ValueError(f"router target must be 'norm' or 'zscore', not {kind!r}")
 
 
 def fit_router(x: np.ndarray, target: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
