@@ -153,5 +153,6 @@ def test_default_ctx_clamped_to_training_context(tiny_model):
     assert read_model_header(shipped).context_length == 256
     assert default_ctx(str(shipped), None) == 256
     assert default_ctx(str(shipped), 1024) == 1024  # an explicit --ctx wins
-    trained = read_model_header(tiny_model).context_length
-    assert default_ctx(str(tiny_model), None) == (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
+    path = tiny_model()
+    trained = read_model_header(path).context_length
+    assert default_ctx(str(path), None) == (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
