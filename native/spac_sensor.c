@@ -103,6 +103,10 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     const int64_t ring_stride = (int64_t)s->n_layer * s->k_max;
     int32_t *counts = s->step_counts + (int64_t)layer * s->n_expert;
     int64_t *totals = s->total_counts + (int64_t)layer * s->n_expert;
+    uint8_t *mask = s->layer_hook != NULL ? s->event_mask : NULL;
+    if (mask != NULL) {
+        memset(mask, 0, (size_t)s->n_expert);
+    }
 
     for (int64_t j = 0; j < rows; j++) {
         const uint8_t *row = base + j * t->nb[1];
@@ -117,12 +121,18 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
                 } else {
                     counts[id]++;
                     totals[id]++;
+                    if (mask != NULL) {
+                        mask[id] = 1;
+                    }
                 }
             }
             slot[i] = id;
         }
     }
     s->step_layer_tokens[layer] += (int32_t)rows;
+    if (mask != NULL) {
+        s->layer_hook(s->hook_data, layer, mask);
+    }
 }
 
 bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {

@@ -20,6 +20,10 @@ struct ggml_tensor;
 
 typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
 
+/* Called after each decoded topk node with the layer and a mask [n_expert] of the experts that any
+ * token of the ubatch selected (e.g. spac_engine_on_layer). */
+typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
+
 typedef struct spac_sensor {
     /* geometry, fixed at creation */
     int32_t n_layer;   /* blocks in the model; valid layer ids are [0, n_layer) */
@@ -51,6 +55,11 @@ typedef struct spac_sensor {
     /* scratch for tensors that live in device memory (not host-readable) */
     uint8_t *scratch;
     size_t scratch_size;
+
+    /* optional per-layer hook; event_mask is caller-owned, [n_expert] */
+    spac_layer_hook layer_hook;
+    void *hook_data;
+    uint8_t *event_mask;
 } spac_sensor;
 
 /* The graph-eval callback; user_data must be a spac_sensor*. */

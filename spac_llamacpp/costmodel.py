@@ -156,6 +156,18 @@ class CostModel:
     extra: dict[str, Any] = field(default_factory=dict)  # raw measurements, for --show
     source: str = ""  # where it was loaded from
 
+    @classmethod
+    def nominal(cls) -> CostModel:
+        """Assumed costs for when this machine has no calibration (``spac calibrate`` measures them).
+
+        NVMe-class flash (2 GB/s, 100 us per range on a miss; prefetches overlap, 4 GB/s) and
+        0.5 ns per weight byte per activation on the CPU. With equal expert sizes the flash-tier plan
+        depends only on the ratio of these numbers, so a wrong guess changes the plan little.
+        """
+        kernel = CpuKernel((1, 8), (5e-10, 1e-9), "nominal")
+        return cls(cpu={"F16": kernel}, flash_miss=ReadCost(2e9, 1e-4), flash_prefetch=ReadCost(4e9, 2e-5),
+                   source="nominal (no calibration; run `spac calibrate`)")
+
     # -- costs ------------------------------------------------------------------------------------
     def kernel(self, ggml_type: str) -> CpuKernel:
         """The measured kernel of ``ggml_type``, or that of the measured type closest in bits per weight."""

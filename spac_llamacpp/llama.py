@@ -16,11 +16,14 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 
 from .drafting import AdaptiveDraftLength, GGUFDraftModel, check_same_vocabulary
-from .errors import GGUFError, SpacError
+from .errors import GGUFError, NotMoEError, SpacError
+from .flash_tier import FlashTier
 from .gguf_info import MoEModelInfo, read_model_header
+from .mapping import file_mappings, new_whole_file_mapping
 from .params import OverridesArg, TensorBuftOverrides, patched_default_params
 from .routing import RoutingLog
 from .sensor import RoutingSensor, UserCallback, callback_address
+from .sizes import parse_size
 from .speculation import SpeculationTracker
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ class Llama(llama_cpp.Llama):
         adaptive_draft: adapt the draft length to the running acceptance rate.
         draft_kwargs: extra ``llama_cpp.Llama`` arguments for the draft model (``n_threads``, ...).
         speculation_history: frequency maps kept in ``llm.speculation.maps``.
+        tier: ``"flash"``: routed experts stay in the memory-mapped GGUF and the engine keeps at most
+            ``budget`` bytes of them in RAM (``llm.flash``, ``llm.stats()``). None: llama.cpp as is.
+        budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
+        flash_options: extra :class:`spac_llamacpp.flash_tier.FlashTier` arguments (``estimator``,
+            ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``).
     """
 
     def __init__(
@@ -70,6 +78,9 @@ class Llama(llama_cpp.Llama):
         adaptive_draft: bool = True,
         draft_kwargs: dict[str, Any] | None = None,
         speculation_history: int | None = 256,
+        tier: str | None = None,
+        budget: int | str | None = None,
+        flash_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self._spac_options = {
@@ -84,8 +95,17 @@ class Llama(llama_cpp.Llama):
             "adaptive_draft": adaptive_draft,
             "draft_kwargs": draft_kwargs,
             "speculation_history": speculation_history,
+            "tier": tier,
+            "budget": budget,
+            "flash_options": flash_options,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
+        self.tier = tier
+        self.flash: FlashTier | None = None
+        budget_bytes = _check_tier(self.moe_info, tier, budget, routing, use_extra_bufts, kwargs)
+        if tier == "flash":
+            use_extra_bufts = False  # experts must stay file-backed in the mapping
+            mappings_before = file_mappings(model_path)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
         self._sensor: RoutingSensor | None = None
         self.routing: RoutingLog | None = None
@@ -137,6 +157,14 @@ class Llama(llama_cpp.Llama):
                 raise GGUFError(f"llama.cpp could not load {model_path}: {exc}") from exc
         if self._draft_llm is not None:
             check_same_vocabulary(self, self._draft_llm.llm)
+        if tier == "flash":
+            assert self._sensor is not None and budget_bytes is not None
+            try:
+                mapping = new_whole_file_mapping(model_path, mappings_before, self.moe_info.data_offset)
+                self.flash = FlashTier(self.moe_info, mapping, self._sensor, budget_bytes, **(flash_options or {}))
+            except BaseException:
+                self.close()
+                raise
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took."""
@@ -150,11 +178,27 @@ class Llama(llama_cpp.Llama):
         finally:
             if self.routing is not None:
                 step = self.routing.end_step()
+            if self.flash is not None:
+                self.flash.on_step(step)
             if self.speculation is not None:
                 self.speculation.on_step(step, position, len(tokens))
 
+    def stats(self, settle: float = 0.0) -> dict[str, Any]:
+        """Tier state: with ``tier="flash"`` the budget, the resident expert bytes measured with mincore
+        (``resident_expert_bytes``), hit rate, moves and bytes read; ``settle`` seconds to let queued
+        moves finish first."""
+        out: dict[str, Any] = {"tier": self.tier}
+        if self.flash is not None:
+            out.update(self.flash.stats(settle))
+        if self.routing is not None:
+            out["routing_tokens"] = self.routing.summary()["tokens"]
+        return out
+
     def close(self) -> None:
-        """Free the model and context, then the sensor (the context must go first)."""
+        """Stop the flash engine, free the model and context, then the sensor (the context must go first)."""
+        flash = getattr(self, "flash", None)
+        if flash is not None:
+            flash.close()
         if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
             super().close()
         draft = getattr(self, "_draft_llm", None)
@@ -170,6 +214,32 @@ class Llama(llama_cpp.Llama):
         if self.speculation is not None:  # hand back what the user passed, not our wrapper
             state["draft_model"] = None if self._draft_llm is not None else self.speculation.inner
         return state
+
+
+def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, routing: bool,
+                use_extra_bufts: bool | None, kwargs: dict[str, Any]) -> int | None:
+    """Validate the tier arguments; returns the budget in bytes (None without a tier)."""
+    if tier is None:
+        if budget is not None:
+            raise SpacError("budget= needs a tier: pass tier='flash'")
+        return None
+    if tier == "vram":
+        raise SpacError("tier='vram' needs the patched llama.cpp, which is not installed; use tier='flash'")
+    if tier != "flash":
+        raise SpacError(f"unknown tier {tier!r}; choose 'flash'")
+    if info.n_expert == 0:
+        raise NotMoEError(f"{info.path} is a dense model; tier='flash' needs a Mixture-of-Experts GGUF")
+    if budget is None:
+        raise SpacError("tier='flash' needs budget=, the RAM for routed experts (e.g. '6GiB')")
+    if not routing:
+        raise SpacError("tier='flash' needs routing=True: the engine follows the routing sensor")
+    if kwargs.get("use_mmap") is False:
+        raise SpacError("tier='flash' needs use_mmap=True: experts stream from the memory-mapped file")
+    if use_extra_bufts:
+        raise SpacError("tier='flash' needs use_extra_bufts=False: repacked experts would leave the mapped file")
+    if kwargs.get("n_gpu_layers"):
+        raise SpacError("tier='flash' keeps experts on the CPU; use n_gpu_layers=0")
+    return parse_size(budget)
 
 
 def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:

@@ -29,6 +29,7 @@ MODULE_NAME = "_spac_native"
 CDEF = """
 struct ggml_tensor;
 typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
+typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
 typedef struct spac_sensor {
     int32_t n_layer; int32_t n_expert; int32_t k_max; int32_t capacity;
     int32_t *ids; int32_t *step_counts; int64_t *total_counts; int32_t *step_layer_tokens;
@@ -36,6 +37,7 @@ typedef struct spac_sensor {
     int32_t last_layer; int32_t ubatch_tokens; int32_t enabled; int32_t user_asked;
     spac_eval_cb user_cb; void *user_data;
     uint8_t *scratch; size_t scratch_size;
+    spac_layer_hook layer_hook; void *hook_data; uint8_t *event_mask;
 } spac_sensor;
 bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);
 void spac_sensor_flush(spac_sensor *s);
@@ -43,10 +45,29 @@ void spac_sensor_release(spac_sensor *s);
 int32_t spac_node_layer(const char *name, const char *prefix);
 const char *spac_tensor_name(const struct ggml_tensor *t);
 int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max_rows, int64_t n_cols);
+
+typedef struct spac_engine spac_engine;
+typedef struct spac_engine_stats {
+    int64_t prefetches, prefetch_bytes, evictions, evict_bytes, pins, unpins, pin_failures, superseded, deferred,
+            demand_hits, demand_misses, transient_evictions, queue_full, errors, last_errno, queued;
+} spac_engine_stats;
+spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
+                             uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity);
+int32_t spac_engine_add_tensor(spac_engine *e, int32_t layer, uint64_t file_offset, uint64_t bytes_per_expert);
+int32_t spac_engine_start(spac_engine *e);
+int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t expert);
+void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted);
+void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
+void spac_engine_end_step(spac_engine *e);
+int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
+int64_t spac_engine_residency(spac_engine *e, float *frac);
+void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
+void spac_engine_stop(spac_engine *e);
+void spac_engine_free(spac_engine *e);
 """
 
-_SOURCES = ("spac_sensor.c",)
-_HEADERS = ("spac_sensor.h",)
+_SOURCES = ("spac_sensor.c", "spac_engine.c")
+_HEADERS = ("spac_sensor.h", "spac_engine.h")
 
 
 def native_source_dir() -> Path:
@@ -97,14 +118,15 @@ def build(force: bool = False) -> Path:
     lib_dir = llama_lib_dir()
     ffi.set_source(
         MODULE_NAME,
-        '#include "spac_sensor.h"',
+        '#include "spac_sensor.h"\n#include "spac_engine.h"',
         sources=[str(src_dir / s) for s in _SOURCES],
         include_dirs=[str(src_dir), str(llama_include_dir())],
         # Link the .so.0 copy by soname: it is the one libllama.so loaded (see docs/internals).
         libraries=[":libggml-base.so.0"],
         library_dirs=[str(lib_dir)],
-        extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        extra_link_args=[f"-Wl,-rpath,{lib_dir}"],
+        extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
+                            "-Werror=implicit-function-declaration"],
+        extra_link_args=[f"-Wl,-rpath,{lib_dir}", "-pthread"],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building native module in %s", out_dir)

@@ -1,0 +1,708 @@
+/* spac flash-tier engine: see spac_engine.h. */
+#define _GNU_SOURCE
+#include "spac_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21 /* Linux 5.4 */
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+
+typedef struct {
+    uint64_t off; /* file offset of expert 0 */
+    uint64_t bpe; /* bytes per expert */
+} tensor_t;
+
+typedef struct {
+    int32_t op, layer, expert;
+    uint64_t seq;
+} move_t;
+
+struct spac_engine {
+    int32_t n_layer, n_expert, max_t;
+    uint8_t *base;
+    uint64_t size;
+    int fd;
+    uint64_t page;
+
+    tensor_t *tensors;  /* [n_layer][max_t] */
+    int32_t *n_tensors; /* [n_layer] */
+
+    /* per expert [n_layer][n_expert], guarded by mu except in_use (atomic: read by workers) */
+    uint64_t *latest; /* seq of the newest accepted move */
+    uint8_t *wanted, *pinned, *transient;
+    atomic_uchar *in_use;
+
+    move_t *q;
+    int32_t cap, head, count, running;
+    move_t *deferred;
+    int32_t n_deferred, cap_deferred;
+    uint64_t seq;
+    int32_t cur_layer; /* decoding thread's layer in progress, -1 between steps */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_idle;
+    pthread_t *threads;
+    int32_t n_threads, n_started, started, stopping;
+
+    spac_engine_stats st;
+
+    pthread_mutex_t mc_mu; /* residency scratch */
+    unsigned char *mc;
+    size_t mc_cap;
+};
+
+static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
+    return (int64_t)layer * e->n_expert + expert;
+}
+
+static inline uint64_t floor_pg(const spac_engine *e, uint64_t x) { return x - x % e->page; }
+static inline uint64_t ceil_pg(const spac_engine *e, uint64_t x) { return floor_pg(e, x + e->page - 1); }
+
+static void note_error(spac_engine *e, int err) {
+    e->st.errors++;
+    e->st.last_errno = err;
+}
+
+spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
+                             uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity) {
+    if (n_layer <= 0 || n_layer > 4096 || n_expert <= 0 || n_expert > 4096 || max_tensors_per_layer <= 0 ||
+        max_tensors_per_layer > 64 || map_base == NULL || map_size == 0 || n_threads <= 0 || n_threads > 64 ||
+        queue_capacity <= 0 || queue_capacity > (1 << 24)) {
+        return NULL;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || ((uintptr_t)map_base % (uintptr_t)page) != 0) {
+        return NULL;
+    }
+    spac_engine *e = (spac_engine *)calloc(1, sizeof(*e));
+    if (e == NULL) {
+        return NULL;
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->mc_mu, NULL);
+    pthread_cond_init(&e->cv_work, NULL);
+    pthread_cond_init(&e->cv_idle, NULL);
+    const int64_t n = (int64_t)n_layer * n_expert;
+    e->n_layer = n_layer;
+    e->n_expert = n_expert;
+    e->max_t = max_tensors_per_layer;
+    e->base = map_base;
+    e->size = map_size;
+    e->fd = fd;
+    e->page = (uint64_t)page;
+    e->cap = queue_capacity;
+    e->cap_deferred = queue_capacity;
+    e->n_threads = n_threads;
+    e->cur_layer = -1;
+    e->tensors = (tensor_t *)calloc((size_t)n_layer * max_tensors_per_layer, sizeof(tensor_t));
+    e->n_tensors = (int32_t *)calloc((size_t)n_layer, sizeof(int32_t));
+    e->latest = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
+    e->wanted = (uint8_t *)calloc((size_t)n, 1);
+    e->pinned = (uint8_t *)calloc((size_t)n, 1);
+    e->transient = (uint8_t *)calloc((size_t)n, 1);
+    e->in_use = (atomic_uchar *)calloc((size_t)n, sizeof(atomic_uchar));
+    e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
+    e->deferred = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
+    e->threads = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
+    if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
+        !e->q || !e->deferred || !e->threads) {
+        spac_engine_free(e);
+        return NULL;
+    }
+    return e;
+}
+
+int32_t spac_engine_add_tensor(spac_engine *e, int32_t layer, uint64_t file_offset, uint64_t bytes_per_expert) {
+    if (e == NULL || e->started || layer < 0 || layer >= e->n_layer || bytes_per_expert == 0 ||
+        e->n_tensors[layer] >= e->max_t) {
+        return -1;
+    }
+    /* the whole tensor must lie inside the mapping (overflow-safe) */
+    if (file_offset > e->size || bytes_per_expert > (e->size - file_offset) / (uint64_t)e->n_expert) {
+        return -1;
+    }
+    tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + e->n_tensors[layer]++];
+    t->off = file_offset;
+    t->bpe = bytes_per_expert;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * queue (callers hold mu) */
+
+static int32_t push_locked(spac_engine *e, move_t m) {
+    if (e->count >= e->cap) {
+        e->st.queue_full++;
+        return -2;
+    }
+    e->q[(e->head + e->count) % e->cap] = m;
+    e->count++;
+    pthread_cond_signal(&e->cv_work);
+    return 0;
+}
+
+static int32_t submit_locked(spac_engine *e, int32_t op, int32_t layer, int32_t expert) {
+    move_t m = {op, layer, expert, e->seq + 1};
+    int32_t rc = push_locked(e, m);
+    if (rc == 0) {
+        e->seq++;
+        e->latest[idx(e, layer, expert)] = m.seq;
+    }
+    return rc;
+}
+
+static void signal_idle_locked(spac_engine *e) {
+    if (e->count == 0 && e->running == 0) {
+        pthread_cond_broadcast(&e->cv_idle);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the moves themselves (workers; no lock held during system calls) */
+
+typedef struct {
+    uint64_t lo, hi; /* file offsets, page-aligned */
+} range_t;
+
+/* Pages that an expert touches in tensor t. */
+static range_t covering(const spac_engine *e, const tensor_t *t, int32_t expert) {
+    uint64_t s = t->off + (uint64_t)expert * t->bpe;
+    range_t r = {floor_pg(e, s), ceil_pg(e, s + t->bpe)};
+    if (r.hi > e->size) {
+        r.hi = floor_pg(e, e->size) + (e->size % e->page ? e->page : 0);
+    }
+    return r;
+}
+
+/* Pages entirely inside the expert in tensor t (may be empty). */
+static range_t inner(const spac_engine *e, const tensor_t *t, int32_t expert) {
+    uint64_t s = t->off + (uint64_t)expert * t->bpe;
+    range_t r = {ceil_pg(e, s), floor_pg(e, s + t->bpe)};
+    if (r.hi < r.lo) {
+        r.hi = r.lo;
+    }
+    return r;
+}
+
+static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *bytes, int *err) {
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+        if (r.hi <= r.lo) {
+            continue;
+        }
+        /* readahead of exactly this range, then wait for it (and map it) */
+        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_WILLNEED) != 0) {
+            *err = errno;
+        }
+        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) != 0) {
+            if (errno != EINVAL) {
+                *err = errno;
+            }
+            volatile uint8_t sink = 0; /* old kernel: touch every page */
+            for (uint64_t p = r.lo; p < r.hi; p += e->page) {
+                sink ^= e->base[p];
+            }
+            (void)sink;
+        }
+        *bytes += (int64_t)(r.hi - r.lo);
+    }
+}
+
+static void do_pin(spac_engine *e, int32_t layer, int32_t expert, int pin, int *err) {
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        range_t r = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+        if (r.hi <= r.lo) {
+            continue;
+        }
+        int rc = pin ? mlock(e->base + r.lo, r.hi - r.lo) : munlock(e->base + r.lo, r.hi - r.lo);
+        if (rc != 0) {
+            *err = errno;
+        }
+    }
+}
+
+/* Eviction range of an expert in tensor t: its inner pages plus each boundary page whose other
+ * expert is neither wanted nor in use (flags read by the caller under the lock). */
+static range_t evict_range(const spac_engine *e, const tensor_t *t, int32_t expert, int left_free, int right_free) {
+    range_t in = inner(e, t, expert);
+    range_t cov = covering(e, t, expert);
+    range_t r = in;
+    if (in.hi <= in.lo) { /* expert smaller than a page */
+        r.lo = r.hi = cov.lo;
+    }
+    if (cov.lo < in.lo && left_free) {
+        r.lo = cov.lo;
+    }
+    if (cov.hi > in.hi && right_free) {
+        r.hi = cov.hi;
+    }
+    if (r.hi < r.lo) {
+        r.hi = r.lo;
+    }
+    return r;
+}
+
+/* Whether the experts sharing a boundary page with `expert` (same tensor) are all free to drop. */
+static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t layer, int32_t expert, int right) {
+    uint64_t s = t->off + (uint64_t)expert * t->bpe;
+    uint64_t page_start = right ? floor_pg(e, s + t->bpe - 1) : floor_pg(e, s);
+    uint64_t page_end = page_start + e->page;
+    int32_t lo = page_start <= t->off ? 0 : (int32_t)((page_start - t->off) / t->bpe);
+    uint64_t last = page_end - 1;
+    uint64_t tend = t->off + (uint64_t)e->n_expert * t->bpe;
+    /* the page reaches outside the tensor: shared with other data, keep it */
+    if (page_start < t->off || page_end > tend) {
+        return 0;
+    }
+    int32_t hi = (int32_t)((last - t->off) / t->bpe);
+    for (int32_t x = lo; x <= hi && x < e->n_expert; x++) {
+        if (x == expert) {
+            continue;
+        }
+        int64_t j = idx(e, layer, x);
+        if (e->wanted[j] || atomic_load(&e->in_use[j])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_t *ranges, int32_t n, int unpin,
+                     int64_t *bytes, int *err) {
+    (void)layer;
+    (void)expert;
+    for (int32_t i = 0; i < n; i++) {
+        range_t r = ranges[i];
+        if (r.hi <= r.lo) {
+            continue;
+        }
+        if (unpin) {
+            munlock(e->base + r.lo, r.hi - r.lo);
+        }
+        /* PAGEOUT splits large folios that straddle the range (fadvise alone cannot drop those); what
+         * it leaves (pages mapped elsewhere, kernels without it) goes through DONTNEED + fadvise */
+        madvise(e->base + r.lo, r.hi - r.lo, MADV_PAGEOUT);
+        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_DONTNEED) != 0) {
+            *err = errno;
+        }
+        if (e->fd >= 0) {
+            int rc = posix_fadvise(e->fd, (off_t)r.lo, (off_t)(r.hi - r.lo), POSIX_FADV_DONTNEED);
+            if (rc != 0) {
+                *err = rc;
+            }
+        }
+        *bytes += (int64_t)(r.hi - r.lo);
+    }
+}
+
+static void *worker(void *arg) {
+    spac_engine *e = (spac_engine *)arg;
+    range_t *ranges = (range_t *)calloc((size_t)e->max_t, sizeof(range_t));
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->stopping && e->count == 0) {
+            pthread_cond_wait(&e->cv_work, &e->mu);
+        }
+        if (e->stopping) {
+            break;
+        }
+        move_t m = e->q[e->head];
+        e->head = (e->head + 1) % e->cap;
+        e->count--;
+        const int64_t j = idx(e, m.layer, m.expert);
+        if (m.seq != e->latest[j]) {
+            e->st.superseded++;
+            signal_idle_locked(e);
+            continue;
+        }
+        if (m.op == SPAC_OP_EVICT && atomic_load(&e->in_use[j])) {
+            if (e->n_deferred < e->cap_deferred) {
+                e->deferred[e->n_deferred++] = m;
+                e->st.deferred++;
+            } else {
+                note_error(e, ENOSPC);
+            }
+            signal_idle_locked(e);
+            continue;
+        }
+        int32_t nr = 0;
+        int unpin = 0;
+        if (m.op == SPAC_OP_EVICT && ranges != NULL) {
+            for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
+                const tensor_t *t = &e->tensors[(int64_t)m.layer * e->max_t + i];
+                ranges[nr++] = evict_range(e, t, m.expert, neighbours_free(e, t, m.layer, m.expert, 0),
+                                           neighbours_free(e, t, m.layer, m.expert, 1));
+            }
+            unpin = e->pinned[j];
+            e->pinned[j] = 0;
+            e->transient[j] = 0;
+        }
+        e->running++;
+        pthread_mutex_unlock(&e->mu);
+
+        int64_t bytes = 0;
+        int err = 0;
+        switch (m.op) {
+        case SPAC_OP_PREFETCH:
+            do_prefetch(e, m.layer, m.expert, &bytes, &err);
+            break;
+        case SPAC_OP_EVICT:
+            if (ranges == NULL) {
+                err = ENOMEM;
+            } else {
+                do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, &err);
+            }
+            break;
+        case SPAC_OP_PIN:
+        case SPAC_OP_UNPIN:
+            do_pin(e, m.layer, m.expert, m.op == SPAC_OP_PIN, &err);
+            break;
+        default:
+            err = EINVAL;
+        }
+
+        pthread_mutex_lock(&e->mu);
+        e->running--;
+        switch (m.op) {
+        case SPAC_OP_PREFETCH:
+            e->st.prefetches++;
+            e->st.prefetch_bytes += bytes;
+            break;
+        case SPAC_OP_EVICT:
+            e->st.evictions++;
+            e->st.evict_bytes += bytes;
+            break;
+        case SPAC_OP_PIN:
+            if (err) {
+                e->st.pin_failures++;
+            } else {
+                e->st.pins++;
+                e->pinned[j] = 1;
+            }
+            break;
+        case SPAC_OP_UNPIN:
+            e->st.unpins++;
+            e->pinned[j] = 0;
+            break;
+        }
+        if (err && m.op != SPAC_OP_PIN) {
+            note_error(e, err);
+        } else if (err) {
+            e->st.last_errno = err;
+        }
+        signal_idle_locked(e);
+    }
+    pthread_mutex_unlock(&e->mu);
+    free(ranges);
+    return NULL;
+}
+
+int32_t spac_engine_start(spac_engine *e) {
+    if (e == NULL) {
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (e->started) {
+        pthread_mutex_unlock(&e->mu);
+        return 0;
+    }
+    e->started = 1;
+    pthread_mutex_unlock(&e->mu);
+    /* pages of a freshly written model file are dirty and cannot be dropped until written back */
+    if (e->fd >= 0 && fdatasync(e->fd) != 0 && errno != EINVAL && errno != EROFS) {
+        note_error(e, errno);
+    }
+    /* no read-around on faults in expert tensors: the kernel's readahead window (often MBs) would pull
+     * in neighbouring experts that nobody asked for; the engine reads exact ranges itself */
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        for (int32_t i = 0; i < e->n_tensors[l]; i++) {
+            const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
+            uint64_t lo = ceil_pg(e, t->off), hi = floor_pg(e, t->off + (uint64_t)e->n_expert * t->bpe);
+            if (hi > lo && madvise(e->base + lo, hi - lo, MADV_RANDOM) != 0) {
+                note_error(e, errno);
+            }
+        }
+    }
+    for (int32_t i = 0; i < e->n_threads; i++) {
+        int rc = pthread_create(&e->threads[i], NULL, worker, e);
+        if (rc != 0) {
+            spac_engine_stop(e);
+            return -rc;
+        }
+        e->n_started++;
+    }
+    return 0;
+}
+
+int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t expert) {
+    if (e == NULL || op < SPAC_OP_PREFETCH || op > SPAC_OP_UNPIN || layer < 0 || layer >= e->n_layer || expert < 0 ||
+        expert >= e->n_expert || e->n_tensors[layer] == 0) {
+        return -1;
+    }
+    pthread_mutex_lock(&e->mu);
+    int32_t rc = e->stopping ? -3 : submit_locked(e, op, layer, expert);
+    pthread_mutex_unlock(&e->mu);
+    return rc;
+}
+
+void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted) {
+    if (e == NULL || layer < 0 || layer >= e->n_layer || expert < 0 || expert >= e->n_expert) {
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->wanted[idx(e, layer, expert)] = wanted ? 1 : 0;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* A layer's matmuls are done: release its experts, queue transient evictions and deferred moves. */
+static void finish_layer_locked(spac_engine *e, int32_t layer) {
+    if (layer < 0 || layer >= e->n_layer) {
+        return;
+    }
+    for (int32_t x = 0; x < e->n_expert; x++) {
+        int64_t j = idx(e, layer, x);
+        atomic_store(&e->in_use[j], 0);
+        if (e->transient[j]) {
+            e->transient[j] = 0;
+            if (!e->wanted[j] && !e->stopping && submit_locked(e, SPAC_OP_EVICT, layer, x) == 0) {
+                e->st.transient_evictions++;
+            }
+        }
+    }
+    int32_t keep = 0;
+    for (int32_t i = 0; i < e->n_deferred; i++) {
+        move_t m = e->deferred[i];
+        int64_t j = idx(e, m.layer, m.expert);
+        if (m.seq != e->latest[j]) {
+            e->st.superseded++;
+        } else if (atomic_load(&e->in_use[j]) || e->stopping || push_locked(e, m) != 0) {
+            e->deferred[keep++] = m;
+        }
+    }
+    e->n_deferred = keep;
+}
+
+/* Whether the first page of each of the expert's tensor ranges is resident. */
+static int looks_resident(spac_engine *e, int32_t layer, int32_t expert) {
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
+        uint64_t s = t->off + (uint64_t)expert * t->bpe;
+        unsigned char v = 0;
+        if (mincore(e->base + floor_pg(e, s), 1, &v) != 0 || !(v & 1)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
+    spac_engine *e = (spac_engine *)engine;
+    if (e == NULL || mask == NULL || layer < 0 || layer >= e->n_layer || e->n_tensors[layer] == 0) {
+        return;
+    }
+    int32_t misses[4096];
+    int32_t n_miss = 0;
+    int64_t hits = 0;
+    for (int32_t x = 0; x < e->n_expert; x++) {
+        if (!mask[x]) {
+            continue;
+        }
+        atomic_store(&e->in_use[idx(e, layer, x)], 1);
+        if (looks_resident(e, layer, x)) {
+            hits++;
+        } else {
+            misses[n_miss++] = x;
+        }
+    }
+    /* demand readahead of exactly the missing experts: the matmul about to run needs them */
+    for (int32_t m = 0; m < n_miss; m++) {
+        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+            range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], misses[m]);
+            if (r.hi > r.lo) {
+                madvise(e->base + r.lo, r.hi - r.lo, MADV_WILLNEED);
+            }
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    if (e->cur_layer >= 0 && e->cur_layer != layer) {
+        finish_layer_locked(e, e->cur_layer);
+        /* finishing cleared in_use only for the previous layer; ours stay marked */
+    }
+    e->cur_layer = layer;
+    e->st.demand_hits += hits;
+    e->st.demand_misses += n_miss;
+    for (int32_t m = 0; m < n_miss; m++) {
+        int64_t j = idx(e, layer, misses[m]);
+        if (!e->wanted[j]) {
+            e->transient[j] = 1;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+void spac_engine_end_step(spac_engine *e) {
+    if (e == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        finish_layer_locked(e, l);
+    }
+    e->cur_layer = -1;
+    pthread_mutex_unlock(&e->mu);
+}
+
+int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
+    if (e == NULL) {
+        return 1;
+    }
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&e->mu);
+    int rc = 0;
+    while ((e->count > 0 || e->running > 0) && !e->stopping && e->n_started > 0 && rc != ETIMEDOUT) {
+        rc = pthread_cond_timedwait(&e->cv_idle, &e->mu, &deadline);
+    }
+    int idle = e->count == 0 && e->running == 0;
+    pthread_mutex_unlock(&e->mu);
+    return idle;
+}
+
+int64_t spac_engine_residency(spac_engine *e, float *frac) {
+    if (e == NULL) {
+        return -1;
+    }
+    pthread_mutex_lock(&e->mc_mu);
+    int64_t total = 0;
+    int64_t *per = NULL;
+    if (frac != NULL) {
+        per = (int64_t *)calloc((size_t)e->n_expert, sizeof(int64_t));
+        if (per == NULL) {
+            pthread_mutex_unlock(&e->mc_mu);
+            return -1;
+        }
+    }
+    for (int32_t l = 0; l < e->n_layer && total >= 0; l++) {
+        uint64_t layer_bytes = 0;
+        if (per != NULL) {
+            memset(per, 0, sizeof(int64_t) * (size_t)e->n_expert);
+        }
+        for (int32_t i = 0; i < e->n_tensors[l]; i++) {
+            const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
+            uint64_t ts = t->off, te = t->off + (uint64_t)e->n_expert * t->bpe;
+            uint64_t lo = floor_pg(e, ts), hi = ceil_pg(e, te);
+            size_t n_pages = (size_t)((hi - lo) / e->page);
+            if (n_pages > e->mc_cap) {
+                unsigned char *p = (unsigned char *)realloc(e->mc, n_pages);
+                if (p == NULL) {
+                    total = -1;
+                    break;
+                }
+                e->mc = p;
+                e->mc_cap = n_pages;
+            }
+            if (mincore(e->base + lo, hi - lo, e->mc) != 0) {
+                total = -1;
+                break;
+            }
+            layer_bytes += (uint64_t)e->n_expert * t->bpe;
+            for (size_t p = 0; p < n_pages; p++) {
+                if (!(e->mc[p] & 1)) {
+                    continue;
+                }
+                uint64_t ps = lo + p * e->page, pe = ps + e->page;
+                uint64_t a = ps > ts ? ps : ts, b = pe < te ? pe : te;
+                if (b <= a) {
+                    continue;
+                }
+                total += (int64_t)(b - a);
+                if (per != NULL) {
+                    for (int64_t x = (int64_t)((a - ts) / t->bpe); x <= (int64_t)((b - 1 - ts) / t->bpe); x++) {
+                        uint64_t xs = ts + (uint64_t)x * t->bpe, xe = xs + t->bpe;
+                        uint64_t oa = a > xs ? a : xs, ob = b < xe ? b : xe;
+                        if (x < e->n_expert && ob > oa) {
+                            per[x] += (int64_t)(ob - oa);
+                        }
+                    }
+                }
+            }
+        }
+        if (per != NULL && total >= 0) {
+            for (int32_t x = 0; x < e->n_expert; x++) {
+                frac[idx(e, l, x)] = layer_bytes ? (float)per[x] * (float)e->n_expert / (float)layer_bytes : 0.0f;
+            }
+        }
+    }
+    free(per);
+    pthread_mutex_unlock(&e->mc_mu);
+    return total;
+}
+
+void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out) {
+    if (e == NULL || out == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    *out = e->st;
+    out->queued = e->count + e->running + e->n_deferred;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void spac_engine_stop(spac_engine *e) {
+    if (e == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->stopping = 1;
+    e->count = 0;
+    e->n_deferred = 0;
+    pthread_cond_broadcast(&e->cv_work);
+    pthread_cond_broadcast(&e->cv_idle);
+    int32_t n = e->n_started;
+    e->n_started = 0;
+    pthread_mutex_unlock(&e->mu);
+    for (int32_t i = 0; i < n; i++) {
+        pthread_join(e->threads[i], NULL);
+    }
+}
+
+void spac_engine_free(spac_engine *e) {
+    if (e == NULL) {
+        return;
+    }
+    spac_engine_stop(e);
+    free(e->tensors);
+    free(e->n_tensors);
+    free(e->latest);
+    free(e->wanted);
+    free(e->pinned);
+    free(e->transient);
+    free((void *)e->in_use);
+    free(e->q);
+    free(e->deferred);
+    free(e->threads);
+    free(e->mc);
+    pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->mc_mu);
+    pthread_cond_destroy(&e->cv_work);
+    pthread_cond_destroy(&e->cv_idle);
+    free(e);
+}

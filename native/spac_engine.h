@@ -1,0 +1,87 @@
+/* spac flash-tier engine: background prefetch, eviction and pinning of experts in llama.cpp's
+ * memory-mapped GGUF.
+ *
+ * Experts stay where llama.cpp mapped them (a read-only MAP_SHARED mapping of the whole file);
+ * the engine only changes which of their pages are in RAM:
+ *   prefetch: madvise(WILLNEED) (readahead of exactly the expert's bytes) then
+ *             madvise(MADV_POPULATE_READ), which returns once the pages are resident;
+ *   evict:    munlock, madvise(MADV_DONTNEED) on our mapping, posix_fadvise(DONTNEED) on the file
+ *             (drops the clean pages from the page cache once no one maps them);
+ *   pin:      mlock (unpin: munlock).
+ * Expert byte ranges are not page-aligned in general. A prefetch covers every page the expert
+ * touches; an eviction drops the pages inside the expert and a boundary page only when the
+ * neighbouring expert of the same tensor is neither wanted nor in use (a tensor's first and last
+ * pages are shared with other tensors and never evicted).
+ *
+ * Threading: worker threads take moves from a bounded queue. The decoding thread only enqueues
+ * (spac_engine_submit) and, from the routing sensor's graph callback, reports each MoE layer's
+ * selected experts (spac_engine_on_layer): those are marked in use until a later layer starts or
+ * the step ends, and evictions of in-use experts are deferred until then (never under a running
+ * matmul). Selected experts that are not resident get readahead at once (demand) and, when not
+ * wanted by the plan, are evicted again once their layer has finished (transient).
+ * A newer move for the same expert supersedes an older queued one.
+ */
+#ifndef SPAC_ENGINE_H
+#define SPAC_ENGINE_H
+
+#include <stdint.h>
+
+typedef struct spac_engine spac_engine;
+
+enum { SPAC_OP_PREFETCH = 1, SPAC_OP_EVICT = 2, SPAC_OP_PIN = 3, SPAC_OP_UNPIN = 4 };
+
+typedef struct spac_engine_stats {
+    int64_t prefetches, prefetch_bytes;  /* expert prefetches done, bytes covered */
+    int64_t evictions, evict_bytes;      /* expert evictions done, bytes dropped */
+    int64_t pins, unpins, pin_failures;
+    int64_t superseded;                  /* queued moves replaced by a newer move of the same expert */
+    int64_t deferred;                    /* evictions postponed because the expert was in use */
+    int64_t demand_hits, demand_misses;  /* selected experts found resident / not resident */
+    int64_t transient_evictions;         /* demand-loaded experts evicted after their layer */
+    int64_t queue_full;                  /* submissions refused because the queue was full */
+    int64_t errors;                      /* failed system calls (last_errno says which) */
+    int64_t last_errno;
+    int64_t queued;                      /* moves waiting or running now */
+} spac_engine_stats;
+
+/* map_base: the address of file offset 0 in llama.cpp's mapping (which may start at a later page:
+ * only offsets of registered tensors are ever touched); map_size: file offset where the mapping ends;
+ * fd: our own read-only fd of the same file (for posix_fadvise). Returns NULL on bad arguments or out of memory. */
+spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
+                             uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity);
+
+/* Register one expert tensor of a layer: expert e is [file_offset + e*bytes_per_expert, +bytes_per_expert).
+ * Returns 0, or -1 when out of bounds / too many tensors / already started. */
+int32_t spac_engine_add_tensor(spac_engine *e, int32_t layer, uint64_t file_offset, uint64_t bytes_per_expert);
+
+/* Start the workers. Returns 0 or -errno. */
+int32_t spac_engine_start(spac_engine *e);
+
+/* Queue a move. Returns 0, -1 bad arguments, -2 queue full, -3 stopped. */
+int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t expert);
+
+/* Whether the plan wants (layer, expert) resident (decides boundary pages and transient evictions). */
+void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted);
+
+/* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0. */
+void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
+
+/* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued. */
+void spac_engine_end_step(spac_engine *e);
+
+/* Wait until no move is queued or running. Returns 1 when idle, 0 on timeout. */
+int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
+
+/* Resident expert bytes (mincore, each byte counted once); frac (may be NULL) receives per expert
+ * the resident fraction of its bytes, [n_layer][n_expert]. Returns -1 on error. */
+int64_t spac_engine_residency(spac_engine *e, float *frac);
+
+void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
+
+/* Stop and join the workers (queued moves are dropped); idempotent. */
+void spac_engine_stop(spac_engine *e);
+
+/* Stop, then free. */
+void spac_engine_free(spac_engine *e);
+
+#endif

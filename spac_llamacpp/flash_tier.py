@@ -1,0 +1,322 @@
+"""The flash tier: routed experts stream from the memory-mapped GGUF under a RAM budget.
+
+Per evaluation step, top to bottom:
+
+1. routing (the sensor's step counts over the step's k+1 tokens) -> the utility estimator;
+2. utility -> the balancer (in the re-planner's background thread) -> a plan: which experts are
+   wanted resident, within ``budget`` minus a staging reserve;
+3. plan -> moves: newly unwanted experts are evicted, newly wanted ones prefetched (hottest first),
+   the hottest pinned (mlock, within ``pin_fraction`` of the budget);
+4. lookahead: experts this step used that the plan does not hold are prefetched for the next step
+   (within a reserve of one layer's worth of experts) and dropped again if unused;
+5. measurement: resident expert bytes by ``mincore`` against the budget.
+
+During the step the native engine, called from the routing sensor's graph callback, issues demand
+readahead for selected experts that are not resident and evicts them again once their layer has
+finished unless the plan wants them. The budget holds at step boundaries once queued evictions
+have run; within a step, demand loads may use the staging reserve.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .balancer import Balancer, Plan
+from .costmodel import CostModel, ExpertLayout
+from .errors import SpacError
+from .flash_engine import FlashEngine, covering_bytes, page_size
+from .gguf_info import MoEModelInfo
+from .mapping import FileMapping
+from .replanner import Replanner
+from .routing import RoutingStep
+from .sensor import RoutingSensor
+from .sizes import format_size
+from .utility import make_demand
+
+log = logging.getLogger(__name__)
+
+
+def page_layout(info: MoEModelInfo) -> ExpertLayout:
+    """The model's expert layout with each tensor's share rounded out to whole pages (what residency costs).
+
+    Non-expert bytes are 0: the flash budget counts routed experts only.
+    """
+    cov = covering_bytes(info)
+    tensors = []
+    for il in info.moe_layers:
+        ts = [t for t in info.layer_tensors(il) if not t.is_chunk]
+        total = sum(t.bytes_per_expert for t in ts)
+        extra = int(cov[il].max()) - total  # page rounding of the whole expert, spread over its tensors
+        tensors.append(tuple((t.ggml_type, t.bytes_per_expert + (extra if j == 0 else 0)) for j, t in enumerate(ts)))
+    return ExpertLayout(tuple(info.moe_layers), info.n_expert, tuple(tensors),
+                        tuple(info.n_expert_used[il] for il in info.moe_layers), 0, str(info.path))
+
+
+def staging_bytes(layout: ExpertLayout) -> int:
+    """One layer's worth of on-demand experts (k of the largest layer), as the balancer reserves."""
+    return max((k * int(s) for k, s in zip(layout.n_expert_used, layout.expert_bytes, strict=True)), default=0)
+
+
+def read_bytes_so_far() -> int:
+    """Bytes this process caused to be read from storage (``/proc/self/io``), -1 if unavailable."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+@dataclass
+class FlashCounters:
+    steps: int = 0
+    tokens: int = 0
+    plans_applied: int = 0
+    budget_checks: int = 0
+    over_budget_checks: int = 0  # measured at a step boundary without waiting for queued evictions
+    max_resident_at_check: int = 0
+    refused_moves: int = 0  # queue full
+    strays_evicted: int = 0
+    lookahead_prefetches: int = 0
+    lookahead_used: int = 0
+    history: list[int] = field(default_factory=list)  # resident bytes at each check (bounded)
+
+
+class FlashTier:
+    """Keeps the routed experts resident in RAM within ``budget`` bytes, following the balancer.
+
+    Args:
+        info: model header.
+        mapping: llama.cpp's mapping of the file.
+        sensor: the model's routing sensor (the engine hooks into its callback).
+        budget: bytes of RAM for routed experts (non-expert weights are counted separately).
+        estimator: utility estimator name (see ``spac_llamacpp.utility.make_demand``).
+        solver: balancer solver (``greedy`` / ``highs`` / ``cbc`` / ``auto``).
+        replan_every: steps between periodic re-plans (drift triggers earlier ones).
+        threads: engine worker threads.
+        pin_fraction: share of the budget locked with mlock for the hottest experts (0: no pinning).
+        lookahead: prefetch this step's unplanned experts for the next step.
+        check_every: measure residency every this many steps (0: never; ``stats()`` always measures).
+        cost: cost model (default: this machine's cached calibration, else nominal costs).
+        background: plan in a background thread (False: synchronously, deterministic).
+    """
+
+    def __init__(
+        self,
+        info: MoEModelInfo,
+        mapping: FileMapping,
+        sensor: RoutingSensor,
+        budget: int,
+        *,
+        estimator: str = "spac",
+        solver: str = "greedy",
+        replan_every: int = 8,
+        threads: int = 2,
+        pin_fraction: float = 0.0,
+        lookahead: bool = True,
+        check_every: int = 1,
+        cost: CostModel | None = None,
+        background: bool = True,
+    ) -> None:
+        self.info = info
+        self.budget = int(budget)
+        self.layout = page_layout(info)
+        self.staging = staging_bytes(self.layout)
+        self.lookahead_reserve = self.staging if lookahead else 0
+        smallest = int(self.layout.expert_bytes.min())
+        need = self.staging + self.lookahead_reserve + smallest
+        if self.budget < need:
+            raise SpacError(
+                f"budget {format_size(self.budget)} is too small for the flash tier of {info.path.name}: it needs "
+                f"{format_size(self.staging)} for one layer's on-demand experts"
+                + (f", {format_size(self.lookahead_reserve)} for lookahead" if lookahead else "")
+                + f" and {format_size(smallest)} for one resident expert; give at least {format_size(need)} "
+                f"({need} bytes)"
+            )
+        if cost is None:
+            from .calibrate import load_cached
+
+            cost = load_cached(info.path) or CostModel.nominal()
+        log.info("flash tier: budget %s, cost model %s", format_size(self.budget), cost.source or "given")
+        self.balancer = Balancer(self.layout, cost, "flash", self.budget - self.lookahead_reserve, solver=solver,
+                                 time_limit=1.0)
+        self.rows = np.asarray(info.moe_layers, dtype=np.int64)
+        shape = (len(self.rows), info.n_expert)
+        self.sizes = self.layout.bytes_matrix
+        self.demand = make_demand(estimator, shape[0], shape[1], list(self.layout.n_expert_used))
+        self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
+        self.pinned = np.zeros(shape, bool)
+        self.look = np.zeros(shape, bool)
+        self.pin_budget = int(max(0.0, min(1.0, pin_fraction)) * self.balancer.budget)
+        self.lookahead = lookahead
+        self.check_every = int(check_every)
+        self.counters = FlashCounters()
+        # a tensor's edge pages are shared with other data and never evicted: not a stray
+        n_tensors = np.array([len(ts) for ts in self.layout.tensors], dtype=np.int64)[:, None]
+        self._stray_slack = 2 * page_size() * n_tensors
+        self.read_bytes_at_start = read_bytes_so_far()
+
+        self.engine = FlashEngine(info, mapping, threads=threads)
+        try:
+            self.engine.attach(sensor)
+            # llama.cpp populated the whole file at load: trim to an initial plan (uniform utility)
+            first = self.balancer.plan(np.full(shape, 1.0 / info.n_expert) * self.rows.size)
+            self._apply(first, initial=True)
+            self.replanner = Replanner(self.balancer.plan, every=replan_every, resident=self.wanted.copy,
+                                       background=background)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    # --- the per-step data path -------------------------------------------------------------------
+    def on_step(self, step: RoutingStep | None) -> None:
+        """After an evaluation step: release in-use experts, learn, re-plan, move, measure."""
+        self.engine.end_step()
+        if step is None:
+            return
+        c = self.counters
+        c.steps += 1
+        c.tokens += step.n_tokens
+        counts = step.counts[self.rows]
+        if self.look.any():
+            c.lookahead_used += int((self.look & (counts > 0)).sum())
+        self.demand.update(counts, step.n_tokens)
+        self.replanner.submit(self.demand.utility(), c.steps)
+        plan = self.replanner.take()
+        if plan is not None:
+            self._apply(plan)
+        if self.lookahead:
+            self._prefetch_next(counts)
+        if self.check_every and c.steps % self.check_every == 0:
+            self._check_budget()
+
+    def _apply(self, plan: Plan, initial: bool = False) -> None:
+        x = np.asarray(plan.x, bool)
+        drop = (self.wanted | initial) & ~x & ~self.look
+        add = x & ~self.wanted
+        u = self.demand.utility()
+        for i, e in zip(*np.nonzero(drop), strict=True):
+            self.engine.set_wanted(self.rows[i], e, False)
+            self._submit("evict", i, e)
+        self.pinned &= x
+        order = np.argsort(-u[add], kind="stable")
+        for i, e in np.transpose(np.nonzero(add))[order]:
+            self.engine.set_wanted(self.rows[i], e, True)
+            self._submit("prefetch", i, e)
+        self.wanted = x
+        self.look &= ~x
+        self.counters.plans_applied += 1
+        if self.pin_budget > 0:
+            self._repin(u)
+
+    def _repin(self, u: np.ndarray) -> None:
+        idx = np.argsort(-np.where(self.wanted, u, -np.inf), axis=None, kind="stable")
+        sizes = self.sizes.ravel()[idx]
+        keep = idx[(np.cumsum(sizes) <= self.pin_budget) & self.wanted.ravel()[idx]]
+        target = np.zeros(self.wanted.size, bool)
+        target[keep] = True
+        target = target.reshape(self.wanted.shape)
+        for i, e in zip(*np.nonzero(target & ~self.pinned), strict=True):
+            self._submit("pin", i, e)
+        for i, e in zip(*np.nonzero(self.pinned & ~target), strict=True):
+            self._submit("unpin", i, e)
+        self.pinned = target
+
+    def _prefetch_next(self, counts: np.ndarray) -> None:
+        """Prefetch the experts this step used that the plan does not hold (they are likely used again)."""
+        candidates = (counts > 0) & ~self.wanted
+        order = np.argsort(-counts, axis=None, kind="stable")
+        flat = candidates.ravel()[order]
+        picked = order[flat][np.cumsum(self.sizes.ravel()[order][flat]) <= self.lookahead_reserve]
+        new = np.zeros(self.wanted.size, bool)
+        new[picked] = True
+        new = new.reshape(self.wanted.shape)
+        for i, e in zip(*np.nonzero(self.look & ~new & ~self.wanted), strict=True):
+            self.engine.set_wanted(self.rows[i], e, False)
+            self._submit("evict", i, e)
+        for i, e in zip(*np.nonzero(new & ~self.look), strict=True):
+            self.engine.set_wanted(self.rows[i], e, True)
+            self._submit("prefetch", i, e)
+            self.counters.lookahead_prefetches += 1
+        self.look = new
+
+    def _submit(self, op: str, i: int, e: int) -> None:
+        if not self.engine.submit(op, int(self.rows[i]), int(e)):
+            self.counters.refused_moves += 1
+
+    def _check_budget(self) -> int:
+        """Measure residency; evict strays (resident, yet neither planned nor looked ahead).
+
+        Strays come from races the engine cannot see (a plan's eviction running just before a layer
+        faults the expert back in) and from pages the kernel read on its own.
+        """
+        resident, frac = self.residency()
+        stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look
+        for i, e in zip(*np.nonzero(stray), strict=True):
+            self._submit("evict", i, e)
+        c = self.counters
+        c.strays_evicted += int(stray.sum())
+        c.budget_checks += 1
+        c.max_resident_at_check = max(c.max_resident_at_check, resident)
+        if resident > self.budget:
+            c.over_budget_checks += 1
+        if len(c.history) < 100_000:
+            c.history.append(resident)
+        return resident
+
+    # --- reporting --------------------------------------------------------------------------------
+    def residency(self) -> tuple[int, np.ndarray]:
+        """(resident expert bytes, ``[n_moe_layer, n_expert]`` resident fraction), measured now."""
+        total, frac = self.engine.residency(per_expert=True)
+        assert frac is not None
+        return total, frac[self.rows]
+
+    def stats(self, settle: float = 0.0) -> dict[str, Any]:
+        """Budget, measured residency and counters; ``settle`` seconds to wait for queued moves first."""
+        if settle > 0:
+            self.engine.wait_idle(settle)
+        resident, frac = self.residency()
+        eng = self.engine.stats()
+        c = self.counters
+        looked = eng["demand_hits"] + eng["demand_misses"]
+        rb = read_bytes_so_far()
+        return {
+            "tier": "flash",
+            "budget_bytes": self.budget,
+            "resident_expert_bytes": resident,
+            "resident_experts": int((frac > 0.5).sum()),
+            "planned_experts": int(self.wanted.sum()),
+            "planned_bytes": int(self.sizes[self.wanted].sum()),
+            "pinned_experts": int(self.pinned.sum()),
+            "expert_bytes_total": int(self.layout.total_expert_bytes),
+            "non_expert_bytes": int(self.info.non_expert_bytes),
+            "staging_bytes": self.staging,
+            "lookahead_reserve_bytes": self.lookahead_reserve,
+            "hit_rate": eng["demand_hits"] / looked if looked else None,
+            "steps": c.steps,
+            "tokens": c.tokens,
+            "plans_applied": c.plans_applied,
+            "budget_checks": c.budget_checks,
+            "over_budget_checks": c.over_budget_checks,
+            "max_resident_at_check": c.max_resident_at_check,
+            "lookahead_prefetches": c.lookahead_prefetches,
+            "lookahead_used": c.lookahead_used,
+            "refused_moves": c.refused_moves,
+            "strays_evicted": c.strays_evicted,
+            "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
+            "engine": eng,
+            "replanner": {"solves": self.replanner.stats.solves, "failures": self.replanner.stats.failures},
+        }
+
+    def close(self) -> None:
+        """Stop the re-planner and the engine's threads (idempotent)."""
+        replanner = getattr(self, "replanner", None)
+        if replanner is not None:
+            replanner.close()
+        self.engine.close()
