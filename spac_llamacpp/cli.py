@@ -58,6 +58,14 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lookup", is_flag=True, help="Speculative decoding with prompt lookup (n-gram) drafts."),
         click.option("--n-draft", type=int, default=4, show_default=True, help="Draft tokens per step (start value)."),
         click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
+        click.option("--tier", type=click.Choice(["flash", "vram"]), default=None,
+                     help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
+                          "streams the rest from the GGUF."),
+        click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
+        click.option("--flash-threads", type=int, default=2, show_default=True,
+                     help="Flash-tier engine worker threads."),
+        click.option("--pin-fraction", type=float, default=0.0, show_default=True,
+                     help="Share of the budget locked in RAM (mlock) for the hottest experts."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -78,6 +86,7 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
 
 def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
+          tier: str | None = None, budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
           seed: int = 0, routing_history: int | None = 1024, speculation_history: int | None = 256):
     from .drafting import PromptLookupDraft
     from .llama import Llama
@@ -88,6 +97,13 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("choose one draft source: --draft PATH or --lookup")
     if n_draft < 1:
         raise SpacError(f"--n-draft must be at least 1, not {n_draft}")
+    if tier == "flash" and budget is None:
+        raise SpacError("--tier flash needs --budget SIZE (RAM for routed experts, e.g. 6GiB)")
+    if budget is not None and tier is None:
+        raise SpacError("--budget needs --tier flash")
+    if tier == "flash" and not no_repack:
+        no_repack = True  # experts must stay file-backed
+    flash = {"threads": flash_threads, "pin_fraction": pin_fraction} if tier == "flash" else None
     return Llama(
         model,
         draft_model_path=draft,
@@ -103,6 +119,9 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         seed=seed,
         verbose=verbose,
         routing_history=routing_history,
+        tier=tier,
+        budget=budget,
+        flash_options=flash,
     )
 
 
@@ -121,6 +140,19 @@ def _routing_lines(summary: dict[str, Any]) -> list[str]:
             f"balance {layer['normalized_entropy']:.2f}, hottest {hot}"
         )
     return lines
+
+
+def _flash_line(st: dict[str, Any], tokens: int) -> str:
+    from .sizes import format_size
+
+    hit = "n/a" if st["hit_rate"] is None else f"{100 * st['hit_rate']:.1f}%"
+    read = st["read_bytes"]
+    per_token = f" ({format_size(read / max(tokens, 1))}/token)" if read is not None else ""
+    return (f"flash tier: {format_size(st['resident_expert_bytes'])} of routed experts resident "
+            f"(budget {format_size(st['budget_bytes'])}, max at a step boundary "
+            f"{format_size(st['max_resident_at_check'])}; {st['resident_experts']} experts; non-expert weights "
+            f"{format_size(st['non_expert_bytes'])}); expert hit rate {hit}; read from disk "
+            f"{format_size(read or 0)}{per_token}")
 
 
 @click.command(name="spac-run")
@@ -164,6 +196,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["routing"] = llm.routing.summary()
     if llm.speculation is not None:
         report["speculation"] = llm.speculation.summary()
+    if llm.flash is not None:
+        report["flash"] = llm.stats(settle=5.0)
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -178,6 +212,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             click.echo(f"speculation ({sp['provider']}): {sp['accepted']}/{sp['drafted']} drafts accepted "
                        f"({100 * sp['acceptance_rate']:.1f}%) in {sp['verifications']} verifications; "
                        f"draft length now {sp['n_draft_now']}", err=True)
+        if "flash" in report:
+            click.echo(_flash_line(report["flash"], gen.generated_tokens), err=True)
         if "routing" in report:
             for line in _routing_lines(report["routing"]):
                 click.echo(line, err=True)

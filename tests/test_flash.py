@@ -1,0 +1,217 @@
+"""Flash tier: native engine moves, budget by mincore, identity with stock, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from spac_llamacpp import Llama
+from spac_llamacpp.errors import NotMoEError, SpacError
+from spac_llamacpp.factory import write_tiny_moe
+from spac_llamacpp.flash_engine import FlashEngine, page_size
+from spac_llamacpp.gguf_info import read_model_header
+from spac_llamacpp.mapping import file_mappings, new_whole_file_mapping
+
+# experts of several pages each, so page-granular residency is meaningful
+SHAPE = {"n_layer": 3, "n_embd": 128, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 256}
+ARCHS = ("qwen3moe", "llama", "deepseek2", "olmoe")
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def flash_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("flash_models")
+    return {a: str(write_tiny_moe(root / f"{a}.gguf", a, **SHAPE)) for a in ARCHS}
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _greedy(llm: llama_cpp.Llama, n: int) -> list[int]:
+    out = []
+    for tok in llm.generate(llm.tokenize(PROMPT.encode()), top_k=1, temp=0.0):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+def _stock_tokens(path: str, n: int) -> list[int]:
+    ref = llama_cpp.Llama(path, n_ctx=128, verbose=False, seed=0)
+    try:
+        return _greedy(ref, n)
+    finally:
+        ref.close()
+
+
+def _flash(path: str, budget: int | str = "1MiB", **opts) -> Llama:
+    return Llama(path, n_ctx=128, verbose=False, seed=0, tier="flash", budget=budget,
+                 flash_options={"background": False, **opts})
+
+
+def _min_budget(path: str) -> int:
+    with pytest.raises(SpacError, match="too small") as exc:
+        _flash(path, budget=1)
+    return int(str(exc.value).rsplit("(", 1)[1].split()[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_output_identical_to_stock(flash_models, arch):
+    path = flash_models[arch]
+    want = _stock_tokens(path, 24)
+    llm = _flash(path, budget=_min_budget(path))
+    try:
+        assert _greedy(llm, 24) == want
+        st = llm.stats(settle=5.0)
+        assert st["engine"]["evictions"] > 0 and st["engine"]["demand_misses"] > 0  # the engine really worked
+        assert st["engine"]["errors"] == 0
+    finally:
+        llm.close()
+
+
+def test_budget_respected_after_each_step(flash_models):
+    path = flash_models["qwen3moe"]
+    budget = _min_budget(path)
+    info = read_model_header(path)
+    assert budget < info.expert_bytes / 2  # a tight budget: most experts must go
+    llm = _flash(path, budget=budget)
+    try:
+        llm.flash.engine.wait_idle()
+        tokens = llm.tokenize(PROMPT.encode())
+        for step in range(12):
+            llm.eval(tokens if step == 0 else [int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            assert llm.flash.engine.wait_idle(10.0)
+            resident, frac = llm.flash.residency()
+            assert resident <= budget, f"step {step}: {resident} resident > budget {budget}"
+            # what stays resident is what the plan and the lookahead hold
+            held = llm.flash.wanted | llm.flash.look
+            assert not ((frac > 0.5) & ~held).any()
+        st = llm.stats()
+        assert st["budget_bytes"] == budget and st["resident_expert_bytes"] <= budget
+        assert st["steps"] == 12
+    finally:
+        llm.close()
+
+
+def test_evicted_experts_gone_prefetched_resident(flash_models):
+    path = flash_models["llama"]
+    before = file_mappings(path)
+    from spac_llamacpp.params import patched_default_params
+
+    def no_repack(p):
+        p.use_extra_bufts = False
+
+    with patched_default_params(no_repack, lambda p: None):
+        ref = llama_cpp.Llama(path, n_ctx=64, verbose=False)
+    info = read_model_header(path)
+    engine = FlashEngine(info, new_whole_file_mapping(path, before, info.data_offset))
+    try:
+        layer = info.moe_layers[1]
+        for e in range(info.n_expert):
+            assert engine.submit("evict", layer, e)
+        assert engine.wait_idle()
+        _, frac = engine.residency()
+        slack = 2 * page_size() / (info.layer_expert_bytes(layer))
+        assert frac[layer].max() <= slack * 3 + 1e-6, frac[layer]
+        assert engine.submit("prefetch", layer, 3)
+        assert engine.wait_idle()
+        _, frac = engine.residency()
+        assert frac[layer, 3] == pytest.approx(1.0)
+        assert np.delete(frac[layer], 3).max() <= slack * 3 + 1e-6
+        assert engine.stats()["errors"] == 0
+        with pytest.raises(SpacError, match="no such routed expert"):
+            engine.submit("evict", layer, info.n_expert)
+    finally:
+        engine.close()
+        ref.close()
+
+
+def test_eviction_waits_for_the_running_layer(flash_models):
+    path = flash_models["qwen3moe"]
+    llm = _flash(path, budget=_min_budget(path))
+    try:
+        eng = llm.flash.engine
+        eng.wait_idle()
+        layer = llm.moe_info.moe_layers[0]
+        e = int(np.nonzero(~llm.flash.wanted[0])[0][0])
+        assert eng.submit("prefetch", layer, e) and eng.wait_idle()
+        mask = np.zeros(llm.moe_info.n_expert, np.uint8)
+        mask[e] = 1
+        eng._lib.spac_engine_on_layer(eng._handle, layer, eng._ffi.from_buffer(mask))  # as the sensor does
+        deferred = eng.stats()["deferred"]
+        assert eng.submit("evict", layer, e) and eng.wait_idle()
+        assert eng.stats()["deferred"] == deferred + 1
+        assert eng.residency()[1][layer, e] == pytest.approx(1.0)  # still there: its layer is computing
+        eng.end_step()
+        assert eng.wait_idle()
+        assert eng.residency()[1][layer, e] < 0.5
+    finally:
+        llm.close()
+
+
+def test_threads_stop_on_close_and_on_failure(flash_models, monkeypatch):
+    path = flash_models["olmoe"]
+    base = _threads()
+    llm = _flash(path, threads=3)
+    assert _threads() >= base + 3
+    llm.close()
+    assert _threads() == base
+    llm.close()  # idempotent
+
+    from spac_llamacpp import flash_tier
+
+    def boom(self, *a, **k):
+        raise RuntimeError("planner exploded")
+
+    monkeypatch.setattr(flash_tier.FlashTier, "_apply", boom)
+    with pytest.raises(RuntimeError, match="planner exploded"):
+        _flash(path, threads=3)
+    assert _threads() == base
+
+
+def test_threads_stop_at_interpreter_exit(flash_models):
+    code = (
+        "from spac_llamacpp import Llama\n"
+        f"llm = Llama({flash_models['qwen3moe']!r}, n_ctx=64, verbose=False, tier='flash', budget='1MiB')\n"
+        "llm.create_completion('hi', max_tokens=4, temperature=0)\n"
+        "print('done')\n"  # no close(): the finalizer must stop the engine at exit
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("done")
+
+
+def test_bad_arguments(flash_models, tiny_dense_model):
+    path = flash_models["qwen3moe"]
+    with pytest.raises(SpacError, match="too small for the flash tier"):
+        _flash(path, budget="4KiB")
+    with pytest.raises(SpacError, match="needs budget"):
+        Llama(path, verbose=False, tier="flash")
+    with pytest.raises(SpacError, match="use_mmap"):
+        Llama(path, verbose=False, tier="flash", budget="1MiB", use_mmap=False)
+    with pytest.raises(SpacError, match="unknown tier"):
+        Llama(path, verbose=False, tier="disk", budget="1MiB")
+    with pytest.raises(SpacError, match="invalid size"):
+        Llama(path, verbose=False, tier="flash", budget="lots")
+    with pytest.raises(NotMoEError, match="dense"):
+        Llama(str(tiny_dense_model), verbose=False, tier="flash", budget="1MiB")
+
+
+def test_spac_run_flash_cli(flash_models):
+    path = flash_models["deepseek2"]
+    exe = os.path.join(os.path.dirname(sys.executable), "spac-run")
+    proc = subprocess.run([exe, path, "-n", "8", "--tier", "flash", "--budget", "1MiB", "--stats", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    st = json.loads(proc.stderr.strip().splitlines()[-1])["flash"]
+    assert st["budget_bytes"] == 1 << 20 and st["resident_expert_bytes"] <= 1 << 20
+    bad = subprocess.run([exe, path, "--tier", "flash", "--budget", "1KiB"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "too small" in bad.stderr
