@@ -526,16 +526,24 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
             misses[n_miss++] = x;
         }
     }
-    /* demand readahead of exactly the missing experts: the matmul about to run needs them */
-    for (int32_t m = 0; m < n_miss; m++) {
-        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
-            range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], misses[m]);
-            if (r.hi > r.lo) {
-                madvise(e->base + r.lo, r.hi - r.lo, MADV_WILLNEED);
+    /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the
+     * reads of all of them at once (parallel I/O), then wait for them here. Left to page faults,
+     * each page would be read on its own (expert tensors are MADV_RANDOM: no read-around). */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int pass = 0; pass < 2 && n_miss > 0; pass++) {
+        for (int32_t m = 0; m < n_miss; m++) {
+            for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+                range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], misses[m]);
+                if (r.hi > r.lo) {
+                    madvise(e->base + r.lo, r.hi - r.lo, pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ);
+                }
             }
         }
     }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_mutex_lock(&e->mu);
+    e->st.demand_wait_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
     if (e->cur_layer >= 0 && e->cur_layer != layer) {
         finish_layer_locked(e, e->cur_layer);
         /* finishing cleared in_use only for the previous layer; ours stay marked */
@@ -654,6 +662,18 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
     free(per);
     pthread_mutex_unlock(&e->mc_mu);
     return total;
+}
+
+int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock) {
+    if (e == NULL || length == 0 || file_offset > e->size || length > e->size - file_offset) {
+        return -EINVAL;
+    }
+    uint64_t lo = ceil_pg(e, file_offset), hi = floor_pg(e, file_offset + length);
+    if (hi <= lo) {
+        return 0;
+    }
+    int rc = lock ? mlock(e->base + lo, hi - lo) : munlock(e->base + lo, hi - lo);
+    return rc == 0 ? 0 : -errno;
 }
 
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out) {

@@ -13,12 +13,14 @@
  * neighbouring expert of the same tensor is neither wanted nor in use (a tensor's first and last
  * pages are shared with other tensors and never evicted).
  *
- * Threading: worker threads take moves from a bounded queue. The decoding thread only enqueues
+ * Threading: worker threads take moves from a bounded queue. The decoding thread enqueues
  * (spac_engine_submit) and, from the routing sensor's graph callback, reports each MoE layer's
  * selected experts (spac_engine_on_layer): those are marked in use until a later layer starts or
  * the step ends, and evictions of in-use experts are deferred until then (never under a running
- * matmul). Selected experts that are not resident get readahead at once (demand) and, when not
- * wanted by the plan, are evicted again once their layer has finished (transient).
+ * matmul). The only I/O the decoding thread waits for is that of selected experts that are not
+ * resident (a miss: the matmul needs them now): their reads are all submitted at once, then
+ * awaited. When the plan does not want them they are evicted again once their layer has finished
+ * (transient).
  * A newer move for the same expert supersedes an older queued one.
  */
 #ifndef SPAC_ENGINE_H
@@ -42,6 +44,7 @@ typedef struct spac_engine_stats {
     int64_t errors;                      /* failed system calls (last_errno says which) */
     int64_t last_errno;
     int64_t queued;                      /* moves waiting or running now */
+    int64_t demand_wait_ns;              /* decoding thread's time waiting for missed experts */
 } spac_engine_stats;
 
 /* map_base: the address of file offset 0 in llama.cpp's mapping (which may start at a later page:
@@ -75,6 +78,10 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
 /* Resident expert bytes (mincore, each byte counted once); frac (may be NULL) receives per expert
  * the resident fraction of its bytes, [n_layer][n_expert]. Returns -1 on error. */
 int64_t spac_engine_residency(spac_engine *e, float *frac);
+
+/* mlock (lock != 0) or munlock the whole pages inside [file_offset, file_offset + length), e.g. the
+ * non-expert weights. Returns 0 or -errno. */
+int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock);
 
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 OPS = {"prefetch": 1, "evict": 2, "pin": 3, "unpin": 4}
 _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
-                "errors", "last_errno", "queued")
+                "errors", "last_errno", "queued", "demand_wait_ns")
 
 
 def page_size() -> int:
@@ -45,6 +45,19 @@ def covering_bytes(info: MoEModelInfo) -> np.ndarray:
         lo = starts // pg * pg
         hi = -((-(starts + t.bytes_per_expert)) // pg) * pg
         out[t.layer, : t.n_expert] += hi - lo
+    return out
+
+
+def non_expert_ranges(info: MoEModelInfo) -> list[tuple[int, int]]:
+    """File ranges ``(offset, length)`` of the tensor data that is not routed experts."""
+    spans = sorted((t.file_offset, t.end_offset) for t in info.expert_tensors)
+    out, pos = [], info.data_offset
+    for lo, hi in spans:
+        if lo > pos:
+            out.append((pos, lo - pos))
+        pos = max(pos, hi)
+    if info.file_size > pos:
+        out.append((pos, info.file_size - pos))
     return out
 
 
@@ -131,6 +144,10 @@ class FlashEngine:
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every queued move is done (tests, measurements); False on timeout."""
         return bool(self._lib.spac_engine_wait_idle(self._live(), int(timeout * 1000)))
+
+    def lock_range(self, file_offset: int, length: int, lock: bool = True) -> int:
+        """mlock (or munlock) the whole pages of a file range; returns 0 or -errno."""
+        return int(self._lib.spac_engine_lock_range(self._live(), int(file_offset), int(length), 1 if lock else 0))
 
     # --- the sensor hook ---------------------------------------------------------------------------
     def attach(self, sensor: RoutingSensor) -> None:

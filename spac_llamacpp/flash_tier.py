@@ -28,7 +28,7 @@ import numpy as np
 from .balancer import Balancer, Plan
 from .costmodel import CostModel, ExpertLayout
 from .errors import SpacError
-from .flash_engine import FlashEngine, covering_bytes, page_size
+from .flash_engine import FlashEngine, covering_bytes, non_expert_ranges, page_size
 from .gguf_info import MoEModelInfo
 from .mapping import FileMapping
 from .replanner import Replanner
@@ -98,9 +98,14 @@ class FlashTier:
         budget: bytes of RAM for routed experts (non-expert weights are counted separately).
         estimator: utility estimator name (see ``spac_llamacpp.utility.make_demand``).
         solver: balancer solver (``greedy`` / ``highs`` / ``cbc`` / ``auto``).
-        replan_every: steps between periodic re-plans (drift triggers earlier ones).
+        replan_every: steps between periodic re-plans; ``drift``: relative change of the utilities
+            that triggers an earlier one.
+        horizon: steps over which the balancer amortises a move (shorter: fewer swaps).
         threads: engine worker threads.
         pin_fraction: share of the budget locked with mlock for the hottest experts (0: no pinning).
+        lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
+            embeddings), which every token reads: under memory pressure the kernel would otherwise
+            evict them as readily as cold experts. Falls back (logged) when mlock is not permitted.
         lookahead: prefetch this step's unplanned experts for the next step.
         check_every: measure residency every this many steps (0: never; ``stats()`` always measures).
         cost: cost model (default: this machine's cached calibration, else nominal costs).
@@ -116,9 +121,12 @@ class FlashTier:
         *,
         estimator: str = "spac",
         solver: str = "greedy",
-        replan_every: int = 8,
+        replan_every: int = 16,
+        drift: float = 0.5,
+        horizon: float = 8.0,
         threads: int = 2,
         pin_fraction: float = 0.0,
+        lock_non_experts: bool = True,
         lookahead: bool = True,
         check_every: int = 1,
         cost: CostModel | None = None,
@@ -144,8 +152,10 @@ class FlashTier:
 
             cost = load_cached(info.path) or CostModel.nominal()
         log.info("flash tier: budget %s, cost model %s", format_size(self.budget), cost.source or "given")
+        # a short amortisation horizon makes the plan keep residents unless a swap clearly pays: each
+        # move is a read that competes with the demand loads of the next steps
         self.balancer = Balancer(self.layout, cost, "flash", self.budget - self.lookahead_reserve, solver=solver,
-                                 time_limit=1.0)
+                                 time_limit=1.0, horizon=horizon)
         self.rows = np.asarray(info.moe_layers, dtype=np.int64)
         shape = (len(self.rows), info.n_expert)
         self.sizes = self.layout.bytes_matrix
@@ -153,6 +163,7 @@ class FlashTier:
         self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
         self.pinned = np.zeros(shape, bool)
         self.look = np.zeros(shape, bool)
+        self._just_dropped = np.zeros(shape, bool)  # evictions queued since the last budget check
         self.pin_budget = int(max(0.0, min(1.0, pin_fraction)) * self.balancer.budget)
         self.lookahead = lookahead
         self.check_every = int(check_every)
@@ -163,16 +174,35 @@ class FlashTier:
         self.read_bytes_at_start = read_bytes_so_far()
 
         self.engine = FlashEngine(info, mapping, threads=threads)
+        self.non_expert_locked = 0
         try:
+            if lock_non_experts:
+                self._lock_non_experts()
             self.engine.attach(sensor)
             # llama.cpp populated the whole file at load: trim to an initial plan (uniform utility)
             first = self.balancer.plan(np.full(shape, 1.0 / info.n_expert) * self.rows.size)
             self._apply(first, initial=True)
-            self.replanner = Replanner(self.balancer.plan, every=replan_every, resident=self.wanted.copy,
-                                       background=background)
+            self.replanner = Replanner(self.balancer.plan, every=replan_every, drift=drift,
+                                       resident=lambda: self.wanted.copy(), background=background)
         except BaseException:
             self.engine.close()
             raise
+
+    def _lock_non_experts(self) -> None:
+        for offset, length in non_expert_ranges(self.info):
+            rc = self.engine.lock_range(offset, length)
+            if rc != 0:
+                import os
+
+                log.warning("flash tier: could not mlock the non-expert weights (%s); the kernel may evict them "
+                            "under memory pressure (run as root or raise `ulimit -l`)", os.strerror(-rc))
+                for done_off, done_len in non_expert_ranges(self.info):
+                    if done_off >= offset:
+                        break
+                    self.engine.lock_range(done_off, done_len, lock=False)
+                self.non_expert_locked = 0
+                return
+            self.non_expert_locked += length
 
     # --- the per-step data path -------------------------------------------------------------------
     def on_step(self, step: RoutingStep | None) -> None:
@@ -187,8 +217,12 @@ class FlashTier:
         if self.look.any():
             c.lookahead_used += int((self.look & (counts > 0)).sum())
         self.demand.update(counts, step.n_tokens)
-        self.replanner.submit(self.demand.utility(), c.steps)
-        plan = self.replanner.take()
+        if c.steps == 1:
+            # the first step (usually the prompt) replaces the uninformed initial plan at once
+            plan = self.balancer.plan(self.demand.utility(), self.wanted)
+        else:
+            self.replanner.submit(self.demand.utility(), c.steps)
+            plan = self.replanner.take()
         if plan is not None:
             self._apply(plan)
         if self.lookahead:
@@ -204,6 +238,7 @@ class FlashTier:
         for i, e in zip(*np.nonzero(drop), strict=True):
             self.engine.set_wanted(self.rows[i], e, False)
             self._submit("evict", i, e)
+        self._just_dropped |= drop
         self.pinned &= x
         order = np.argsort(-u[add], kind="stable")
         for i, e in np.transpose(np.nonzero(add))[order]:
@@ -237,9 +272,11 @@ class FlashTier:
         new = np.zeros(self.wanted.size, bool)
         new[picked] = True
         new = new.reshape(self.wanted.shape)
-        for i, e in zip(*np.nonzero(self.look & ~new & ~self.wanted), strict=True):
+        gone = self.look & ~new & ~self.wanted
+        for i, e in zip(*np.nonzero(gone), strict=True):
             self.engine.set_wanted(self.rows[i], e, False)
             self._submit("evict", i, e)
+        self._just_dropped |= gone
         for i, e in zip(*np.nonzero(new & ~self.look), strict=True):
             self.engine.set_wanted(self.rows[i], e, True)
             self._submit("prefetch", i, e)
@@ -257,11 +294,13 @@ class FlashTier:
         faults the expert back in) and from pages the kernel read on its own.
         """
         resident, frac = self.residency()
-        stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look
-        for i, e in zip(*np.nonzero(stray), strict=True):
-            self._submit("evict", i, e)
         c = self.counters
-        c.strays_evicted += int(stray.sum())
+        if resident > self.budget:  # queued evictions usually settle it; sweep only when they did not
+            stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look & ~self._just_dropped
+            for i, e in zip(*np.nonzero(stray), strict=True):
+                self._submit("evict", i, e)
+            c.strays_evicted += int(stray.sum())
+        self._just_dropped[:] = False
         c.budget_checks += 1
         c.max_resident_at_check = max(c.max_resident_at_check, resident)
         if resident > self.budget:
@@ -296,6 +335,7 @@ class FlashTier:
             "pinned_experts": int(self.pinned.sum()),
             "expert_bytes_total": int(self.layout.total_expert_bytes),
             "non_expert_bytes": int(self.info.non_expert_bytes),
+            "non_expert_locked_bytes": self.non_expert_locked,
             "staging_bytes": self.staging,
             "lookahead_reserve_bytes": self.lookahead_reserve,
             "hit_rate": eng["demand_hits"] / looked if looked else None,

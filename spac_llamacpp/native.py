@@ -49,7 +49,8 @@ int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max
 typedef struct spac_engine spac_engine;
 typedef struct spac_engine_stats {
     int64_t prefetches, prefetch_bytes, evictions, evict_bytes, pins, unpins, pin_failures, superseded, deferred,
-            demand_hits, demand_misses, transient_evictions, queue_full, errors, last_errno, queued;
+            demand_hits, demand_misses, transient_evictions, queue_full, errors, last_errno, queued,
+            demand_wait_ns;
 } spac_engine_stats;
 spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
                              uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity);
@@ -61,6 +62,7 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
 void spac_engine_end_step(spac_engine *e);
 int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
 int64_t spac_engine_residency(spac_engine *e, float *frac);
+int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock);
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
 void spac_engine_stop(spac_engine *e);
 void spac_engine_free(spac_engine *e);
