@@ -89,9 +89,9 @@ def test_budget_respected_after_each_step(flash_models):
             assert llm.flash.engine.wait_idle(10.0)
             resident, frac = llm.flash.residency()
             assert resident <= budget, f"step {step}: {resident} resident > budget {budget}"
-            # what stays resident is what the plan and the lookahead hold
+            # what the plan and the lookahead hold is really resident
             held = llm.flash.wanted | llm.flash.look
-            assert not ((frac > 0.5) & ~held).any()
+            assert held.any() and (frac[held] > 0.99).all()
         st = llm.stats()
         assert st["budget_bytes"] == budget and st["resident_expert_bytes"] <= budget
         assert st["steps"] == 12
