@@ -18,8 +18,8 @@ bytes read from disk per token (``/proc/<pid>/io``), resident bytes; the last li
 
 Example::
 
-    python scripts/bench_flash.py ~/.cache/spac-llamacpp/models/qwen2.5-coder-1.5b-moe-e64x128-s768-k8-routernorm-f16.gguf \\
-        --budget 50% --budget 25% -n 48
+    M=~/.cache/spac-llamacpp/models/qwen2.5-coder-1.5b-moe-e64x128-s768-k8-routernorm-f16.gguf
+    python scripts/bench_flash.py $M --budget 50% --budget 25% -n 48
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time

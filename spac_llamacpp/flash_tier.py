@@ -295,11 +295,11 @@ class FlashTier:
         """
         resident, frac = self.residency()
         c = self.counters
-        if resident > self.budget:  # queued evictions usually settle it; sweep only when they did not
-            stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look & ~self._just_dropped
-            for i, e in zip(*np.nonzero(stray), strict=True):
-                self._submit("evict", i, e)
-            c.strays_evicted += int(stray.sum())
+        # experts whose eviction was queued since the last check are not strays (yet)
+        stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look & ~self._just_dropped
+        for i, e in zip(*np.nonzero(stray), strict=True):
+            self._submit("evict", i, e)
+        c.strays_evicted += int(stray.sum())
         self._just_dropped[:] = False
         c.budget_checks += 1
         c.max_resident_at_check = max(c.max_resident_at_check, resident)

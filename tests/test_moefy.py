@@ -104,7 +104,8 @@ def test_refit_reduces_the_error_of_the_top_k_model() -> None:
     assert plain.down is None and healed.down is not None and healed.down.shape == down.shape
     assert healed_report.rel_error_before_refit[2] == pytest.approx(plain_report.rel_error[2])
     assert healed_report.rel_error[2] < 0.9 * plain_report.rel_error[2]  # validation tokens, not fitted ones
-    assert MoEfyConfig().tag() == "e64-s768-seed0-refit1k8" and base.tag() == "e8-s8-seed0"
+    assert MoEfyConfig().tag() == "e64-s768-seed0-refit1k8-routernorm" and base.tag() == "e8-s8-seed0-routernorm"
+    assert MoEfyConfig(router_target="zscore").tag() == "e64-s768-seed0-refit1k8"
 
 
 def test_neox_row_order_preserves_attention_scores() -> None:
