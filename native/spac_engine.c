@@ -61,6 +61,8 @@ struct spac_engine {
     pthread_mutex_t mc_mu; /* residency scratch */
     unsigned char *mc;
     size_t mc_cap;
+    unsigned char *hit_mc; /* hit checks (decoding thread) */
+    size_t hit_cap;
 };
 
 static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
@@ -494,14 +496,31 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
     e->n_deferred = keep;
 }
 
-/* Whether the first page of each of the expert's tensor ranges is resident. */
-static int looks_resident(spac_engine *e, int32_t layer, int32_t expert) {
+/* Whether every page of the expert is resident (one mincore per tensor range; decoding thread only,
+ * so the scratch vector needs no lock). A partly resident expert counts as a miss: left to page
+ * faults, its missing pages would be read one at a time. */
+static int resident_whole(spac_engine *e, int32_t layer, int32_t expert) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
-        const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
-        uint64_t s = t->off + (uint64_t)expert * t->bpe;
-        unsigned char v = 0;
-        if (mincore(e->base + floor_pg(e, s), 1, &v) != 0 || !(v & 1)) {
+        range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+        size_t n = (size_t)((r.hi - r.lo) / e->page);
+        if (n == 0) {
+            continue;
+        }
+        if (n > e->hit_cap) {
+            unsigned char *p = (unsigned char *)realloc(e->hit_mc, n);
+            if (p == NULL) {
+                return 0;
+            }
+            e->hit_mc = p;
+            e->hit_cap = n;
+        }
+        if (mincore(e->base + r.lo, r.hi - r.lo, e->hit_mc) != 0) {
             return 0;
+        }
+        for (size_t j = 0; j < n; j++) {
+            if (!(e->hit_mc[j] & 1)) {
+                return 0;
+            }
         }
     }
     return 1;
@@ -520,7 +539,7 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
             continue;
         }
         atomic_store(&e->in_use[idx(e, layer, x)], 1);
-        if (looks_resident(e, layer, x)) {
+        if (resident_whole(e, layer, x)) {
             hits++;
         } else {
             misses[n_miss++] = x;
@@ -720,6 +739,7 @@ void spac_engine_free(spac_engine *e) {
     free(e->deferred);
     free(e->threads);
     free(e->mc);
+    free(e->hit_mc);
     pthread_mutex_destroy(&e->mu);
     pthread_mutex_destroy(&e->mc_mu);
     pthread_cond_destroy(&e->cv_work);

@@ -228,7 +228,7 @@ class FlashTier:
         if self.lookahead:
             self._prefetch_next(counts)
         if self.check_every and c.steps % self.check_every == 0:
-            self._check_budget()
+            self._check_budget(used=counts > 0)
 
     def _apply(self, plan: Plan, initial: bool = False) -> None:
         x = np.asarray(plan.x, bool)
@@ -287,7 +287,7 @@ class FlashTier:
         if not self.engine.submit(op, int(self.rows[i]), int(e)):
             self.counters.refused_moves += 1
 
-    def _check_budget(self) -> int:
+    def _check_budget(self, used: np.ndarray | None = None) -> int:
         """Measure residency; evict strays (resident, yet neither planned nor looked ahead).
 
         Strays come from races the engine cannot see (a plan's eviction running just before a layer
@@ -295,8 +295,11 @@ class FlashTier:
         """
         resident, frac = self.residency()
         c = self.counters
-        # experts whose eviction was queued since the last check are not strays (yet)
+        # not strays (yet): experts whose eviction was queued since the last check, by the plan or (for
+        # the experts this step used) by the engine after their layer
         stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look & ~self._just_dropped
+        if used is not None:
+            stray &= ~used
         for i, e in zip(*np.nonzero(stray), strict=True):
             self._submit("evict", i, e)
         c.strays_evicted += int(stray.sum())
