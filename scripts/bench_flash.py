@@ -167,8 +167,9 @@ def main() -> int:
     overhead = parse_size(args.overhead) if args.overhead else int(ceiling["rss_anon"] * 1.25) + (64 << 20)
 
     results = []
+    draft_bytes = Path(args.draft).stat().st_size if args.draft else 0  # its weights need RAM in both runs
     for budget in budgets:
-        limit = info.non_expert_bytes + budget + overhead
+        limit = info.non_expert_bytes + budget + overhead + draft_bytes
         row = {"budget_bytes": budget, "limit_bytes": limit}
         ml = MemoryLimit(limit, min_limit=min(limit, 1 << 30)) if not args.no_limit else None
         with ml if ml is not None else contextlib.nullcontext():

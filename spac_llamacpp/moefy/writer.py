@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import SpacError
+from ..gguf_stream import Entry, add_value, copy_metadata, raw_entry, write_entries
 from .ffn import MoELayer
 from .source import DenseSource
 
@@ -35,16 +34,6 @@ EXPERT_DTYPES = {"f32": (np.float32, None, 0), "f16": (np.float16, None, 1),
 _FFN_PARTS = ("gate", "up", "down")
 NULL_SHARED = 32
 """Width of the all-zero shared expert written when a layer has none (qwen2moe requires the tensors)."""
-
-
-@dataclass
-class _Entry:
-    name: str
-    shape: tuple[int, ...]  # numpy order; for raw quantised data, the byte shape
-    dtype: np.dtype
-    nbytes: int
-    raw: gguf.GGMLQuantizationType | None
-    produce: Callable[[], np.ndarray]
 
 
 def neox_row_order(n_heads: int, head_dim: int, n_rot: int) -> np.ndarray:
@@ -73,24 +62,24 @@ def _encode(arr: np.ndarray, expert_dtype: str) -> np.ndarray:
     return arr.astype(np_dtype)
 
 
-def _expert_entry(name: str, shape: tuple[int, ...], expert_dtype: str, produce: Callable[[], np.ndarray]) -> _Entry:
+def _expert_entry(name: str, shape: tuple[int, ...], expert_dtype: str, produce: Callable[[], np.ndarray]) -> Entry:
     np_dtype, raw, _ = EXPERT_DTYPES[expert_dtype]
     if raw is not None:
         if shape[-1] % gguf.GGML_QUANT_SIZES[raw][0]:
             raise SpacError(f"{name}: rows of {shape[-1]} do not split into {expert_dtype} blocks")
         byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, raw))
-        return _Entry(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw,
+        return Entry(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw,
                       lambda: _encode(produce(), expert_dtype))
     dt = np.dtype(np_dtype)
-    return _Entry(name, shape, dt, int(np.prod(shape)) * dt.itemsize, None, lambda: _encode(produce(), expert_dtype))
+    return Entry(name, shape, dt, int(np.prod(shape)) * dt.itemsize, None, lambda: _encode(produce(), expert_dtype))
 
 
-def _f32_entry(name: str, arr: np.ndarray) -> _Entry:
+def _f32_entry(name: str, arr: np.ndarray) -> Entry:
     a = np.ascontiguousarray(arr, dtype=np.float32)
-    return _Entry(name, a.shape, a.dtype, a.nbytes, None, lambda: a)
+    return Entry(name, a.shape, a.dtype, a.nbytes, None, lambda: a)
 
 
-def _layer_entries(src: DenseSource, layer: int, moe: MoELayer, cache: _FFNCache, expert_dtype: str) -> list[_Entry]:
+def _layer_entries(src: DenseSource, layer: int, moe: MoELayer, cache: _FFNCache, expert_dtype: str) -> list[Entry]:
     n_embd = src.n_embd
     n_exp, m = moe.experts.shape
     n_sh = len(moe.shared) or NULL_SHARED
@@ -120,39 +109,6 @@ def _layer_entries(src: DenseSource, layer: int, moe: MoELayer, cache: _FFNCache
         shape = (n_embd, n_sh) if part == "down" else (n_sh, n_embd)
         out.append(_expert_entry(f"{p}ffn_{part}_shexp.weight", shape, expert_dtype, lambda part=part: shexp(part)))
     return out
-
-
-def _raw_entry(t: gguf.ReaderTensor, name: str | None = None, rows: np.ndarray | None = None) -> _Entry:
-    data = t.data
-    quantized = t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-
-    def produce() -> np.ndarray:
-        return np.ascontiguousarray(data if rows is None else data[rows])
-
-    return _Entry(name or t.name, tuple(data.shape), data.dtype, int(data.nbytes),
-                  t.tensor_type if quantized else None, produce)
-
-
-def _copy_metadata(src: DenseSource, writer: gguf.GGUFWriter, skip: set[str]) -> None:
-    prefix = src.arch + "."
-    for field in src.reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in skip:
-            continue
-        key = ARCH + "." + field.name[len(prefix):] if field.name.startswith(prefix) else field.name
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-
-
-def _add_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    else:
-        writer.add_string(key, str(value))
 
 
 def write_qwen2moe(src: DenseSource, dst: str | os.PathLike[str], layers: Sequence[MoELayer], n_expert_used: int,
@@ -187,7 +143,7 @@ def write_qwen2moe(src: DenseSource, dst: str | os.PathLike[str], layers: Sequen
     if src.arch == "llama":  # NORM -> NEOX RoPE
         qk_rows = {"attn_q": neox_row_order(src.n_head, src.head_dim, src.n_rot),
                    "attn_k": neox_row_order(src.n_head_kv, src.head_dim, src.n_rot)}
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     done_ffn: set[int] = set()
     for t in src.reader.tensors:
         parts = t.name.split(".")
@@ -198,17 +154,15 @@ def write_qwen2moe(src: DenseSource, dst: str | os.PathLike[str], layers: Sequen
                 entries += _layer_entries(src, layer, layers[layer], cache, expert_dtype)
             continue
         rows = qk_rows.get(parts[2]) if parts[0] == "blk" and len(parts) == 4 else None
-        entries.append(_raw_entry(t, rows=rows))
+        entries.append(raw_entry(t, rows=rows))
         if t.name == "token_embd.weight" and "output.weight" not in src.tensors:
-            entries.append(_raw_entry(t, name="output.weight"))  # untie: qwen2moe requires output.weight
+            entries.append(raw_entry(t, name="output.weight"))  # untie: qwen2moe requires output.weight
     if len(done_ffn) != src.n_layer:
         raise SpacError(f"found the FFN of only {len(done_ffn)} of {src.n_layer} blocks")
 
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        _copy_metadata(src, writer, skip={"general.architecture", "general.file_type", "general.name"})
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        copy_metadata(src.reader, writer, skip={"general.architecture", "general.file_type", "general.name"},
+                      rename=(src.arch + ".", ARCH + "."))
         writer.add_name(name or f"{src.field('general.name', src.path.stem)} (MoEfied: {n_exp}x{m} + shared {n_sh})")
         writer.add_file_type(EXPERT_DTYPES[expert_dtype][2])
         writer.add_expert_count(n_exp)
@@ -216,20 +170,6 @@ def write_qwen2moe(src: DenseSource, dst: str | os.PathLike[str], layers: Sequen
         writer.add_expert_feed_forward_length(m)
         writer.add_expert_shared_feed_forward_length(n_sh or NULL_SHARED)
         for key, value in (extra_kv or {}).items():
-            _add_value(writer, key, value)
-        for e in entries:
-            writer.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for e in tqdm(entries, desc=f"write {dst.name}", unit="tensor", disable=not progress):
-            arr = e.produce()
-            if arr.nbytes != e.nbytes:
-                raise SpacError(f"{e.name}: produced {arr.nbytes} bytes, expected {e.nbytes}")
-            writer.write_tensor_data(arr)
-        writer.close()
-        os.replace(tmp, dst)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-    return dst
+            add_value(writer, key, value)
+
+    return write_entries(dst, ARCH, entries, add_metadata, progress=progress)
