@@ -66,6 +66,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Flash-tier engine worker threads."),
         click.option("--pin-fraction", type=float, default=0.0, show_default=True,
                      help="Share of the budget locked in RAM (mlock) for the hottest experts."),
+        click.option("--warm-profile", default=None, type=click.Path(dir_okay=False, exists=True),
+                     help="Start the flash tier's residency from a saved profile (`spac profile`) or trace."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -87,7 +89,8 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
 def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           tier: str | None = None, budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
-          seed: int = 0, routing_history: int | None = 1024, speculation_history: int | None = 256):
+          warm_profile: str | None = None, seed: int = 0, routing_history: int | None = 1024,
+          speculation_history: int | None = 256):
     from .drafting import PromptLookupDraft
     from .llama import Llama
 
@@ -103,7 +106,11 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--budget needs --tier flash")
     if tier == "flash" and not no_repack:
         no_repack = True  # experts must stay file-backed
-    flash = {"threads": flash_threads, "pin_fraction": pin_fraction} if tier == "flash" else None
+    if warm_profile and tier != "flash":
+        raise SpacError("--warm-profile needs --tier flash")
+    flash = None
+    if tier == "flash":
+        flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
     return Llama(
         model,
         draft_model_path=draft,
@@ -245,13 +252,27 @@ def inspect_cmd(model: str, as_json: bool) -> None:
     click.echo(json.dumps(info.to_json(), indent=2) if as_json else format_report(info))
 
 
+def prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """-p (repeatable), -f prompts.txt and -n, for commands that run a list of prompts."""
+    fn = click.option("-n", "--n-predict", "n_predict", type=int, default=64, show_default=True,
+                      help="Tokens generated per prompt.")(fn)
+    fn = click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="File with one prompt per line.")(fn)
+    return click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt (repeatable).")(fn)
+
+
+def _gather_prompts(prompts: tuple[str, ...], prompt_file: str | None) -> list[str]:
+    out = list(prompts)
+    if prompt_file:
+        out += [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
+    if not out:
+        raise SpacError("no prompt given; pass -p PROMPT or -f prompts.txt")
+    return out
+
+
 @spac.command(name="trace")
 @click.argument("model")
-@click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
-@click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="File with one prompt per line.")
-@click.option("-n", "--n-predict", "n_predict", type=int, default=64, show_default=True,
-              help="Tokens generated per prompt.")
+@prompt_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temp", type=float, default=0.0, show_default=True)
@@ -265,11 +286,7 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
     from .generate import GenerationStats, stream_generate
     from .trace import RoutingTrace
 
-    all_prompts = list(prompts)
-    if prompt_file:
-        all_prompts += [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
-    if not all_prompts:
-        raise SpacError("no prompt given; pass -p PROMPT or -f prompts.txt")
+    all_prompts = _gather_prompts(prompts, prompt_file)
     llm = _load(model, seed=seed, routing_history=None, speculation_history=None, **load_kw)
     if llm.routing is None:
         raise SpacError(f"{model} has no routed experts; `spac trace` needs a Mixture-of-Experts model")
@@ -441,3 +458,90 @@ def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: 
         out = Path(png) if png else Path(trace_path).with_name(f"{Path(trace_path).stem}-compare-{tier}.png")
         plot(results, out, title=f"{Path(trace_path).name}: {tier} tier, budget {format_size(size)}")
         click.echo(f"wrote {out}", err=True)
+
+
+# --- profiles, patched layout, plots (issue 8) -------------------------------------------------------
+
+
+@spac.command(name="profile")
+@click.argument("model")
+@prompt_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
+@click.option("--estimator", default="spac", show_default=True, help="Utility estimator whose state is saved.")
+@model_options
+@friendly_errors
+def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_predict: int, output: str,
+                estimator: str, **load_kw: Any) -> None:
+    """Run prompts through MODEL (drafting if asked) and save per-layer expert counts and utilities."""
+    import numpy as np
+
+    from .generate import GenerationStats, stream_generate
+    from .profile import Profile
+    from .utility import make_demand
+
+    all_prompts = _gather_prompts(prompts, prompt_file)
+    llm = _load(model, routing_history=None, **load_kw)
+    if llm.routing is None:
+        raise SpacError(f"{model} has no routed experts; `spac profile` needs a Mixture-of-Experts model")
+    layers = list(llm.moe_info.moe_layers)
+    k = [llm.moe_info.n_expert_used[b] for b in layers]
+    demand = make_demand(estimator, len(layers), llm.moe_info.n_expert, k)
+    for prompt in all_prompts:
+        llm.reset()
+        for _ in stream_generate(llm, prompt, n_predict, stats=GenerationStats()):
+            pass
+    steps = list(llm.routing.steps)
+    for step in steps:
+        demand.update(step.counts[layers], step.n_tokens)
+    counts = np.zeros((len(layers), llm.moe_info.n_expert), np.int64)
+    for step in steps:
+        counts += step.counts[layers]
+    extra = {"estimator": estimator, "prompts": len(all_prompts)}
+    if llm.speculation is not None:
+        extra["speculation"] = llm.speculation.summary()
+    prof = Profile(tuple(layers), llm.moe_info.n_expert, counts, demand.utility(),
+                   int(sum(s.n_tokens for s in steps)), len(steps), Path(model).name, extra)
+    prof.save(output)
+    llm.close()
+    click.echo(f"wrote {output}: {prof.tokens} tokens in {prof.steps} steps, {len(layers)} MoE layers x "
+               f"{prof.n_expert} experts", err=True)
+
+
+@spac.command(name="patch")
+@click.argument("model")
+@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="A profile JSON (`spac profile`) or a routing trace (.npz, `spac trace`).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Patched GGUF to write.")
+@click.option("--no-verify", is_flag=True, help="Skip re-reading the output to check it.")
+@friendly_errors
+def patch_cmd(model: str, profile_path: str, output: str, no_verify: bool) -> None:
+    """Rewrite MODEL with each layer's experts ordered hot-first by a profile (same outputs)."""
+    from .gguf_patch import patch_model
+    from .profile import load_profile
+
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    summary = patch_model(model, load_profile(profile_path), output, verify=not no_verify)
+    click.echo(f"wrote {summary['output']}: {summary['experts_moved']} experts moved in {summary['layers']} layers"
+               + ("" if no_verify else "; verified"), err=True)
+
+
+@spac.command(name="plot")
+@click.argument("source", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--budget-experts", type=int, default=None,
+              help="For a trace: experts kept per layer (default: half of them).")
+@click.option("--estimator", default="spac", show_default=True, help="For a trace: the estimator next to LRU.")
+@friendly_errors
+def plot_cmd(source: str, output: str, budget_experts: int | None, estimator: str) -> None:
+    """Heat map (layer x expert) of a profile JSON, or hit rate over time of a trace (.npz)."""
+    from .plots import plot_heatmap, plot_hit_rate
+    from .profile import load_profile
+
+    if source.endswith(".npz"):
+        from .trace import RoutingTrace
+
+        plot_hit_rate(RoutingTrace.load(source), output, budget_experts, estimator)
+    else:
+        plot_heatmap(load_profile(source), output)
+    click.echo(f"wrote {output}", err=True)

@@ -20,6 +20,7 @@ have run; within a step, demand loads may use the staging reserve.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from .errors import SpacError
 from .flash_engine import FlashEngine, covering_bytes, non_expert_ranges, page_size
 from .gguf_info import MoEModelInfo
 from .mapping import FileMapping
+from .profile import Profile, load_profile
 from .replanner import Replanner
 from .routing import RoutingStep
 from .sensor import RoutingSensor
@@ -110,6 +112,8 @@ class FlashTier:
         check_every: measure residency every this many steps (0: never; ``stats()`` always measures).
         cost: cost model (default: this machine's cached calibration, else nominal costs).
         background: plan in a background thread (False: synchronously, deterministic).
+        profile: a saved routing profile (``spac profile``, a path or :class:`~spac_llamacpp.profile.Profile`)
+            to plan the first residency from, instead of from nothing and then the prompt.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class FlashTier:
         check_every: int = 1,
         cost: CostModel | None = None,
         background: bool = True,
+        profile: str | os.PathLike[str] | Profile | None = None,
     ) -> None:
         self.info = info
         self.budget = int(budget)
@@ -179,8 +184,17 @@ class FlashTier:
             if lock_non_experts:
                 self._lock_non_experts()
             self.engine.attach(sensor)
-            # llama.cpp populated the whole file at load: trim to an initial plan (uniform utility)
-            first = self.balancer.plan(np.full(shape, 1.0 / info.n_expert) * self.rows.size)
+            # llama.cpp populated the whole file at load: trim to an initial plan (from the profile, else
+            # uniform; the prompt's routing then replaces the latter at once)
+            self.warm = profile is not None
+            prior = np.full(shape, 1.0 / info.n_expert)
+            if profile is not None:
+                prof = load_profile(profile) if not isinstance(profile, Profile) else profile
+                prof.check_model(tuple(info.moe_layers), info.n_expert, info.path.name)
+                score = np.clip(prof.score(), 0.0, None)
+                prior = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-12)
+            k = np.asarray(self.layout.n_expert_used, dtype=np.float64)[:, None]
+            first = self.balancer.plan(prior * k)
             self._apply(first, initial=True)
             self.replanner = Replanner(self.balancer.plan, every=replan_every, drift=drift,
                                        resident=lambda: self.wanted.copy(), background=background)
@@ -217,7 +231,7 @@ class FlashTier:
         if self.look.any():
             c.lookahead_used += int((self.look & (counts > 0)).sum())
         self.demand.update(counts, step.n_tokens)
-        if c.steps == 1:
+        if c.steps == 1 and not self.warm:
             # the first step (usually the prompt) replaces the uninformed initial plan at once
             plan = self.balancer.plan(self.demand.utility(), self.wanted)
         else:

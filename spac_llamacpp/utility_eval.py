@@ -90,16 +90,27 @@ def _score(policy: str, budget: int, trace: RoutingTrace, kept_before: Iterable[
                        moves / max(steps - 1, 1), steps)
 
 
+def estimator_kept(trace: RoutingTrace, estimator: UtilityEstimator, budget: int) -> Iterator[np.ndarray]:
+    """The top-``budget`` experts per layer by the estimator's utility, after each step."""
+    for t, obs in enumerate(observations(trace)):
+        estimator.update(obs)
+        if t + 1 < trace.n_steps:
+            yield _top_n(estimator.utility(), budget)
+
+
 def score_estimator(trace: RoutingTrace, estimator: UtilityEstimator, budget: int) -> PolicyScore:
     """Hit rate of "keep the top-``budget`` by utility" against each next step's demand."""
+    return _score(estimator.name, budget, trace, estimator_kept(trace, estimator, budget))
 
-    def kept() -> Iterator[np.ndarray]:
-        for t, obs in enumerate(observations(trace)):
-            estimator.update(obs)
-            if t + 1 < trace.n_steps:
-                yield _top_n(estimator.utility(), budget)
 
-    return _score(estimator.name, budget, trace, kept())
+def step_hit_rates(trace: RoutingTrace, kept_before: Iterable[np.ndarray]) -> np.ndarray:
+    """Per step t >= 1, the share of its expert selections found in ``kept_before[t-1]`` (NaN if none)."""
+    out = []
+    for t, kept in enumerate(kept_before, start=1):
+        demand = trace.counts[t][trace.moe_layers]
+        total = int(demand.sum())
+        out.append(float((demand * kept[trace.moe_layers]).sum()) / total if total else float("nan"))
+    return np.array(out)
 
 
 def lru_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
