@@ -1,6 +1,7 @@
 /* spac routing sensor: see spac_sensor.h. */
 #include "spac_sensor.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,6 +45,157 @@ void spac_sensor_release(spac_sensor *s) {
     free(s->scratch);
     s->scratch = NULL;
     s->scratch_size = 0;
+    if (s->prior != NULL) {
+        free(s->prior->saved);
+        free(s->prior->orig_topk);
+        s->prior->saved = NULL;
+        s->prior->orig_topk = NULL;
+        s->prior->saved_cap = s->prior->orig_cap = 0;
+        s->prior->saved_tensor = NULL;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * cache-aware routing (see spac_cache_prior in the header) */
+
+#define SPAC_PROBS_PREFIX "ffn_moe_probs-"
+
+static const uint8_t *host_bytes(spac_sensor *s, struct ggml_tensor *t);
+
+static float to_logit(int32_t gating, float p) {
+    switch (gating) {
+    case 0:
+        return logf(p > 1e-30f ? p : 1e-30f);
+    case 1: {
+        float q = p < 1e-7f ? 1e-7f : (p > 1.0f - 1e-7f ? 1.0f - 1e-7f : p);
+        return logf(q / (1.0f - q));
+    }
+    default:
+        return p;
+    }
+}
+
+/* The value to write for logit z + b, given the original value p (monotone in z + b). */
+static float biased_value(int32_t gating, float p, float z, float b) {
+    switch (gating) {
+    case 0:
+        return p * expf(b);
+    case 1:
+        return 1.0f / (1.0f + expf(-(z + b)));
+    default:
+        return p + b;
+    }
+}
+
+static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
+    spac_cache_prior *c = s->prior;
+    c->saved_tensor = NULL;
+    const int64_t n = t->ne[0], rows = t->ne[1];
+    if (layer < 0 || layer >= s->n_layer || t->type != GGML_TYPE_F32 || n != s->n_expert || rows < 1 ||
+        t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float) || t->data == NULL ||
+        (t->buffer != NULL && !ggml_backend_buffer_is_host(t->buffer))) {
+        s->n_bad_events++;
+        return;
+    }
+    if (rows > c->max_rows || c->lambda == 0.0f || c->resident == NULL || c->range_avg == NULL) {
+        return; /* prefill, or nothing to do */
+    }
+    const size_t need = (size_t)(rows * n), need_k = (size_t)(rows * s->k_max);
+    if (need > c->saved_cap) {
+        float *p = (float *)realloc(c->saved, need * sizeof(float));
+        if (p == NULL) {
+            return;
+        }
+        c->saved = p;
+        c->saved_cap = need;
+    }
+    if (need_k > c->orig_cap) {
+        int32_t *p = (int32_t *)realloc(c->orig_topk, need_k * sizeof(int32_t));
+        if (p == NULL) {
+            return;
+        }
+        c->orig_topk = p;
+        c->orig_cap = need_k;
+    }
+    const uint8_t *res = c->resident + (int64_t)layer * n;
+    const int32_t j_top = c->top_j < 0 ? 0 : (c->top_j > s->k_max ? s->k_max : c->top_j);
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = (float *)((char *)t->data + r * t->nb[1]);
+        float *orig = c->saved + r * n;
+        int32_t *top = c->orig_topk + r * s->k_max;
+        memcpy(orig, row, (size_t)n * sizeof(float));
+        /* running average of the logit range */
+        float zmax = -INFINITY, zmin = INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            float z = to_logit(c->gating, orig[i]);
+            zmax = z > zmax ? z : zmax;
+            zmin = z < zmin ? z : zmin;
+        }
+        float range = zmax - zmin;
+        if (isfinite(range)) {
+            float d = c->range_avg[layer];
+            c->range_avg[layer] = d < 0.0f ? range : (1.0f - c->ema) * d + c->ema * range;
+        }
+        /* original top-k_max ids, best first (k is small: repeated scans) */
+        for (int32_t k = 0; k < s->k_max; k++) {
+            int32_t best = -1;
+            for (int64_t i = 0; i < n; i++) {
+                int taken = 0;
+                for (int32_t q = 0; q < k; q++) {
+                    taken |= top[q] == i;
+                }
+                if (!taken && (best < 0 || orig[i] > orig[best])) {
+                    best = (int32_t)i;
+                }
+            }
+            top[k] = best;
+        }
+        const float b = c->lambda * (c->range_avg[layer] > 0.0f ? c->range_avg[layer] : 0.0f);
+        for (int64_t i = 0; i < n; i++) {
+            int protect = res[i] != 0;
+            for (int32_t q = 0; q < j_top && !protect; q++) {
+                protect = top[q] == i;
+            }
+            if (protect) {
+                row[i] = biased_value(c->gating, orig[i], to_logit(c->gating, orig[i]), b);
+            }
+        }
+    }
+    c->saved_tensor = t;
+    c->saved_layer = layer;
+    c->saved_rows = rows;
+    c->n_rows += rows;
+}
+
+/* At the layer's topk: count changed selections, then put the unbiased probabilities back. */
+static void prior_restore(spac_sensor *s, struct ggml_tensor *topk, int32_t layer) {
+    spac_cache_prior *c = s->prior;
+    struct ggml_tensor *t = c->saved_tensor;
+    if (t == NULL || c->saved_layer != layer) {
+        return;
+    }
+    const int64_t n = t->ne[0], rows = c->saved_rows;
+    const uint8_t *ids = host_bytes(s, topk);
+    const int64_t k = topk->ne[0];
+    if (ids != NULL && topk->type == GGML_TYPE_I32 && topk->ne[1] == rows && k <= s->k_max) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *top = c->orig_topk + r * s->k_max;
+            for (int64_t q = 0; q < k; q++) {
+                int32_t id;
+                memcpy(&id, ids + r * topk->nb[1] + q * topk->nb[0], sizeof(id));
+                int in = 0;
+                for (int64_t o = 0; o < k; o++) {
+                    in |= top[o] == id;
+                }
+                c->n_selections++;
+                c->n_changed += !in;
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy((char *)t->data + r * t->nb[1], c->saved + r * n, (size_t)n * sizeof(float));
+    }
+    c->saved_tensor = NULL;
 }
 
 /* Pointer to the bytes of t readable on the host, copying device tensors into scratch. */
@@ -143,7 +295,9 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
     if (ask) {
         bool user_wants = s->user_cb != NULL && s->user_cb(t, true, s->user_data);
         s->user_asked = user_wants;
-        bool ours = s->enabled && spac_node_layer(t->name, SPAC_TOPK_PREFIX) >= 0;
+        bool prior = s->prior != NULL && s->prior->lambda != 0.0f;
+        bool ours = s->enabled && (spac_node_layer(t->name, SPAC_TOPK_PREFIX) >= 0 ||
+                                   (prior && spac_node_layer(t->name, SPAC_PROBS_PREFIX) >= 0));
         return user_wants || ours;
     }
 
@@ -151,6 +305,14 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
         int32_t layer = spac_node_layer(t->name, SPAC_TOPK_PREFIX);
         if (layer >= 0) {
             record_topk(s, t, layer);
+            if (s->prior != NULL) {
+                prior_restore(s, t, layer);
+            }
+        } else if (s->prior != NULL && s->prior->lambda != 0.0f) {
+            layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX);
+            if (layer >= 0) {
+                prior_apply(s, t, layer);
+            }
         }
     }
     if (s->user_asked) {

@@ -24,6 +24,37 @@ typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
  * token of the ubatch selected (e.g. spac_engine_on_layer). */
 typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
 
+/* Cache-aware routing ("Cache-Prior", arXiv 2412.00099), applied in the graph callback: when a
+ * layer's router probabilities (ffn_moe_probs-<layer>, F32 [n_expert, rows], host memory) have been
+ * computed, and the ubatch has at most max_rows tokens (decode), each row's selection scores get
+ * lambda * D added to the logits of experts that are resident or among the row's original top_j,
+ * where D is the layer's running average of the logit range (max - min). The biased values are
+ * written in place so that top-k selection sees them; the original probabilities are restored
+ * when the layer's ffn_moe_topk node is reached, before the mixing weights are gathered, so the
+ * weights come from the unbiased probabilities. */
+typedef struct spac_cache_prior {
+    float lambda;      /* bias strength; 0 disables */
+    int32_t top_j;     /* protected original top-J experts per token */
+    int32_t max_rows;  /* apply to ubatches of at most this many tokens */
+    int32_t gating;    /* how probs relate to logits: 0 softmax, 1 sigmoid, 2 probs are the logits */
+    float ema;         /* weight of the newest row's range in the running average */
+    uint8_t *resident; /* caller-owned [n_layer][n_expert]: 1 = resident */
+    float *range_avg;  /* caller-owned [n_layer]: running average of the logit range (< 0: none yet) */
+
+    /* state, owned by the sensor (freed by spac_sensor_release) */
+    float *saved;          /* original probs of the layer in progress [rows][n_expert] */
+    size_t saved_cap;      /* floats */
+    int32_t *orig_topk;    /* original top-k_max ids per row [rows][k_max] */
+    size_t orig_cap;       /* ints */
+    struct ggml_tensor *saved_tensor;
+    int32_t saved_layer;
+    int64_t saved_rows;
+
+    int64_t n_rows;       /* token rows biased */
+    int64_t n_selections; /* expert selections made under the bias */
+    int64_t n_changed;    /* of those, experts exact routing would not have chosen */
+} spac_cache_prior;
+
 typedef struct spac_sensor {
     /* geometry, fixed at creation */
     int32_t n_layer;   /* blocks in the model; valid layer ids are [0, n_layer) */
@@ -60,6 +91,9 @@ typedef struct spac_sensor {
     spac_layer_hook layer_hook;
     void *hook_data;
     uint8_t *event_mask;
+
+    /* optional cache-aware routing (NULL: exact routing) */
+    spac_cache_prior *prior;
 } spac_sensor;
 
 /* The graph-eval callback; user_data must be a spac_sensor*. */

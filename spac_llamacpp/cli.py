@@ -66,6 +66,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Flash-tier engine worker threads."),
         click.option("--pin-fraction", type=float, default=0.0, show_default=True,
                      help="Share of the budget locked in RAM (mlock) for the hottest experts."),
+        click.option("--cache-prior", "cache_prior", type=float, default=None,
+                     help="Cache-aware routing (opt-in, changes outputs): prefer resident experts with this "
+                          "lambda, e.g. 0.15."),
+        click.option("--cache-experts", type=int, default=None,
+                     help="With --cache-prior and no tier: simulated LRU cache size per layer (default: half)."),
         click.option("--warm-profile", default=None, type=click.Path(dir_okay=False, exists=True),
                      help="Start the flash tier's residency from a saved profile (`spac profile`) or trace."),
     ]
@@ -89,7 +94,8 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
 def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           tier: str | None = None, budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
-          warm_profile: str | None = None, seed: int = 0, routing_history: int | None = 1024,
+          warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
+          seed: int = 0, routing_history: int | None = 1024,
           speculation_history: int | None = 256):
     from .drafting import PromptLookupDraft
     from .llama import Llama
@@ -129,6 +135,8 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         tier=tier,
         budget=budget,
         flash_options=flash,
+        cache_prior=cache_prior,
+        cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
     )
 
 
@@ -205,6 +213,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["speculation"] = llm.speculation.summary()
     if llm.flash is not None:
         report["flash"] = llm.stats(settle=5.0)
+    if llm.cache_prior is not None:
+        report["cache_prior"] = llm.cache_prior.stats()
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -221,6 +231,12 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
                        f"draft length now {sp['n_draft_now']}", err=True)
         if "flash" in report:
             click.echo(_flash_line(report["flash"], gen.generated_tokens), err=True)
+        if "cache_prior" in report:
+            cp = report["cache_prior"]
+            miss = "n/a" if cp["miss_rate"] is None else f"{100 * cp['miss_rate']:.1f}%"
+            changed = "n/a" if cp["changed_rate"] is None else f"{100 * cp['changed_rate']:.1f}%"
+            click.echo(f"cache-aware routing: lambda {cp['lambda']}, expert miss rate {miss}, "
+                       f"selections changed {changed}", err=True)
         if "routing" in report:
             for line in _routing_lines(report["routing"]):
                 click.echo(line, err=True)
@@ -545,3 +561,33 @@ def plot_cmd(source: str, output: str, budget_experts: int | None, estimator: st
     else:
         plot_heatmap(load_profile(source), output)
     click.echo(f"wrote {output}", err=True)
+
+
+@spac.command(name="eval-ppl")
+@click.argument("model")
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text to score.")
+@click.option("--cache-prior", "lambdas", type=float, multiple=True, default=(0.05, 0.1, 0.15, 0.2, 0.3),
+              show_default=True, help="Lambda values to compare with exact routing (repeatable).")
+@click.option("--cache-experts", type=int, default=None, help="LRU cache size per layer (default: half the experts).")
+@click.option("--top-j", type=int, default=None, help="Protected original top-J (default: min(2, k-1)).")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens per window (context).")
+@click.option("--windows", type=int, default=4, show_default=True, help="Consecutive windows of the text scored.")
+@click.option("--threads", "n_threads", type=int, default=None)
+@click.option("--no-repack", is_flag=True, help="use_extra_bufts=False (K-quant models on AMX machines).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
+@friendly_errors
+def eval_ppl_cmd(model: str, text_file: str, lambdas: tuple[float, ...], cache_experts: int | None,
+                 top_j: int | None, max_tokens: int, windows: int, n_threads: int | None, no_repack: bool,
+                 json_out: str | None) -> None:
+    """Perplexity and expert-cache miss rate of cache-aware routing (Cache-Prior) at several lambdas."""
+    from .eval_ppl import eval_cache_prior, format_rows
+
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    rows = eval_cache_prior(model, Path(text_file).read_text(errors="replace"), lambdas,
+                            cache_experts=cache_experts, top_j=top_j, max_tokens=max_tokens, windows=windows,
+                            n_threads=n_threads, no_repack=no_repack)
+    click.echo(format_rows(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": model, "text": text_file, "rows": rows}, indent=2) + "\n")

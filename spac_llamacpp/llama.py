@@ -15,6 +15,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 
+from .cache_prior import CachePrior
 from .drafting import AdaptiveDraftLength, GGUFDraftModel, check_same_vocabulary
 from .errors import GGUFError, NotMoEError, SpacError
 from .flash_tier import FlashTier
@@ -58,7 +59,12 @@ class Llama(llama_cpp.Llama):
             ``budget`` bytes of them in RAM (``llm.flash``, ``llm.stats()``). None: llama.cpp as is.
         budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
         flash_options: extra :class:`spac_llamacpp.flash_tier.FlashTier` arguments (``estimator``,
-            ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``).
+            ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``,
+            ``profile``).
+        cache_prior: opt-in cache-aware routing with this lambda (e.g. 0.15): decode steps prefer
+            resident experts (:mod:`spac_llamacpp.cache_prior`; changes outputs). None: exact routing.
+        cache_prior_options: extra :class:`spac_llamacpp.cache_prior.CachePrior` arguments
+            (``top_j``, ``cache_experts``, ``max_rows``, ``ema``).
     """
 
     def __init__(
@@ -81,6 +87,8 @@ class Llama(llama_cpp.Llama):
         tier: str | None = None,
         budget: int | str | None = None,
         flash_options: dict[str, Any] | None = None,
+        cache_prior: float | None = None,
+        cache_prior_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self._spac_options = {
@@ -98,6 +106,8 @@ class Llama(llama_cpp.Llama):
             "tier": tier,
             "budget": budget,
             "flash_options": flash_options,
+            "cache_prior": cache_prior,
+            "cache_prior_options": cache_prior_options,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
         self.tier = tier
@@ -119,6 +129,13 @@ class Llama(llama_cpp.Llama):
             self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history)
         elif routing:
             log.info("%s has no routed experts: routing sensor not installed", model_path)
+        self.cache_prior: CachePrior | None = None
+        if cache_prior is not None:
+            if self._sensor is None:
+                if info.n_expert == 0:
+                    raise NotMoEError(f"{model_path} is a dense model; cache-aware routing needs an MoE GGUF")
+                raise SpacError("cache_prior needs routing=True: the bias runs in the routing sensor")
+            self.cache_prior = CachePrior(self._sensor, info, cache_prior, **(cache_prior_options or {}))
 
         self.speculation: SpeculationTracker | None = None
         self._draft_llm: GGUFDraftModel | None = None
@@ -180,6 +197,9 @@ class Llama(llama_cpp.Llama):
                 step = self.routing.end_step()
             if self.flash is not None:
                 self.flash.on_step(step)
+            if self.cache_prior is not None:
+                held = None if self.flash is None else self.flash.wanted | self.flash.look
+                self.cache_prior.on_step(step, held)
             if self.speculation is not None:
                 self.speculation.on_step(step, position, len(tokens))
 
@@ -190,6 +210,8 @@ class Llama(llama_cpp.Llama):
         out: dict[str, Any] = {"tier": self.tier}
         if self.flash is not None:
             out.update(self.flash.stats(settle))
+        if self.cache_prior is not None:
+            out["cache_prior"] = self.cache_prior.stats()
         if self.routing is not None:
             out["routing_tokens"] = self.routing.summary()["tokens"]
         return out

@@ -30,6 +30,13 @@ CDEF = """
 struct ggml_tensor;
 typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
 typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
+typedef struct spac_cache_prior {
+    float lambda; int32_t top_j; int32_t max_rows; int32_t gating; float ema;
+    uint8_t *resident; float *range_avg;
+    float *saved; size_t saved_cap; int32_t *orig_topk; size_t orig_cap;
+    struct ggml_tensor *saved_tensor; int32_t saved_layer; int64_t saved_rows;
+    int64_t n_rows; int64_t n_selections; int64_t n_changed;
+} spac_cache_prior;
 typedef struct spac_sensor {
     int32_t n_layer; int32_t n_expert; int32_t k_max; int32_t capacity;
     int32_t *ids; int32_t *step_counts; int64_t *total_counts; int32_t *step_layer_tokens;
@@ -38,6 +45,7 @@ typedef struct spac_sensor {
     spac_eval_cb user_cb; void *user_data;
     uint8_t *scratch; size_t scratch_size;
     spac_layer_hook layer_hook; void *hook_data; uint8_t *event_mask;
+    spac_cache_prior *prior;
 } spac_sensor;
 bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);
 void spac_sensor_flush(spac_sensor *s);
@@ -124,7 +132,7 @@ def build(force: bool = False) -> Path:
         sources=[str(src_dir / s) for s in _SOURCES],
         include_dirs=[str(src_dir), str(llama_include_dir())],
         # Link the .so.0 copy by soname: it is the one libllama.so loaded (see docs/internals).
-        libraries=[":libggml-base.so.0"],
+        libraries=[":libggml-base.so.0", "m"],
         library_dirs=[str(lib_dir)],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
                             "-Werror=implicit-function-declaration"],

@@ -1,0 +1,108 @@
+"""Cache-aware routing (Cache-Prior): off = exact, weights from unbiased probabilities, fewer misses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import llama_cpp
+import pytest
+
+from spac_llamacpp import Llama
+from spac_llamacpp.default_model import default_model_path
+from spac_llamacpp.errors import NotMoEError, SpacError
+
+PROMPT = b"ROMEO. What light"
+
+
+def _greedy(llm: llama_cpp.Llama, n: int = 40) -> list[int]:
+    out = []
+    for tok in llm.generate(llm.tokenize(PROMPT), top_k=1, temp=0.0):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+def _stock(path) -> list[int]:
+    ref = llama_cpp.Llama(str(path), n_ctx=128, verbose=False)
+    try:
+        return _greedy(ref)
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama", "deepseek2", "gpt-oss"])
+def test_lambda_zero_is_exact(tiny_model, arch):
+    path = tiny_model(arch)
+    llm = Llama(str(path), n_ctx=128, verbose=False, cache_prior=0.0)
+    try:
+        assert _greedy(llm) == _stock(path)
+        assert llm.stats()["cache_prior"]["rows_biased"] == 0
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "qwen3moe"])
+def test_mixing_weights_come_from_unbiased_probabilities(tiny_model, arch):
+    # every expert resident and none protected: the bias lifts all logits equally, so selection is
+    # unchanged; qwen2moe does not renormalise its weights, so they would be off by exp(bias) if the
+    # biased probabilities reached them
+    import numpy as np
+
+    from spac_llamacpp.gguf_info import read_model_header
+
+    path = tiny_model(arch)
+    info = read_model_header(path)
+    everything = np.ones((len(info.moe_layers), info.n_expert), dtype=bool)
+    llm = Llama(str(path), n_ctx=128, verbose=False, cache_prior=1.0,
+                cache_prior_options={"resident": everything, "top_j": 0})
+    try:
+        got = _greedy(llm)
+        st = llm.stats()["cache_prior"]
+        assert st["rows_biased"] > 0 and st["changed_rate"] == 0.0
+        assert got == _stock(path)
+    finally:
+        llm.close()
+
+
+def test_bias_trades_misses_for_changed_selections():
+    path = default_model_path()
+    rows = {}
+    for lam in (0.0, 0.3):
+        llm = Llama(str(path), n_ctx=256, verbose=False, cache_prior=lam, cache_prior_options={"cache_experts": 6})
+        try:
+            _greedy(llm, 64)
+            rows[lam] = llm.stats()["cache_prior"]
+        finally:
+            llm.close()
+    assert rows[0.0]["changed_rate"] is None and rows[0.3]["changed_rate"] > 0.05
+    assert rows[0.3]["miss_rate"] < 0.8 * rows[0.0]["miss_rate"]
+    assert rows[0.3]["top_j"] == 1  # top-2 model: J = k - 1
+
+
+def test_bad_arguments(tiny_model, tiny_dense_model):
+    with pytest.raises(NotMoEError):
+        Llama(str(tiny_dense_model), verbose=False, cache_prior=0.1)
+    with pytest.raises(SpacError, match="non-negative"):
+        Llama(str(tiny_model()), verbose=False, cache_prior=-1.0)
+    with pytest.raises(SpacError, match="routing=True"):
+        Llama(str(tiny_model()), verbose=False, cache_prior=0.1, routing=False)
+
+
+def test_eval_ppl_and_spac_run_cli(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet is "
+                    "the sun.\n" * 12)
+    exe = os.path.dirname(sys.executable)
+    r = subprocess.run([os.path.join(exe, "spac"), "eval-ppl", str(default_model_path()), "-f", str(text),
+                        "--cache-prior", "0.2", "--windows", "1", "--max-tokens", "128"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["lambda", "perplexity"] and lines[1].split()[0] == "0.000"
+    assert lines[2].split()[0] == "0.200"
+    r = subprocess.run([os.path.join(exe, "spac-run"), "-n", "16", "--cache-prior", "0.15", "--stats"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "cache-aware routing: lambda 0.15" in r.stderr, r.stderr
