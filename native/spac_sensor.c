@@ -150,7 +150,9 @@ static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
             }
             top[k] = best;
         }
-        const float b = c->lambda * (c->range_avg[layer] > 0.0f ? c->range_avg[layer] : 0.0f);
+        /* capped so that p * exp(b) stays finite in float (60 logits exceed any router's range) */
+        float b = c->lambda * (c->range_avg[layer] > 0.0f ? c->range_avg[layer] : 0.0f);
+        b = b > 60.0f ? 60.0f : b;
         for (int64_t i = 0; i < n; i++) {
             int protect = res[i] != 0;
             for (int32_t q = 0; q < j_top && !protect; q++) {

@@ -56,6 +56,10 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--draft", "draft", type=click.Path(dir_okay=False), default=None,
                      help="Speculative decoding with this draft GGUF (same tokenizer as MODEL)."),
         click.option("--lookup", is_flag=True, help="Speculative decoding with prompt lookup (n-gram) drafts."),
+        click.option("--self-draft", is_flag=True,
+                     help="Speculative decoding with the model itself drafting on its resident experts only."),
+        click.option("--self-draft-experts", type=int, default=None,
+                     help="With --self-draft: experts per token while drafting (default: the model's)."),
         click.option("--n-draft", type=int, default=4, show_default=True, help="Draft tokens per step (start value)."),
         click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
         click.option("--tier", type=click.Choice(["flash", "vram"]), default=None,
@@ -93,7 +97,8 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
 
 def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
-          tier: str | None = None, budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
+          self_draft: bool = False, self_draft_experts: int | None = None, tier: str | None = None,
+          budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024,
           speculation_history: int | None = 256):
@@ -102,8 +107,10 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
 
     if not Path(model).is_file():
         raise SpacError(f"model file not found: {model}")
-    if draft and lookup:
-        raise SpacError("choose one draft source: --draft PATH or --lookup")
+    if sum([bool(draft), lookup, self_draft]) > 1:
+        raise SpacError("choose one draft source: --draft PATH, --lookup or --self-draft")
+    if self_draft_experts is not None and not self_draft:
+        raise SpacError("--self-draft-experts needs --self-draft")
     if n_draft < 1:
         raise SpacError(f"--n-draft must be at least 1, not {n_draft}")
     if tier == "flash" and budget is None:
@@ -137,6 +144,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         flash_options=flash,
         cache_prior=cache_prior,
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
+        self_draft=(self_draft_experts or True) if self_draft else False,
     )
 
 

@@ -60,6 +60,9 @@ def check_same_vocabulary(target: llama_cpp.Llama, draft: llama_cpp.Llama, n_sam
             )
 
 
+_SPAC_ONLY_KWARGS = ("use_extra_bufts", "tensor_buft_overrides", "no_host", "cb_eval")
+
+
 class GGUFDraftModel(LlamaDraftModel):
     """Greedy drafting with a small GGUF model in its own llama context.
 
@@ -70,17 +73,24 @@ class GGUFDraftModel(LlamaDraftModel):
         model_path: the draft GGUF.
         n_draft: tokens drafted per call (can be changed between calls).
         n_ctx: the draft context length (use the target's).
-        **llama_kwargs: passed to ``llama_cpp.Llama`` for the draft (e.g. ``n_threads``, ``n_gpu_layers``).
+        llama_cls: the class that loads the draft (``spac_llamacpp.Llama`` for self-drafting).
+        **llama_kwargs: passed to ``llama_cls`` for the draft (e.g. ``n_threads``, ``n_gpu_layers``).
     """
 
-    def __init__(self, model_path: str | Path, n_draft: int = 4, n_ctx: int = 2048, **llama_kwargs: Any) -> None:
+    def __init__(self, model_path: str | Path, n_draft: int = 4, n_ctx: int = 2048,
+                 llama_cls: type[llama_cpp.Llama] = llama_cpp.Llama, **llama_kwargs: Any) -> None:
         if not Path(model_path).is_file():
             raise SpacError(f"draft model file not found: {model_path}")
         from .gguf_info import read_model_header
 
         read_model_header(model_path)  # a corrupt draft file gets the same one-line error as a target
         llama_kwargs.setdefault("verbose", False)
-        self.llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, logits_all=False, **llama_kwargs)
+        if llama_cls is llama_cpp.Llama and any(k in llama_kwargs for k in _SPAC_ONLY_KWARGS):
+            from .llama import Llama  # the stock class would ignore them
+
+            llama_cls = Llama
+            llama_kwargs.setdefault("routing", False)
+        self.llm = llama_cls(str(model_path), n_ctx=n_ctx, logits_all=False, **llama_kwargs)
         self.n_draft = n_draft
         self.model_path = str(model_path)
         self.evaluated_tokens = 0

@@ -64,7 +64,9 @@ class Llama(llama_cpp.Llama):
         cache_prior: opt-in cache-aware routing with this lambda (e.g. 0.15): decode steps prefer
             resident experts (:mod:`spac_llamacpp.cache_prior`; changes outputs). None: exact routing.
         cache_prior_options: extra :class:`spac_llamacpp.cache_prior.CachePrior` arguments
-            (``top_j``, ``cache_experts``, ``max_rows``, ``ema``).
+            (``top_j``, ``cache_experts``, ``max_rows``, ``ema``, ``resident``).
+        self_draft: speculative decoding with the model itself drafting on its resident experts
+            (:mod:`spac_llamacpp.self_draft`); an int also lowers its experts per token while drafting.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Llama(llama_cpp.Llama):
         flash_options: dict[str, Any] | None = None,
         cache_prior: float | None = None,
         cache_prior_options: dict[str, Any] | None = None,
+        self_draft: bool | int = False,
         **kwargs: Any,
     ) -> None:
         self._spac_options = {
@@ -108,6 +111,7 @@ class Llama(llama_cpp.Llama):
             "flash_options": flash_options,
             "cache_prior": cache_prior,
             "cache_prior_options": cache_prior_options,
+            "self_draft": self_draft,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
         self.tier = tier
@@ -140,6 +144,16 @@ class Llama(llama_cpp.Llama):
         self.speculation: SpeculationTracker | None = None
         self._draft_llm: GGUFDraftModel | None = None
         inner = kwargs.get("draft_model")
+        if self_draft is not False and self_draft is not None:
+            if inner is not None or draft_model_path is not None:
+                raise SpacError("self_draft drafts with the model itself: do not also pass a draft model")
+            if info.n_expert == 0:
+                raise NotMoEError(f"{model_path} is a dense model; self-drafting needs a Mixture-of-Experts GGUF")
+            from .self_draft import SelfDraft
+
+            experts = None if self_draft is True else int(self_draft)
+            dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
+            inner = self._draft_llm = SelfDraft(model_path, n_draft, kwargs.get("n_ctx", 512), experts=experts, **dkw)
         if draft_model_path is not None:
             if inner is not None:
                 raise SpacError("pass either draft_model or draft_model_path, not both")
@@ -174,6 +188,8 @@ class Llama(llama_cpp.Llama):
                 raise GGUFError(f"llama.cpp could not load {model_path}: {exc}") from exc
         if self._draft_llm is not None:
             check_same_vocabulary(self, self._draft_llm.llm)
+            if hasattr(self._draft_llm, "target"):
+                self._draft_llm.target = self
         if tier == "flash":
             assert self._sensor is not None and budget_bytes is not None
             try:

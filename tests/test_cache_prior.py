@@ -106,3 +106,29 @@ def test_eval_ppl_and_spac_run_cli(tmp_path):
     r = subprocess.run([os.path.join(exe, "spac-run"), "-n", "16", "--cache-prior", "0.15", "--stats"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "cache-aware routing: lambda 0.15" in r.stderr, r.stderr
+
+
+def test_self_draft_keeps_output_and_drafts_on_resident_experts(tiny_model):
+    path = tiny_model("qwen3moe")
+    want = _stock(path)
+    llm = Llama(str(path), n_ctx=128, verbose=False, self_draft=True, n_draft=3)
+    try:
+        assert _greedy(llm) == want  # verification is exact
+        spec = llm.speculation.summary()
+        assert spec["provider"] == "SelfDraft" and spec["drafted"] > 0
+        prior = llm._draft_llm.llm.cache_prior
+        assert prior.stats()["rows_biased"] > 0
+        prior.selections = prior.misses = 0  # warmed up: now drafting should (almost) never miss
+        llm.reset()
+        assert _greedy(llm) == want
+        assert prior.selections > 0 and prior.misses / prior.selections < 0.05
+    finally:
+        llm.close()
+    fewer = Llama(str(path), n_ctx=128, verbose=False, self_draft=1)
+    try:
+        assert _greedy(fewer) == want
+        assert fewer._draft_llm.llm.moe_info.n_expert_used[fewer.moe_info.moe_layers[0]] == 2  # header unchanged
+    finally:
+        fewer.close()
+    with pytest.raises(SpacError, match="do not also pass"):
+        Llama(str(path), verbose=False, self_draft=True, draft_model_path=str(path))

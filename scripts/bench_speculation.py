@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Speculative decoding sources side by side: none, prompt lookup, a draft model, self-drafting.
+
+For one MoE model, runs the same prompts (greedy) with each draft source, reports whether every run
+produces the text of the run without speculation (it can differ where llama.cpp's batched
+verification rounds differently from one-token decoding and a near-tie flips; stock
+llama-cpp-python's own prompt-lookup decoding does the same), and prints acceptance, tokens/s and
+the ratio to no speculation; the last line is one JSON object. With ``--budget`` every run uses the flash
+tier at that expert budget (no RAM limit is imposed here: see bench_flash.py for that).
+
+Example::
+
+    python scripts/bench_speculation.py MODEL.gguf --draft DRAFT.gguf -n 64 [--self-draft-experts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = (
+    "def merge_sort(items: list[int]) -> list[int]:",
+    "Explain in plain English how a hash table handles collisions.",
+    "import numpy as np\n\ndef softmax(x):",
+    "Once upon a time, in a village by the sea, there lived",
+)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--draft", default=None, help="separate draft GGUF (same tokenizer)")
+    p.add_argument("--self-draft-experts", type=int, action="append", default=None,
+                   help="also self-draft with this many experts per token (repeatable)")
+    p.add_argument("--n-draft", type=int, default=4)
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--budget", default=None, help="flash-tier expert budget for every run")
+    p.add_argument("--limit", default=None,
+                   help="RAM limit for all runs (spac_llamacpp/memlimit.py), e.g. 1.8GiB; the model's pages are "
+                        "dropped from the page cache before each run")
+    p.add_argument("--no-repack", action="store_true", help="use_extra_bufts=False (K-quant non-expert weights)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    args = p.parse_args()
+
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else list(PROMPTS)
+    prompts = [x.replace("\\n", "\n") for x in prompts if x.strip()]
+    configs: list[tuple[str, dict]] = [("none", {}), ("prompt lookup", {"draft_model": "lookup"})]
+    if args.draft:
+        configs.append(("draft model", {"draft_model_path": args.draft}))
+    configs.append(("self-draft", {"self_draft": True}))
+    for k in args.self_draft_experts or []:
+        configs.append((f"self-draft k={k}", {"self_draft": k}))
+
+    base = {"n_ctx": args.ctx, "n_threads": args.threads, "verbose": False, "seed": 0, "n_draft": args.n_draft,
+            "adaptive_draft": True}
+    if args.budget:
+        base.update(tier="flash", budget=args.budget)
+    if args.no_repack or args.budget:
+        base["use_extra_bufts"] = False
+        base["draft_kwargs"] = {"use_extra_bufts": False}
+
+    from spac_llamacpp.memlimit import MemoryLimit, drop_file_cache
+    from spac_llamacpp.sizes import parse_size
+
+    limit = MemoryLimit(parse_size(args.limit), min_limit=1 << 30) if args.limit else contextlib.nullcontext()
+    rows: list[dict] = []
+    with limit:
+        _run_all(args, configs, base, prompts, rows, drop_file_cache if args.limit else None)
+    print(json.dumps({"model": args.model, "budget": args.budget, "limit": args.limit, "n_predict": args.n_predict,
+                      "prompts": len(prompts), "rows": rows}))
+    return 0
+
+
+def _run_all(args, configs, base, prompts, rows, drop) -> None:
+    from spac_llamacpp import Llama
+    from spac_llamacpp.drafting import PromptLookupDraft
+    from spac_llamacpp.generate import GenerationStats, stream_generate
+
+    reference = None
+    for label, extra in configs:
+        if drop is not None:
+            drop(args.model)
+        kw = {**base, **extra}
+        if kw.get("draft_model") == "lookup":
+            kw["draft_model"] = PromptLookupDraft(args.n_draft)
+        t0 = time.perf_counter()
+        llm = Llama(args.model, **kw)
+        load = time.perf_counter() - t0
+        texts, tokens, seconds = [], 0, 0.0
+        for prompt in prompts:
+            llm.reset()
+            st = GenerationStats()
+            texts.append("".join(stream_generate(llm, prompt, args.n_predict, temperature=0.0, seed=0, stats=st)))
+            tokens += st.generated_tokens
+            seconds += st.decode_seconds + st.prompt_seconds
+        spec = llm.speculation.summary() if llm.speculation is not None else None
+        extra_stats = llm.stats() if args.budget else {}
+        llm.close()
+        if reference is None:
+            reference = texts
+        row = {"source": label, "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load,
+               "identical": texts == reference,
+               "acceptance": spec["acceptance_rate"] if spec else None,
+               "drafted": spec["drafted"] if spec else 0, "verifications": spec["verifications"] if spec else 0}
+        if extra_stats:
+            row["hit_rate"] = extra_stats.get("hit_rate")
+        rows.append(row)
+        acc = "" if row["acceptance"] is None else f", acceptance {100 * row['acceptance']:.1f}%"
+        print(f"{label:>18}: {row['tps']:7.2f} tok/s ({row['tps'] / rows[0]['tps']:.2f}x){acc}, "
+              f"identical to no speculation: {row['identical']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
