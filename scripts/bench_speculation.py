@@ -37,6 +37,10 @@ def main() -> int:
     p.add_argument("--self-draft-experts", type=int, action="append", default=None,
                    help="also self-draft with this many experts per token (repeatable)")
     p.add_argument("--n-draft", type=int, default=4)
+    p.add_argument("--cache-prior", type=float, action="append", default=None,
+                   help="also run without drafts but with cache-aware routing at this lambda (repeatable; "
+                        "changes outputs)")
+    p.add_argument("--no-drafts", action="store_true", help="skip the draft sources (with --cache-prior)")
     p.add_argument("-n", "--n-predict", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=1024)
@@ -50,12 +54,16 @@ def main() -> int:
 
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else list(PROMPTS)
     prompts = [x.replace("\\n", "\n") for x in prompts if x.strip()]
-    configs: list[tuple[str, dict]] = [("none", {}), ("prompt lookup", {"draft_model": "lookup"})]
-    if args.draft:
-        configs.append(("draft model", {"draft_model_path": args.draft}))
-    configs.append(("self-draft", {"self_draft": True}))
-    for k in args.self_draft_experts or []:
-        configs.append((f"self-draft k={k}", {"self_draft": k}))
+    configs: list[tuple[str, dict]] = [("none", {})]
+    if not args.no_drafts:
+        configs.append(("prompt lookup", {"draft_model": "lookup"}))
+        if args.draft:
+            configs.append(("draft model", {"draft_model_path": args.draft}))
+        configs.append(("self-draft", {"self_draft": True}))
+        for k in args.self_draft_experts or []:
+            configs.append((f"self-draft k={k}", {"self_draft": k}))
+    for lam in args.cache_prior or []:
+        configs.append((f"cache-prior {lam:g}", {"cache_prior": lam}))
 
     base = {"n_ctx": args.ctx, "n_threads": args.threads, "verbose": False, "seed": 0, "n_draft": args.n_draft,
             "adaptive_draft": True}
@@ -110,8 +118,11 @@ def _run_all(args, configs, base, prompts, rows, drop) -> None:
                "drafted": spec["drafted"] if spec else 0, "verifications": spec["verifications"] if spec else 0}
         if extra_stats:
             row["hit_rate"] = extra_stats.get("hit_rate")
+            row["read_bytes"] = extra_stats.get("read_bytes")
         rows.append(row)
         acc = "" if row["acceptance"] is None else f", acceptance {100 * row['acceptance']:.1f}%"
+        if row.get("hit_rate") is not None:
+            acc += f", expert hit rate {100 * row['hit_rate']:.1f}%"
         print(f"{label:>18}: {row['tps']:7.2f} tok/s ({row['tps'] / rows[0]['tps']:.2f}x){acc}, "
               f"identical to no speculation: {row['identical']}", flush=True)
 

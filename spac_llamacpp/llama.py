@@ -119,7 +119,6 @@ class Llama(llama_cpp.Llama):
         budget_bytes = _check_tier(self.moe_info, tier, budget, routing, use_extra_bufts, kwargs)
         if tier == "flash":
             use_extra_bufts = False  # experts must stay file-backed in the mapping
-            mappings_before = file_mappings(model_path)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
         self._sensor: RoutingSensor | None = None
         self.routing: RoutingLog | None = None
@@ -181,6 +180,8 @@ class Llama(llama_cpp.Llama):
                 p.cb_eval = llama_c.ggml_backend_sched_eval_callback(addr)
                 p.cb_eval_user_data = cb_eval_user_data
 
+        # after any self-draft has mapped the same file: the one new mapping is then the target's
+        mappings_before = file_mappings(model_path) if tier == "flash" else []
         with patched_default_params(edit_model, edit_context):
             try:
                 super().__init__(model_path, **kwargs)

@@ -215,3 +215,20 @@ def test_spac_run_flash_cli(flash_models):
     assert st["budget_bytes"] == 1 << 20 and st["resident_expert_bytes"] <= 1 << 20
     bad = subprocess.run([exe, path, "--tier", "flash", "--budget", "1KiB"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "too small" in bad.stderr
+
+
+def test_self_draft_with_the_flash_tier(flash_models):
+    path = flash_models["qwen3moe"]
+    want = _stock_tokens(path, 24)
+    llm = Llama(path, n_ctx=128, verbose=False, seed=0, tier="flash", budget=_min_budget(path), self_draft=True,
+                n_draft=3, flash_options={"background": False})
+    try:
+        assert _greedy(llm, 24) == want
+        assert llm.speculation.summary()["drafted"] > 0
+        # the draft follows the target's residency
+        draft_prior = llm._draft_llm.llm.cache_prior
+        held = llm.flash.wanted | llm.flash.look
+        assert (draft_prior.resident[draft_prior.rows].astype(bool) == draft_prior.fixed).all()
+        assert draft_prior.fixed.shape == held.shape
+    finally:
+        llm.close()
