@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 from functools import cache
@@ -26,55 +27,17 @@ log = logging.getLogger(__name__)
 
 MODULE_NAME = "_spac_native"
 
-CDEF = """
-struct ggml_tensor;
-typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
-typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
-typedef struct spac_cache_prior {
-    float lambda; int32_t top_j; int32_t max_rows; int32_t gating; float ema;
-    uint8_t *resident; float *range_avg;
-    float *saved; size_t saved_cap; int32_t *orig_topk; size_t orig_cap;
-    struct ggml_tensor *saved_tensor; int32_t saved_layer; int64_t saved_rows;
-    int64_t n_rows; int64_t n_selections; int64_t n_changed;
-} spac_cache_prior;
-typedef struct spac_sensor {
-    int32_t n_layer; int32_t n_expert; int32_t k_max; int32_t capacity;
-    int32_t *ids; int32_t *step_counts; int64_t *total_counts; int32_t *step_layer_tokens;
-    int64_t n_tokens; int64_t n_ubatches; int64_t n_events; int64_t n_bad_ids; int64_t n_bad_events;
-    int32_t last_layer; int32_t ubatch_tokens; int32_t enabled; int32_t user_asked;
-    spac_eval_cb user_cb; void *user_data;
-    uint8_t *scratch; size_t scratch_size;
-    spac_layer_hook layer_hook; void *hook_data; uint8_t *event_mask;
-    spac_cache_prior *prior;
-} spac_sensor;
-bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);
-void spac_sensor_flush(spac_sensor *s);
-void spac_sensor_release(spac_sensor *s);
-int32_t spac_node_layer(const char *name, const char *prefix);
-const char *spac_tensor_name(const struct ggml_tensor *t);
-int64_t spac_tensor_copy_f32_rows(struct ggml_tensor *t, float *dst, int64_t max_rows, int64_t n_cols);
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
 
-typedef struct spac_engine spac_engine;
-typedef struct spac_engine_stats {
-    int64_t prefetches, prefetch_bytes, evictions, evict_bytes, pins, unpins, pin_failures, superseded, deferred,
-            demand_hits, demand_misses, transient_evictions, queue_full, errors, last_errno, queued,
-            demand_wait_ns;
-} spac_engine_stats;
-spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
-                             uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity);
-int32_t spac_engine_add_tensor(spac_engine *e, int32_t layer, uint64_t file_offset, uint64_t bytes_per_expert);
-int32_t spac_engine_start(spac_engine *e);
-int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t expert);
-void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted);
-void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
-void spac_engine_end_step(spac_engine *e);
-int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
-int64_t spac_engine_residency(spac_engine *e, float *frac);
-int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock);
-void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
-void spac_engine_stop(spac_engine *e);
-void spac_engine_free(spac_engine *e);
-"""
+
+def cdef_from_headers(src_dir: Path) -> str:
+    """The cffi declarations: our headers without comments and preprocessor lines (one source of truth)."""
+    out = []
+    for name in _HEADERS:
+        text = _COMMENT.sub("", (src_dir / name).read_text())
+        out += [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return "\n".join(out) + "\n"
+
 
 _SOURCES = ("spac_sensor.c", "spac_engine.c")
 _HEADERS = ("spac_sensor.h", "spac_engine.h")
@@ -101,7 +64,7 @@ def _build_key(src_dir: Path) -> str:
     lib = llama_lib_dir() / "libggml-base.so.0"
     st = lib.stat()
     h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}:{sys.version_info[:2]}".encode())
-    h.update(CDEF.encode())
+    h.update(cdef_from_headers(src_dir).encode())
     return h.hexdigest()[:16]
 
 
@@ -124,7 +87,7 @@ def build(force: bool = False) -> Path:
         raise NativeError("cffi is not installed; run scripts/setup.sh") from exc
 
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(cdef_from_headers(src_dir))
     lib_dir = llama_lib_dir()
     ffi.set_source(
         MODULE_NAME,
