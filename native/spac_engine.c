@@ -3,6 +3,7 @@
 #include "spac_engine.h"
 
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -28,6 +29,12 @@ typedef struct {
     int32_t op, layer, expert;
     uint64_t seq;
 } move_t;
+
+typedef struct {
+    int32_t target, k, n_embd, sigmoid, max_rows;
+    float eps;
+    const float *weight, *norm, *bias;
+} predictor_t;
 
 struct spac_engine {
     int32_t n_layer, n_expert, max_t;
@@ -63,6 +70,13 @@ struct spac_engine {
     size_t mc_cap;
     unsigned char *hit_mc; /* hit checks (decoding thread) */
     size_t hit_cap;
+
+    /* layer-ahead prediction (decoding thread only) */
+    predictor_t *pred;  /* [n_layer] by source layer; target < 0: none */
+    uint8_t *issued;    /* [n_layer][n_expert]: reads started by a prediction, not yet checked */
+    float *scratch_h;   /* [n_embd] */
+    float *scratch_s;   /* [n_expert] */
+    int32_t scratch_embd;
 };
 
 static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
@@ -118,10 +132,16 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->deferred = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->threads = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
+    e->pred = (predictor_t *)calloc((size_t)n_layer, sizeof(predictor_t));
+    e->issued = (uint8_t *)calloc((size_t)n, 1);
+    e->scratch_s = (float *)calloc((size_t)n_expert, sizeof(float));
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
-        !e->q || !e->deferred || !e->threads) {
+        !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s) {
         spac_engine_free(e);
         return NULL;
+    }
+    for (int32_t l = 0; l < n_layer; l++) {
+        e->pred[l].target = -1;
     }
     return e;
 }
@@ -533,12 +553,13 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     }
     int32_t misses[4096];
     int32_t n_miss = 0;
-    int64_t hits = 0;
+    int64_t hits = 0, useful = 0;
     for (int32_t x = 0; x < e->n_expert; x++) {
         if (!mask[x]) {
             continue;
         }
         atomic_store(&e->in_use[idx(e, layer, x)], 1);
+        useful += e->issued[idx(e, layer, x)];
         if (resident_whole(e, layer, x)) {
             hits++;
         } else {
@@ -568,7 +589,9 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         /* finishing cleared in_use only for the previous layer; ours stay marked */
     }
     e->cur_layer = layer;
+    memset(e->issued + (int64_t)layer * e->n_expert, 0, (size_t)e->n_expert);
     e->st.demand_hits += hits;
+    e->st.ahead_useful += useful;
     e->st.demand_misses += n_miss;
     for (int32_t m = 0; m < n_miss; m++) {
         int64_t j = idx(e, layer, misses[m]);
@@ -683,6 +706,105 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
     return total;
 }
 
+int32_t spac_engine_set_predictor(spac_engine *e, int32_t source, int32_t target, const float *weight,
+                                  const float *norm, const float *bias, int32_t sigmoid, int32_t k, int32_t n_embd,
+                                  float eps, int32_t max_rows) {
+    if (e == NULL || source < 0 || source >= e->n_layer || target < 0 || target >= e->n_layer ||
+        e->n_tensors[target] == 0 || weight == NULL || norm == NULL || k < 1 || k > e->n_expert || n_embd < 1 ||
+        max_rows < 1) {
+        return -1;
+    }
+    if (n_embd > e->scratch_embd) {
+        float *p = (float *)realloc(e->scratch_h, (size_t)n_embd * sizeof(float));
+        if (p == NULL) {
+            return -1;
+        }
+        e->scratch_h = p;
+        e->scratch_embd = n_embd;
+    }
+    predictor_t *p = &e->pred[source];
+    p->target = target;
+    p->k = k;
+    p->n_embd = n_embd;
+    p->sigmoid = sigmoid;
+    p->max_rows = max_rows;
+    p->eps = eps;
+    p->weight = weight;
+    p->norm = norm;
+    p->bias = bias;
+    return 0;
+}
+
+void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64_t n_rows, int64_t n_embd,
+                           int64_t row_stride) {
+    spac_engine *e = (spac_engine *)engine;
+    if (e == NULL || rows == NULL || layer < 0 || layer >= e->n_layer) {
+        return;
+    }
+    const predictor_t *p = &e->pred[layer];
+    if (p->target < 0 || n_embd != p->n_embd || n_rows < 1 || n_rows > p->max_rows) {
+        return; /* no predictor, or a prompt batch (which loads most experts anyway) */
+    }
+    const int32_t n = e->n_expert, t = p->target;
+    uint8_t *issued = e->issued + (int64_t)t * n;
+    int64_t predicted = 0, started = 0;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *x = (const float *)((const char *)rows + r * row_stride);
+        double ss = 0.0;
+        for (int32_t i = 0; i < n_embd; i++) {
+            ss += (double)x[i] * x[i];
+        }
+        const float scale = 1.0f / sqrtf((float)(ss / n_embd) + p->eps);
+        for (int32_t i = 0; i < n_embd; i++) {
+            e->scratch_h[i] = x[i] * scale * p->norm[i];
+        }
+        for (int32_t x2 = 0; x2 < n; x2++) {
+            const float *w = p->weight + (int64_t)x2 * n_embd;
+            float acc = 0.0f;
+            for (int32_t i = 0; i < n_embd; i++) {
+                acc += w[i] * e->scratch_h[i];
+            }
+            if (p->bias != NULL) {
+                acc = (p->sigmoid ? 1.0f / (1.0f + expf(-acc)) : acc) + p->bias[x2];
+            }
+            e->scratch_s[x2] = acc;
+        }
+        for (int32_t q = 0; q < p->k; q++) { /* top-k by repeated scans (k is small) */
+            int32_t best = -1;
+            for (int32_t x2 = 0; x2 < n; x2++) {
+                if (e->scratch_s[x2] > -INFINITY && (best < 0 || e->scratch_s[x2] > e->scratch_s[best])) {
+                    best = x2;
+                }
+            }
+            if (best < 0) {
+                break;
+            }
+            e->scratch_s[best] = -INFINITY;
+            predicted++;
+            if (!issued[best] && !resident_whole(e, t, best)) {
+                issued[best] = 1;
+                started++;
+                for (int32_t i = 0; i < e->n_tensors[t]; i++) {
+                    range_t rg = covering(e, &e->tensors[(int64_t)t * e->max_t + i], best);
+                    if (rg.hi > rg.lo) {
+                        madvise(e->base + rg.lo, rg.hi - rg.lo, MADV_WILLNEED);
+                    }
+                }
+            }
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    e->st.ahead_predicted += predicted;
+    e->st.ahead_issued += started;
+    for (int32_t x2 = 0; x2 < n && started > 0; x2++) {
+        /* read for one layer only, unless the plan wants them: evicted after that layer like misses */
+        if (issued[x2] && !e->wanted[(int64_t)t * n + x2]) {
+            e->transient[(int64_t)t * n + x2] = 1;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
 int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock) {
     if (e == NULL || length == 0 || file_offset > e->size || length > e->size - file_offset) {
         return -EINVAL;
@@ -740,6 +862,10 @@ void spac_engine_free(spac_engine *e) {
     free(e->threads);
     free(e->mc);
     free(e->hit_mc);
+    free(e->pred);
+    free(e->issued);
+    free(e->scratch_h);
+    free(e->scratch_s);
     pthread_mutex_destroy(&e->mu);
     pthread_mutex_destroy(&e->mc_mu);
     pthread_cond_destroy(&e->cv_work);

@@ -45,6 +45,9 @@ typedef struct spac_engine_stats {
     int64_t last_errno;
     int64_t queued;                      /* moves waiting or running now */
     int64_t demand_wait_ns;              /* decoding thread's time waiting for missed experts */
+    int64_t ahead_predicted;             /* layer-ahead: experts predicted for the next MoE layer */
+    int64_t ahead_issued;                /* ... of those not resident, whose reads were started */
+    int64_t ahead_useful;                /* ... of those, selected when that layer ran */
 } spac_engine_stats;
 
 /* map_base: the address of file offset 0 in llama.cpp's mapping (which may start at a later page:
@@ -78,6 +81,19 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
 /* Resident expert bytes (mincore, each byte counted once); frac (may be NULL) receives per expert
  * the resident fraction of its bytes, [n_layer][n_expert]. Returns -1 on error. */
 int64_t spac_engine_residency(spac_engine *e, float *frac);
+
+/* Layer-ahead prediction: when layer `source` has produced its output x (spac_engine_on_hidden),
+ * predict the experts of MoE block `target` as top-k of weight . (rmsnorm(x) * norm) (+ bias on the
+ * selection scores, after a sigmoid if `sigmoid`), and start reads (MADV_WILLNEED, no wait) of the
+ * predicted experts that are not resident. The arrays are caller-owned and must outlive the engine:
+ * weight [n_expert][n_embd], norm [n_embd], bias [n_expert] or NULL. Returns 0 or -1 (bad arguments). */
+int32_t spac_engine_set_predictor(spac_engine *e, int32_t source, int32_t target, const float *weight,
+                                  const float *norm, const float *bias, int32_t sigmoid, int32_t k, int32_t n_embd,
+                                  float eps, int32_t max_rows);
+
+/* Routing sensor hook (decoding thread): layer `layer`'s output rows. */
+void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64_t n_rows, int64_t n_embd,
+                           int64_t row_stride);
 
 /* mlock (lock != 0) or munlock the whole pages inside [file_offset, file_offset + length), e.g. the
  * non-expert weights. Returns 0 or -errno. */

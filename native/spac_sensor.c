@@ -59,6 +59,7 @@ void spac_sensor_release(spac_sensor *s) {
  * cache-aware routing (see spac_cache_prior in the header) */
 
 #define SPAC_PROBS_PREFIX "ffn_moe_probs-"
+#define SPAC_LOUT_PREFIX "l_out-"
 
 static const uint8_t *host_bytes(spac_sensor *s, struct ggml_tensor *t);
 
@@ -299,7 +300,8 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
         s->user_asked = user_wants;
         bool prior = s->prior != NULL && s->prior->lambda != 0.0f;
         bool ours = s->enabled && (spac_node_layer(t->name, SPAC_TOPK_PREFIX) >= 0 ||
-                                   (prior && spac_node_layer(t->name, SPAC_PROBS_PREFIX) >= 0));
+                                   (prior && spac_node_layer(t->name, SPAC_PROBS_PREFIX) >= 0) ||
+                                   (s->hidden_hook != NULL && spac_node_layer(t->name, SPAC_LOUT_PREFIX) >= 0));
         return user_wants || ours;
     }
 
@@ -310,10 +312,14 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
             if (s->prior != NULL) {
                 prior_restore(s, t, layer);
             }
-        } else if (s->prior != NULL && s->prior->lambda != 0.0f) {
-            layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX);
-            if (layer >= 0) {
-                prior_apply(s, t, layer);
+        } else if (s->prior != NULL && s->prior->lambda != 0.0f &&
+                   (layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX)) >= 0) {
+            prior_apply(s, t, layer);
+        } else if (s->hidden_hook != NULL && (layer = spac_node_layer(t->name, SPAC_LOUT_PREFIX)) >= 0) {
+            if (layer < s->n_layer && t->type == GGML_TYPE_F32 && t->ne[2] == 1 && t->ne[3] == 1 &&
+                t->nb[0] == sizeof(float) && t->data != NULL &&
+                (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer))) {
+                s->hidden_hook(s->hidden_data, layer, (const float *)t->data, t->ne[1], t->ne[0], (int64_t)t->nb[1]);
             }
         }
     }

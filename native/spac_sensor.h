@@ -24,6 +24,11 @@ typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
  * token of the ubatch selected (e.g. spac_engine_on_layer). */
 typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *mask);
 
+/* Called with each layer's output (l_out-<layer>, F32 [n_embd, rows], host memory): rows are
+ * row_stride bytes apart (e.g. spac_engine_on_hidden, for layer-ahead prefetch). */
+typedef void (*spac_hidden_hook)(void *hook_data, int32_t layer, const float *rows, int64_t n_rows, int64_t n_embd,
+                                 int64_t row_stride);
+
 /* Cache-aware routing ("Cache-Prior", arXiv 2412.00099), applied in the graph callback: when a
  * layer's router probabilities (ffn_moe_probs-<layer>, F32 [n_expert, rows], host memory) have been
  * computed, and the ubatch has at most max_rows tokens (decode), each row's selection scores get
@@ -94,6 +99,10 @@ typedef struct spac_sensor {
 
     /* optional cache-aware routing (NULL: exact routing) */
     spac_cache_prior *prior;
+
+    /* optional hook on layer outputs (asks for l_out-<layer> nodes when set) */
+    spac_hidden_hook hidden_hook;
+    void *hidden_data;
 } spac_sensor;
 
 /* The graph-eval callback; user_data must be a spac_sensor*. */

@@ -382,14 +382,17 @@ def eval_utility_cmd(trace_path: str, budget: int, json_out: str | None, png_out
 @click.option("--node", type=click.Choice(["l_out", "ffn_inp"]), default="l_out", show_default=True,
               help="l_out: predict layer l+1 from layer l's output; ffn_inp: each layer's own input (exact check).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--no-repack", is_flag=True, help="use_extra_bufts=False (K-quant models on AMX machines).")
 @friendly_errors
-def lookahead_cmd(model: str, prompts: tuple[str, ...], n_predict: int, node: str, json_out: str | None) -> None:
+def lookahead_cmd(model: str, prompts: tuple[str, ...], n_predict: int, node: str, json_out: str | None,
+                  no_repack: bool) -> None:
     """Measure layer lookahead: how well layer l's output predicts layer l+1's experts."""
     from .lookahead import measure
 
     if not Path(model).is_file():
         raise SpacError(f"model file not found: {model}")
-    report = measure(model, list(prompts) or ["Once upon a time"], n_predict, node=node, n_ctx=2048, verbose=False)
+    report = measure(model, list(prompts) or ["Once upon a time"], n_predict, node=node, n_ctx=default_ctx(model, None),
+                     verbose=False, **({"use_extra_bufts": False} if no_repack else {}))
     click.echo(f"{'layer':>5} {'lookahead recall':>17} {'previous-token recall':>22}")
     for layer, r in sorted(report.per_layer.items()):
         click.echo(f"{layer:>5} {r:>17.3f} {report.per_layer_previous_token[layer]:>22.3f}")

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 OPS = {"prefetch": 1, "evict": 2, "pin": 3, "unpin": 4}
 _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
-                "errors", "last_errno", "queued", "demand_wait_ns")
+                "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful")
 
 
 def page_size() -> int:
@@ -66,6 +66,8 @@ def _release(lib: Any, ffi: Any, handle: Any, fd: int, hooked: list) -> None:
         s.layer_hook = ffi.NULL
         s.hook_data = ffi.NULL
         s.event_mask = ffi.NULL
+        s.hidden_hook = ffi.NULL
+        s.hidden_data = ffi.NULL
     hooked.clear()
     lib.spac_engine_free(handle)
     os.close(fd)
@@ -115,6 +117,7 @@ class FlashEngine:
             raise SpacError(f"could not start the flash engine's threads ({os.strerror(-rc)})")
         self.covering = covering_bytes(info)
         self._mask = np.zeros(self.n_expert, dtype=np.uint8)
+        self._keep: list[np.ndarray] = []  # predictor arrays the engine points into
         self._sensor: RoutingSensor | None = None
 
     # --- moves -------------------------------------------------------------------------------------
@@ -159,12 +162,39 @@ class FlashEngine:
         self._hooked.append(s)
         self._sensor = sensor
 
+    def set_predictor(self, source: int, target: int, weight: np.ndarray, norm: np.ndarray, bias: np.ndarray | None,
+                      sigmoid: bool, k: int, eps: float, max_rows: int = 16) -> None:
+        """Layer-ahead prefetch: predict block ``target``'s experts from block ``source``'s output.
+
+        The arrays (float32, C order) are kept alive by the engine object.
+        """
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        norm = np.ascontiguousarray(norm, dtype=np.float32)
+        bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        if weight.shape != (self.n_expert, norm.size) or (bias is not None and bias.size != self.n_expert):
+            raise SpacError(f"router of block {target} has shape {weight.shape}, expected ({self.n_expert}, n_embd)")
+        self._keep.extend(a for a in (weight, norm, bias) if a is not None)
+        ffi = self._ffi
+        rc = self._lib.spac_engine_set_predictor(
+            self._live(), int(source), int(target), ffi.cast("float *", ffi.from_buffer(weight)),
+            ffi.cast("float *", ffi.from_buffer(norm)),
+            ffi.NULL if bias is None else ffi.cast("float *", ffi.from_buffer(bias)),
+            1 if sigmoid else 0, int(k), int(norm.size), float(eps), int(max_rows))
+        if rc != 0:
+            raise SpacError(f"cannot set a layer-ahead predictor from block {source} to block {target}")
+        if self._sensor is not None:
+            s = self._sensor._struct
+            s.hidden_data = self._live()
+            s.hidden_hook = ffi.addressof(self._lib, "spac_engine_on_hidden")
+
     def detach(self) -> None:
         if self._sensor is not None and self._sensor._struct is not None:
             s = self._sensor._struct
             s.layer_hook = self._ffi.NULL
             s.hook_data = self._ffi.NULL
             s.event_mask = self._ffi.NULL
+            s.hidden_hook = self._ffi.NULL
+            s.hidden_data = self._ffi.NULL
             if s in self._hooked:
                 self._hooked.remove(s)
         self._sensor = None

@@ -232,3 +232,21 @@ def test_self_draft_with_the_flash_tier(flash_models):
         assert draft_prior.fixed.shape == held.shape
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_layer_ahead_prefetch(flash_models, arch):
+    path = flash_models[arch]
+    want = _stock_tokens(path, 24)
+    budget = _min_budget(path)
+    llm = _flash(path, budget=budget, layer_ahead=True)
+    try:
+        assert _greedy(llm, 24) == want
+        llm.flash.engine.wait_idle()
+        st = llm.stats(settle=5.0)
+        eng = st["engine"]
+        assert eng["ahead_predicted"] > 0 and eng["ahead_issued"] > 0
+        assert 0 < eng["ahead_useful"] <= eng["ahead_issued"]
+        assert st["resident_expert_bytes"] <= budget
+    finally:
+        llm.close()
