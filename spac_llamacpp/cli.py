@@ -443,7 +443,9 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 
 @spac.command(name="simulate")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
-@click.option("--budget", required=True, help="Fast-tier memory incl. non-expert weights: 123456, 512KiB, 6GiB.")
+@click.option("--budget", required=True,
+              help="Fast-tier memory incl. non-expert weights: 123456, 512KiB, 6GiB (unlike `spac-run --tier flash "
+                   "--budget`, which counts routed experts only).")
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
