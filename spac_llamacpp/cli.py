@@ -324,6 +324,8 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
     if llm.speculation is not None:
         meta["speculation"] = llm.speculation.summary()
+    if llm.moe_info.expert_order:  # a `spac patch`ed model: ids are positions; this maps them back
+        meta["expert_order"] = {str(b): list(o) for b, o in llm.moe_info.expert_order.items()}
     trace = RoutingTrace.from_log(llm.routing, meta, llm.speculation)
     trace.save(output)
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "

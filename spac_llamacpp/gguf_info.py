@@ -31,7 +31,7 @@ import re
 import stat
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -269,6 +269,7 @@ class MoEModelInfo:
     tensor_count: int = 0
     n_embd: int = 0
     context_length: int = 0  # <arch>.context_length (training context); 0 if absent
+    expert_order: dict[int, tuple[int, ...]] = field(default_factory=dict)  # spac patch: block -> original ids
     gating_source: str = ""  # "graph" (fixed by llama.cpp), "key", "default" (llama.cpp's), "assumed"
     interleave_moe_layer_step: int = 0
     nextn_predict_layers: int = 0
@@ -1113,6 +1114,7 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
         tensor_count=len(hdr.tensors),
         n_embd=n_embd,
         context_length=context_length,
+        expert_order=_expert_order(hdr.kv, moe_layers, n_expert),
         gating_source=gating_source,
         interleave_moe_layer_step=step,
         nextn_predict_layers=nextn,
@@ -1121,6 +1123,22 @@ def _interpret(path: Path, label: str, hdr: _Header) -> MoEModelInfo:
         router_bytes=router_bytes,
         notes=tuple(notes),
     )
+
+
+def _expert_order(kv: dict[str, Any], moe_layers: tuple[int, ...], n_expert: int) -> dict[int, tuple[int, ...]]:
+    """``spac.expert_order.<block>`` written by ``spac patch``: original expert id of each position."""
+    out = {}
+    for block in moe_layers:
+        v = kv.get(f"spac.expert_order.{block}")
+        if v is None:
+            continue
+        values = v.values if isinstance(v, _Array) else None
+        order = tuple(int(x) for x in values) if values is not None else ()
+        if sorted(order) != list(range(n_expert)):
+            raise GGUFError(f"metadata 'spac.expert_order.{block}' is not a permutation of the {n_expert} experts; "
+                            "the file is corrupt; re-run `spac patch`")
+        out[block] = order
+    return out
 
 
 def _check_layer_shapes(

@@ -129,7 +129,8 @@ class Llama(llama_cpp.Llama):
             self._sensor = RoutingSensor(
                 info.block_count, info.n_expert, k_max, routing_capacity, cb_eval, cb_eval_user_data
             )
-            self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history)
+            self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history,
+                                      expert_order=info.expert_order)
         elif routing:
             log.info("%s has no routed experts: routing sensor not installed", model_path)
         self.cache_prior: CachePrior | None = None

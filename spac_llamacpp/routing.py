@@ -42,6 +42,8 @@ class RoutingLog:
         moe_layers: indices of the layers that have routed experts.
         history: steps kept (oldest dropped first); ``None`` keeps every step (for traces).
         keep_ids: also keep each step's per-token expert ids.
+        expert_order: for a model reordered by ``spac patch``, the original expert id of each
+            position per block; summaries then name original ids (counts and ids stay positional).
     """
 
     def __init__(
@@ -50,8 +52,10 @@ class RoutingLog:
         moe_layers: tuple[int, ...],
         history: int | None = 1024,
         keep_ids: bool = True,
+        expert_order: dict[int, tuple[int, ...]] | None = None,
     ) -> None:
         self.sensor = sensor
+        self.expert_order = dict(expert_order or {})  # a `spac patch`ed model: position -> original id
         self.moe_layers = moe_layers
         self.keep_ids = keep_ids
         self.steps: deque[RoutingStep] = deque(maxlen=history)
@@ -102,6 +106,11 @@ class RoutingLog:
         self._n_steps += 1
         return step
 
+    def original_id(self, layer: int, expert: int) -> int:
+        """The expert's id in the model before ``spac patch`` reordered it (itself otherwise)."""
+        order = self.expert_order.get(layer)
+        return int(order[expert]) if order is not None else expert
+
     def history_counts(self, last: int | None = None) -> np.ndarray:
         """``[steps, n_layer, n_expert]`` counts of the last ``last`` kept steps (all if None)."""
         steps = list(self.steps)[-last:] if last else list(self.steps)
@@ -133,7 +142,8 @@ class RoutingLog:
                     "layer": layer,
                     "selections": int(total),
                     "experts_used": int((c > 0).sum()),
-                    "top_experts": [[int(e), int(c[e])] for e in order],
+                    # original expert ids when the model was reordered by `spac patch`
+                    "top_experts": [[self.original_id(layer, int(e)), int(c[e])] for e in order],
                     # 1.0 = perfectly uniform demand, lower = more skewed
                     "normalized_entropy": float(-(nz * np.log(nz)).sum() / np.log(len(c))),
                 }

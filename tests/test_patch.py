@@ -167,3 +167,24 @@ def test_flash_tier_starts_warm_from_a_profile(tiny_model, tmp_path):
     with pytest.raises(SpacError, match="does not match"):
         Llama(str(src), n_ctx=64, verbose=False, tier="flash", budget="64MiB",
               flash_options={"profile": Profile((0,), 3, np.zeros((1, 3)))})
+
+
+def test_telemetry_reports_original_expert_ids(tiny_model, tmp_path):
+    from spac_llamacpp import Llama
+
+    src = tiny_model("qwen3moe")
+    out = tmp_path / "p.gguf"
+    patch_model(src, _profile(src, 3), out, progress=False)
+    assert read_model_header(out).expert_order == {b: tuple(o) for b, o in expert_order(out).items()}
+    summaries = []
+    for path in (src, out):
+        llm = Llama(str(path), n_ctx=128, verbose=False)
+        try:
+            gen = llm.generate(llm.tokenize(PROMPT.encode()), top_k=1, temp=0.0)
+            for _ in range(12):
+                next(gen)
+            summaries.append({lay["layer"]: sorted(map(tuple, lay["top_experts"]))
+                              for lay in llm.routing.summary(top=8)["layers"]})
+        finally:
+            llm.close()
+    assert summaries[0] == summaries[1]  # same experts, same counts, named by their original ids
