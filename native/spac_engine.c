@@ -208,6 +208,16 @@ static range_t covering(const spac_engine *e, const tensor_t *t, int32_t expert)
     return r;
 }
 
+/* madvise every page the expert touches, tensor by tensor (decoding thread: demand and lookahead). */
+static void advise_expert(spac_engine *e, int32_t layer, int32_t expert, int advice) {
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+        if (r.hi > r.lo) {
+            madvise(e->base + r.lo, r.hi - r.lo, advice);
+        }
+    }
+}
+
 /* Pages entirely inside the expert in tensor t (may be empty). */
 static range_t inner(const spac_engine *e, const tensor_t *t, int32_t expert) {
     uint64_t s = t->off + (uint64_t)expert * t->bpe;
@@ -573,12 +583,7 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int pass = 0; pass < 2 && n_miss > 0; pass++) {
         for (int32_t m = 0; m < n_miss; m++) {
-            for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
-                range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], misses[m]);
-                if (r.hi > r.lo) {
-                    madvise(e->base + r.lo, r.hi - r.lo, pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ);
-                }
-            }
+            advise_expert(e, layer, misses[m], pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ);
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -784,12 +789,7 @@ void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64
             if (!issued[best] && !resident_whole(e, t, best)) {
                 issued[best] = 1;
                 started++;
-                for (int32_t i = 0; i < e->n_tensors[t]; i++) {
-                    range_t rg = covering(e, &e->tensors[(int64_t)t * e->max_t + i], best);
-                    if (rg.hi > rg.lo) {
-                        madvise(e->base + rg.lo, rg.hi - rg.lo, MADV_WILLNEED);
-                    }
-                }
+                advise_expert(e, t, best, MADV_WILLNEED); /* started, not awaited */
             }
         }
     }
