@@ -6,12 +6,20 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "SpacError", "__version__"]
+__all__ = ["Llama", "SpacError", "__version__", "patched_llama_available"]
 
 from .errors import SpacError
 
 if TYPE_CHECKING:
     from .llama import Llama
+
+
+def patched_llama_available(level: int = 1) -> bool:
+    """Whether the installed llama.cpp carries spac's patch series (``scripts/build_llama.sh``) up to
+    ``level``. The VRAM tier needs the full series; the flash tier works with stock llama.cpp."""
+    from .libs import spac_patch_level
+
+    return spac_patch_level() >= level
 
 
 def __getattr__(name: str):

@@ -92,3 +92,18 @@ def buffer_type(name: str) -> int:
     if not dev:
         raise NativeError(f"no ggml device named {name!r}; available: {', '.join(device_names())}")
     return ggml_base().ggml_backend_dev_buffer_type(dev)
+
+
+@cache
+def spac_patch_level() -> int:
+    """How many spac patches the installed llama.cpp carries (0: stock; see patches/, docs/patches.md)."""
+    import llama_cpp  # noqa: F401
+
+    lib = ctypes.CDLL(str(llama_lib_dir() / "libllama.so.0"), mode=ctypes.RTLD_GLOBAL)
+    try:
+        fn = lib.llama_spac_patch_level
+    except AttributeError:
+        return 0
+    fn.restype = ctypes.c_int32
+    fn.argtypes = []
+    return int(fn())

@@ -39,8 +39,8 @@ def cdef_from_headers(src_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-_SOURCES = ("spac_sensor.c", "spac_engine.c")
-_HEADERS = ("spac_sensor.h", "spac_engine.h")
+_SOURCES = ("spac_sensor.c", "spac_engine.c", "spac_testops.c")
+_HEADERS = ("spac_sensor.h", "spac_engine.h", "spac_testops.h")
 
 
 def native_source_dir() -> Path:
@@ -59,11 +59,12 @@ def _build_key(src_dir: Path) -> str:
     h = hashlib.sha256()
     for name in (*_SOURCES, *_HEADERS):
         h.update((src_dir / name).read_bytes())
-    for header in ("ggml.h", "ggml-backend.h"):
+    for header in ("ggml.h", "ggml-backend.h", "ggml-cpu.h"):
         h.update((llama_include_dir() / header).read_bytes())
-    lib = llama_lib_dir() / "libggml-base.so.0"
-    st = lib.stat()
-    h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}:{sys.version_info[:2]}".encode())
+    for name in ("libggml-base.so.0", "libggml-cpu.so.0"):
+        lib = llama_lib_dir() / name
+        st = lib.stat()
+        h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}:{sys.version_info[:2]}".encode())
     h.update(cdef_from_headers(src_dir).encode())
     return h.hexdigest()[:16]
 
@@ -91,11 +92,11 @@ def build(force: bool = False) -> Path:
     lib_dir = llama_lib_dir()
     ffi.set_source(
         MODULE_NAME,
-        '#include "spac_sensor.h"\n#include "spac_engine.h"',
+        "".join(f'#include "{h}"\n' for h in _HEADERS),
         sources=[str(src_dir / s) for s in _SOURCES],
         include_dirs=[str(src_dir), str(llama_include_dir())],
         # Link the .so.0 copy by soname: it is the one libllama.so loaded (see docs/internals).
-        libraries=[":libggml-base.so.0", "m"],
+        libraries=[":libggml-base.so.0", ":libggml-cpu.so.0", "m"],
         library_dirs=[str(lib_dir)],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
                             "-Werror=implicit-function-declaration"],
