@@ -113,7 +113,9 @@ class FlashTier:
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
             cost 5% decode speed overall (docs/flash.md).
-        check_every: measure residency every this many steps (0: never; ``stats()`` always measures).
+        check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
+            always measures). mincore over the expert tensors costs ~7 ms per 2 GiB of experts, 5-8% of a
+            step at 8-10 tok/s, so not every step by default.
         cost: cost model (default: this machine's cached calibration, else nominal costs).
         background: plan in a background thread (False: synchronously, deterministic).
         profile: a saved routing profile (``spac profile``, a path or :class:`~spac_llamacpp.profile.Profile`)
@@ -137,7 +139,7 @@ class FlashTier:
         lock_non_experts: bool = True,
         lookahead: bool = True,
         layer_ahead: bool = False,
-        check_every: int = 1,
+        check_every: int = 4,
         cost: CostModel | None = None,
         background: bool = True,
         profile: str | os.PathLike[str] | Profile | None = None,
