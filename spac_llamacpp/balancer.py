@@ -96,6 +96,11 @@ def tier_costs(
     return TierCosts(fast, slow, load, parallel=tier == "vram")
 
 
+def staging_bytes(layout: ExpertLayout) -> int:
+    """One layer's worth of on-demand experts (k experts of the largest layer): the flash tier's staging."""
+    return max((k * int(s) for k, s in zip(layout.n_expert_used, layout.expert_bytes, strict=True)), default=0)
+
+
 def expert_budget(tier: str, budget: int, layout: ExpertLayout) -> int:
     """Bytes of the fast tier left for routed experts; a one-line SpacError if not even one fits.
 
@@ -110,8 +115,7 @@ def expert_budget(tier: str, budget: int, layout: ExpertLayout) -> int:
     need = layout.non_expert_bytes
     what = "non-expert weights"
     if tier == "flash":
-        staging = max((k * int(s) for k, s in zip(layout.n_expert_used, sizes, strict=True)), default=0)
-        need += staging
+        need += staging_bytes(layout)
         what = f"non-expert weights ({format_size(layout.non_expert_bytes)}) and a staging area for one layer's reads"
     left = int(budget) - need
     if left < one:

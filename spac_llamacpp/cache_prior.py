@@ -25,6 +25,7 @@ from .errors import SpacError
 from .gguf_info import MoEModelInfo
 from .routing import RoutingStep
 from .sensor import RoutingSensor
+from .utility import top_n_mask
 
 GATING_CODES = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 _UNSUPPORTED_ARCHS = ("llama4", "grovemoe")  # their selection does not read ffn_moe_probs
@@ -100,10 +101,7 @@ class CachePrior:
             held = self.fixed
         if held is None:
             self._last_used[counts > 0] = self.steps
-            order = np.argsort(-self._last_used, axis=1, kind="stable")[:, : self.cache_experts]
-            held = np.zeros_like(counts, dtype=bool)
-            np.put_along_axis(held, order, True, axis=1)
-            held &= self._last_used >= 0
+            held = top_n_mask(self._last_used, self.cache_experts) & (self._last_used >= 0)
         self.resident[self.rows] = held
 
     def stats(self) -> dict[str, Any]:

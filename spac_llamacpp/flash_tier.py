@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .balancer import Balancer, Plan
+from .balancer import Balancer, Plan, staging_bytes
 from .costmodel import CostModel, ExpertLayout
 from .errors import SpacError
 from .flash_engine import FlashEngine, covering_bytes, non_expert_ranges, page_size
@@ -56,11 +56,6 @@ def page_layout(info: MoEModelInfo) -> ExpertLayout:
         tensors.append(tuple((t.ggml_type, t.bytes_per_expert + (extra if j == 0 else 0)) for j, t in enumerate(ts)))
     return ExpertLayout(tuple(info.moe_layers), info.n_expert, tuple(tensors),
                         tuple(info.n_expert_used[il] for il in info.moe_layers), 0, str(info.path))
-
-
-def staging_bytes(layout: ExpertLayout) -> int:
-    """One layer's worth of on-demand experts (k of the largest layer), as the balancer reserves."""
-    return max((k * int(s) for k, s in zip(layout.n_expert_used, layout.expert_bytes, strict=True)), default=0)
 
 
 def read_bytes_so_far() -> int:

@@ -81,6 +81,14 @@ class DecayedCounts:
         return max(1.0, self._tok / self._weight) if self._weight > 0 else 1.0
 
 
+def top_n_mask(utility: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask of the n highest utilities per row (ties: lower expert id first)."""
+    order = np.argsort(-utility, axis=1, kind="stable")[:, :n]
+    mask = np.zeros(utility.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask
+
+
 def utility_drift(new: np.ndarray, old: np.ndarray | None) -> float:
     """Relative L1 change ``|new - old|_1 / |old|_1`` (inf when there was no previous utility)."""
     if old is None:

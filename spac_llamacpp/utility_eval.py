@@ -24,6 +24,7 @@ import numpy as np
 from .errors import SpacError
 from .estimators import ESTIMATORS, Observation, UtilityEstimator, make_estimator
 from .trace import RoutingTrace
+from .utility import top_n_mask
 
 REFERENCES = ("lru", "belady", "oracle")
 
@@ -62,14 +63,6 @@ def _histogram(ids: np.ndarray, n_layer: int, n_expert: int) -> np.ndarray:
     return out
 
 
-def _top_n(utility: np.ndarray, n: int) -> np.ndarray:
-    """Boolean mask of the n highest utilities per row (ties: lower expert id first)."""
-    order = np.argsort(-utility, axis=1, kind="stable")[:, :n]
-    mask = np.zeros(utility.shape, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask
-
-
 def _score(policy: str, budget: int, trace: RoutingTrace, kept_before: Iterable[np.ndarray]) -> PolicyScore:
     """Score a sequence of kept masks (kept_before[t] is the set held when step t+1 starts)."""
     layers = trace.moe_layers
@@ -95,7 +88,7 @@ def estimator_kept(trace: RoutingTrace, estimator: UtilityEstimator, budget: int
     for t, obs in enumerate(observations(trace)):
         estimator.update(obs)
         if t + 1 < trace.n_steps:
-            yield _top_n(estimator.utility(), budget)
+            yield top_n_mask(estimator.utility(), budget)
 
 
 def score_estimator(trace: RoutingTrace, estimator: UtilityEstimator, budget: int) -> PolicyScore:
@@ -126,7 +119,7 @@ def lru_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
             for layer in range(n_layer):
                 row = block[i, layer]
                 last[layer, row[row >= 0]] = clock[row >= 0]
-        yield _top_n(last, budget)
+        yield top_n_mask(last, budget)
 
 
 def belady_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
@@ -154,7 +147,7 @@ def belady_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
 def oracle_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
     """The experts the next step will use most (clairvoyant prefetch)."""
     for t in range(1, trace.n_steps):
-        yield _top_n(trace.counts[t].astype(np.float64), budget)
+        yield top_n_mask(trace.counts[t].astype(np.float64), budget)
 
 
 def evaluate(trace: RoutingTrace, budget: int, estimators: Iterable[str] | None = None) -> list[PolicyScore]:
