@@ -64,8 +64,14 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
         click.option("--tier", type=click.Choice(["flash", "vram"]), default=None,
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
-                          "streams the rest from the GGUF."),
+                          "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
+                          "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
         click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
+        click.option("--vram-budget", default=None,
+                     help="GPU memory for the model with --tier vram (non-expert weights, KV cache, compute "
+                          "reserve; the rest is the expert pool), e.g. 6GiB."),
+        click.option("--pool-on-host", is_flag=True,
+                     help="With --tier vram: put the expert pool in host memory (testing without a GPU)."),
         click.option("--flash-threads", type=int, default=2, show_default=True,
                      help="Flash-tier engine worker threads."),
         click.option("--pin-fraction", type=float, default=0.0, show_default=True,
@@ -76,7 +82,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cache-experts", type=int, default=None,
                      help="With --cache-prior and no tier: simulated LRU cache size per layer (default: half)."),
         click.option("--warm-profile", default=None, type=click.Path(dir_okay=False, exists=True),
-                     help="Start the flash tier's residency from a saved profile (`spac profile`) or trace."),
+                     help="Start the flash or vram tier's residency from a saved profile (`spac profile`) or trace."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -98,7 +104,8 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
 def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           self_draft: bool = False, self_draft_experts: int | None = None, tier: str | None = None,
-          budget: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
+          budget: str | None = None, vram_budget: str | None = None, pool_on_host: bool = False,
+          flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024,
           speculation_history: int | None = 256):
@@ -119,11 +126,21 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--budget needs --tier flash")
     if tier == "flash" and not no_repack:
         no_repack = True  # experts must stay file-backed
-    if warm_profile and tier != "flash":
-        raise SpacError("--warm-profile needs --tier flash")
-    flash = None
+    if tier == "vram" and vram_budget is None:
+        raise SpacError("--tier vram needs --vram-budget SIZE (GPU memory for the model, e.g. 6GiB)")
+    if vram_budget is not None and tier != "vram":
+        raise SpacError("--vram-budget needs --tier vram")
+    if pool_on_host and tier != "vram":
+        raise SpacError("--pool-on-host needs --tier vram")
+    if tier == "vram" and not no_repack:
+        no_repack = True  # the pool copies experts in ggml's own layout
+    if warm_profile and tier not in ("flash", "vram"):
+        raise SpacError("--warm-profile needs --tier flash or --tier vram")
+    flash = vram = None
     if tier == "flash":
         flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
+    if tier == "vram":
+        vram = {"on_host": pool_on_host, "profile": warm_profile}
     return Llama(
         model,
         draft_model_path=draft,
@@ -142,10 +159,22 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         tier=tier,
         budget=budget,
         flash_options=flash,
+        vram_budget=vram_budget,
+        vram_options=vram,
         cache_prior=cache_prior,
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
         self_draft=(self_draft_experts or True) if self_draft else False,
     )
+
+
+def _vram_line(st: dict[str, Any]) -> str:
+    from .sizes import format_size
+
+    hit = "n/a" if st["hit_rate"] is None else f"{100 * st['hit_rate']:.1f}%"
+    where = "host memory" if st["pool_on_host"] else "VRAM"
+    return (f"vram tier: expert pool {format_size(st['pool_bytes'])} in {where} ({'+'.join(map(str, st['slots']))} "
+            f"slots, {st['resident_experts']} experts resident) of a {format_size(st['vram_budget_bytes'])} budget; "
+            f"pool hit rate {hit}; {st['copies_done']} copies ({format_size(st['bytes_copied'])})")
 
 
 def _routing_lines(summary: dict[str, Any]) -> list[str]:
@@ -221,6 +250,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["speculation"] = llm.speculation.summary()
     if llm.flash is not None:
         report["flash"] = llm.stats(settle=5.0)
+    if llm.vram is not None:
+        report["vram"] = llm.stats(settle=1.0)
     if llm.cache_prior is not None:
         report["cache_prior"] = llm.cache_prior.stats()
     if stats == "json":
@@ -239,6 +270,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
                        f"draft length now {sp['n_draft_now']}", err=True)
         if "flash" in report:
             click.echo(_flash_line(report["flash"], gen.generated_tokens), err=True)
+        if "vram" in report:
+            click.echo(_vram_line(report["vram"]), err=True)
         if "cache_prior" in report:
             cp = report["cache_prior"]
             miss = "n/a" if cp["miss_rate"] is None else f"{100 * cp['miss_rate']:.1f}%"

@@ -26,6 +26,7 @@ from .routing import RoutingLog
 from .sensor import RoutingSensor, UserCallback, callback_address
 from .sizes import parse_size
 from .speculation import SpeculationTracker
+from .vram_tier import VramTier, vram_overrides
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,16 @@ class Llama(llama_cpp.Llama):
         draft_kwargs: extra ``llama_cpp.Llama`` arguments for the draft model (``n_threads``, ...).
         speculation_history: frequency maps kept in ``llm.speculation.maps``.
         tier: ``"flash"``: routed experts stay in the memory-mapped GGUF and the engine keeps at most
-            ``budget`` bytes of them in RAM (``llm.flash``, ``llm.stats()``). None: llama.cpp as is.
+            ``budget`` bytes of them in RAM (``llm.flash``, ``llm.stats()``). ``"vram"`` (needs the
+            patched llama.cpp, ``patched_llama_available()``): non-expert weights on the GPU, routed
+            experts in host memory, the most useful of them copied into a GPU expert pool sized from
+            ``vram_budget`` (``llm.vram``). None: llama.cpp as is.
         budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
+        vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
+            compute reserve, the rest is the expert pool).
+        vram_options: extra :class:`spac_llamacpp.vram_tier.VramTier` arguments: ``on_host=True`` puts
+            the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``,
+            ``estimator``, ``solver``, ``replan_every``, ``horizon``, ``profile``.
         flash_options: extra :class:`spac_llamacpp.flash_tier.FlashTier` arguments (``estimator``,
             ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``,
             ``profile``).
@@ -89,6 +98,8 @@ class Llama(llama_cpp.Llama):
         tier: str | None = None,
         budget: int | str | None = None,
         flash_options: dict[str, Any] | None = None,
+        vram_budget: int | str | None = None,
+        vram_options: dict[str, Any] | None = None,
         cache_prior: float | None = None,
         cache_prior_options: dict[str, Any] | None = None,
         self_draft: bool | int = False,
@@ -109,6 +120,8 @@ class Llama(llama_cpp.Llama):
             "tier": tier,
             "budget": budget,
             "flash_options": flash_options,
+            "vram_budget": vram_budget,
+            "vram_options": vram_options,
             "cache_prior": cache_prior,
             "cache_prior_options": cache_prior_options,
             "self_draft": self_draft,
@@ -116,9 +129,15 @@ class Llama(llama_cpp.Llama):
         self.moe_info: MoEModelInfo = read_model_header(model_path)
         self.tier = tier
         self.flash: FlashTier | None = None
-        budget_bytes = _check_tier(self.moe_info, tier, budget, routing, use_extra_bufts, kwargs)
+        self.vram: VramTier | None = None
+        budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs)
         if tier == "flash":
             use_extra_bufts = False  # experts must stay file-backed in the mapping
+        if tier == "vram":
+            # non-expert weights on the GPU; routed experts in plain host buffers (the pool copies them)
+            use_extra_bufts = False
+            kwargs.setdefault("n_gpu_layers", -1)
+            tensor_buft_overrides = vram_overrides(tensor_buft_overrides)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
         self._sensor: RoutingSensor | None = None
         self.routing: RoutingLog | None = None
@@ -200,6 +219,14 @@ class Llama(llama_cpp.Llama):
             except BaseException:
                 self.close()
                 raise
+        if tier == "vram":
+            assert budget_bytes is not None
+            try:
+                self.vram = VramTier(self.ctx, self.model, self.moe_info, budget_bytes, n_ctx=self.n_ctx(),
+                                     **(vram_options or {}))
+            except BaseException:
+                self.close()
+                raise
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took."""
@@ -215,6 +242,8 @@ class Llama(llama_cpp.Llama):
                 step = self.routing.end_step()
             if self.flash is not None:
                 self.flash.on_step(step)
+            if self.vram is not None:
+                self.vram.on_step(step)
             if self.cache_prior is not None:
                 held = None if self.flash is None else self.flash.wanted | self.flash.look
                 self.cache_prior.on_step(step, held)
@@ -228,6 +257,8 @@ class Llama(llama_cpp.Llama):
         out: dict[str, Any] = {"tier": self.tier}
         if self.flash is not None:
             out.update(self.flash.stats(settle))
+        if self.vram is not None:
+            out.update(self.vram.stats(settle > 0))
         if self.cache_prior is not None:
             out["cache_prior"] = self.cache_prior.stats()
         if self.routing is not None:
@@ -239,6 +270,9 @@ class Llama(llama_cpp.Llama):
         flash = getattr(self, "flash", None)
         if flash is not None:
             flash.close()
+        vram = getattr(self, "vram", None)
+        if vram is not None:
+            vram.close()
         if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
             super().close()
         draft = getattr(self, "_draft_llm", None)
@@ -256,17 +290,21 @@ class Llama(llama_cpp.Llama):
         return state
 
 
-def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, routing: bool,
-                use_extra_bufts: bool | None, kwargs: dict[str, Any]) -> int | None:
-    """Validate the tier arguments; returns the budget in bytes (None without a tier)."""
+def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, vram_budget: int | str | None,
+                routing: bool, use_extra_bufts: bool | None, kwargs: dict[str, Any]) -> int | None:
+    """Validate the tier arguments; returns the tier's budget in bytes (None without a tier)."""
     if tier is None:
         if budget is not None:
             raise SpacError("budget= needs a tier: pass tier='flash'")
+        if vram_budget is not None:
+            raise SpacError("vram_budget= needs tier='vram'")
         return None
     if tier == "vram":
-        raise SpacError("tier='vram' needs the patched llama.cpp, which is not installed; use tier='flash'")
+        return _check_vram(info, budget, vram_budget, routing, use_extra_bufts)
+    if vram_budget is not None:
+        raise SpacError(f"vram_budget= belongs to tier='vram', not tier={tier!r}")
     if tier != "flash":
-        raise SpacError(f"unknown tier {tier!r}; choose 'flash'")
+        raise SpacError(f"unknown tier {tier!r}; choose 'flash' or 'vram'")
     if info.n_expert == 0:
         raise NotMoEError(f"{info.path} is a dense model; tier='flash' needs a Mixture-of-Experts GGUF")
     if budget is None:
@@ -280,6 +318,27 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
     if kwargs.get("n_gpu_layers"):
         raise SpacError("tier='flash' keeps experts on the CPU; use n_gpu_layers=0")
     return parse_size(budget)
+
+
+def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool,
+                use_extra_bufts: bool | None) -> int:
+    from . import patched_llama_available
+    from .expert_pool import POOL_PATCH_LEVEL
+
+    if not patched_llama_available(POOL_PATCH_LEVEL):
+        raise SpacError("tier='vram' needs spac's patched llama.cpp, which is not installed: run "
+                        "scripts/build_llama.sh --cuda (docs/patches.md); tier='flash' works without it")
+    if info.n_expert == 0:
+        raise NotMoEError(f"{info.path} is a dense model; tier='vram' needs a Mixture-of-Experts GGUF")
+    if budget is not None:
+        raise SpacError("tier='vram' takes vram_budget= (GPU memory for the model), not budget=")
+    if vram_budget is None:
+        raise SpacError("tier='vram' needs vram_budget=, the GPU memory for the model (e.g. '6GiB')")
+    if not routing:
+        raise SpacError("tier='vram' needs routing=True: the pool follows the routing sensor")
+    if use_extra_bufts:
+        raise SpacError("tier='vram' needs use_extra_bufts=False: the pool copies experts in ggml's own layout")
+    return parse_size(vram_budget)
 
 
 def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:

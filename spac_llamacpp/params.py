@@ -39,7 +39,7 @@ class TensorBuftOverrides:
     """
 
     def __init__(self, spec: OverridesArg) -> None:
-        self.pairs: list[tuple[str, BuftSpec]] = _parse_overrides(spec)
+        self.pairs: list[tuple[str, BuftSpec]] = parse_overrides(spec)
         limit = llama_cpp.llama_max_tensor_buft_overrides()
         if len(self.pairs) >= limit:
             raise SpacError(f"too many tensor_buft_overrides ({len(self.pairs)}); llama.cpp accepts {limit - 1}")
@@ -59,7 +59,7 @@ class TensorBuftOverrides:
         return ctypes.addressof(self._array)
 
 
-def _parse_overrides(spec: OverridesArg) -> list[tuple[str, BuftSpec]]:
+def parse_overrides(spec: OverridesArg) -> list[tuple[str, BuftSpec]]:
     if spec is None:
         return []
     if isinstance(spec, str):

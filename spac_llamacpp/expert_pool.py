@@ -1,0 +1,159 @@
+"""Binding of the patched llama.cpp's expert slot pool (``llama_spac_pool_*``, patch 0003).
+
+The pool holds copies of some routed experts in fast memory (VRAM; host memory for testing).
+Every MoE layer computes its selected experts on two paths with the same routing (the pool's
+and the full tensors', each skipping the other's experts) and adds them, so output never depends
+on which experts are resident. Copies run on a worker thread in llama.cpp (pinned staging, own
+stream); a finished copy is used from the next evaluation on; an evicted slot is reused only after
+:meth:`ExpertPool.fence`. See ``docs/patches.md``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+from .errors import SpacError
+from .libs import llama_lib_dir, spac_patch_level
+
+POOL_PATCH_LEVEL = 3
+
+# llama_spac_status
+OK, E_ARG, E_NO_POOL, E_BUSY, E_RESIDENT, E_UNSUPPORTED, E_ALLOC = 0, -2, -3, -4, -5, -6, -7
+_ERRORS = {
+    E_ARG: "layer, expert, group or slot out of range",
+    E_NO_POOL: "no pool configured",
+    E_BUSY: "slot not free",
+    E_RESIDENT: "expert already in a slot",
+    E_UNSUPPORTED: "the model or its placement cannot use a pool (see llama.cpp's log)",
+    E_ALLOC: "the pool could not be allocated",
+}
+# llama_spac_slot_state
+FREE, LOADING, READY, RESIDENT, RETIRED = 0, 1, 2, 3, 4
+
+
+class PoolError(SpacError):
+    """A pool call failed; ``code`` is the llama_spac_status."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(f"{what}: {_ERRORS.get(code, f'error {code}')}")
+        self.code = code
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    if spac_patch_level() < POOL_PATCH_LEVEL:
+        raise SpacError("the expert pool needs spac's patched llama.cpp (patch level "
+                        f"{POOL_PATCH_LEVEL}); run scripts/build_llama.sh (docs/patches.md)")
+    lib = ctypes.CDLL(str(llama_lib_dir() / "libllama.so.0"), mode=ctypes.RTLD_GLOBAL)
+    p, i32, u64, b = ctypes.c_void_p, ctypes.c_int32, ctypes.c_uint64, ctypes.c_bool
+    pi32 = ctypes.POINTER(i32)
+    sigs = {
+        "llama_spac_pool_n_groups": (i32, [p]),
+        "llama_spac_pool_layer_group": (i32, [p, i32]),
+        "llama_spac_pool_slot_bytes": (u64, [p, i32]),
+        "llama_spac_pool_configure": (i32, [p, pi32, i32, b]),
+        "llama_spac_pool_n_slots": (i32, [p, i32]),
+        "llama_spac_pool_load": (i32, [p, i32, i32, i32]),
+        "llama_spac_pool_evict": (i32, [p, i32, i32]),
+        "llama_spac_pool_slot_of": (i32, [p, i32, i32]),
+        "llama_spac_pool_slot": (i32, [p, i32, i32, pi32, pi32]),
+        "llama_spac_pool_fence": (i32, [p, b]),
+        "llama_spac_pool_counters": (None, [p, ctypes.POINTER(u64), ctypes.POINTER(u64)]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+    return lib
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Which layers share slots (same expert types and shapes) and what one slot costs."""
+
+    group_of_layer: tuple[int, ...]  # per block; -1: no routed experts
+    slot_bytes: tuple[int, ...]  # per group
+
+    @classmethod
+    def of(cls, model: int) -> PoolLayout:
+        lib = _lib()
+        n_groups = lib.llama_spac_pool_n_groups(model)
+        from llama_cpp import llama_cpp as llama_c
+
+        n_layer = llama_c.llama_model_n_layer(ctypes.c_void_p(model))
+        groups = tuple(lib.llama_spac_pool_layer_group(model, il) for il in range(n_layer))
+        return cls(groups, tuple(int(lib.llama_spac_pool_slot_bytes(model, g)) for g in range(n_groups)))
+
+    def layers_of(self, group: int) -> list[int]:
+        return [il for il, g in enumerate(self.group_of_layer) if g == group]
+
+
+class ExpertPool:
+    """The slot pool of one llama.cpp context.
+
+    Args:
+        ctx: the ``llama_context *`` (an int or ctypes pointer).
+        model: its ``llama_model *``.
+        n_slots: slots per group (see :class:`PoolLayout`).
+        on_host: place the pool in host memory (testing without a GPU) instead of the first GPU.
+    """
+
+    def __init__(self, ctx: int, model: int, n_slots: list[int], *, on_host: bool = False) -> None:
+        self.lib = _lib()
+        self.ctx = int(ctx)
+        self.layout = PoolLayout.of(int(model))
+        if len(n_slots) != len(self.layout.slot_bytes):
+            raise SpacError(f"n_slots needs {len(self.layout.slot_bytes)} entries (one per group), got {len(n_slots)}")
+        arr = (ctypes.c_int32 * len(n_slots))(*n_slots)
+        self._check("configure", self.lib.llama_spac_pool_configure(self.ctx, arr, len(n_slots), on_host))
+        self.n_slots = [int(n) for n in n_slots]
+        self.on_host = on_host
+
+    @staticmethod
+    def _check(what: str, rc: int) -> int:
+        if rc < -1:  # -1 is slot_of's "not in a slot"
+            raise PoolError(what, rc)
+        return rc
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(n * b for n, b in zip(self.n_slots, self.layout.slot_bytes, strict=True))
+
+    def load(self, il: int, e: int, slot: int) -> None:
+        """Queue the copy of expert ``e`` of layer ``il`` into free ``slot`` of the layer's group."""
+        rc = self.lib.llama_spac_pool_load(self.ctx, il, e, slot)
+        self._check(f"load of expert {e} of layer {il} into slot {slot}", rc)
+
+    def evict(self, il: int, e: int) -> bool:
+        """Stop using expert ``e`` of layer ``il`` from the next evaluation on; False if it was not in a slot."""
+        return self._check(f"evict of expert {e} of layer {il}", self.lib.llama_spac_pool_evict(self.ctx, il, e)) == 0
+
+    def slot_of(self, il: int, e: int) -> int:
+        """The slot holding (or loading) expert ``e`` of layer ``il``, else -1."""
+        return self._check("slot_of", self.lib.llama_spac_pool_slot_of(self.ctx, il, e))
+
+    def slot(self, group: int, slot: int) -> tuple[int, int, int]:
+        """``(state, layer, expert)`` of a slot (layer and expert -1 when free)."""
+        il, e = ctypes.c_int32(), ctypes.c_int32()
+        rc = self.lib.llama_spac_pool_slot(self.ctx, group, slot, ctypes.byref(il), ctypes.byref(e))
+        state = self._check("slot", rc)
+        return state, il.value, e.value
+
+    def fence(self, wait_loads: bool = False) -> int:
+        """Wait for the running evaluation; retired slots become free (returns how many).
+        ``wait_loads`` also waits for every queued copy."""
+        return self._check("fence", self.lib.llama_spac_pool_fence(self.ctx, wait_loads))
+
+    def counters(self) -> tuple[int, int]:
+        """``(copies done, bytes copied)`` since the pool was configured."""
+        n, b = ctypes.c_uint64(), ctypes.c_uint64()
+        self.lib.llama_spac_pool_counters(self.ctx, ctypes.byref(n), ctypes.byref(b))
+        return n.value, b.value
+
+    def close(self) -> None:
+        """Remove the pool (the context computes every expert from the full tensors again)."""
+        if self.ctx:
+            self.lib.llama_spac_pool_configure(self.ctx, None, 0, False)
+            self.ctx = 0
