@@ -245,7 +245,11 @@ class Llama(llama_cpp.Llama):
             if self.vram is not None:
                 self.vram.on_step(step)
             if self.cache_prior is not None:
-                held = None if self.flash is None else self.flash.wanted | self.flash.look
+                held = None  # without a tier: the cache prior's own simulated LRU
+                if self.flash is not None:
+                    held = self.flash.wanted | self.flash.look
+                elif self.vram is not None:
+                    held = self.vram.wanted  # the pool's plan: its experts cost no CPU compute
                 self.cache_prior.on_step(step, held)
             if self.speculation is not None:
                 self.speculation.on_step(step, position, len(tokens))

@@ -361,3 +361,14 @@ def test_spac_run_vram_cli(pool_models):
                          (["--tier", "vram", "--vram-budget", "1KiB", "--pool-on-host"], "too small")):
         bad = subprocess.run([exe, path, *args], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
+
+
+def test_cache_prior_follows_the_pool(pool_models):
+    """Cache-aware routing (opt-in) biases toward the experts the pool holds."""
+    llm = Llama(pool_models["qwen3moe"], tier="vram", vram_budget="1GiB", cache_prior=0.3, n_ctx=128, verbose=False,
+                vram_options={"on_host": True, "slots": [6], "background": False, "replan_every": 1})
+    _greedy(llm, 16)
+    st = llm.stats()
+    assert st["cache_prior"]["miss_rate"] is not None and st["planned_experts"] > 0
+    assert np.array_equal(llm.cache_prior.resident[llm.vram.rows].astype(bool), llm.vram.wanted)
+    llm.close()
