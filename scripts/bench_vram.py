@@ -93,7 +93,7 @@ def _child(cfg: dict) -> dict:
         tokens += st.generated_tokens
         seconds += st.decode_seconds
     out = {"kind": cfg["kind"], "n_cpu_moe": cfg.get("n_cpu_moe"), "tokens": tokens, "seconds": seconds,
-           "tps": tokens / seconds, "load_s": load_s}
+           "tps": tokens / seconds if seconds > 0 else 0.0, "load_s": load_s}
     if cfg["kind"] == "spac":
         st = llm.stats(settle=2.0)
         out.update({k: st[k] for k in ("hit_rate", "pool_bytes", "slots", "copies_done", "bytes_copied",

@@ -205,7 +205,7 @@ class VramTier:
         c.steps += 1
         c.tokens += step.n_tokens
         counts = step.counts[self.rows]
-        served = self.served()
+        served = self.served(counts > 0)
         c.routed += int(counts.sum())
         c.routed_hits += int(counts[served].sum())
         self.demand.update(counts, step.n_tokens)
@@ -267,10 +267,12 @@ class VramTier:
             self.counters.over_capacity_dropped += len(drop)
         return x
 
-    def served(self) -> np.ndarray:
-        """``[n_moe_layer, n_expert]``: experts the last evaluation computed from the pool (slot resident)."""
+    def served(self, among: np.ndarray | None = None) -> np.ndarray:
+        """``[n_moe_layer, n_expert]``: experts the last evaluation computed from the pool (slot resident),
+        optionally only ``among`` these (one native call per candidate)."""
         out = np.zeros(self.wanted.shape, bool)
-        for i, e in zip(*np.nonzero(self.slot_of >= 0), strict=True):
+        candidates = self.slot_of >= 0 if among is None else (self.slot_of >= 0) & among
+        for i, e in zip(*np.nonzero(candidates), strict=True):
             state, _, _ = self.pool.slot(int(self.group_of_row[i]), int(self.slot_of[i, e]))
             out[i, e] = state == RESIDENT
         return out
