@@ -32,7 +32,7 @@ from .errors import SpacError
 from .flash_engine import FlashEngine, covering_bytes, non_expert_ranges, page_size
 from .gguf_info import MoEModelInfo
 from .mapping import FileMapping
-from .profile import Profile, load_profile
+from .profile import Profile, expected_demand
 from .replanner import Replanner
 from .routing import RoutingStep
 from .sensor import RoutingSensor
@@ -191,14 +191,7 @@ class FlashTier:
             # llama.cpp populated the whole file at load: trim to an initial plan (from the profile, else
             # uniform; the prompt's routing then replaces the latter at once)
             self.warm = profile is not None
-            prior = np.full(shape, 1.0 / info.n_expert)
-            if profile is not None:
-                prof = load_profile(profile) if not isinstance(profile, Profile) else profile
-                prof.check_model(tuple(info.moe_layers), info.n_expert, info.path.name)
-                score = np.clip(prof.score(), 0.0, None)
-                prior = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-12)
-            k = np.asarray(self.layout.n_expert_used, dtype=np.float64)[:, None]
-            first = self.balancer.plan(prior * k)
+            first = self.balancer.plan(expected_demand(profile, info, self.layout.n_expert_used))
             self._apply(first, initial=True)
             self.replanner = Replanner(self.balancer.plan, every=replan_every, drift=drift,
                                        resident=lambda: self.wanted.copy(), background=background)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import SpacError
+
+if TYPE_CHECKING:
+    from .gguf_info import MoEModelInfo
 
 FORMAT = "spac-profile"
 VERSION = 1
@@ -98,3 +102,18 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     known = {"format", "version", "model", "n_expert", "moe_layers", "counts", "utility", "tokens", "steps"}
     return Profile(layers, n_expert, counts, utility, int(d.get("tokens", 0)), int(d.get("steps", 0)),
                    str(d.get("model", "")), {k: v for k, v in d.items() if k not in known})
+
+
+def expected_demand(profile: str | os.PathLike[str] | Profile | None, info: MoEModelInfo,
+                    n_expert_used: Sequence[int]) -> np.ndarray:
+    """``[n_moe_layer, n_expert]`` expected selections per token to plan a first residency from: the
+    profile's per-layer shares (checked against the model) times k, else uniform."""
+    shape = (len(info.moe_layers), info.n_expert)
+    share = np.full(shape, 1.0 / info.n_expert)
+    if profile is not None:
+        prof = load_profile(profile) if not isinstance(profile, Profile) else profile
+        prof.check_model(tuple(info.moe_layers), info.n_expert, info.path.name)
+        score = np.clip(prof.score(), 0.0, None)
+        share = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-12)
+    return share * np.asarray(n_expert_used, dtype=np.float64)[:, None]
+

@@ -31,7 +31,7 @@ from .errors import SpacError
 from .expert_pool import FREE, RESIDENT, ExpertPool, PoolError, PoolLayout
 from .gguf_info import MoEModelInfo
 from .libs import device_names
-from .profile import Profile, load_profile
+from .profile import Profile, expected_demand
 from .replanner import Replanner
 from .routing import RoutingStep
 from .sizes import format_size
@@ -187,12 +187,8 @@ class VramTier:
                  ", host memory" if on_host else "", cost.source or "given")
         self.warm = profile is not None
         if profile is not None:
-            prof = load_profile(profile) if not isinstance(profile, Profile) else profile
-            prof.check_model(tuple(info.moe_layers), info.n_expert, info.path.name)
-            score = np.clip(prof.score(), 0.0, None)
-            prior = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-12)
-            k = np.asarray(self.layout.n_expert_used, dtype=np.float64)[:, None]
-            self._apply(self.balancer.plan(prior * k), prior * k)
+            demand = expected_demand(profile, info, self.layout.n_expert_used)
+            self._apply(self.balancer.plan(demand), demand)
         self.replanner = Replanner(self.balancer.plan, every=replan_every, drift=drift,
                                    resident=lambda: self.wanted.copy(), background=background)
 

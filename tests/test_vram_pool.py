@@ -372,3 +372,19 @@ def test_cache_prior_follows_the_pool(pool_models):
     assert st["cache_prior"]["miss_rate"] is not None and st["planned_experts"] > 0
     assert np.array_equal(llm.cache_prior.resident[llm.vram.rows].astype(bool), llm.vram.wanted)
     llm.close()
+
+
+def test_warm_start_from_a_profile(pool_models):
+    """A saved profile fills the pool before the first token (hot experts first). A long amortisation
+    horizon: with experts this small the GPU saves less than a copy costs over the default one."""
+    from spac_llamacpp.profile import Profile
+
+    layers = (0, 1, 2)
+    counts = np.zeros((3, SHAPE["n_expert"]), dtype=np.int64)
+    counts[:, 5] = 100  # expert 5 is hot in every layer
+    prof = Profile(layers, SHAPE["n_expert"], counts, None, 100, 10, "")
+    llm = Llama(pool_models["qwen3moe"], tier="vram", vram_budget="1GiB", n_ctx=128, verbose=False,
+                vram_options={"on_host": True, "slots": [3], "profile": prof, "horizon": 1e6})
+    assert llm.vram.wanted[:, 5].all() and llm.stats(settle=True)["copies_done"] == 3
+    assert all(llm.vram.pool.slot_of(il, 5) >= 0 for il in layers)
+    llm.close()
