@@ -45,6 +45,7 @@ def write_gguf(
     quantize: str = "experts",
     name: str | None = None,
     description: str | None = None,
+    f16_pattern: str | None = None,
 ) -> pathlib.Path:
     """Write ``tensors`` of the model ``spec`` with tokenizer ``vocab`` to ``path``; return the path.
 
@@ -58,6 +59,8 @@ def write_gguf(
             or ``"all"`` (every matrix llama.cpp quantizes).
         name: ``general.name`` (default ``tiny-<arch>``, or ``tiny-dense-llama`` without experts).
         description: ``general.description``, if given.
+        f16_pattern: with a quantized dtype, tensors whose names match this regex stay F16 (e.g. one
+            layer's experts, for a file that mixes expert types across layers).
 
     Raises:
         SpacError: unknown dtype/scope, a spec llama.cpp cannot load, or a failed quantization.
@@ -74,7 +77,7 @@ def write_gguf(
         os.close(fd)
         try:
             _write_float(pathlib.Path(tmp), spec, tensors, vocab, "f32", name, description)
-            _quantize(pathlib.Path(tmp), path, QUANT_FTYPES[dtype], quantize)
+            _quantize(pathlib.Path(tmp), path, QUANT_FTYPES[dtype], quantize, f16_pattern)
         finally:
             os.unlink(tmp)
     else:
@@ -184,8 +187,8 @@ def _write_float(
         writer.close()
 
 
-def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str) -> None:
-    """Convert ``src`` to ``dst`` with ``llama_model_quantize``; ``scope`` as in write_tiny_model."""
+def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str, f16_pattern: str | None = None) -> None:
+    """Convert ``src`` to ``dst`` with ``llama_model_quantize``; ``scope`` and ``f16_pattern`` as in write_gguf."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -197,6 +200,8 @@ def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str) -> N
     params.pure = True
     # Type overrides, first match wins (the quantizer itself skips norms, biases and routers).
     patterns = [(F32_MATRICES.pattern, 0)]  # GGML_TYPE_F32: what _keep_f32 keeps
+    if f16_pattern:
+        patterns.append((f16_pattern, 1))  # GGML_TYPE_F16
     if scope == "experts":
         patterns.append((r"^(?!.*_exps\.weight$)", 1))  # GGML_TYPE_F16: all but routed experts
     overrides = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()  # {NULL, 0} ends it

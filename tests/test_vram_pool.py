@@ -30,6 +30,7 @@ from spac_llamacpp.expert_pool import (
     RETIRED,
     ExpertPool,
     PoolError,
+    PoolLayout,
 )
 from spac_llamacpp.factory import write_tiny_moe
 
@@ -388,3 +389,36 @@ def test_warm_start_from_a_profile(pool_models):
     assert llm.vram.wanted[:, 5].all() and llm.stats(settle=True)["copies_done"] == 3
     assert all(llm.vram.pool.slot_of(il, 5) >= 0 for il in layers)
     llm.close()
+
+
+def test_layers_with_different_expert_types_form_groups(tmp_path):
+    """A file whose layer 1 keeps F16 down projections (others Q8_0): two groups with their own slots."""
+    path = str(write_tiny_moe(tmp_path / "mixed.gguf", "qwen3moe", dtype="q8_0", f16_pattern=r"^blk\.1\.ffn_down_exps",
+                              **SHAPE))
+    ref = _run(_stock_no_repack(path))
+    llm = _pool_llm(path)
+    layout = PoolLayout.of(llm.model)
+    assert layout.group_of_layer == (0, 1, 0) and layout.slot_bytes[1] > layout.slot_bytes[0]
+    pool = ExpertPool(llm.ctx, llm.model, [3, 2], on_host=True)
+    for s, e in enumerate((1, 4, 6)):
+        pool.load(0 if s < 2 else 2, e, s)
+    pool.load(1, 3, 0)
+    pool.load(1, 5, 1)
+    with pytest.raises(PoolError) as exc:
+        pool.load(1, 6, 2)  # group 1 has two slots
+    assert exc.value.code == E_ARG
+    pool.fence(wait_loads=True)
+    assert pool.slot(1, 1) == (READY, 1, 5) and pool.slot(0, 2) == (READY, 2, 6)
+    assert np.array_equal(_run(llm), ref)
+    assert pool.counters()[1] == 3 * layout.slot_bytes[0] + 2 * layout.slot_bytes[1]
+    pool.close()
+    llm.close()
+
+    kw = {k: v for k, v in KW.items() if k != "logits_all"}
+    want = _greedy(llama_cpp.Llama(path, **kw), 16)
+    tier = Llama(path, tier="vram", vram_budget="1GiB", **kw,
+                 vram_options={"on_host": True, "compute_reserve": 0, "background": False, "replan_every": 1})
+    assert len(tier.stats()["slots"]) == 2 and _greedy(tier, 16) == want
+    for g, n in enumerate(tier.vram.n_slots):
+        assert int(tier.vram.wanted[tier.vram.group_of_row == g].sum()) <= n
+    tier.close()
