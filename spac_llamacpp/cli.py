@@ -132,8 +132,6 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--vram-budget needs --tier vram")
     if pool_on_host and tier != "vram":
         raise SpacError("--pool-on-host needs --tier vram")
-    if tier == "vram" and not no_repack:
-        no_repack = True  # the pool copies experts in ggml's own layout
     if warm_profile and tier not in ("flash", "vram"):
         raise SpacError("--warm-profile needs --tier flash or --tier vram")
     flash = vram = None

@@ -11,11 +11,18 @@ stream); a finished copy is used from the next evaluation on; an evicted slot is
 from __future__ import annotations
 
 import ctypes
+import mmap
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import SpacError
 from .libs import llama_lib_dir, spac_patch_level
+
+if TYPE_CHECKING:
+    from .gguf_info import MoEModelInfo
 
 POOL_PATCH_LEVEL = 3
 
@@ -31,6 +38,8 @@ _ERRORS = {
 }
 # llama_spac_slot_state
 FREE, LOADING, READY, RESIDENT, RETIRED = 0, 1, 2, 3, 4
+# llama_spac_kind: the expert tensors a slot holds
+KINDS = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
 
 
 class PoolError(SpacError):
@@ -55,6 +64,7 @@ def _lib() -> ctypes.CDLL:
         "llama_spac_pool_slot_bytes": (u64, [p, i32]),
         "llama_spac_pool_configure": (i32, [p, pi32, i32, b]),
         "llama_spac_pool_n_slots": (i32, [p, i32]),
+        "llama_spac_pool_set_source": (i32, [p, i32, i32, p, ctypes.c_size_t]),
         "llama_spac_pool_load": (i32, [p, i32, i32, i32]),
         "llama_spac_pool_evict": (i32, [p, i32, i32]),
         "llama_spac_pool_slot_of": (i32, [p, i32, i32]),
@@ -110,6 +120,7 @@ class ExpertPool:
         self._check("configure", self.lib.llama_spac_pool_configure(self.ctx, arr, len(n_slots), on_host))
         self.n_slots = [int(n) for n in n_slots]
         self.on_host = on_host
+        self._file: tuple[mmap.mmap, np.ndarray] | None = None
 
     @staticmethod
     def _check(what: str, rc: int) -> int:
@@ -120,6 +131,23 @@ class ExpertPool:
     @property
     def pool_bytes(self) -> int:
         return sum(n * b for n, b in zip(self.n_slots, self.layout.slot_bytes, strict=True))
+
+    def set_sources_from_file(self, info: MoEModelInfo) -> None:
+        """Copy experts from the GGUF file (memory-mapped here, read-only) where llama.cpp repacked the
+        tensors for its CPU kernels (their bytes are no longer in ggml's layout). Plain host tensors are
+        copied from themselves regardless."""
+        with open(info.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(mm, dtype=np.uint8)
+        base = view.ctypes.data
+        for t in info.expert_tensors:
+            if t.kind in KINDS and not t.is_chunk:
+                rc = self.lib.llama_spac_pool_set_source(self.ctx, t.layer, KINDS[t.kind], base + t.file_offset,
+                                                         t.bytes_per_expert)
+                self._check(f"copy source of {t.name}", rc)
+        if hasattr(mmap, "MADV_RANDOM"):
+            mm.madvise(mmap.MADV_RANDOM)  # the worker reads whole experts at random: no read-around
+        self._file = (mm, view)
 
     def load(self, il: int, e: int, slot: int) -> None:
         """Queue the copy of expert ``e`` of layer ``il`` into free ``slot`` of the layer's group."""
@@ -157,3 +185,4 @@ class ExpertPool:
         if self.ctx:
             self.lib.llama_spac_pool_configure(self.ctx, None, 0, False)
             self.ctx = 0
+        self._file = None  # the mapping goes with the last reference (after the pool that read it)

@@ -134,8 +134,7 @@ class Llama(llama_cpp.Llama):
         if tier == "flash":
             use_extra_bufts = False  # experts must stay file-backed in the mapping
         if tier == "vram":
-            # non-expert weights on the GPU; routed experts in plain host buffers (the pool copies them)
-            use_extra_bufts = False
+            # non-expert weights on the GPU; routed experts on the CPU (repacked or not), copied into the pool
             kwargs.setdefault("n_gpu_layers", -1)
             tensor_buft_overrides = vram_overrides(tensor_buft_overrides)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
@@ -304,7 +303,7 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
             raise SpacError("vram_budget= needs tier='vram'")
         return None
     if tier == "vram":
-        return _check_vram(info, budget, vram_budget, routing, use_extra_bufts)
+        return _check_vram(info, budget, vram_budget, routing)
     if vram_budget is not None:
         raise SpacError(f"vram_budget= belongs to tier='vram', not tier={tier!r}")
     if tier != "flash":
@@ -324,8 +323,7 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
     return parse_size(budget)
 
 
-def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool,
-                use_extra_bufts: bool | None) -> int:
+def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool) -> int:
     from . import patched_llama_available
     from .expert_pool import POOL_PATCH_LEVEL
 
@@ -340,8 +338,6 @@ def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int |
         raise SpacError("tier='vram' needs vram_budget=, the GPU memory for the model (e.g. '6GiB')")
     if not routing:
         raise SpacError("tier='vram' needs routing=True: the pool follows the routing sensor")
-    if use_extra_bufts:
-        raise SpacError("tier='vram' needs use_extra_bufts=False: the pool copies experts in ggml's own layout")
     return parse_size(vram_budget)
 
 

@@ -164,6 +164,7 @@ class VramTier:
             self.pool = ExpertPool(_address(ctx), _address(model), list(slots), on_host=on_host)
         except PoolError as exc:
             raise SpacError(f"tier='vram': {exc}") from exc
+        self.pool.set_sources_from_file(info)  # repacked CPU experts are copied from the file
         self.n_slots = list(self.pool.n_slots)
         self.free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in self.n_slots]  # pop() takes slot 0 first
         self.retired: list[tuple[int, int]] = []  # (group, slot) until the next fence

@@ -33,6 +33,7 @@ from spac_llamacpp.expert_pool import (
     PoolLayout,
 )
 from spac_llamacpp.factory import write_tiny_moe
+from spac_llamacpp.gguf_info import read_model_header
 
 pytestmark = pytest.mark.skipif(
     not patched_llama_available(3) and not os.environ.get("SPAC_REQUIRE_PATCHED"),
@@ -245,17 +246,29 @@ def test_slot_states_fence_and_errors(pool_models):
     llm.close()
 
 
-def test_repacked_experts_are_refused(tmp_path, capfd):
-    """Repacked expert tensors (CPU extra buffer types) are not in ggml's layout: configure refuses them."""
+def test_repacked_experts_copy_from_the_file(tmp_path, capfd):
+    """Experts repacked for the CPU kernels (llama.cpp's default) are no longer in ggml's layout: the pool
+    copies them from the GGUF file instead; without that source a load is refused."""
     path = str(write_tiny_moe(tmp_path / "q4.gguf", "qwen3moe", dtype="q4_0", **SHAPE))
-    llm = Llama(path, routing=False, **{**KW, "verbose": True})  # repacking allowed (llama.cpp's default)
+    ref = _run(llama_cpp.Llama(path, **KW))  # stock, repacking on
+    llm = Llama(path, routing=False, **{**KW, "verbose": True})
     if "CPU_REPACK model buffer" not in capfd.readouterr().err:
         llm.close()
         pytest.skip("this CPU does not repack Q4_0")
+    pool = ExpertPool(llm.ctx, llm.model, [6], on_host=True)
     with pytest.raises(PoolError) as exc:
-        ExpertPool(llm.ctx, llm.model, [2], on_host=True)
+        pool.load(0, 1, 0)
     assert exc.value.code == E_UNSUPPORTED and "\n" not in str(exc.value)
-    assert "not in a plain host buffer (buffer CPU_REPACK)" in capfd.readouterr().err
+    assert "ffn_gate_exps.weight is repacked (CPU_REPACK) and has no copy source" in capfd.readouterr().err
+    assert np.array_equal(_run(llm), ref)  # every expert on the (repacked) full-tensor path: stock exactly
+    pool.set_sources_from_file(read_model_header(path))
+    for s, (il, e) in enumerate((il, e) for il in range(3) for e in (1, 6)):
+        pool.load(il, e, s)
+    pool.fence(wait_loads=True)
+    got = _run(llm)
+    # pooled experts run the plain kernel (different rounding from the repacked one), the rest stock's
+    assert not np.array_equal(got, ref) and np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    pool.close()
     llm.close()
 
 
@@ -315,7 +328,6 @@ def test_bad_vram_arguments(pool_models, tiny_dense_model):
         ({"vram_budget": "1GiB"}, "needs tier='vram'"),
         ({"tier": "flash", "budget": "1GiB", "vram_budget": "1GiB"}, "belongs to tier='vram'"),
         ({"tier": "vram", "vram_budget": "1GiB", "routing": False}, "routing=True"),
-        ({"tier": "vram", "vram_budget": "1GiB", "use_extra_bufts": True}, "use_extra_bufts=False"),
         ({"tier": "gpu"}, "unknown tier"),
     ]
     for kwargs, needle in cases:
