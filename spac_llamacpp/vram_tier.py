@@ -234,7 +234,7 @@ class VramTier:
         for i, e in np.transpose(np.nonzero(add))[order]:
             g = int(self.group_of_row[i])
             if not self.free[g]:
-                x[i, e] = False  # cannot happen with _fit_groups; keeps the books straight regardless
+                x[i, e] = False  # slots still retired behind a cancelled copy: a later plan retries
                 continue
             s = self.free[g].pop()
             self.pool.load(int(self.rows[i]), int(e), s)
