@@ -45,7 +45,7 @@ def main() -> None:
         layers = layout.layers_of(0)  # the first group (most models have one)
         quarter = max(1, llm.moe_info.n_expert // 4)
         slots = [len(layers) * quarter] + [0] * (len(layout.slot_bytes) - 1)
-        pool = ExpertPool(llm.ctx, llm.model, slots, on_host=True)
+        pool = ExpertPool(llm, slots, on_host=True)
         res.setdefault("empty pool", []).append(tps())
         for s, (il, e) in enumerate((il, e) for il in layers for e in range(quarter)):
             pool.load(il, e, s)

@@ -14,7 +14,7 @@ import ctypes
 import mmap
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,11 @@ class PoolError(SpacError):
     def __init__(self, what: str, code: int) -> None:
         super().__init__(f"{what}: {_ERRORS.get(code, f'error {code}')}")
         self.code = code
+
+
+def _address(p: Any) -> int:
+    """A pointer given as an int or a ctypes object."""
+    return int(p.value if hasattr(p, "value") else p)
 
 
 @cache
@@ -87,7 +92,9 @@ class PoolLayout:
     slot_bytes: tuple[int, ...]  # per group
 
     @classmethod
-    def of(cls, model: int) -> PoolLayout:
+    def of(cls, model: Any) -> PoolLayout:
+        """The layout of a ``llama_model *``."""
+        model = _address(model)
         lib = _lib()
         n_groups = lib.llama_spac_pool_n_groups(model)
         from llama_cpp import llama_cpp as llama_c
@@ -104,23 +111,38 @@ class ExpertPool:
     """The slot pool of one llama.cpp context.
 
     Args:
-        ctx: the ``llama_context *`` (an int or ctypes pointer).
-        model: its ``llama_model *``.
+        llm: the ``llama_cpp.Llama`` (or ``spac_llamacpp.Llama``) whose context gets the pool. Calls
+            after it was closed raise :class:`SpacError` instead of touching freed memory.
         n_slots: slots per group (see :class:`PoolLayout`).
         on_host: place the pool in host memory (testing without a GPU) instead of the first GPU.
     """
 
-    def __init__(self, ctx: int, model: int, n_slots: list[int], *, on_host: bool = False) -> None:
+    def __init__(self, llm: Any, n_slots: list[int], *, on_host: bool = False) -> None:
         self.lib = _lib()
-        self.ctx = int(ctx)
-        self.layout = PoolLayout.of(int(model))
+        self.llm = llm
+        self.layout = PoolLayout.of(_address(self._model()))
         if len(n_slots) != len(self.layout.slot_bytes):
             raise SpacError(f"n_slots needs {len(self.layout.slot_bytes)} entries (one per group), got {len(n_slots)}")
         arr = (ctypes.c_int32 * len(n_slots))(*n_slots)
         self._check("configure", self.lib.llama_spac_pool_configure(self.ctx, arr, len(n_slots), on_host))
         self.n_slots = [int(n) for n in n_slots]
         self.on_host = on_host
+        self._closed = False
         self._file: tuple[mmap.mmap, np.ndarray] | None = None
+
+    def _model(self) -> Any:
+        model = getattr(getattr(self.llm, "_model", None), "model", None)
+        if model is None:
+            raise SpacError("this Llama was closed; its expert pool is gone")
+        return model
+
+    @property
+    def ctx(self) -> int:
+        """The live ``llama_context *`` (SpacError once the Llama or this pool was closed)."""
+        ctx = getattr(getattr(self.llm, "_ctx", None), "ctx", None)
+        if ctx is None or getattr(self, "_closed", False):
+            raise SpacError("this Llama (or its expert pool) was closed; create a new one")
+        return _address(ctx)
 
     @staticmethod
     def _check(what: str, rc: int) -> int:
@@ -181,8 +203,11 @@ class ExpertPool:
         return n.value, b.value
 
     def close(self) -> None:
-        """Remove the pool (the context computes every expert from the full tensors again)."""
-        if self.ctx:
-            self.lib.llama_spac_pool_configure(self.ctx, None, 0, False)
-            self.ctx = 0
+        """Remove the pool (the context computes every expert from the full tensors again); idempotent,
+        and harmless after the Llama was closed (freeing the context already freed the pool)."""
+        if not self._closed:
+            ctx = getattr(getattr(self.llm, "_ctx", None), "ctx", None)
+            if ctx is not None:
+                self.lib.llama_spac_pool_configure(_address(ctx), None, 0, False)
+            self._closed = True
         self._file = None  # the mapping goes with the last reference (after the pool that read it)

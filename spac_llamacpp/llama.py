@@ -221,7 +221,7 @@ class Llama(llama_cpp.Llama):
         if tier == "vram":
             assert budget_bytes is not None
             try:
-                self.vram = VramTier(self.ctx, self.model, self.moe_info, budget_bytes, n_ctx=self.n_ctx(),
+                self.vram = VramTier(self, self.moe_info, budget_bytes, n_ctx=self.n_ctx(),
                                      **(vram_options or {}))
             except BaseException:
                 self.close()

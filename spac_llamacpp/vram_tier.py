@@ -52,10 +52,6 @@ def vram_overrides(user: Any) -> list[tuple[str, Any]]:
     return [*parse_overrides(user), (EXPERT_OVERRIDE, "CPU")]
 
 
-def _address(p: Any) -> int:
-    return int(p.value if hasattr(p, "value") else p)
-
-
 def kv_cache_bytes(model: Any, n_ctx: int) -> int:
     """Estimated f16 KV cache bytes of a context (``n_ctx`` tokens, every layer, K and V)."""
     from llama_cpp import llama_cpp as llama_c
@@ -96,7 +92,7 @@ class VramTier:
     """Drives the expert pool of one context from speculative utility.
 
     Args:
-        ctx, model: the llama.cpp context and model (pointers).
+        llm: the loaded ``llama_cpp.Llama`` (its context gets the pool).
         info: the model header.
         budget: GPU bytes for the model: non-expert weights, KV cache, ``compute_reserve`` and the pool.
         n_ctx: the context length (for the KV estimate).
@@ -109,8 +105,7 @@ class VramTier:
 
     def __init__(
         self,
-        ctx: Any,
-        model: Any,
+        llm: Any,
         info: MoEModelInfo,
         budget: int,
         *,
@@ -130,7 +125,7 @@ class VramTier:
     ) -> None:
         self.info = info
         self.budget = int(budget)
-        self.pool_layout = PoolLayout.of(_address(model))
+        self.pool_layout = PoolLayout.of(llm.model)
         self.rows = np.asarray(info.moe_layers, dtype=np.int64)
         row_of = {int(b): i for i, b in enumerate(self.rows)}
         groups = self.pool_layout.group_of_layer
@@ -140,7 +135,7 @@ class VramTier:
         self.group_of_row = np.array([groups[b] for b in self.rows], dtype=np.int64)
         n_expert_of_group = [info.n_expert] * len(self.pool_layout.slot_bytes)
 
-        self.kv_bytes = kv_cache_bytes(model, n_ctx) if non_expert_on_gpu else 0
+        self.kv_bytes = kv_cache_bytes(llm.model, n_ctx) if non_expert_on_gpu else 0
         self.fixed_bytes = (info.non_expert_bytes + self.kv_bytes if non_expert_on_gpu else 0) + int(compute_reserve)
         smallest = min(self.pool_layout.slot_bytes)
         if slots is None:
@@ -161,7 +156,7 @@ class VramTier:
                 "to run the pool in host memory for testing"
             )
         try:
-            self.pool = ExpertPool(_address(ctx), _address(model), list(slots), on_host=on_host)
+            self.pool = ExpertPool(llm, list(slots), on_host=on_host)
         except PoolError as exc:
             raise SpacError(f"tier='vram': {exc}") from exc
         self.pool.set_sources_from_file(info)  # repacked CPU experts are copied from the file

@@ -121,9 +121,9 @@ def test_identical_to_stock_under_any_residency(pool_models, arch):
     ref = _run(_stock_no_repack(path))
     llm = _pool_llm(path)
     rng = np.random.default_rng(1)
-    n_all = len(_experts(ExpertPool(llm.ctx, llm.model, [1], on_host=True)))  # every (layer, expert)
+    n_all = len(_experts(ExpertPool(llm, [1], on_host=True)))  # every (layer, expert)
     for pattern in ("empty", "full", "partial", "changing"):
-        pool = ExpertPool(llm.ctx, llm.model, [n_all if pattern == "full" else 5], on_host=True)
+        pool = ExpertPool(llm, [n_all if pattern == "full" else 5], on_host=True)
         everything = _experts(pool)
         if pattern in ("full", "partial"):
             chosen = everything if pattern == "full" else [everything[i] for i in rng.choice(len(everything), 5, False)]
@@ -147,7 +147,7 @@ def test_quantised_experts(pool_models):
     path = pool_models["q8_0"]
     llm = _pool_llm(path)
     ref = _run(llm)
-    pool = ExpertPool(llm.ctx, llm.model, [6], on_host=True)
+    pool = ExpertPool(llm, [6], on_host=True)
     for s, (il, e) in enumerate(_experts(pool)[::4][:6]):
         pool.load(il, e, s)
     pool.fence(wait_loads=True)
@@ -187,7 +187,7 @@ def test_ids_are_remapped_to_slots(pool_models):
     tap = _IdsTap()
     llm = Llama(path, use_extra_bufts=False, cb_eval=tap, routing_history=None, **KW)
     llm.routing.keep_ids = True
-    pool = ExpertPool(llm.ctx, llm.model, [12], on_host=True)
+    pool = ExpertPool(llm, [12], on_host=True)
     prompt, rest = _continuation(llm)
     llm.eval(prompt)
     # every expert of layer 1 resident, half of layer 0's, none of layer 2's
@@ -213,7 +213,7 @@ def test_ids_are_remapped_to_slots(pool_models):
 
 def test_slot_states_fence_and_errors(pool_models):
     llm = _pool_llm(pool_models["qwen3moe"])
-    pool = ExpertPool(llm.ctx, llm.model, [3], on_host=True)
+    pool = ExpertPool(llm, [3], on_host=True)
     assert pool.slot(0, 0) == (FREE, -1, -1)
     pool.load(0, 5, 0)
     assert pool.slot(0, 0)[0] in (LOADING, READY)
@@ -239,9 +239,9 @@ def test_slot_states_fence_and_errors(pool_models):
             pool.load(*bad)
         assert exc.value.code == E_ARG and "\n" not in str(exc.value)
     with pytest.raises(SpacError, match="entries"):
-        ExpertPool(llm.ctx, llm.model, [1, 1], on_host=True)
+        ExpertPool(llm, [1, 1], on_host=True)
     with pytest.raises(PoolError, match="out of range"):
-        ExpertPool(llm.ctx, llm.model, [10_000], on_host=True)
+        ExpertPool(llm, [10_000], on_host=True)
     pool.close()
     llm.close()
 
@@ -255,7 +255,7 @@ def test_repacked_experts_copy_from_the_file(tmp_path, capfd):
     if "CPU_REPACK model buffer" not in capfd.readouterr().err:
         llm.close()
         pytest.skip("this CPU does not repack Q4_0")
-    pool = ExpertPool(llm.ctx, llm.model, [6], on_host=True)
+    pool = ExpertPool(llm, [6], on_host=True)
     with pytest.raises(PoolError) as exc:
         pool.load(0, 1, 0)
     assert exc.value.code == E_UNSUPPORTED and "\n" not in str(exc.value)
@@ -411,7 +411,7 @@ def test_layers_with_different_expert_types_form_groups(tmp_path):
     llm = _pool_llm(path)
     layout = PoolLayout.of(llm.model)
     assert layout.group_of_layer == (0, 1, 0) and layout.slot_bytes[1] > layout.slot_bytes[0]
-    pool = ExpertPool(llm.ctx, llm.model, [3, 2], on_host=True)
+    pool = ExpertPool(llm, [3, 2], on_host=True)
     for s, e in enumerate((1, 4, 6)):
         pool.load(0 if s < 2 else 2, e, s)
     pool.load(1, 3, 0)
@@ -434,3 +434,32 @@ def test_layers_with_different_expert_types_form_groups(tmp_path):
     for g, n in enumerate(tier.vram.n_slots):
         assert int(tier.vram.wanted[tier.vram.group_of_row == g].sum()) <= n
     tier.close()
+
+
+def test_a_closed_model_is_an_error_not_a_crash(pool_models):
+    llm = _pool_llm(pool_models["qwen3moe"])
+    pool = ExpertPool(llm, [2], on_host=True)
+    pool.load(0, 1, 0)  # a copy may still be queued when the context goes
+    llm.close()
+    for call in (lambda: pool.load(0, 2, 1), lambda: pool.evict(0, 1), lambda: pool.fence(), lambda: pool.slot(0, 0)):
+        with pytest.raises(SpacError, match="closed"):
+            call()
+    pool.close()  # harmless
+    tier = Llama(pool_models["qwen3moe"], tier="vram", vram_budget="1GiB", n_ctx=64, verbose=False,
+                 vram_options={"on_host": True})
+    tier.close()
+    with pytest.raises(SpacError, match="closed"):
+        tier.eval([1, 2])
+    with pytest.raises(SpacError, match="closed"):
+        tier.vram.pool.load(0, 0, 0)
+
+
+def test_empty_evaluation_with_a_pool(pool_models):
+    llm = _pool_llm(pool_models["qwen3moe"])
+    pool = ExpertPool(llm, [2], on_host=True)
+    llm.eval([])  # nothing to evaluate: llama-cpp-python returns at once
+    assert llm.n_tokens == 0
+    ref = _run(_stock_no_repack(pool_models["qwen3moe"]))
+    assert np.array_equal(_run(llm), ref)
+    pool.close()
+    llm.close()
