@@ -27,17 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-PROMPTS = (
-    "def merge_sort(items: list[int]) -> list[int]:",
-    "Explain in plain English how a hash table handles collisions.",
-    "import numpy as np\n\ndef softmax(x):",
-    "Once upon a time, in a village by the sea, there lived",
-)
+from spac_llamacpp.benchmarks import PROMPTS, run_child, timed_generation
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +60,6 @@ def _child(cfg: dict) -> dict:
     import llama_cpp
 
     from spac_llamacpp.flash_tier import read_bytes_so_far
-    from spac_llamacpp.generate import GenerationStats, stream_generate
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0}
     draft = None
@@ -94,15 +87,8 @@ def _child(cfg: dict) -> dict:
             llm = llama_cpp.Llama(cfg["model"], draft_model=draft, **kw)
     load_s = time.perf_counter() - t0
     read0 = read_bytes_so_far()
-    tokens = 0
-    seconds = 0.0
-    for prompt in cfg["prompts"]:
-        llm.reset()
-        st = GenerationStats()
-        for _ in stream_generate(llm, prompt, cfg["n_predict"], temperature=0.0, seed=0, stats=st):
-            pass
-        tokens += st.generated_tokens
-        seconds += st.decode_seconds + st.prompt_seconds
+    tokens, decode_s, prompt_s = timed_generation(llm, cfg["prompts"], cfg["n_predict"])
+    seconds = decode_s + prompt_s
     read = read_bytes_so_far() - read0
     out = {"kind": cfg["kind"], "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load_s,
            "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": _rss_anon()}
@@ -123,11 +109,10 @@ def _rss_anon() -> int:
 
 
 def _run_child(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, cfg["model"], "--child", json.dumps(cfg)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_flash: the {cfg['kind']} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out, err = run_child(__file__, cfg["model"], cfg)
+    if out is None:
+        raise SystemExit(f"bench_flash: the {cfg['kind']} run failed:\n{err[-3000:]}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,12 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = (
-    "def merge_sort(items: list[int]) -> list[int]:",
-    "Explain in plain English how a hash table handles collisions.",
-    "import numpy as np\n\ndef softmax(x):",
-    "Once upon a time, in a village by the sea, there lived",
-)
+from spac_llamacpp.benchmarks import PROMPTS
 
 
 def main() -> int:

@@ -30,17 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-PROMPTS = (
-    "def merge_sort(items: list[int]) -> list[int]:",
-    "Explain in plain English how a hash table handles collisions.",
-    "import numpy as np\n\ndef softmax(x):",
-    "Once upon a time, in a village by the sea, there lived",
-)
+from spac_llamacpp.benchmarks import PROMPTS, run_child, timed_generation
+
 EXPS = r"\.ffn_(gate|up|down|gate_up)_exps\.weight$"
 
 
@@ -63,7 +58,6 @@ def parse_args() -> argparse.Namespace:
 def _child(cfg: dict) -> dict:
     import llama_cpp
 
-    from spac_llamacpp.generate import GenerationStats, stream_generate
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0, "n_gpu_layers": -1}
     t0 = time.perf_counter()
@@ -87,14 +81,7 @@ def _child(cfg: dict) -> dict:
         with patched_default_params(model_params, lambda p: None):
             llm = llama_cpp.Llama(cfg["model"], **kw)
     load_s = time.perf_counter() - t0
-    tokens, seconds = 0, 0.0
-    for prompt in cfg["prompts"]:
-        llm.reset()
-        st = GenerationStats()
-        for _ in stream_generate(llm, prompt, cfg["n_predict"], temperature=0.0, seed=0, stats=st):
-            pass
-        tokens += st.generated_tokens
-        seconds += st.decode_seconds
+    tokens, seconds, _ = timed_generation(llm, cfg["prompts"], cfg["n_predict"])
     out = {"kind": cfg["kind"], "n_cpu_moe": cfg.get("n_cpu_moe"), "tokens": tokens, "seconds": seconds,
            "tps": tokens / seconds if seconds > 0 else 0.0, "load_s": load_s}
     if cfg["kind"] == "spac":
@@ -106,13 +93,11 @@ def _child(cfg: dict) -> dict:
 
 
 def _run_child(cfg: dict) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, cfg["model"], "--child", json.dumps(cfg)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+    out, err = run_child(__file__, cfg["model"], cfg)
+    if out is None:
+        tail = err.strip().splitlines()[-1:] or ["?"]
         print(f"  {cfg['kind']} (n_cpu_moe={cfg.get('n_cpu_moe')}) failed: {tail[0]}", flush=True)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> int:

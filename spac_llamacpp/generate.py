@@ -104,3 +104,17 @@ def _split_complete_utf8(data: bytes) -> tuple[str, bytes]:
         except UnicodeDecodeError:
             continue
     return data.decode("utf-8", errors="replace"), b""
+
+
+def greedy_continuation(llm: llama_cpp.Llama, prompt: str | bytes, n: int) -> list[int]:
+    """The first ``n`` tokens greedy decoding (top-k 1, temperature 0) produces after ``prompt``
+    (fewer if the model stops), through ``llm.generate``: the path speculative decoding also takes."""
+    text = prompt.encode() if isinstance(prompt, str) else prompt
+    out: list[int] = []
+    if n <= 0:
+        return out
+    for tok in llm.generate(llm.tokenize(text), top_k=1, temp=0.0):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out

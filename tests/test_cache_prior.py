@@ -12,17 +12,13 @@ import pytest
 from spac_llamacpp import Llama
 from spac_llamacpp.default_model import default_model_path
 from spac_llamacpp.errors import NotMoEError, SpacError
+from spac_llamacpp.generate import greedy_continuation
 
 PROMPT = b"ROMEO. What light"
 
 
 def _greedy(llm: llama_cpp.Llama, n: int = 40) -> list[int]:
-    out = []
-    for tok in llm.generate(llm.tokenize(PROMPT), top_k=1, temp=0.0):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
+    return greedy_continuation(llm, PROMPT, n)
 
 
 def _stock(path) -> list[int]:

@@ -14,6 +14,7 @@ from spac_llamacpp import Llama
 from spac_llamacpp.errors import NotMoEError, SpacError
 from spac_llamacpp.factory import write_tiny_moe
 from spac_llamacpp.flash_engine import FlashEngine, page_size
+from spac_llamacpp.generate import greedy_continuation
 from spac_llamacpp.gguf_info import read_model_header
 from spac_llamacpp.mapping import file_mappings, new_whole_file_mapping
 
@@ -34,12 +35,7 @@ def _threads() -> int:
 
 
 def _greedy(llm: llama_cpp.Llama, n: int) -> list[int]:
-    out = []
-    for tok in llm.generate(llm.tokenize(PROMPT.encode()), top_k=1, temp=0.0):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
+    return greedy_continuation(llm, PROMPT, n)
 
 
 def _stock_tokens(path: str, n: int) -> list[int]:

@@ -33,6 +33,7 @@ from spac_llamacpp.expert_pool import (
     PoolLayout,
 )
 from spac_llamacpp.factory import write_tiny_moe
+from spac_llamacpp.generate import greedy_continuation
 from spac_llamacpp.gguf_info import read_model_header
 
 pytestmark = pytest.mark.skipif(
@@ -289,12 +290,7 @@ def test_vram_tier_greedy_identical(pool_models, arch):
 
 
 def _greedy(llm: llama_cpp.Llama, n: int) -> list[int]:
-    out = []
-    for tok in llm.generate(llm.tokenize(PROMPT.encode()), top_k=1, temp=0.0):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
+    return greedy_continuation(llm, PROMPT, n)
 
 
 def test_vram_budget_sizes_the_pool(pool_models):
