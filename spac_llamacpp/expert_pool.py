@@ -120,6 +120,7 @@ class ExpertPool:
     def __init__(self, llm: Any, n_slots: list[int], *, on_host: bool = False) -> None:
         self.lib = _lib()
         self.llm = llm
+        self._closed = False
         self.layout = PoolLayout.of(_address(self._model()))
         if len(n_slots) != len(self.layout.slot_bytes):
             raise SpacError(f"n_slots needs {len(self.layout.slot_bytes)} entries (one per group), got {len(n_slots)}")
@@ -127,7 +128,6 @@ class ExpertPool:
         self._check("configure", self.lib.llama_spac_pool_configure(self.ctx, arr, len(n_slots), on_host))
         self.n_slots = [int(n) for n in n_slots]
         self.on_host = on_host
-        self._closed = False
         self._file: tuple[mmap.mmap, np.ndarray] | None = None
 
     def _model(self) -> Any:
@@ -140,7 +140,7 @@ class ExpertPool:
     def ctx(self) -> int:
         """The live ``llama_context *`` (SpacError once the Llama or this pool was closed)."""
         ctx = getattr(getattr(self.llm, "_ctx", None), "ctx", None)
-        if ctx is None or getattr(self, "_closed", False):
+        if ctx is None or self._closed:
             raise SpacError("this Llama (or its expert pool) was closed; create a new one")
         return _address(ctx)
 
