@@ -29,11 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spac_llamacpp.balancer import Balancer, lp_bound, solve  # noqa: E402
-from spac_llamacpp.calibrate import calibrate, calibration_path, load_cached  # noqa: E402
-from spac_llamacpp.costmodel import CostModel, ExpertLayout, GpuCost  # noqa: E402
-from spac_llamacpp.replanner import Replanner  # noqa: E402
-from spac_llamacpp.sizes import format_size  # noqa: E402
+from spac_llamacpp.base.sizes import format_size  # noqa: E402
+from spac_llamacpp.planning.balancer import Balancer, lp_bound, solve  # noqa: E402
+from spac_llamacpp.planning.calibration import calibration_path, load_cached  # noqa: E402
+from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout, GpuCost  # noqa: E402
+from spac_llamacpp.planning.replanner import Replanner  # noqa: E402
+from spac_llamacpp.tools.calibrate import calibrate  # noqa: E402
 
 Q4_K_BPW, Q6_K_BPW = 144 * 8 / 256, 210 * 8 / 256
 

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.benchmarks import PROMPTS, run_child, timed_generation
+from spac_llamacpp.tools.benchmarks import PROMPTS, run_child, timed_generation
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,16 +59,16 @@ def parse_args() -> argparse.Namespace:
 def _child(cfg: dict) -> dict:
     import llama_cpp
 
-    from spac_llamacpp.flash_tier import read_bytes_so_far
+    from spac_llamacpp.tiers.flash import read_bytes_so_far
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0}
     draft = None
     if cfg["lookup"]:
-        from spac_llamacpp.drafting import PromptLookupDraft
+        from spac_llamacpp.speculation.drafts import PromptLookupDraft
 
         draft = PromptLookupDraft(cfg["n_draft"])
     elif cfg["draft"]:
-        from spac_llamacpp.drafting import GGUFDraftModel
+        from spac_llamacpp.speculation.drafts import GGUFDraftModel
 
         draft = GGUFDraftModel(cfg["draft"], cfg["n_draft"], cfg["ctx"], n_threads=cfg["threads"])
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def _child(cfg: dict) -> dict:
         llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], draft_model=draft, n_draft=cfg["n_draft"],
                     adaptive_draft=False, **kw)
     else:
-        from spac_llamacpp.params import patched_default_params
+        from spac_llamacpp.native.params import patched_default_params
 
         def no_repack(p) -> None:  # the same CPU kernels as the flash tier (which must not repack)
             p.use_extra_bufts = False
@@ -124,9 +124,9 @@ def main() -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
 
-    from spac_llamacpp.gguf_info import read_model_header
-    from spac_llamacpp.memlimit import MemoryLimit, drop_file_cache
-    from spac_llamacpp.sizes import format_size, parse_size
+    from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.gguf.info import read_model_header
+    from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache
 
     info = read_model_header(args.model)
     prompts = (args.prompts.read_text().splitlines() if args.prompts else list(PROMPTS))

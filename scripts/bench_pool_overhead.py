@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from spac_llamacpp import Llama
-from spac_llamacpp.expert_pool import ExpertPool, PoolLayout
+from spac_llamacpp.native.expert_pool import ExpertPool, PoolLayout
 
 
 def main() -> None:

@@ -23,15 +23,15 @@ import llama_cpp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spac_llamacpp import Llama  # noqa: E402
-from spac_llamacpp.default_model import models_cache_dir  # noqa: E402
-from spac_llamacpp.generate import GenerationStats, stream_generate  # noqa: E402
+from spac_llamacpp.models.default import models_cache_dir  # noqa: E402
+from spac_llamacpp.tools.generate import GenerationStats, stream_generate  # noqa: E402
 
 BENCH_SPEC = {"n_layer": 16, "n_embd": 1024, "n_expert": 32, "n_expert_used": 4, "n_ff_exp": 512}
 
 
 def bench_model() -> Path:
     """A mid-size random qwen3moe (q8_0) whose decode time is dominated by real expert matmuls."""
-    from spac_llamacpp.factory import write_tiny_moe
+    from spac_llamacpp.models.factory import write_tiny_moe
 
     path = models_cache_dir() / "bench-qwen3moe-16x32-q8_0-v1.gguf"
     if not path.is_file():

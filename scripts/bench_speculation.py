@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.benchmarks import PROMPTS
+from spac_llamacpp.tools.benchmarks import PROMPTS
 
 
 def main() -> int:
@@ -68,8 +68,8 @@ def main() -> int:
         base["use_extra_bufts"] = False
         base["draft_kwargs"] = {"use_extra_bufts": False}
 
-    from spac_llamacpp.memlimit import MemoryLimit, drop_file_cache
-    from spac_llamacpp.sizes import parse_size
+    from spac_llamacpp.base.sizes import parse_size
+    from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache
 
     limit = MemoryLimit(parse_size(args.limit), min_limit=1 << 30) if args.limit else contextlib.nullcontext()
     rows: list[dict] = []
@@ -82,8 +82,8 @@ def main() -> int:
 
 def _run_all(args, configs, base, prompts, rows, drop) -> None:
     from spac_llamacpp import Llama
-    from spac_llamacpp.drafting import PromptLookupDraft
-    from spac_llamacpp.generate import GenerationStats, stream_generate
+    from spac_llamacpp.speculation.drafts import PromptLookupDraft
+    from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
     reference = None
     for label, extra in configs:

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.benchmarks import PROMPTS, run_child, timed_generation
+from spac_llamacpp.tools.benchmarks import PROMPTS, run_child, timed_generation
 
 EXPS = r"\.ffn_(gate|up|down|gate_up)_exps\.weight$"
 
@@ -67,7 +67,7 @@ def _child(cfg: dict) -> dict:
         llm = Llama(cfg["model"], tier="vram", vram_budget=cfg["budget"], vram_options={"on_host": cfg["pool_on_host"]},
                     use_extra_bufts=None if cfg["repack"] else False, **kw)
     else:
-        from spac_llamacpp.params import TensorBuftOverrides, patched_default_params
+        from spac_llamacpp.native.params import TensorBuftOverrides, patched_default_params
 
         n_cpu = cfg.get("n_cpu_moe")
         pattern = EXPS if n_cpu is None else rf"^blk\.({'|'.join(map(str, range(n_cpu)))})\.ffn_.*_exps\.weight$"
@@ -106,9 +106,9 @@ def main() -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
 
-    from spac_llamacpp.gguf_info import read_model_header
-    from spac_llamacpp.sizes import format_size, parse_size
-    from spac_llamacpp.vram_tier import DEFAULT_COMPUTE_RESERVE
+    from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.gguf.info import read_model_header
+    from spac_llamacpp.tiers.vram import DEFAULT_COMPUTE_RESERVE
 
     info = read_model_header(args.model)
     per_layer = {il: sum(t.nbytes for t in info.layer_tensors(il) if re.search(EXPS, t.name))

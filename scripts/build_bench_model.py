@@ -73,9 +73,9 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("build_bench_model")
 
-    from spac_llamacpp.default_model import models_cache_dir
-    from spac_llamacpp.moefy import build, corpus, downloads
-    from spac_llamacpp.moefy.plan import MoEfyConfig
+    from spac_llamacpp.models.default import models_cache_dir
+    from spac_llamacpp.models.moefy import build, corpus, downloads
+    from spac_llamacpp.models.moefy.plan import MoEfyConfig
 
     cache = args.cache or models_cache_dir()
     dl = cache / "downloads"
@@ -116,7 +116,7 @@ def main() -> int:
 def _check_draft(target: Path, draft: Path) -> None:
     import llama_cpp
 
-    from spac_llamacpp.drafting import check_same_vocabulary
+    from spac_llamacpp.speculation.drafts import check_same_vocabulary
 
     a = llama_cpp.Llama(str(target), vocab_only=True, verbose=False)
     b = llama_cpp.Llama(str(draft), vocab_only=True, verbose=False)
@@ -128,8 +128,8 @@ def _check_draft(target: Path, draft: Path) -> None:
 
 
 def _evaluate(args: argparse.Namespace, dense: Path, moe: Path, corpora: dict, log: logging.Logger) -> None:
-    from spac_llamacpp.moefy.build import tokenize
-    from spac_llamacpp.moefy.evaluate import evaluate_model, samples
+    from spac_llamacpp.models.moefy.build import tokenize
+    from spac_llamacpp.models.moefy.evaluate import evaluate_model, samples
 
     report_path = moe.with_name(moe.name + ".eval.json")
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -163,8 +163,8 @@ def _trace(args: argparse.Namespace, moe: Path, log: logging.Logger) -> None:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         subprocess.run(cmd, check=True)
-    from spac_llamacpp.trace import RoutingTrace
-    from spac_llamacpp.trace_stats import realism_report
+    from spac_llamacpp.observe.trace import RoutingTrace
+    from spac_llamacpp.sim.trace_stats import realism_report
 
     trace = RoutingTrace.load(trace_path)
     caps = tuple(range(4, trace.n_expert, 4))

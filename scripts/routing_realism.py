@@ -2,7 +2,7 @@
 """Routing realism of MoE models: expert popularity skew and LRU hit rate vs cache size.
 
 Runs ``spac trace`` (greedy) over the prompts of ``scripts/realism_prompts.txt`` for each model and
-summarises the traces with ``spac_llamacpp.trace_stats``. Without MODEL arguments it compares the
+summarises the traces with ``spac_llamacpp.sim.trace_stats``. Without MODEL arguments it compares the
 shipped default model with two random-weight factory models: its "random twin" (same shape and
 tokenizer, random weights) and the factory's qwen3moe of the old default's shape.
 
@@ -22,8 +22,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spac_llamacpp.trace import RoutingTrace  # noqa: E402
-from spac_llamacpp.trace_stats import RealismReport, realism_report  # noqa: E402
+from spac_llamacpp.observe.trace import RoutingTrace  # noqa: E402
+from spac_llamacpp.sim.trace_stats import RealismReport, realism_report  # noqa: E402
 
 PROMPTS = Path(__file__).with_name("realism_prompts.txt")
 SPAC = Path(sys.executable).with_name("spac")
@@ -31,10 +31,10 @@ SPAC = Path(sys.executable).with_name("spac")
 
 def reference_models(tmp: Path) -> dict[str, Path]:
     """The shipped default and the random-weight factory models to compare it with."""
-    from spac_llamacpp.bpe import read_tokenizer
-    from spac_llamacpp.default_model import default_model_path
-    from spac_llamacpp.factory import write_tiny_model, write_tiny_moe
-    from spac_llamacpp.tinylm.recipe import MOE_SPEC
+    from spac_llamacpp.models.bpe import read_tokenizer
+    from spac_llamacpp.models.default import default_model_path
+    from spac_llamacpp.models.factory import write_tiny_model, write_tiny_moe
+    from spac_llamacpp.models.tinylm.recipe import MOE_SPEC
 
     default = default_model_path()
     twin = write_tiny_model(tmp / "random-twin.gguf", MOE_SPEC, dtype="f16", seed=0,

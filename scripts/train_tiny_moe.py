@@ -34,8 +34,8 @@ import click  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spac_llamacpp.tinylm import recipe  # noqa: E402
-from spac_llamacpp.tinylm.corpus import default_sdist, sha256, word_set, write_word_list  # noqa: E402
+from spac_llamacpp.models.tinylm import recipe  # noqa: E402
+from spac_llamacpp.models.tinylm.corpus import default_sdist, sha256, word_set, write_word_list  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "spac_llamacpp" / "models"
 SAMPLE_PROMPTS = ("ROMEO.\n", "To be, or not to be", "Once upon a time")
@@ -92,10 +92,10 @@ def train(kind: str, dense: bool, out_dir: str, sdist: str | None, steps: int | 
     """Train one model from scratch, save ``<out>/<kind>.pt``, then export and verify it."""
     import torch
 
-    from spac_llamacpp.tinylm.data import TokenStream
-    from spac_llamacpp.tinylm.model import TinyLM, sample_text
-    from spac_llamacpp.tinylm.train import save_checkpoint
-    from spac_llamacpp.tinylm.train import train as run_training
+    from spac_llamacpp.models.tinylm.data import TokenStream
+    from spac_llamacpp.models.tinylm.model import TinyLM, sample_text
+    from spac_llamacpp.models.tinylm.train import save_checkpoint
+    from spac_llamacpp.models.tinylm.train import train as run_training
 
     kind = "dense" if dense else kind
     out = Path(out_dir)
@@ -149,8 +149,8 @@ def export(kind: str, dense: bool, out_dir: str) -> None:
 
 
 def _export(kind: str, out: Path, log) -> Path:
-    from spac_llamacpp.tinylm.export import export_checkpoint
-    from spac_llamacpp.tinylm.verify import compare_logits
+    from spac_llamacpp.models.tinylm.export import export_checkpoint
+    from spac_llamacpp.models.tinylm.verify import compare_logits
 
     ckpt = out / f"{kind}.pt"
     path = export_checkpoint(ckpt, out)

@@ -15,18 +15,23 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 
-from .cache_prior import CachePrior
-from .drafting import AdaptiveDraftLength, GGUFDraftModel, check_same_vocabulary
-from .errors import GGUFError, NotMoEError, SpacError
-from .flash_tier import FlashTier
-from .gguf_info import MoEModelInfo, read_model_header
-from .mapping import file_mappings, new_whole_file_mapping
-from .params import OverridesArg, TensorBuftOverrides, patched_default_params
-from .routing import RoutingLog
-from .sensor import RoutingSensor, UserCallback, callback_address
-from .sizes import parse_size
-from .speculation import SpeculationTracker
-from .vram_tier import VramTier, vram_overrides
+from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
+from spac_llamacpp.base.sizes import parse_size
+from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
+from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
+from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
+from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
+from spac_llamacpp.observe.routing import RoutingLog
+from spac_llamacpp.speculation.drafts import (
+    SPAC_ONLY_KWARGS,
+    AdaptiveDraftLength,
+    GGUFDraftModel,
+    check_same_vocabulary,
+)
+from spac_llamacpp.speculation.tracker import SpeculationTracker
+from spac_llamacpp.tiers.cache_prior import CachePrior
+from spac_llamacpp.tiers.flash import FlashTier
+from spac_llamacpp.tiers.vram import VramTier, vram_overrides
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +69,18 @@ class Llama(llama_cpp.Llama):
         budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
         vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
             compute reserve, the rest is the expert pool).
-        vram_options: extra :class:`spac_llamacpp.vram_tier.VramTier` arguments: ``on_host=True`` puts
+        vram_options: extra :class:`spac_llamacpp.tiers.vram.VramTier` arguments: ``on_host=True`` puts
             the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``,
             ``estimator``, ``solver``, ``replan_every``, ``horizon``, ``profile``.
-        flash_options: extra :class:`spac_llamacpp.flash_tier.FlashTier` arguments (``estimator``,
+        flash_options: extra :class:`spac_llamacpp.tiers.flash.FlashTier` arguments (``estimator``,
             ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``,
             ``profile``).
         cache_prior: opt-in cache-aware routing with this lambda (e.g. 0.15): decode steps prefer
-            resident experts (:mod:`spac_llamacpp.cache_prior`; changes outputs). None: exact routing.
-        cache_prior_options: extra :class:`spac_llamacpp.cache_prior.CachePrior` arguments
+            resident experts (:mod:`spac_llamacpp.tiers.cache_prior`; changes outputs). None: exact routing.
+        cache_prior_options: extra :class:`spac_llamacpp.tiers.cache_prior.CachePrior` arguments
             (``top_j``, ``cache_experts``, ``max_rows``, ``ema``, ``resident``).
         self_draft: speculative decoding with the model itself drafting on its resident experts
-            (:mod:`spac_llamacpp.self_draft`); an int also lowers its experts per token while drafting.
+            (:mod:`spac_llamacpp.speculation.self_draft`); an int also lowers its experts per token while drafting.
     """
 
     def __init__(
@@ -167,15 +172,18 @@ class Llama(llama_cpp.Llama):
                 raise SpacError("self_draft drafts with the model itself: do not also pass a draft model")
             if info.n_expert == 0:
                 raise NotMoEError(f"{model_path} is a dense model; self-drafting needs a Mixture-of-Experts GGUF")
-            from .self_draft import SelfDraft
+            from spac_llamacpp.speculation.self_draft import SelfDraft
 
             experts = None if self_draft is True else int(self_draft)
             dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
-            inner = self._draft_llm = SelfDraft(model_path, n_draft, kwargs.get("n_ctx", 512), experts=experts, **dkw)
+            inner = self._draft_llm = SelfDraft(model_path, n_draft, kwargs.get("n_ctx", 512), llama_cls=Llama,
+                                                  experts=experts, **dkw)
         if draft_model_path is not None:
             if inner is not None:
                 raise SpacError("pass either draft_model or draft_model_path, not both")
             dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
+            if any(k in dkw for k in SPAC_ONLY_KWARGS):  # the draft needs this class for them
+                dkw = {"llama_cls": Llama, "routing": False, **dkw}
             inner = self._draft_llm = GGUFDraftModel(draft_model_path, n_draft, kwargs.get("n_ctx", 512), **dkw)
         if inner is not None:
             adaptive = AdaptiveDraftLength(k_init=n_draft, k_max=max(8, n_draft)) if adaptive_draft else None
@@ -324,8 +332,8 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
 
 
 def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool) -> int:
-    from . import patched_llama_available
-    from .expert_pool import POOL_PATCH_LEVEL
+    from spac_llamacpp import patched_llama_available
+    from spac_llamacpp.native.expert_pool import POOL_PATCH_LEVEL
 
     if not patched_llama_available(POOL_PATCH_LEVEL):
         raise SpacError("tier='vram' needs spac's patched llama.cpp, which is not installed: run "

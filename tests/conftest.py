@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from spac_llamacpp.factory import write_tiny_dense, write_tiny_moe
+from spac_llamacpp.models.factory import write_tiny_dense, write_tiny_moe
 
 TinyModel = Callable[..., pathlib.Path]
 
@@ -16,7 +16,7 @@ TinyModel = Callable[..., pathlib.Path]
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """``tiny_model(arch="qwen3moe", dtype="f16") -> Path``: a factory MoE GGUF, written once per session.
 
-    ``arch`` is one of ``spac_llamacpp.factory.ARCHITECTURES``; the files use the factory defaults
+    ``arch`` is one of ``spac_llamacpp.models.factory.ARCHITECTURES``; the files use the factory defaults
     (seed 0) and must not be modified by tests.
     """
     root = tmp_path_factory.mktemp("tiny_models")

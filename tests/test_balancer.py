@@ -9,12 +9,12 @@ import numpy as np
 import pulp
 import pytest
 
-from spac_llamacpp import balancer as B
-from spac_llamacpp.balancer import Balancer, Problem, brute_force, expert_budget, greedy, quick_bound, solve
-from spac_llamacpp.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.replanner import Replanner
-from spac_llamacpp.utility import DecayedCounts, DemandEstimator, FromScores, make_demand, utility_drift
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.planning import balancer as B
+from spac_llamacpp.planning.balancer import Balancer, Problem, brute_force, expert_budget, greedy, quick_bound, solve
+from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
+from spac_llamacpp.planning.replanner import Replanner
+from spac_llamacpp.planning.utility import DecayedCounts, DemandEstimator, FromScores, make_demand, utility_drift
 
 
 def cost_model(gpu_bandwidth: float = 1.5e12) -> CostModel:
@@ -127,7 +127,7 @@ def _fresh_warnings(monkeypatch):
 def test_greedy_fallback_when_solver_times_out(monkeypatch, caplog):
     p = hard_problem()
     monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
-    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
         plan = solve(p, time_limit=0.04)
     assert plan.method == "greedy" and plan.status == "fallback"
     assert "time limit" in plan.reason
@@ -139,7 +139,7 @@ def test_greedy_fallback_with_real_cbc_and_a_tiny_time_limit(caplog):
     """CBC with a ~0 time limit: either it still proves the optimum or the fallback is logged."""
     rng = np.random.default_rng(7)
     p = random_problem(rng, 12, 40, True, fill=0.3)
-    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
         plan = solve(p, solver="cbc", time_limit=1e-6, gap=0.0, certify=False)
     assert p.feasible(plan.x)
     if plan.method == "greedy":
@@ -151,7 +151,7 @@ def test_greedy_fallback_with_real_cbc_and_a_tiny_time_limit(caplog):
 def test_greedy_when_the_time_limit_leaves_no_time_for_the_solver(monkeypatch, caplog):
     p = hard_problem()
     monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
-    with caplog.at_level(logging.INFO, logger="spac_llamacpp.balancer"):
+    with caplog.at_level(logging.INFO, logger="spac_llamacpp.planning.balancer"):
         plan = solve(p, time_limit=0.0)
         plan2 = solve(p, time_limit=0.0)
     assert plan.method == plan2.method == "greedy" and "no time left" in plan.reason
@@ -163,7 +163,7 @@ def test_greedy_fallback_when_no_solver(monkeypatch, caplog):
     p = hard_problem()
     monkeypatch.setattr(pulp.PULP_CBC_CMD, "available", lambda self: False)
     monkeypatch.setattr(pulp.HiGHS, "available", lambda self: False)
-    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
         plan = solve(p)
     assert plan.method == "greedy" and "no MILP solver" in plan.reason
     assert any("no MILP solver" in r.message for r in caplog.records)
@@ -174,7 +174,7 @@ def test_greedy_fallback_without_pulp(monkeypatch, caplog):
 
     p = hard_problem()
     monkeypatch.setitem(sys.modules, "pulp", None)  # import pulp -> ImportError
-    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.balancer"):
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
         plan = solve(p)
     assert plan.method == "greedy" and "PuLP is not installed" in plan.reason
 
@@ -308,7 +308,7 @@ def test_replanner_caps_the_time_limit_at_a_share_of_decode_time():
 
 
 def test_scores_of_the_speculative_estimators_become_expected_tokens():
-    from spac_llamacpp.estimators import ESTIMATORS
+    from spac_llamacpp.planning.estimators import ESTIMATORS
 
     k = [2, 3]
     for name in ESTIMATORS:

@@ -7,8 +7,8 @@ from collections import Counter
 import llama_cpp
 import pytest
 
-from spac_llamacpp.bpe import PRETOKENIZE, SPECIAL_TOKENS, byte_to_unicode, read_tokenizer, train_bpe
-from spac_llamacpp.factory import factory_vocab
+from spac_llamacpp.models.bpe import PRETOKENIZE, SPECIAL_TOKENS, byte_to_unicode, read_tokenizer, train_bpe
+from spac_llamacpp.models.factory import factory_vocab
 
 TEXT = (
     "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"

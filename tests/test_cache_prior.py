@@ -10,9 +10,9 @@ import llama_cpp
 import pytest
 
 from spac_llamacpp import Llama
-from spac_llamacpp.default_model import default_model_path
-from spac_llamacpp.errors import NotMoEError, SpacError
-from spac_llamacpp.generate import greedy_continuation
+from spac_llamacpp.base.errors import NotMoEError, SpacError
+from spac_llamacpp.models.default import default_model_path
+from spac_llamacpp.tools.generate import greedy_continuation
 
 PROMPT = b"ROMEO. What light"
 
@@ -47,7 +47,7 @@ def test_mixing_weights_come_from_unbiased_probabilities(tiny_model, arch):
     # biased probabilities reached them
     import numpy as np
 
-    from spac_llamacpp.gguf_info import read_model_header
+    from spac_llamacpp.gguf.info import read_model_header
 
     path = tiny_model(arch)
     info = read_model_header(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac_llamacpp.trace import RoutingTrace
+from spac_llamacpp.observe.trace import RoutingTrace
 
 BIN = Path(sys.executable).parent
 
@@ -115,7 +115,7 @@ def test_trace_records_every_token(tiny_model, tmp_path):
 
 
 def test_trace_load_rejects_other_files(tmp_path):
-    from spac_llamacpp.errors import SpacError
+    from spac_llamacpp.base.errors import SpacError
 
     bad = tmp_path / "x.npz"
     bad.write_bytes(b"nope")
@@ -145,9 +145,9 @@ def test_inspect_json_byte_ranges_are_the_real_expert_bytes(tiny_model, arch, dt
 
 
 def test_default_ctx_clamped_to_training_context(tiny_model):
-    from spac_llamacpp.cli import DEFAULT_CTX, default_ctx
-    from spac_llamacpp.default_model import default_model_path
-    from spac_llamacpp.gguf_info import read_model_header
+    from spac_llamacpp.gguf.info import read_model_header
+    from spac_llamacpp.models.default import default_model_path
+    from spac_llamacpp.tools.cli import DEFAULT_CTX, default_ctx
 
     shipped = default_model_path()
     assert read_model_header(shipped).context_length == 256

@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 
 from spac_llamacpp import Llama
-from spac_llamacpp.bpe import read_tokenizer
-from spac_llamacpp.default_model import (
+from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.models.bpe import read_tokenizer
+from spac_llamacpp.models.default import (
     DEFAULT_LABEL,
     corpus_words_path,
     default_draft_path,
     default_model_path,
 )
-from spac_llamacpp.factory import write_tiny_model
-from spac_llamacpp.generate import GenerationStats, stream_generate
-from spac_llamacpp.gguf_info import inspect_model
-from spac_llamacpp.tinylm.corpus import known_word_fraction, read_word_list
-from spac_llamacpp.tinylm.recipe import DENSE_SPEC, MOE_SPEC
-from spac_llamacpp.trace import RoutingTrace
-from spac_llamacpp.trace_stats import realism_report
+from spac_llamacpp.models.factory import write_tiny_model
+from spac_llamacpp.models.tinylm.corpus import known_word_fraction, read_word_list
+from spac_llamacpp.models.tinylm.recipe import DENSE_SPEC, MOE_SPEC
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.sim.trace_stats import realism_report
+from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
 BIN = Path(sys.executable).parent
 COMMON = {"n_ctx": 512, "verbose": False, "seed": 0, "n_threads": 2}
@@ -162,8 +162,8 @@ def test_greedy_identical_to_stock() -> None:
 def test_torch_reimplementation_matches_llama_cpp() -> None:
     """The PyTorch model on the shipped (dequantized) weights gives llama.cpp's logits."""
     pytest.importorskip("torch")
-    from spac_llamacpp.tinylm.export import load_gguf_model
-    from spac_llamacpp.tinylm.verify import compare, llama_cpp_run, torch_logits, verify_tokens
+    from spac_llamacpp.models.tinylm.export import load_gguf_model
+    from spac_llamacpp.models.tinylm.verify import compare, llama_cpp_run, torch_logits, verify_tokens
 
     for path in (default_model_path(), default_draft_path()):
         model, vocab = load_gguf_model(path)

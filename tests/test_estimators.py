@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.estimators import (
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.planning.estimators import (
     DecayedAverage,
     FrequencyWeightedLRU,
     HysteresisEstimator,
@@ -19,8 +20,7 @@ from spac_llamacpp.estimators import (
     SpacEstimator,
     make_estimator,
 )
-from spac_llamacpp.trace import RoutingTrace
-from spac_llamacpp.utility_eval import belady_kept, evaluate, lru_kept
+from spac_llamacpp.sim.utility_eval import belady_kept, evaluate, lru_kept
 
 BIN = Path(sys.executable).parent
 

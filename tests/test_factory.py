@@ -11,8 +11,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.factory import (
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.models.factory import (
     ARCHITECTURES,
     DTYPES,
     GGUF_ARCH,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from spac_llamacpp import Llama
-from spac_llamacpp.errors import NotMoEError, SpacError
-from spac_llamacpp.factory import write_tiny_moe
-from spac_llamacpp.flash_engine import FlashEngine, page_size
-from spac_llamacpp.generate import greedy_continuation
-from spac_llamacpp.gguf_info import read_model_header
-from spac_llamacpp.mapping import file_mappings, new_whole_file_mapping
+from spac_llamacpp.base.errors import NotMoEError, SpacError
+from spac_llamacpp.gguf.info import read_model_header
+from spac_llamacpp.models.factory import write_tiny_moe
+from spac_llamacpp.native.flash_engine import FlashEngine, page_size
+from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
+from spac_llamacpp.tools.generate import greedy_continuation
 
 # experts of several pages each, so page-granular residency is meaningful
 SHAPE = {"n_layer": 3, "n_embd": 128, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 256}
@@ -98,7 +98,7 @@ def test_budget_respected_after_each_step(flash_models):
 def test_evicted_experts_gone_prefetched_resident(flash_models):
     path = flash_models["llama"]
     before = file_mappings(path)
-    from spac_llamacpp.params import patched_default_params
+    from spac_llamacpp.native.params import patched_default_params
 
     def no_repack(p):
         p.use_extra_bufts = False
@@ -160,7 +160,7 @@ def test_threads_stop_on_close_and_on_failure(flash_models, monkeypatch):
     assert _threads() == base
     llm.close()  # idempotent
 
-    from spac_llamacpp import flash_tier
+    from spac_llamacpp.tiers import flash as flash_tier
 
     def boom(self, *a, **k):
         raise RuntimeError("planner exploded")

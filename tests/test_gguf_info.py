@@ -1,9 +1,9 @@
-"""Tests for spac_llamacpp.gguf_info: MoE introspection from the GGUF header alone.
+"""Tests for spac_llamacpp.gguf.info: MoE introspection from the GGUF header alone.
 
 The files used here are written with gguf.GGUFWriter by ``_write_moe`` below: header-valid (and
 byte-exact in their tensor data) but not necessarily loadable by llama.cpp.  gguf.GGUFReader is used
 as an independent oracle for tensor offsets, sizes and bytes.  A parametrized test at the end also
-runs over the factory's llama.cpp-loadable tiny models when ``spac_llamacpp.factory`` is available.
+runs over the factory's llama.cpp-loadable tiny models when ``spac_llamacpp.models.factory`` is available.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import gguf
 import numpy as np
 import pytest
 
-from spac_llamacpp import factory, gguf_info
-from spac_llamacpp.errors import GGUFError, NotMoEError, SpacError
-from spac_llamacpp.gguf_info import (
+from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
+from spac_llamacpp.gguf import info as gguf_info
+from spac_llamacpp.gguf.info import (
     GGML_TYPES,
     ExpertTensor,
     MoEModelInfo,
@@ -32,6 +32,7 @@ from spac_llamacpp.gguf_info import (
     inspect_model,
     read_model_header,
 )
+from spac_llamacpp.models import factory
 
 QT = gguf.GGMLQuantizationType
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from spac_llamacpp import Llama
-from spac_llamacpp.errors import GGUFError, SpacError
-from spac_llamacpp.factory import ARCHITECTURES
-from spac_llamacpp.generate import GenerationStats, stream_generate
-from spac_llamacpp.params import patched_default_params
+from spac_llamacpp.base.errors import GGUFError, SpacError
+from spac_llamacpp.models.factory import ARCHITECTURES
+from spac_llamacpp.native.params import patched_default_params
+from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
 PROMPT = "The cat sat on the mat and then"
 N_GEN = 24

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac_llamacpp.lookahead import measure, overlap
+from spac_llamacpp.observe.lookahead import overlap
+from spac_llamacpp.tools.lookahead import measure
 
 PROMPTS = ["the cat sat on the mat", "once upon a time"]
 KW = {"n_ctx": 256, "verbose": False, "n_threads": 2}

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.memlimit import MemoryLimit, mem_available
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.native.memlimit import MemoryLimit, mem_available
 
 
 def _vmlck(pid: int) -> int:
@@ -21,7 +21,7 @@ def _vmlck(pid: int) -> int:
 
 def test_helper_locks_and_exits_when_the_pipe_closes():
     n = 32 << 20
-    proc = subprocess.Popen([sys.executable, "-m", "spac_llamacpp.memlimit", str(n)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "spac_llamacpp.native.memlimit", str(n)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = proc.stdout.readline().decode()
     if not line.startswith("locked"):

@@ -9,14 +9,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.moefy import corpus, downloads
-from spac_llamacpp.moefy.ffn import MoELayer, dense_ffn, moe_ffn, route
-from spac_llamacpp.moefy.plan import MoEfyConfig, plan_layer
-from spac_llamacpp.moefy.router import fit_router, fit_shared_gate, temperature
-from spac_llamacpp.moefy.source import DenseSource
-from spac_llamacpp.moefy.split import balanced_assign, balanced_kmeans, choose_shared, experts_from_labels
-from spac_llamacpp.moefy.writer import neox_row_order, write_qwen2moe
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.models.moefy import corpus, downloads
+from spac_llamacpp.models.moefy.ffn import MoELayer, dense_ffn, moe_ffn, route
+from spac_llamacpp.models.moefy.plan import MoEfyConfig, plan_layer
+from spac_llamacpp.models.moefy.router import fit_router, fit_shared_gate, temperature
+from spac_llamacpp.models.moefy.source import DenseSource
+from spac_llamacpp.models.moefy.split import balanced_assign, balanced_kmeans, choose_shared, experts_from_labels
+from spac_llamacpp.models.moefy.writer import neox_row_order, write_qwen2moe
 
 
 def _random_ffn(rng: np.random.Generator, n_embd: int = 16, n_ff: int = 48):
@@ -129,7 +129,7 @@ def test_neox_row_order_preserves_attention_scores() -> None:
 
 
 def _tiny_plans(src: DenseSource, cfg: MoEfyConfig) -> list[MoELayer]:
-    from spac_llamacpp.moefy.calibration import capture_ffn_inputs
+    from spac_llamacpp.models.moefy.calibration import capture_ffn_inputs
 
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 500, 64).tolist() for _ in range(4)]
@@ -139,7 +139,7 @@ def _tiny_plans(src: DenseSource, cfg: MoEfyConfig) -> list[MoELayer]:
 
 @pytest.fixture(scope="module")
 def dense_source(tmp_path_factory: pytest.TempPathFactory) -> DenseSource:
-    from spac_llamacpp.factory import write_tiny_dense
+    from spac_llamacpp.models.factory import write_tiny_dense
 
     return DenseSource(write_tiny_dense(tmp_path_factory.mktemp("moefy") / "dense.gguf"))
 
@@ -156,7 +156,7 @@ def _logits(path: pathlib.Path, tokens: list[int], **kw: object) -> np.ndarray:
 
 
 def test_tiny_dense_model_moefies_into_a_loadable_qwen2moe(dense_source: DenseSource, tmp_path: pathlib.Path) -> None:
-    from spac_llamacpp.gguf_info import inspect_model
+    from spac_llamacpp.gguf.info import inspect_model
 
     # no shared expert: the random tiny model's hidden states have no common direction for the gate
     cfg = MoEfyConfig(n_expert=8, n_shared=0, n_expert_used=2, spread=1e-5, eval_k=(2,), refit=False)
@@ -172,7 +172,7 @@ def test_tiny_dense_model_moefies_into_a_loadable_qwen2moe(dense_source: DenseSo
 
 
 def test_llama_cpp_mixes_experts_as_the_numpy_model(dense_source: DenseSource, tmp_path: pathlib.Path) -> None:
-    from spac_llamacpp.moefy.calibration import capture_nodes
+    from spac_llamacpp.models.moefy.calibration import capture_nodes
 
     # a large spread: non-uniform softmax weights, so the check covers them; a shared expert with its gate;
     # refitted down matrices
@@ -196,7 +196,7 @@ def test_writer_rejects_plans_that_do_not_partition_the_ffn(dense_source: DenseS
 
 def test_perplexity_matches_manual_nll(dense_source: DenseSource) -> None:
     from spac_llamacpp import Llama
-    from spac_llamacpp.perplexity import perplexity, token_nll
+    from spac_llamacpp.models.perplexity import perplexity, token_nll
 
     tokens = np.random.default_rng(0).integers(0, 500, 70).tolist()
     llm = Llama(str(dense_source.path), n_ctx=32, logits_all=True, verbose=False, use_extra_bufts=False)

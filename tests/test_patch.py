@@ -11,11 +11,11 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from spac_llamacpp.errors import NotMoEError, SpacError
-from spac_llamacpp.factory import ARCHITECTURES
-from spac_llamacpp.gguf_info import read_model_header
-from spac_llamacpp.gguf_patch import expert_order, hot_first, patch_model
-from spac_llamacpp.profile import Profile, load_profile
+from spac_llamacpp.base.errors import NotMoEError, SpacError
+from spac_llamacpp.gguf.info import read_model_header
+from spac_llamacpp.models.factory import ARCHITECTURES
+from spac_llamacpp.observe.profile import Profile, load_profile
+from spac_llamacpp.tools.patch_model import expert_order, hot_first, patch_model
 
 PROMPT = "Hello there, how"
 
@@ -140,7 +140,7 @@ def test_cli_profile_patch_plot(tiny_model, tmp_path):
 
 def test_flash_tier_starts_warm_from_a_profile(tiny_model, tmp_path):
     from spac_llamacpp import Llama
-    from spac_llamacpp.flash_tier import page_layout, staging_bytes
+    from spac_llamacpp.tiers.flash import page_layout, staging_bytes
 
     src = tiny_model("olmoe")
     prof = _profile(src)

@@ -52,7 +52,7 @@ def test_patch_level():
 @pytest.mark.parametrize("type_name", list(TYPES))
 @pytest.mark.parametrize("n_tokens", [1, 5])
 def test_mul_mat_id_skips_negative_ids(type_name, n_tokens):
-    from spac_llamacpp import native
+    from spac_llamacpp.native import module as native
 
     mod = native.load()
     ffi, lib = mod.ffi, mod.lib

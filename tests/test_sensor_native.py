@@ -8,9 +8,9 @@ import llama_cpp.llama_cpp as llama_c
 import numpy as np
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.libs import ggml_base
-from spac_llamacpp.sensor import RoutingSensor
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.native.libs import ggml_base
+from spac_llamacpp.native.sensor import RoutingSensor
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26

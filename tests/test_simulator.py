@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spac_llamacpp.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
-from spac_llamacpp.gguf_info import inspect_model
-from spac_llamacpp.policies import POLICIES, SimSetup, make_policy
-from spac_llamacpp.simulator import compare, make_setup, simulate
-from spac_llamacpp.trace import RoutingTrace
+from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
+from spac_llamacpp.sim.policies import POLICIES, SimSetup, make_policy
+from spac_llamacpp.sim.simulator import compare, make_setup, simulate
 
 BIN = Path(sys.executable).parent
 
@@ -207,7 +207,7 @@ def test_cli_simulate_errors(recorded, tmp_path):
     assert_one_line_error(run_spac("simulate", str(trace_path), "--budget", "1GiB", "--calibration", str(bad)),
                           "calibration")
     other = tmp_path / "other.gguf"
-    from spac_llamacpp.factory import write_tiny_moe
+    from spac_llamacpp.models.factory import write_tiny_moe
 
     write_tiny_moe(other, "qwen3moe", n_expert=4)
     assert_one_line_error(run_spac("simulate", str(trace_path), "--budget", "1GiB", "--model", str(other),
@@ -217,10 +217,10 @@ def test_cli_simulate_errors(recorded, tmp_path):
 def test_cli_calibrate_show(tmp_path, monkeypatch):
     env = {"SPAC_CALIBRATION_CACHE": str(tmp_path)}
     assert_one_line_error(run_spac("calibrate", "--show", env=env), "no calibration")
-    from spac_llamacpp import calibrate
+    from spac_llamacpp.planning.calibration import calibration_path
 
     monkeypatch.setenv("SPAC_CALIBRATION_CACHE", str(tmp_path))
-    cost_model().save(calibrate.calibration_path(None))
+    cost_model().save(calibration_path(None))
     proc = run_spac("calibrate", "--show", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "F16" in proc.stdout and "flash miss" in proc.stdout and "GPU" in proc.stdout

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.sizes import format_size, parse_size
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.base.sizes import format_size, parse_size
 
 
 @pytest.mark.parametrize(

@@ -12,16 +12,16 @@ import pytest
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 from spac_llamacpp import Llama
-from spac_llamacpp.drafting import (
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.models.factory import write_tiny_moe
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.speculation.drafts import (
     AdaptiveDraftLength,
     DraftVocabError,
     PromptLookupDraft,
     check_same_vocabulary,
 )
-from spac_llamacpp.errors import SpacError
-from spac_llamacpp.factory import write_tiny_moe
-from spac_llamacpp.generate import GenerationStats, stream_generate
-from spac_llamacpp.trace import RoutingTrace
+from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
 COMMON = {"n_ctx": 512, "verbose": False, "seed": 0, "n_threads": 2}
 PROMPT = "the cat sat on the mat. the cat sat on the"

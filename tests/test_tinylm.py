@@ -13,14 +13,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spac_llamacpp.factory import factory_vocab  # noqa: E402
-from spac_llamacpp.model_spec import tiny_spec  # noqa: E402
-from spac_llamacpp.tinylm.data import TokenStream  # noqa: E402
-from spac_llamacpp.tinylm.export import export_model, load_gguf_model  # noqa: E402
-from spac_llamacpp.tinylm.model import TinyLM  # noqa: E402
-from spac_llamacpp.tinylm.recipe import TrainConfig  # noqa: E402
-from spac_llamacpp.tinylm.train import train  # noqa: E402
-from spac_llamacpp.tinylm.verify import compare, llama_cpp_run, torch_logits  # noqa: E402
+from spac_llamacpp.models.factory import factory_vocab  # noqa: E402
+from spac_llamacpp.models.spec import tiny_spec  # noqa: E402
+from spac_llamacpp.models.tinylm.data import TokenStream  # noqa: E402
+from spac_llamacpp.models.tinylm.export import export_model, load_gguf_model  # noqa: E402
+from spac_llamacpp.models.tinylm.model import TinyLM  # noqa: E402
+from spac_llamacpp.models.tinylm.recipe import TrainConfig  # noqa: E402
+from spac_llamacpp.models.tinylm.train import train  # noqa: E402
+from spac_llamacpp.models.tinylm.verify import compare, llama_cpp_run, torch_logits  # noqa: E402
 
 VOCAB = factory_vocab(512)
 MOE = tiny_spec("llama", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_expert=4, n_expert_used=2, n_ff_exp=64,

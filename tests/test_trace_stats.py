@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spac_llamacpp.trace import RoutingTrace
-from spac_llamacpp.trace_stats import (
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.sim.trace_stats import (
     layer_ids,
     lru_curve,
     lru_hits,

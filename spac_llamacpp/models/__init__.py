@@ -1,0 +1,1 @@
+"""spac_llamacpp.models."""

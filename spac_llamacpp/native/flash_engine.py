@@ -1,0 +1,220 @@
+"""The native flash-tier engine (``native/spac_engine.c``): which experts' pages are in RAM.
+
+:class:`FlashEngine` owns one engine bound to llama.cpp's mapping of a GGUF. Its worker threads
+prefetch, evict, pin and unpin experts (addressed by block index and expert id); the routing
+sensor reports each MoE layer's selection to it from the graph callback, so experts being
+computed are never evicted and non-resident ones get demand readahead. Residency is measured with
+``mincore``. Threads stop on :meth:`close`, when the object is collected, and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.gguf.info import MoEModelInfo
+from spac_llamacpp.native import module as native
+from spac_llamacpp.native.mapping import FileMapping
+from spac_llamacpp.native.sensor import RoutingSensor
+
+log = logging.getLogger(__name__)
+
+OPS = {"prefetch": 1, "evict": 2, "pin": 3, "unpin": 4}
+_STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
+                "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
+                "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful")
+
+
+def page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def covering_bytes(info: MoEModelInfo) -> np.ndarray:
+    """``[block_count, n_expert]`` bytes of the pages each expert touches (what residency can cost)."""
+    pg = page_size()
+    out = np.zeros((info.block_count, max(info.n_expert, 1)), dtype=np.int64)
+    for t in info.expert_tensors:
+        if t.is_chunk:
+            continue
+        starts = t.file_offset + np.arange(t.n_expert, dtype=np.int64) * t.bytes_per_expert
+        lo = starts // pg * pg
+        hi = -((-(starts + t.bytes_per_expert)) // pg) * pg
+        out[t.layer, : t.n_expert] += hi - lo
+    return out
+
+
+def non_expert_ranges(info: MoEModelInfo) -> list[tuple[int, int]]:
+    """File ranges ``(offset, length)`` of the tensor data that is not routed experts."""
+    spans = sorted((t.file_offset, t.end_offset) for t in info.expert_tensors)
+    out, pos = [], info.data_offset
+    for lo, hi in spans:
+        if lo > pos:
+            out.append((pos, lo - pos))
+        pos = max(pos, hi)
+    if info.file_size > pos:
+        out.append((pos, info.file_size - pos))
+    return out
+
+
+def _release(lib: Any, ffi: Any, handle: Any, fd: int, hooked: list) -> None:
+    for s in hooked:  # no sensor may call into a freed engine
+        s.layer_hook = ffi.NULL
+        s.hook_data = ffi.NULL
+        s.event_mask = ffi.NULL
+        s.hidden_hook = ffi.NULL
+        s.hidden_data = ffi.NULL
+    hooked.clear()
+    lib.spac_engine_free(handle)
+    os.close(fd)
+
+
+class FlashEngine:
+    """Background expert moves on llama.cpp's mapping of ``info.path``.
+
+    Args:
+        info: the model's header (expert tensors and their file offsets).
+        mapping: llama.cpp's mapping of the file's tensor data (see :mod:`spac_llamacpp.native.mapping`); the
+            engine addresses file offsets from ``mapping.file_base``.
+        threads: worker threads (I/O bound; 2-4 is plenty).
+        queue: capacity of the move queue.
+    """
+
+    def __init__(self, info: MoEModelInfo, mapping: FileMapping, threads: int = 2, queue: int = 65536) -> None:
+        if info.n_expert <= 0:
+            raise SpacError(f"{info.path} has no routed experts; the flash tier needs an MoE model")
+        if mapping.offset > info.data_offset or mapping.offset + mapping.size < info.file_size:
+            raise SpacError(f"mapping {mapping} does not cover the tensor data of {info.path}")
+        mod = native.load()
+        self._ffi, self._lib = mod.ffi, mod.lib
+        tensors = [t for t in info.expert_tensors if not t.is_chunk]
+        per_layer = max((sum(1 for t in tensors if t.layer == il) for il in info.moe_layers), default=1)
+        self.info = info
+        self.n_layer, self.n_expert = info.block_count, info.n_expert
+        fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
+        handle = self._lib.spac_engine_new(self.n_layer, self.n_expert, per_layer,
+                                           self._ffi.cast("uint8_t *", mapping.file_base),
+                                           mapping.offset + mapping.size, fd,
+                                           threads, queue)
+        if handle == self._ffi.NULL:
+            os.close(fd)
+            raise SpacError(f"could not create the flash engine (layers={self.n_layer}, experts={self.n_expert}, "
+                            f"threads={threads}, queue={queue})")
+        self._handle = handle
+        self._hooked: list = []
+        self._finalizer = weakref.finalize(self, _release, self._lib, self._ffi, handle, fd, self._hooked)
+        for t in tensors:
+            if self._lib.spac_engine_add_tensor(handle, t.layer, t.file_offset, t.bytes_per_expert) != 0:
+                self.close()
+                raise SpacError(f"expert tensor {t.name} lies outside the mapped file {info.path}; the GGUF is corrupt")
+        rc = self._lib.spac_engine_start(handle)
+        if rc != 0:
+            self.close()
+            raise SpacError(f"could not start the flash engine's threads ({os.strerror(-rc)})")
+        self.covering = covering_bytes(info)
+        self._mask = np.zeros(self.n_expert, dtype=np.uint8)
+        self._keep: list[np.ndarray] = []  # predictor arrays the engine points into
+        self._sensor: RoutingSensor | None = None
+
+    # --- moves -------------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _live(self) -> Any:
+        if self.closed:
+            raise SpacError("the flash engine was closed")
+        return self._handle
+
+    def submit(self, op: str, layer: int, expert: int) -> bool:
+        """Queue a move (``prefetch``, ``evict``, ``pin``, ``unpin``); False when the queue is full."""
+        rc = self._lib.spac_engine_submit(self._live(), OPS[op], int(layer), int(expert))
+        if rc == -1:
+            raise SpacError(f"cannot {op} expert {expert} of layer {layer}: no such routed expert")
+        return rc == 0
+
+    def set_wanted(self, layer: int, expert: int, wanted: bool) -> None:
+        self._lib.spac_engine_set_wanted(self._live(), int(layer), int(expert), 1 if wanted else 0)
+
+    def end_step(self) -> None:
+        """After an evaluation step: release in-use experts, queue deferred and transient evictions."""
+        self._lib.spac_engine_end_step(self._live())
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every queued move is done (tests, measurements); False on timeout."""
+        return bool(self._lib.spac_engine_wait_idle(self._live(), int(timeout * 1000)))
+
+    def lock_range(self, file_offset: int, length: int, lock: bool = True) -> int:
+        """mlock (or munlock) the whole pages of a file range; returns 0 or -errno."""
+        return int(self._lib.spac_engine_lock_range(self._live(), int(file_offset), int(length), 1 if lock else 0))
+
+    # --- the sensor hook ---------------------------------------------------------------------------
+    def attach(self, sensor: RoutingSensor) -> None:
+        """Have ``sensor`` report each layer's selected experts to the engine (from the graph callback)."""
+        s = sensor._struct
+        s.event_mask = self._ffi.cast("uint8_t *", self._ffi.from_buffer(self._mask))
+        s.hook_data = self._live()
+        s.layer_hook = self._ffi.addressof(self._lib, "spac_engine_on_layer")
+        self._hooked.append(s)
+        self._sensor = sensor
+
+    def set_predictor(self, source: int, target: int, weight: np.ndarray, norm: np.ndarray, bias: np.ndarray | None,
+                      sigmoid: bool, k: int, eps: float, max_rows: int = 16) -> None:
+        """Layer-ahead prefetch: predict block ``target``'s experts from block ``source``'s output.
+
+        The arrays (float32, C order) are kept alive by the engine object.
+        """
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        norm = np.ascontiguousarray(norm, dtype=np.float32)
+        bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        if weight.shape != (self.n_expert, norm.size) or (bias is not None and bias.size != self.n_expert):
+            raise SpacError(f"router of block {target} has shape {weight.shape}, expected ({self.n_expert}, n_embd)")
+        self._keep.extend(a for a in (weight, norm, bias) if a is not None)
+        ffi = self._ffi
+        rc = self._lib.spac_engine_set_predictor(
+            self._live(), int(source), int(target), ffi.cast("float *", ffi.from_buffer(weight)),
+            ffi.cast("float *", ffi.from_buffer(norm)),
+            ffi.NULL if bias is None else ffi.cast("float *", ffi.from_buffer(bias)),
+            1 if sigmoid else 0, int(k), int(norm.size), float(eps), int(max_rows))
+        if rc != 0:
+            raise SpacError(f"cannot set a layer-ahead predictor from block {source} to block {target}")
+        if self._sensor is not None:
+            s = self._sensor._struct
+            s.hidden_data = self._live()
+            s.hidden_hook = ffi.addressof(self._lib, "spac_engine_on_hidden")
+
+    def detach(self) -> None:
+        if self._sensor is not None and self._sensor._struct is not None:
+            s = self._sensor._struct
+            s.layer_hook = self._ffi.NULL
+            s.hook_data = self._ffi.NULL
+            s.event_mask = self._ffi.NULL
+            s.hidden_hook = self._ffi.NULL
+            s.hidden_data = self._ffi.NULL
+            if s in self._hooked:
+                self._hooked.remove(s)
+        self._sensor = None
+
+    # --- measurement -------------------------------------------------------------------------------
+    def residency(self, per_expert: bool = True) -> tuple[int, np.ndarray | None]:
+        """(resident expert bytes, ``[block_count, n_expert]`` resident fraction or None), by mincore."""
+        frac = np.zeros((self.n_layer, self.n_expert), dtype=np.float32) if per_expert else None
+        ptr = self._ffi.cast("float *", self._ffi.from_buffer(frac)) if frac is not None else self._ffi.NULL
+        total = int(self._lib.spac_engine_residency(self._live(), ptr))
+        if total < 0:
+            raise SpacError("mincore failed on the model mapping")
+        return total, frac
+
+    def stats(self) -> dict[str, int]:
+        st = self._ffi.new("spac_engine_stats *")
+        self._lib.spac_engine_get_stats(self._live(), st)
+        return {name: int(getattr(st, name)) for name in _STAT_FIELDS}
+
+    def close(self) -> None:
+        """Detach from the sensor, stop and join the threads, free the engine (idempotent)."""
+        self.detach()
+        self._finalizer()

@@ -1,0 +1,163 @@
+"""The native routing sensor: a C ``cb_eval`` callback writing expert ids into numpy arrays.
+
+The C side (``native/spac_sensor.c``) decodes every ``ffn_moe_topk-<layer>`` node; this class owns
+the buffers it writes (numpy arrays handed to C by pointer, so reading them copies nothing) and
+turns a user ``cb_eval`` into a C function pointer the sensor chains to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp.llama_cpp as llama_c
+import numpy as np
+
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.native import module as native
+
+UserCallback = Callable[[int, bool, int], bool] | int | Any | None
+
+MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in llama-hparams.h
+
+
+class RoutingSensor:
+    """Owns one native sensor and its buffers.
+
+    Args:
+        n_layer: blocks in the model (layer ids are ``0..n_layer-1``).
+        n_expert: routed experts per MoE layer.
+        k_max: the largest experts-used-per-token of any layer.
+        capacity: token slots kept in the ring of per-token expert ids.
+        user_cb: a ``cb_eval`` to chain to: a Python callable ``(tensor_ptr, ask, user_data) -> bool``,
+            a ``llama_cpp.ggml_backend_sched_eval_callback`` object, or a raw function address.
+        user_data: the ``cb_eval_user_data`` passed to ``user_cb``.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_expert: int,
+        k_max: int,
+        capacity: int = 4096,
+        user_cb: UserCallback = None,
+        user_data: int | None = None,
+    ) -> None:
+        if not (0 < n_layer <= 4096 and 0 < n_expert <= MAX_EXPERTS and 0 < k_max <= n_expert and capacity > 0):
+            raise SpacError(
+                f"invalid routing sensor geometry (layers={n_layer}, experts={n_expert}, k={k_max}, "
+                f"capacity={capacity}); check the model's expert metadata"
+            )
+        self._mod = native.load()
+        ffi = self._mod.ffi
+        self.n_layer, self.n_expert, self.k_max, self.capacity = n_layer, n_expert, k_max, capacity
+
+        self.ids = np.full((capacity, n_layer, k_max), -1, dtype=np.int32)
+        self.step_counts = np.zeros((n_layer, n_expert), dtype=np.int32)
+        self.total_counts = np.zeros((n_layer, n_expert), dtype=np.int64)
+        self.step_layer_tokens = np.zeros(n_layer, dtype=np.int32)
+
+        s = ffi.new("spac_sensor *")
+        s.n_layer, s.n_expert, s.k_max, s.capacity = n_layer, n_expert, k_max, capacity
+        s.ids = ffi.cast("int32_t *", ffi.from_buffer(self.ids))
+        s.step_counts = ffi.cast("int32_t *", ffi.from_buffer(self.step_counts))
+        s.total_counts = ffi.cast("int64_t *", ffi.from_buffer(self.total_counts))
+        s.step_layer_tokens = ffi.cast("int32_t *", ffi.from_buffer(self.step_layer_tokens))
+        s.last_layer = -1
+        s.enabled = 1
+        self._struct = s
+
+        self._user_cb_keepalive = None
+        if user_cb is not None:
+            addr, self._user_cb_keepalive = callback_address(user_cb)
+            s.user_cb = ffi.cast("spac_eval_cb", addr)
+            s.user_data = ffi.cast("void *", user_data or 0)
+
+        cb_addr = int(ffi.cast("uintptr_t", ffi.addressof(self._mod.lib, "spac_sensor_cb")))
+        self.cb_eval = llama_c.ggml_backend_sched_eval_callback(cb_addr)
+        self.cb_eval_user_data = int(ffi.cast("uintptr_t", s))
+
+    # --- state read by the Python side -------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self._struct.enabled)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._struct.enabled = 1 if value else 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens recorded so far, counting only closed ubatches (call :meth:`flush` first)."""
+        return int(self._struct.n_tokens)
+
+    @property
+    def n_bad_ids(self) -> int:
+        """Expert ids outside ``[0, n_expert)`` that were dropped."""
+        return int(self._struct.n_bad_ids)
+
+    @property
+    def n_bad_events(self) -> int:
+        """``ffn_moe_topk`` nodes skipped for an unexpected layer, type or shape."""
+        return int(self._struct.n_bad_events)
+
+    @property
+    def n_events(self) -> int:
+        return int(self._struct.n_events)
+
+    @property
+    def n_ubatches(self) -> int:
+        return int(self._struct.n_ubatches)
+
+    def flush(self) -> None:
+        """Close the ubatch in progress (call after each decode)."""
+        self._mod.lib.spac_sensor_flush(self._struct)
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """Copy of the expert ids of tokens ``[start, stop)``: ``[stop-start, n_layer, k_max]``, -1 = none.
+
+        Tokens older than ``capacity`` have been overwritten; asking for them raises.
+        """
+        if not (0 <= start <= stop <= self.n_tokens):
+            raise IndexError(f"token range [{start}, {stop}) outside the {self.n_tokens} recorded tokens")
+        if stop - start > self.capacity or start < self.n_tokens - self.capacity:
+            raise IndexError(f"tokens [{start}, {stop}) left the ring of {self.capacity} slots")
+        slots = np.arange(start, stop) % self.capacity
+        return self.ids[slots]
+
+    def take_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (counts [n_layer, n_expert], tokens per layer) of the step and zero them."""
+        counts = self.step_counts.copy()
+        layer_tokens = self.step_layer_tokens.copy()
+        self.step_counts[:] = 0
+        self.step_layer_tokens[:] = 0
+        return counts, layer_tokens
+
+    def reset(self) -> None:
+        """Forget everything recorded (the ring, all counts and error tallies)."""
+        s = self._struct
+        self.flush()
+        self.ids[:] = -1
+        self.step_counts[:] = 0
+        self.total_counts[:] = 0
+        self.step_layer_tokens[:] = 0
+        s.n_tokens = s.n_ubatches = s.n_events = s.n_bad_ids = s.n_bad_events = 0
+
+    def close(self) -> None:
+        """Free native scratch memory; the sensor records nothing afterwards."""
+        if self._struct is not None:
+            self._struct.enabled = 0
+            self._mod.lib.spac_sensor_release(self._struct)
+
+
+def callback_address(cb: UserCallback) -> tuple[int, Any]:
+    """(function address, object to keep alive) for a user cb_eval given in any accepted form."""
+    if isinstance(cb, int):
+        return cb, None
+    if isinstance(cb, ctypes._CFuncPtr):  # type: ignore[attr-defined]
+        return ctypes.cast(cb, ctypes.c_void_p).value or 0, cb
+    if callable(cb):
+        wrapped = llama_c.ggml_backend_sched_eval_callback(cb)
+        return ctypes.cast(wrapped, ctypes.c_void_p).value or 0, wrapped
+    raise SpacError(f"cb_eval must be a callable or a C function pointer, not {type(cb).__name__}")

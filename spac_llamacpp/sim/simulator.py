@@ -1,0 +1,333 @@
+"""Replay a routing trace through a placement policy under the measured cost model.
+
+Per step (one trace step: a prompt, a decoded token or a verification batch), per MoE layer, in
+order: the experts the step's tokens used are *hits* when resident in the fast tier. Time model::
+
+    flash:  step = sync_reads + max(compute, background_reads)
+            compute = CPU time of every used expert (from RAM), sync_reads = on-demand reads of the
+            misses (page faults of the memory-mapped file: they stall the compute), background_reads =
+            planned placements (pread), which hide under compute but share the device with misses.
+    vram:   step = max(sum_l max(gpu_l, cpu_l), h2d)
+            gpu_l = GPU time of the layer's resident used experts, cpu_l = CPU time of the others (in
+            parallel); h2d = RAM->VRAM copies (placements and demand admissions), on the copy engine.
+
+The non-expert part of the model (attention, embeddings, shared experts) is the same for every
+policy and not included: times are the MoE expert part per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.base.sizes import format_size
+from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.planning.balancer import expert_budget
+from spac_llamacpp.planning.calibration import load_cached
+from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.sim.policies import POLICIES, Policy, SimSetup, make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    tier: str
+    budget: int
+    expert_budget: int
+    steps: int
+    tokens: int
+    activations: int
+    hits: int
+    bytes_moved: int  # after the start: on-demand reads (flash) and placements/admissions (both tiers)
+    preload_bytes: int  # initial contents (static, belady), not timed
+    seconds: float  # modelled expert time of the whole trace
+    decode_seconds: float
+    decode_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.activations if self.activations else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.seconds / self.tokens if self.tokens else 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 * self.decode_seconds / self.decode_tokens if self.decode_tokens else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "tier": self.tier,
+            "budget": self.budget,
+            "expert_budget": self.expert_budget,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "activations": self.activations,
+            "hits": self.hits,
+            "hit_rate": self.hit_rate,
+            "bytes_moved": self.bytes_moved,
+            "preload_bytes": self.preload_bytes,
+            "ms_per_token": self.ms_per_token,
+            "decode_ms_per_token": self.decode_ms_per_token,
+            "extra": self.extra,
+        }
+
+
+def trace_arrays(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``counts [T, n_moe_layer, E]``, ``step_tokens [T]`` and a ``prompt [T]`` mask (first step of each run)."""
+    counts = trace.counts[:, trace.moe_layers, :].astype(np.int64)
+    tokens = trace.step_n_tokens.astype(np.int64)
+    prompt = np.zeros(trace.n_steps, bool)
+    runs = trace.meta.get("runs") or []
+    firsts = [int(r["first_step"]) for r in runs if isinstance(r, dict) and "first_step" in r]
+    if firsts:
+        prompt[[f for f in firsts if 0 <= f < trace.n_steps]] = True
+    else:
+        prompt = tokens > 32
+    return counts, tokens, prompt
+
+
+def check_layout(trace: RoutingTrace, layout: ExpertLayout) -> None:
+    if trace.n_expert != layout.n_expert or tuple(int(x) for x in trace.moe_layers) != tuple(layout.moe_layers):
+        raise SpacError(
+            f"the trace ({len(trace.moe_layers)} MoE layers x {trace.n_expert} experts) does not match the model "
+            f"({layout.n_layer} MoE layers x {layout.n_expert} experts); pass the model it was recorded from (--model)"
+        )
+
+
+def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, layout: ExpertLayout) -> SimSetup:
+    check_layout(trace, layout)
+    counts, tokens, _ = trace_arrays(trace)
+    return SimSetup(tier, layout, cost, int(budget), expert_budget(tier, budget, layout), counts, tokens)
+
+
+def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimResult:
+    """Replay ``trace`` through ``policy`` (see the module docstring for the time model)."""
+    pol = make_policy(policy) if isinstance(policy, str) else policy
+    counts, tokens, prompt = trace_arrays(trace)
+    T, L, E = counts.shape
+    cost, layout, tier = setup.cost, setup.layout, setup.tier
+    size = setup.size
+    budget = setup.budget
+    nbytes = layout.expert_bytes
+    n_ranges = [layout.n_ranges(i) for i in range(L)]
+    if tier == "flash":
+        miss_t = [cost.flash_miss.seconds(int(nbytes[i]), n_ranges[i]) for i in range(L)]
+        load_t = [cost.flash_prefetch.seconds(int(nbytes[i]), n_ranges[i]) for i in range(L)]
+    else:
+        miss_t = [0.0] * L
+        load_t = [cost.h2d_seconds(int(nbytes[i]), n_ranges[i]) for i in range(L)]
+    cpu_cache: dict[tuple[int, int], float] = {}
+    gpu_cache: dict[tuple[int, int], float] = {}
+
+    def cpu(i: int, c: int) -> float:
+        v = cpu_cache.get((i, c))
+        if v is None:
+            v = cpu_cache[i, c] = cost.cpu_seconds(layout.tensors[i], c)
+        return v
+
+    def gpu(i: int, c: int) -> float:
+        v = gpu_cache.get((i, c))
+        if v is None:
+            v = gpu_cache[i, c] = cost.gpu_seconds(int(nbytes[i]), c)
+        return v
+
+    res = np.asarray(pol.reset(setup), bool).copy()
+    if res.shape != (L, E):
+        raise RuntimeError(f"policy {pol.name} returned a residency of shape {res.shape}")
+    used = int(size[res].sum())
+    if used > budget:
+        raise RuntimeError(f"policy {pol.name} preloaded {used} bytes > budget {budget}")
+    preload = used
+    hits_total = acts_total = 0
+    moved = 0
+    total_s = decode_s = 0.0
+    decode_tokens = 0
+    transfer_bound = 0  # steps whose background transfers outlasted their compute
+    stall_s = 0.0
+    for t in range(T):
+        bg = 0.0
+        want = pol.before_step(t, res)
+        if want is not None:
+            want = np.asarray(want, bool)
+            new_used = int(size[want].sum())
+            if new_used > budget:
+                raise RuntimeError(f"policy {pol.name} planned {new_used} bytes > budget {budget} at step {t}")
+            loads = want & ~res
+            for i, _ in np.argwhere(loads).tolist():
+                bg += load_t[i]
+                moved += int(nbytes[i])
+            res = want.copy()
+            used = new_used
+        compute = sync = gpu_sum = 0.0
+        for i in range(L):
+            row = counts[t, i]
+            active = np.flatnonzero(row)
+            if not len(active):
+                continue
+            hits = res[i, active]
+            acts_total += len(active)
+            hits_total += int(hits.sum())
+            layer_cpu = layer_gpu = 0.0
+            for e, h in zip(active.tolist(), hits.tolist(), strict=True):
+                c = int(row[e])
+                if tier == "flash":
+                    compute += cpu(i, c)
+                    if not h:
+                        sync += miss_t[i]
+                        moved += int(nbytes[i])
+                elif h:
+                    layer_gpu += gpu(i, c)
+                else:
+                    layer_cpu += cpu(i, c)
+            if tier == "vram":
+                gpu_sum += max(layer_gpu, layer_cpu)
+            if pol.demand and not hits.all():
+                protect = {(i, int(e)) for e in active.tolist()}
+                for e in active[~hits].tolist():
+                    s = int(size[i, e])
+                    if s > budget or not pol.admit(t, i, e, res, protect, used + s <= budget):
+                        continue
+                    while used + s > budget:
+                        v = pol.victim(res, protect)
+                        if v is None:
+                            break
+                        res[v] = False
+                        used -= int(size[v])
+                    if used + s > budget:
+                        continue
+                    res[i, e] = True
+                    used += s
+                    if tier == "vram":
+                        bg += load_t[i]
+                        moved += s
+            pol.on_access(t, i, active, hits)
+        step_s = sync + max(compute, bg) if tier == "flash" else max(gpu_sum, bg)
+        work = compute if tier == "flash" else gpu_sum
+        if bg > work:
+            transfer_bound += 1
+            stall_s += bg - work
+        total_s += step_s
+        if not prompt[t]:
+            decode_s += step_s
+            decode_tokens += int(tokens[t])
+        pol.after_step(t, counts[t], int(tokens[t]))
+        if used > budget:
+            raise RuntimeError(f"policy {pol.name} exceeded the budget at step {t}")
+    return SimResult(
+        policy=pol.name,
+        tier=tier,
+        budget=setup.total_budget,
+        expert_budget=budget,
+        steps=T,
+        tokens=int(tokens.sum()),
+        activations=acts_total,
+        hits=hits_total,
+        bytes_moved=moved,
+        preload_bytes=preload,
+        seconds=total_s,
+        decode_seconds=decode_s,
+        decode_tokens=decode_tokens,
+        extra={**pol.stats(), "transfer_bound_steps": transfer_bound, "transfer_stall_s": stall_s},
+    )
+
+
+def compare(trace: RoutingTrace, setup: SimSetup, policies: tuple[str, ...] = POLICIES) -> list[SimResult]:
+    return [simulate(trace, make_policy(p), setup) for p in policies]
+
+
+def format_table(results: list[SimResult]) -> str:
+    header = ("policy", "hit rate", "moved", "preload", "ms/token", "decode ms/tok")
+    rows = [
+        (
+            r.policy,
+            f"{100 * r.hit_rate:.1f}%",
+            format_size(r.bytes_moved),
+            format_size(r.preload_bytes),
+            f"{r.ms_per_token:.3f}",
+            f"{r.decode_ms_per_token:.3f}" if r.decode_tokens else "-",
+        )
+        for r in results
+    ]
+    widths = [max(len(x[k]) for x in [header, *rows]) for k in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if k == 0 else '>'}{w}}}" for k, w in enumerate(widths))
+    lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
+
+
+def plot(results: list[SimResult], path: str | Path, title: str = "") -> Path:
+    """Bar charts of hit rate, modelled ms/token and bytes moved, one bar per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    names = [r.policy for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("hit rate (%)", [100 * r.hit_rate for r in results]),
+        ("modelled ms / token (experts)", [r.ms_per_token for r in results]),
+        ("MiB moved", [r.bytes_moved / 2**20 for r in results]),
+    ]
+    colors = ["#c44e52" if n == "ours" else ("#8c8c8c" if n in ("belady", "min") else "#4c72b0") for n in names]
+    for ax, (label, vals) in zip(axes, panels, strict=True):
+        ax.bar(names, vals, color=colors)
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        for k, v in enumerate(vals):
+            ax.text(k, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_inputs(
+    trace_path: str | Path,
+    model: str | Path | None = None,
+    calibration: str | Path | None = None,
+    measure: Callable[[str | Path], CostModel] | None = None,
+) -> tuple[RoutingTrace, ExpertLayout, CostModel]:
+    """The trace, its model's expert layout (from the GGUF header) and the cost model.
+
+    The cost model is ``calibration`` if given, else this machine's cached calibration (for the model,
+    else the generic one), else ``measure(model)`` when given (the CLI measures and caches it), else
+    nominal costs (logged).
+    """
+
+    trace = RoutingTrace.load(trace_path)
+    model_path = model or trace.meta.get("model")
+    if not model_path:
+        raise SpacError(f"{trace_path} does not name the model it was recorded from; pass --model MODEL.gguf")
+    if not Path(model_path).is_file():
+        src = "--model" if model else "the trace"
+        raise SpacError(f"model {model_path} (from {src}) not found; pass --model MODEL.gguf")
+    layout = ExpertLayout.from_info(inspect_model(model_path))
+    check_layout(trace, layout)
+    if calibration is not None:
+        cost = CostModel.load(calibration)
+    else:
+        cached = load_cached(model_path)
+        if cached is None and measure is not None:
+            cached = measure(model_path)
+        if cached is None:
+            log.warning("no calibration cached for this machine: simulating with nominal costs (run `spac calibrate`)")
+            cached = CostModel.nominal()
+        cost = cached
+    return trace, layout, cost

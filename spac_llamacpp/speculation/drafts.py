@@ -1,0 +1,177 @@
+"""Draft providers for speculative decoding: a small GGUF draft model and prompt lookup.
+
+Both follow llama-cpp-python's ``LlamaDraftModel`` protocol (``__call__(input_ids) -> draft ids``), so
+they plug into ``Llama.generate``'s verification loop, which only ever accepts a draft token when the
+target would have sampled it: speculation changes speed, never output. ``n_draft`` is read at every
+call, so :class:`AdaptiveDraftLength` (driven by :mod:`speculation`) can change it between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama_speculative import LlamaDraftModel
+
+from spac_llamacpp.base.errors import SpacError
+
+# llama.cpp's own draft compatibility rule (common/speculative.cpp): sizes may differ by at most 128
+# tokens (padding), and token texts must agree from id 5 up (the first ids are often specials).
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+VOCAB_CHECK_START_ID = 5
+
+
+class DraftVocabError(SpacError):
+    """The draft model's vocabulary is not the target's."""
+
+
+def check_same_vocabulary(target: llama_cpp.Llama, draft: llama_cpp.Llama, n_samples: int = 512) -> None:
+    """Raise :class:`DraftVocabError` unless ``draft`` tokenizes exactly like ``target``.
+
+    Checks the vocabulary sizes, the bos/eos tokens and the texts of ``n_samples`` evenly spaced
+    token ids (plus the last ids, where added special tokens live).
+    """
+    nt, nd = target.n_vocab(), draft.n_vocab()
+    if abs(nt - nd) > VOCAB_MAX_SIZE_DIFFERENCE:
+        raise DraftVocabError(
+            f"draft model vocabulary has {nd} tokens but the target's has {nt}; "
+            "use a draft model from the same model family (same tokenizer)"
+        )
+    if (target.token_bos(), target.token_eos()) != (draft.token_bos(), draft.token_eos()):
+        raise DraftVocabError(
+            f"draft model bos/eos tokens ({draft.token_bos()}, {draft.token_eos()}) differ from the target's "
+            f"({target.token_bos()}, {target.token_eos()}); use a draft model with the same tokenizer"
+        )
+    n = min(nt, nd)
+    ids = np.unique(np.concatenate([
+        np.linspace(VOCAB_CHECK_START_ID, n - 1, num=min(n_samples, n), dtype=np.int64),
+        np.arange(max(VOCAB_CHECK_START_ID, n - 32), n),
+    ]))
+    for tok in ids.tolist():
+        a, b = target._model.token_get_text(tok), draft._model.token_get_text(tok)
+        if a != b:
+            raise DraftVocabError(
+                f"draft model token {tok} is {b!r} but the target's is {a!r}; "
+                "use a draft model with the same tokenizer"
+            )
+
+
+SPAC_ONLY_KWARGS = ("use_extra_bufts", "tensor_buft_overrides", "no_host", "cb_eval")
+
+
+class GGUFDraftModel(LlamaDraftModel):
+    """Greedy drafting with a small GGUF model in its own llama context.
+
+    Between steps only the tokens that changed are evaluated: the draft's KV cache is trimmed to the
+    longest common prefix with the new input instead of re-evaluating it.
+
+    Args:
+        model_path: the draft GGUF.
+        n_draft: tokens drafted per call (can be changed between calls).
+        n_ctx: the draft context length (use the target's).
+        llama_cls: the class that loads the draft (``spac_llamacpp.Llama`` for self-drafting).
+        **llama_kwargs: passed to ``llama_cls`` for the draft (e.g. ``n_threads``, ``n_gpu_layers``).
+    """
+
+    def __init__(self, model_path: str | Path, n_draft: int = 4, n_ctx: int = 2048,
+                 llama_cls: type[llama_cpp.Llama] = llama_cpp.Llama, **llama_kwargs: Any) -> None:
+        if not Path(model_path).is_file():
+            raise SpacError(f"draft model file not found: {model_path}")
+        from spac_llamacpp.gguf.info import read_model_header
+
+        read_model_header(model_path)  # a corrupt draft file gets the same one-line error as a target
+        llama_kwargs.setdefault("verbose", False)
+        spac_only = sorted(k for k in SPAC_ONLY_KWARGS if k in llama_kwargs)
+        if llama_cls is llama_cpp.Llama and spac_only:
+            # the stock class would silently ignore them; spac_llamacpp.Llama passes itself as llama_cls
+            raise SpacError(f"draft options {', '.join(spac_only)} need llama_cls=spac_llamacpp.Llama")
+        self.llm = llama_cls(str(model_path), n_ctx=n_ctx, logits_all=False, **llama_kwargs)
+        self.n_draft = n_draft
+        self.model_path = str(model_path)
+        self.evaluated_tokens = 0
+        """Tokens the draft model evaluated (prefix reuse keeps this near one per drafted token)."""
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+        llm = self.llm
+        n_in = len(input_ids)
+        k = min(self.n_draft, llm.n_ctx() - n_in - 1)
+        if k <= 0 or n_in == 0:
+            return np.array([], dtype=np.intc)
+        have = llm.input_ids[: llm.n_tokens]
+        m = min(len(have), n_in)
+        differ = np.nonzero(have[:m] != input_ids[:m])[0]
+        lcp = int(differ[0]) if len(differ) else m
+        lcp = min(lcp, n_in - 1)  # re-evaluate at least one token to get fresh logits
+        llm.n_tokens = lcp  # Llama.eval trims the KV cache from n_tokens on
+        self._eval(input_ids[lcp:])
+        out = np.empty(k, dtype=np.intc)
+        n_vocab = llm.n_vocab()
+        for i in range(k):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            out[i] = int(np.argmax(logits))
+            if i + 1 < k:
+                self._eval([int(out[i])])
+        return out
+
+    def _eval(self, tokens: Any) -> None:
+        self.llm.eval(list(map(int, tokens)))
+        self.evaluated_tokens += len(tokens)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class PromptLookupDraft(LlamaDraftModel):
+    """Prompt lookup (n-gram) drafting: continue the longest recent n-gram match in the context.
+
+    No extra model; good on inputs that repeat themselves (code, summaries, extraction).
+    """
+
+    def __init__(self, n_draft: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.n_draft = n_draft
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+        ids = np.asarray(input_ids)
+        n = len(ids)
+        for size in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], size)
+            hits = np.nonzero(np.all(windows == ids[n - size:], axis=1))[0]
+            if len(hits):
+                start = int(hits[-1]) + size  # the most recent earlier occurrence
+                return ids[start: start + self.n_draft].astype(np.intc)
+        return np.array([], dtype=np.intc)
+
+
+class AdaptiveDraftLength:
+    """Choose the draft length from the running per-token acceptance rate.
+
+    With per-token acceptance probability ``a``, a draft of k tokens is accepted whole with
+    probability ``a**k``; we draft the longest k whose whole-draft probability stays above
+    ``p_min`` (clamped to ``[k_min, k_max]``). ``a`` is an exponential moving average over drafted
+    tokens, so a run of rejections shortens drafts quickly and a run of acceptances lengthens them.
+    """
+
+    def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
+                 smoothing: float = 0.1) -> None:
+        if not 1 <= k_min <= k_init <= k_max:
+            raise SpacError(f"draft lengths must satisfy 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
+        self.k, self.k_min, self.k_max = k_init, k_min, k_max
+        self.p_min, self.smoothing = p_min, smoothing
+        self.acceptance = p_min ** (1.0 / k_init)  # neutral start: k_init is exactly the chosen length
+
+    def update(self, n_draft: int, n_accepted: int) -> int:
+        """Record a verification of ``n_draft`` tokens of which ``n_accepted`` were accepted; return next k."""
+        # an accepted prefix of length j is j accepted tokens, then one rejected (unless j == n_draft)
+        trials = n_accepted + (1 if n_accepted < n_draft else 0)
+        if trials:
+            weight = 1 - (1 - self.smoothing) ** trials  # one EMA step per token tried
+            self.acceptance += weight * (n_accepted / trials - self.acceptance)
+        a = min(max(self.acceptance, 1e-6), 1 - 1e-6)
+        self.k = int(min(self.k_max, max(self.k_min, math.floor(math.log(self.p_min) / math.log(a)))))
+        return self.k
