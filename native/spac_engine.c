@@ -6,7 +6,6 @@
 #include <math.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -46,10 +45,11 @@ struct spac_engine {
     tensor_t *tensors;  /* [n_layer][max_t] */
     int32_t *n_tensors; /* [n_layer] */
 
-    /* per expert [n_layer][n_expert], guarded by mu except in_use (atomic: read by workers) */
+    /* per expert [n_layer][n_expert], all guarded by mu (in_use / evicting: the protocol in spac_engine.h) */
     uint64_t *latest; /* seq of the newest accepted move */
     uint8_t *wanted, *pinned, *transient;
-    atomic_uchar *in_use;
+    uint8_t *in_use;     /* the layer's matmuls may read the expert */
+    uint16_t *evicting;  /* running evictions that drop pages of the expert */
 
     move_t *q;
     int32_t cap, head, count, running;
@@ -59,7 +59,8 @@ struct spac_engine {
     int32_t cur_layer; /* decoding thread's layer in progress, -1 between steps */
 
     pthread_mutex_t mu;
-    pthread_cond_t cv_work, cv_idle;
+    pthread_cond_t cv_work, cv_idle; /* CLOCK_MONOTONIC (timed waits) */
+    pthread_cond_t cv_evicted;       /* an eviction finished (the layer hook waits for it) */
     pthread_t *threads;
     int32_t n_threads, n_started, started, stopping;
 
@@ -86,16 +87,55 @@ static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
 static inline uint64_t floor_pg(const spac_engine *e, uint64_t x) { return x - x % e->page; }
 static inline uint64_t ceil_pg(const spac_engine *e, uint64_t x) { return floor_pg(e, x + e->page - 1); }
 
-static void note_error(spac_engine *e, int err) {
-    e->st.errors++;
+/* Record a failure (caller holds mu). */
+static void note_error_locked(spac_engine *e, int kind, int err) {
+    if (kind < 0 || kind >= SPAC_ERR_KINDS || err == 0) {
+        return;
+    }
+    if (kind != SPAC_ERR_PIN) {
+        e->st.errors++;
+    }
     e->st.last_errno = err;
+    if (e->st.error_count[kind]++ == 0) {
+        e->st.error_errno[kind] = err;
+    }
+}
+
+/* Record the failures a move or a hook collected outside the lock: errs[kind] = first errno (caller holds mu). */
+static void note_errors_locked(spac_engine *e, const int *errs) {
+    for (int k = 0; k < SPAC_ERR_KINDS; k++) {
+        note_error_locked(e, k, errs[k]);
+    }
+}
+
+static inline void keep_first(int *errs, int kind, int err) {
+    if (errs[kind] == 0) {
+        errs[kind] = err;
+    }
+}
+
+const char *spac_engine_error_name(int32_t kind) {
+    static const char *const names[SPAC_ERR_KINDS] = {"prefetch", "demand", "evict", "fadvise", "pin",
+                                                       "unpin", "setup", "mincore", "defer", "nomem"};
+    return kind >= 0 && kind < SPAC_ERR_KINDS ? names[kind] : "";
+}
+
+/* Condition variables whose timed waits use CLOCK_MONOTONIC (a wall-clock jump neither shortens nor
+ * stretches a timeout). */
+static void cond_init_monotonic(pthread_cond_t *cv) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &a);
+    pthread_condattr_destroy(&a);
 }
 
 spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
                              uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity) {
-    if (n_layer <= 0 || n_layer > 4096 || n_expert <= 0 || n_expert > 4096 || max_tensors_per_layer <= 0 ||
-        max_tensors_per_layer > 64 || map_base == NULL || map_size == 0 || n_threads <= 0 || n_threads > 64 ||
-        queue_capacity <= 0 || queue_capacity > (1 << 24)) {
+    if (n_layer <= 0 || n_layer > SPAC_MAX_LAYERS || n_expert <= 0 || n_expert > SPAC_MAX_EXPERTS ||
+        max_tensors_per_layer <= 0 || max_tensors_per_layer > SPAC_MAX_TENSORS_PER_LAYER || map_base == NULL ||
+        map_size == 0 || n_threads <= 0 || n_threads > SPAC_MAX_THREADS || queue_capacity <= 0 ||
+        queue_capacity > SPAC_MAX_QUEUE) {
         return NULL;
     }
     long page = sysconf(_SC_PAGESIZE);
@@ -108,8 +148,9 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     }
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->mc_mu, NULL);
-    pthread_cond_init(&e->cv_work, NULL);
-    pthread_cond_init(&e->cv_idle, NULL);
+    cond_init_monotonic(&e->cv_work);
+    cond_init_monotonic(&e->cv_idle);
+    cond_init_monotonic(&e->cv_evicted);
     const int64_t n = (int64_t)n_layer * n_expert;
     e->n_layer = n_layer;
     e->n_expert = n_expert;
@@ -128,7 +169,8 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->wanted = (uint8_t *)calloc((size_t)n, 1);
     e->pinned = (uint8_t *)calloc((size_t)n, 1);
     e->transient = (uint8_t *)calloc((size_t)n, 1);
-    e->in_use = (atomic_uchar *)calloc((size_t)n, sizeof(atomic_uchar));
+    e->in_use = (uint8_t *)calloc((size_t)n, 1);
+    e->evicting = (uint16_t *)calloc((size_t)n, sizeof(uint16_t));
     e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->deferred = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->threads = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
@@ -136,7 +178,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->issued = (uint8_t *)calloc((size_t)n, 1);
     e->scratch_s = (float *)calloc((size_t)n_expert, sizeof(float));
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
-        !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s) {
+        !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s) {
         spac_engine_free(e);
         return NULL;
     }
@@ -208,12 +250,15 @@ static range_t covering(const spac_engine *e, const tensor_t *t, int32_t expert)
     return r;
 }
 
-/* madvise every page the expert touches, tensor by tensor (decoding thread: demand and lookahead). */
-static void advise_expert(spac_engine *e, int32_t layer, int32_t expert, int advice) {
+/* madvise every page the expert touches, tensor by tensor (decoding thread: demand and lookahead).
+ * Failures go to errs[SPAC_ERR_DEMAND] (EINVAL of POPULATE_READ: an old kernel, the matmul faults the
+ * pages in instead). */
+static void advise_expert(spac_engine *e, int32_t layer, int32_t expert, int advice, int *errs) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
-        if (r.hi > r.lo) {
-            madvise(e->base + r.lo, r.hi - r.lo, advice);
+        if (r.hi > r.lo && madvise(e->base + r.lo, r.hi - r.lo, advice) != 0 &&
+            !(advice == MADV_POPULATE_READ && errno == EINVAL)) {
+            keep_first(errs, SPAC_ERR_DEMAND, errno);
         }
     }
 }
@@ -228,7 +273,7 @@ static range_t inner(const spac_engine *e, const tensor_t *t, int32_t expert) {
     return r;
 }
 
-static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *bytes, int *err) {
+static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *bytes, int *errs) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
         if (r.hi <= r.lo) {
@@ -236,11 +281,11 @@ static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *
         }
         /* readahead of exactly this range, then wait for it (and map it) */
         if (madvise(e->base + r.lo, r.hi - r.lo, MADV_WILLNEED) != 0) {
-            *err = errno;
+            keep_first(errs, SPAC_ERR_PREFETCH, errno);
         }
         if (madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) != 0) {
             if (errno != EINVAL) {
-                *err = errno;
+                keep_first(errs, SPAC_ERR_PREFETCH, errno);
             }
             volatile uint8_t sink = 0; /* old kernel: touch every page */
             for (uint64_t p = r.lo; p < r.hi; p += e->page) {
@@ -252,7 +297,7 @@ static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *
     }
 }
 
-static void do_pin(spac_engine *e, int32_t layer, int32_t expert, int pin, int *err) {
+static void do_pin(spac_engine *e, int32_t layer, int32_t expert, int pin, int *errs) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
         if (r.hi <= r.lo) {
@@ -260,7 +305,7 @@ static void do_pin(spac_engine *e, int32_t layer, int32_t expert, int pin, int *
         }
         int rc = pin ? mlock(e->base + r.lo, r.hi - r.lo) : munlock(e->base + r.lo, r.hi - r.lo);
         if (rc != 0) {
-            *err = errno;
+            keep_first(errs, pin ? SPAC_ERR_PIN : SPAC_ERR_UNPIN, errno);
         }
     }
 }
@@ -271,8 +316,8 @@ static range_t evict_range(const spac_engine *e, const tensor_t *t, int32_t expe
     range_t in = inner(e, t, expert);
     range_t cov = covering(e, t, expert);
     range_t r = in;
-    if (in.hi <= in.lo) { /* expert smaller than a page */
-        r.lo = r.hi = cov.lo;
+    if (in.hi <= in.lo) { /* no page inside the expert: start empty between its boundary pages */
+        r.lo = r.hi = in.lo;
     }
     if (cov.lo < in.lo && left_free) {
         r.lo = cov.lo;
@@ -304,7 +349,7 @@ static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t laye
             continue;
         }
         int64_t j = idx(e, layer, x);
-        if (e->wanted[j] || atomic_load(&e->in_use[j])) {
+        if (e->wanted[j] || e->in_use[j]) {
             return 0;
         }
     }
@@ -312,7 +357,7 @@ static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t laye
 }
 
 static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_t *ranges, int32_t n, int unpin,
-                     int64_t *bytes, int *err) {
+                     int64_t *bytes, int *errs) {
     (void)layer;
     (void)expert;
     for (int32_t i = 0; i < n; i++) {
@@ -320,22 +365,41 @@ static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_
         if (r.hi <= r.lo) {
             continue;
         }
-        if (unpin) {
-            munlock(e->base + r.lo, r.hi - r.lo);
+        if (unpin && munlock(e->base + r.lo, r.hi - r.lo) != 0) {
+            keep_first(errs, SPAC_ERR_EVICT, errno);
         }
         /* PAGEOUT splits large folios that straddle the range (fadvise alone cannot drop those); what
          * it leaves (pages mapped elsewhere, kernels without it) goes through DONTNEED + fadvise */
         madvise(e->base + r.lo, r.hi - r.lo, MADV_PAGEOUT);
         if (madvise(e->base + r.lo, r.hi - r.lo, MADV_DONTNEED) != 0) {
-            *err = errno;
+            keep_first(errs, SPAC_ERR_EVICT, errno);
         }
         if (e->fd >= 0) {
             int rc = posix_fadvise(e->fd, (off_t)r.lo, (off_t)(r.hi - r.lo), POSIX_FADV_DONTNEED);
             if (rc != 0) {
-                *err = rc;
+                keep_first(errs, SPAC_ERR_FADVISE, rc);
             }
         }
         *bytes += (int64_t)(r.hi - r.lo);
+    }
+}
+
+/* The experts [*lo, *hi] whose pages the eviction ranges of `expert` touch (the expert and the
+ * neighbours sharing a dropped boundary page; contiguous, since every range contains the expert). */
+static void evicted_span(const spac_engine *e, int32_t layer, int32_t expert, const range_t *ranges, int32_t n,
+                         int32_t *lo, int32_t *hi) {
+    *lo = *hi = expert;
+    for (int32_t i = 0; i < n; i++) {
+        const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
+        range_t r = ranges[i];
+        if (r.hi <= r.lo) {
+            continue;
+        }
+        int32_t a = r.lo <= t->off ? 0 : (int32_t)((r.lo - t->off) / t->bpe);
+        int32_t b = (int32_t)((r.hi - 1 - t->off) / t->bpe);
+        b = b < e->n_expert ? b : e->n_expert - 1;
+        *lo = a < *lo ? a : *lo;
+        *hi = b > *hi ? b : *hi;
     }
 }
 
@@ -359,17 +423,19 @@ static void *worker(void *arg) {
             signal_idle_locked(e);
             continue;
         }
-        if (m.op == SPAC_OP_EVICT && atomic_load(&e->in_use[j])) {
+        /* protocol, rule 1: an in-use expert is not evicted; the move waits for its release */
+        if (m.op == SPAC_OP_EVICT && e->in_use[j]) {
             if (e->n_deferred < e->cap_deferred) {
                 e->deferred[e->n_deferred++] = m;
                 e->st.deferred++;
             } else {
-                note_error(e, ENOSPC);
+                note_error_locked(e, SPAC_ERR_DEFER, ENOSPC);
             }
             signal_idle_locked(e);
             continue;
         }
-        int32_t nr = 0;
+        int errs[SPAC_ERR_KINDS] = {0};
+        int32_t nr = 0, span_lo = 0, span_hi = -1;
         int unpin = 0;
         if (m.op == SPAC_OP_EVICT && ranges != NULL) {
             for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
@@ -380,33 +446,46 @@ static void *worker(void *arg) {
             unpin = e->pinned[j];
             e->pinned[j] = 0;
             e->transient[j] = 0;
+            /* still under the lock that checked in_use: from here until the system calls have returned,
+             * the hook sees these experts as evicting */
+            evicted_span(e, m.layer, m.expert, ranges, nr, &span_lo, &span_hi);
+            for (int32_t x = span_lo; x <= span_hi; x++) {
+                int64_t k = idx(e, m.layer, x);
+                e->st.evict_in_use += e->in_use[k]; /* cannot happen: checked above / by neighbours_free */
+                e->evicting[k]++;
+            }
         }
         e->running++;
         pthread_mutex_unlock(&e->mu);
 
         int64_t bytes = 0;
-        int err = 0;
         switch (m.op) {
         case SPAC_OP_PREFETCH:
-            do_prefetch(e, m.layer, m.expert, &bytes, &err);
+            do_prefetch(e, m.layer, m.expert, &bytes, errs);
             break;
         case SPAC_OP_EVICT:
             if (ranges == NULL) {
-                err = ENOMEM;
+                errs[SPAC_ERR_NOMEM] = ENOMEM;
             } else {
-                do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, &err);
+                do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, errs);
             }
             break;
         case SPAC_OP_PIN:
         case SPAC_OP_UNPIN:
-            do_pin(e, m.layer, m.expert, m.op == SPAC_OP_PIN, &err);
+            do_pin(e, m.layer, m.expert, m.op == SPAC_OP_PIN, errs);
             break;
         default:
-            err = EINVAL;
+            break;
         }
 
         pthread_mutex_lock(&e->mu);
         e->running--;
+        if (span_hi >= span_lo) {
+            for (int32_t x = span_lo; x <= span_hi; x++) {
+                e->evicting[idx(e, m.layer, x)]--;
+            }
+            pthread_cond_broadcast(&e->cv_evicted);
+        }
         switch (m.op) {
         case SPAC_OP_PREFETCH:
             e->st.prefetches++;
@@ -417,7 +496,7 @@ static void *worker(void *arg) {
             e->st.evict_bytes += bytes;
             break;
         case SPAC_OP_PIN:
-            if (err) {
+            if (errs[SPAC_ERR_PIN]) {
                 e->st.pin_failures++;
             } else {
                 e->st.pins++;
@@ -429,11 +508,7 @@ static void *worker(void *arg) {
             e->pinned[j] = 0;
             break;
         }
-        if (err && m.op != SPAC_OP_PIN) {
-            note_error(e, err);
-        } else if (err) {
-            e->st.last_errno = err;
-        }
+        note_errors_locked(e, errs);
         signal_idle_locked(e);
     }
     pthread_mutex_unlock(&e->mu);
@@ -452,9 +527,10 @@ int32_t spac_engine_start(spac_engine *e) {
     }
     e->started = 1;
     pthread_mutex_unlock(&e->mu);
+    int errs[SPAC_ERR_KINDS] = {0};
     /* pages of a freshly written model file are dirty and cannot be dropped until written back */
     if (e->fd >= 0 && fdatasync(e->fd) != 0 && errno != EINVAL && errno != EROFS) {
-        note_error(e, errno);
+        keep_first(errs, SPAC_ERR_SETUP, errno);
     }
     /* no read-around on faults in expert tensors: the kernel's readahead window (often MBs) would pull
      * in neighbouring experts that nobody asked for; the engine reads exact ranges itself */
@@ -463,17 +539,24 @@ int32_t spac_engine_start(spac_engine *e) {
             const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
             uint64_t lo = ceil_pg(e, t->off), hi = floor_pg(e, t->off + (uint64_t)e->n_expert * t->bpe);
             if (hi > lo && madvise(e->base + lo, hi - lo, MADV_RANDOM) != 0) {
-                note_error(e, errno);
+                keep_first(errs, SPAC_ERR_SETUP, errno);
             }
         }
     }
-    for (int32_t i = 0; i < e->n_threads; i++) {
-        int rc = pthread_create(&e->threads[i], NULL, worker, e);
-        if (rc != 0) {
-            spac_engine_stop(e);
-            return -rc;
-        }
-        e->n_started++;
+    pthread_mutex_lock(&e->mu);
+    note_errors_locked(e, errs);
+    pthread_mutex_unlock(&e->mu);
+    /* n_started is read by wait_idle and stop under the lock (the new workers block on it until we are done) */
+    int rc = 0;
+    pthread_mutex_lock(&e->mu);
+    for (int32_t i = 0; i < e->n_threads && rc == 0; i++) {
+        rc = pthread_create(&e->threads[i], NULL, worker, e);
+        e->n_started += rc == 0;
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc != 0) {
+        spac_engine_stop(e);
+        return -rc;
     }
     return 0;
 }
@@ -505,7 +588,7 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
     }
     for (int32_t x = 0; x < e->n_expert; x++) {
         int64_t j = idx(e, layer, x);
-        atomic_store(&e->in_use[j], 0);
+        e->in_use[j] = 0;
         if (e->transient[j]) {
             e->transient[j] = 0;
             if (!e->wanted[j] && !e->stopping && submit_locked(e, SPAC_OP_EVICT, layer, x) == 0) {
@@ -519,36 +602,39 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
         int64_t j = idx(e, m.layer, m.expert);
         if (m.seq != e->latest[j]) {
             e->st.superseded++;
-        } else if (atomic_load(&e->in_use[j]) || e->stopping || push_locked(e, m) != 0) {
+        } else if (e->in_use[j] || e->stopping || push_locked(e, m) != 0) {
             e->deferred[keep++] = m;
         }
     }
     e->n_deferred = keep;
 }
 
-/* Whether every page of the expert is resident (one mincore per tensor range; decoding thread only,
- * so the scratch vector needs no lock). A partly resident expert counts as a miss: left to page
- * faults, its missing pages would be read one at a time. */
-static int resident_whole(spac_engine *e, int32_t layer, int32_t expert) {
+/* Whether every page of the expert is resident (one mincore per tensor range, into the caller's
+ * scratch vector *buf of *cap bytes). A partly resident expert counts as a miss: left to page
+ * faults, its missing pages would be read one at a time. A failure counts as a miss, too (errs). */
+static int resident_whole(spac_engine *e, int32_t layer, int32_t expert, unsigned char **buf, size_t *cap,
+                          int *errs) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
         size_t n = (size_t)((r.hi - r.lo) / e->page);
         if (n == 0) {
             continue;
         }
-        if (n > e->hit_cap) {
-            unsigned char *p = (unsigned char *)realloc(e->hit_mc, n);
+        if (n > *cap) {
+            unsigned char *p = (unsigned char *)realloc(*buf, n);
             if (p == NULL) {
+                keep_first(errs, SPAC_ERR_NOMEM, ENOMEM);
                 return 0;
             }
-            e->hit_mc = p;
-            e->hit_cap = n;
+            *buf = p;
+            *cap = n;
         }
-        if (mincore(e->base + r.lo, r.hi - r.lo, e->hit_mc) != 0) {
+        if (mincore(e->base + r.lo, r.hi - r.lo, *buf) != 0) {
+            keep_first(errs, SPAC_ERR_MINCORE, errno);
             return 0;
         }
         for (size_t j = 0; j < n; j++) {
-            if (!(e->hit_mc[j] & 1)) {
+            if (!((*buf)[j] & 1)) {
                 return 0;
             }
         }
@@ -556,24 +642,59 @@ static int resident_whole(spac_engine *e, int32_t layer, int32_t expert) {
     return 1;
 }
 
+int32_t spac_engine_expert_resident(spac_engine *e, int32_t layer, int32_t expert) {
+    if (e == NULL || layer < 0 || layer >= e->n_layer || expert < 0 || expert >= e->n_expert) {
+        return -1;
+    }
+    int errs[SPAC_ERR_KINDS] = {0};
+    pthread_mutex_lock(&e->mc_mu);
+    int r = resident_whole(e, layer, expert, &e->mc, &e->mc_cap, errs);
+    pthread_mutex_unlock(&e->mc_mu);
+    return r;
+}
+
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     spac_engine *e = (spac_engine *)engine;
     if (e == NULL || mask == NULL || layer < 0 || layer >= e->n_layer || e->n_tensors[layer] == 0) {
         return;
     }
-    int32_t misses[4096];
-    int32_t n_miss = 0;
-    int64_t hits = 0, useful = 0;
+    int32_t sel[SPAC_MAX_EXPERTS], misses[SPAC_MAX_EXPERTS]; /* n_expert <= SPAC_MAX_EXPERTS (spac_engine_new) */
+    int32_t n_sel = 0, n_miss = 0;
     for (int32_t x = 0; x < e->n_expert; x++) {
-        if (!mask[x]) {
-            continue;
+        if (mask[x]) {
+            sel[n_sel++] = x;
         }
-        atomic_store(&e->in_use[idx(e, layer, x)], 1);
-        useful += e->issued[idx(e, layer, x)];
-        if (resident_whole(e, layer, x)) {
+    }
+    /* protocol, rule 2: mark in use, then let evictions that were already running finish */
+    pthread_mutex_lock(&e->mu);
+    for (int32_t m = 0; m < n_sel; m++) {
+        e->in_use[idx(e, layer, sel[m])] = 1;
+    }
+    for (int waited = 0;;) {
+        int busy = 0;
+        for (int32_t m = 0; m < n_sel && !busy; m++) {
+            busy = e->evicting[idx(e, layer, sel[m])] != 0;
+        }
+        if (!busy) {
+            break;
+        }
+        if (!waited) {
+            e->st.evict_waits++;
+            waited = 1;
+        }
+        pthread_cond_wait(&e->cv_evicted, &e->mu);
+    }
+    pthread_mutex_unlock(&e->mu);
+
+    /* rule 3: nothing can drop these experts' pages now; what is not resident is a miss */
+    int errs[SPAC_ERR_KINDS] = {0};
+    int64_t hits = 0, useful = 0;
+    for (int32_t m = 0; m < n_sel; m++) {
+        useful += e->issued[idx(e, layer, sel[m])];
+        if (resident_whole(e, layer, sel[m], &e->hit_mc, &e->hit_cap, errs)) {
             hits++;
         } else {
-            misses[n_miss++] = x;
+            misses[n_miss++] = sel[m];
         }
     }
     /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the
@@ -583,12 +704,13 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int pass = 0; pass < 2 && n_miss > 0; pass++) {
         for (int32_t m = 0; m < n_miss; m++) {
-            advise_expert(e, layer, misses[m], pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ);
+            advise_expert(e, layer, misses[m], pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ, errs);
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_mutex_lock(&e->mu);
     e->st.demand_wait_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+    note_errors_locked(e, errs);
     if (e->cur_layer >= 0 && e->cur_layer != layer) {
         finish_layer_locked(e, e->cur_layer);
         /* finishing cleared in_use only for the previous layer; ours stay marked */
@@ -598,6 +720,11 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     e->st.demand_hits += hits;
     e->st.ahead_useful += useful;
     e->st.demand_misses += n_miss;
+    for (int32_t m = 0; m < n_sel; m++) {
+        /* the invariant the matmul relies on (rules 1-2 make this impossible) */
+        int64_t j = idx(e, layer, sel[m]);
+        e->st.evict_in_use += !e->in_use[j] || e->evicting[j] != 0;
+    }
     for (int32_t m = 0; m < n_miss; m++) {
         int64_t j = idx(e, layer, misses[m]);
         if (!e->wanted[j]) {
@@ -623,8 +750,8 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
     if (e == NULL) {
         return 1;
     }
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    struct timespec deadline; /* cv_idle waits on CLOCK_MONOTONIC (cond_init_monotonic) */
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += timeout_ms / 1000;
     deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) {
@@ -753,6 +880,7 @@ void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64
     const int32_t n = e->n_expert, t = p->target;
     uint8_t *issued = e->issued + (int64_t)t * n;
     int64_t predicted = 0, started = 0;
+    int errs[SPAC_ERR_KINDS] = {0};
     for (int64_t r = 0; r < n_rows; r++) {
         const float *x = (const float *)((const char *)rows + r * row_stride);
         double ss = 0.0;
@@ -786,14 +914,15 @@ void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64
             }
             e->scratch_s[best] = -INFINITY;
             predicted++;
-            if (!issued[best] && !resident_whole(e, t, best)) {
+            if (!issued[best] && !resident_whole(e, t, best, &e->hit_mc, &e->hit_cap, errs)) {
                 issued[best] = 1;
                 started++;
-                advise_expert(e, t, best, MADV_WILLNEED); /* started, not awaited */
+                advise_expert(e, t, best, MADV_WILLNEED, errs); /* started, not awaited */
             }
         }
     }
     pthread_mutex_lock(&e->mu);
+    note_errors_locked(e, errs);
     e->st.ahead_predicted += predicted;
     e->st.ahead_issued += started;
     for (int32_t x2 = 0; x2 < n && started > 0; x2++) {
@@ -856,7 +985,8 @@ void spac_engine_free(spac_engine *e) {
     free(e->wanted);
     free(e->pinned);
     free(e->transient);
-    free((void *)e->in_use);
+    free(e->in_use);
+    free(e->evicting);
     free(e->q);
     free(e->deferred);
     free(e->threads);
@@ -870,5 +1000,6 @@ void spac_engine_free(spac_engine *e) {
     pthread_mutex_destroy(&e->mc_mu);
     pthread_cond_destroy(&e->cv_work);
     pthread_cond_destroy(&e->cv_idle);
+    pthread_cond_destroy(&e->cv_evicted);
     free(e);
 }

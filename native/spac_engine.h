@@ -15,22 +15,61 @@
  *
  * Threading: worker threads take moves from a bounded queue. The decoding thread enqueues
  * (spac_engine_submit) and, from the routing sensor's graph callback, reports each MoE layer's
- * selected experts (spac_engine_on_layer): those are marked in use until a later layer starts or
- * the step ends, and evictions of in-use experts are deferred until then (never under a running
- * matmul). The only I/O the decoding thread waits for is that of selected experts that are not
- * resident (a miss: the matmul needs them now): their reads are all submitted at once, then
- * awaited. When the plan does not want them they are evicted again once their layer has finished
- * (transient).
+ * selected experts (spac_engine_on_layer): those are in use until a later layer starts or the step
+ * ends, and an in-use expert is never evicted (never under a running matmul). The only I/O the
+ * decoding thread waits for is that of selected experts that are not resident (a miss: the matmul
+ * needs them now): their reads are all submitted at once, then awaited. When the plan does not
+ * want them they are evicted again once their layer has finished (transient).
  * A newer move for the same expert supersedes an older queued one.
+ *
+ * In-use protocol. Per expert, two fields, both read and written only under the engine's mutex:
+ *   in_use    set by the layer hook for the layer's selected experts, cleared when that layer has
+ *             finished (the next MoE layer's hook, or spac_engine_end_step);
+ *   evicting  the number of evictions running now whose page ranges touch the expert's pages: the
+ *             evicted expert itself and each neighbour whose shared boundary page is dropped.
+ * So an expert is idle (neither), in use, evicting, or in use and waiting (both, see 2.):
+ *   1. A worker starts an eviction only when the expert, and every neighbour whose boundary page it
+ *      drops, is not in use (else the move is deferred until release / the page is kept), and in
+ *      the same critical section raises `evicting` of all of them; it lowers them, under the mutex
+ *      again, when its system calls have returned, and wakes the hook.
+ *   2. The hook, in one critical section, sets `in_use` of every selected expert (from then on no
+ *      new eviction can touch them), then waits (releasing the mutex) until none of them is
+ *      evicting any more: only evictions that were already running finish; they are dropping the
+ *      pages, so those experts are then misses and are read back before the hook returns.
+ *   3. Only after that does the hook check residency (mincore) and demand-load the misses, and it
+ *      returns (the matmul runs) with every selected expert in use and none evicting.
+ * The decoding thread holds the mutex only for flag updates (never across a system call); the
+ * stats count the hook's waits (evict_waits) and check the invariant (evict_in_use must stay 0).
+ *
+ * Errors. Failed system calls are counted per kind (SPAC_ERR_*), with the errno of the first
+ * failure of each kind (spac_engine_error_name names the kinds); the Python side logs each kind
+ * once and reports them in stats().
  */
 #ifndef SPAC_ENGINE_H
 #define SPAC_ENGINE_H
 
 #include <stdint.h>
 
+#include "spac_limits.h"
+
 typedef struct spac_engine spac_engine;
 
 enum { SPAC_OP_PREFETCH = 1, SPAC_OP_EVICT = 2, SPAC_OP_PIN = 3, SPAC_OP_UNPIN = 4 };
+
+/* Kinds of failure, counted separately (see spac_engine_stats.error_count). */
+enum {
+    SPAC_ERR_PREFETCH = 0, /* madvise(WILLNEED / POPULATE_READ) of a prefetch move */
+    SPAC_ERR_DEMAND = 1,   /* madvise of a demand load or a layer-ahead read (decoding thread) */
+    SPAC_ERR_EVICT = 2,    /* madvise(DONTNEED) or munlock of an eviction */
+    SPAC_ERR_FADVISE = 3,  /* posix_fadvise(DONTNEED) of an eviction */
+    SPAC_ERR_PIN = 4,      /* mlock of a pin move (often RLIMIT_MEMLOCK; not counted in `errors`) */
+    SPAC_ERR_UNPIN = 5,    /* munlock of an unpin move */
+    SPAC_ERR_SETUP = 6,    /* fdatasync / madvise(RANDOM) at start */
+    SPAC_ERR_MINCORE = 7,  /* mincore of a hit check (the expert then counts as a miss) */
+    SPAC_ERR_DEFER = 8,    /* the deferred list was full: an eviction of an in-use expert was dropped */
+    SPAC_ERR_NOMEM = 9,    /* out of memory for scratch buffers */
+    SPAC_ERR_KINDS = 10
+};
 
 typedef struct spac_engine_stats {
     int64_t prefetches, prefetch_bytes;  /* expert prefetches done, bytes covered */
@@ -41,18 +80,23 @@ typedef struct spac_engine_stats {
     int64_t demand_hits, demand_misses;  /* selected experts found resident / not resident */
     int64_t transient_evictions;         /* demand-loaded experts evicted after their layer */
     int64_t queue_full;                  /* submissions refused because the queue was full */
-    int64_t errors;                      /* failed system calls (last_errno says which) */
-    int64_t last_errno;
+    int64_t errors;                      /* failures of every kind but SPAC_ERR_PIN */
+    int64_t last_errno;                  /* errno of the latest failure of any kind */
     int64_t queued;                      /* moves waiting or running now */
     int64_t demand_wait_ns;              /* decoding thread's time waiting for missed experts */
     int64_t ahead_predicted;             /* layer-ahead: experts predicted for the next MoE layer */
     int64_t ahead_issued;                /* ... of those not resident, whose reads were started */
     int64_t ahead_useful;                /* ... of those, selected when that layer ran */
+    int64_t evict_waits;                 /* layer hooks that waited for a running eviction of a selected expert */
+    int64_t evict_in_use;                /* protocol violations seen: an expert evicted while in use (must be 0) */
+    int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
+    int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
 
 /* map_base: the address of file offset 0 in llama.cpp's mapping (which may start at a later page:
  * only offsets of registered tensors are ever touched); map_size: file offset where the mapping ends;
- * fd: our own read-only fd of the same file (for posix_fadvise). Returns NULL on bad arguments or out of memory. */
+ * fd: our own read-only fd of the same file (for posix_fadvise). Bounds: spac_limits.h (n_expert at most
+ * SPAC_MAX_EXPERTS, ...). Returns NULL on bad arguments or out of memory. */
 spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tensors_per_layer, uint8_t *map_base,
                              uint64_t map_size, int32_t fd, int32_t n_threads, int32_t queue_capacity);
 
@@ -69,7 +113,8 @@ int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t ex
 /* Whether the plan wants (layer, expert) resident (decides boundary pages and transient evictions). */
 void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted);
 
-/* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0. */
+/* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0 (mask has
+ * n_expert entries). Marks them in use, waits for running evictions of them, loads the misses. */
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
 
 /* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued. */
@@ -100,6 +145,12 @@ void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64
 int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock);
 
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
+
+/* Short name of an error kind ("evict", "fadvise", ...; "" when out of range). */
+const char *spac_engine_error_name(int32_t kind);
+
+/* Whether every page of the expert is resident now (mincore): 1, 0, or -1 on bad arguments. */
+int32_t spac_engine_expert_resident(spac_engine *e, int32_t layer, int32_t expert);
 
 /* Stop and join the workers (queued moves are dropped); idempotent. */
 void spac_engine_stop(spac_engine *e);

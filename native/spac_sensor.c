@@ -1,6 +1,7 @@
 /* spac routing sensor: see spac_sensor.h. */
 #include "spac_sensor.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,47 @@ int32_t spac_node_layer(const char *name, const char *prefix) {
     return (int32_t)v;
 }
 
+int32_t spac_sensor_check_geometry(int32_t n_layer, int32_t n_expert, int32_t k_max, int32_t capacity) {
+    return n_layer > 0 && n_layer <= SPAC_MAX_LAYERS && n_expert > 0 && n_expert <= SPAC_MAX_EXPERTS && k_max > 0 &&
+           k_max <= n_expert && capacity > 0;
+}
+
+const char *spac_sensor_error_name(int32_t kind) {
+    static const char *const names[SPAC_SENSOR_ERR_KINDS] = {"topk", "ids", "probs", "hidden", "nomem"};
+    return kind >= 0 && kind < SPAC_SENSOR_ERR_KINDS ? names[kind] : "";
+}
+
+static void note_error(spac_sensor *s, int kind, int code) {
+    if (s->error_count[kind]++ == 0) {
+        s->error_errno[kind] = code;
+    }
+}
+
+/* Host-readable tensor: no backend buffer (a plain ggml context) or a host buffer. */
+static bool is_host(const spac_sensor *s, const struct ggml_tensor *t) {
+    if (t->buffer == NULL) {
+        return true;
+    }
+    return !s->device_io && ggml_backend_buffer_is_host(t->buffer);
+}
+
+/* Copy n bytes at byte offset off of t to dst / from src (host memcpy or backend get/set). */
+static void tensor_read(const spac_sensor *s, struct ggml_tensor *t, void *dst, size_t off, size_t n) {
+    if (is_host(s, t)) {
+        memcpy(dst, (const char *)t->data + off, n);
+    } else {
+        ggml_backend_tensor_get(t, dst, off, n);
+    }
+}
+
+static void tensor_write(const spac_sensor *s, struct ggml_tensor *t, const void *src, size_t off, size_t n) {
+    if (is_host(s, t)) {
+        memcpy((char *)t->data + off, src, n);
+    } else {
+        ggml_backend_tensor_set(t, src, off, n);
+    }
+}
+
 void spac_sensor_flush(spac_sensor *s) {
     if (s->ubatch_tokens > 0) {
         s->n_tokens += s->ubatch_tokens;
@@ -47,10 +89,12 @@ void spac_sensor_release(spac_sensor *s) {
     s->scratch_size = 0;
     if (s->prior != NULL) {
         free(s->prior->saved);
+        free(s->prior->work);
         free(s->prior->orig_topk);
         s->prior->saved = NULL;
+        s->prior->work = NULL;
         s->prior->orig_topk = NULL;
-        s->prior->saved_cap = s->prior->orig_cap = 0;
+        s->prior->saved_cap = s->prior->work_cap = s->prior->orig_cap = 0;
         s->prior->saved_tensor = NULL;
     }
 }
@@ -93,9 +137,9 @@ static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     c->saved_tensor = NULL;
     const int64_t n = t->ne[0], rows = t->ne[1];
     if (layer < 0 || layer >= s->n_layer || t->type != GGML_TYPE_F32 || n != s->n_expert || rows < 1 ||
-        t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float) || t->data == NULL ||
-        (t->buffer != NULL && !ggml_backend_buffer_is_host(t->buffer))) {
+        t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float) || t->data == NULL) {
         s->n_bad_events++;
+        note_error(s, SPAC_SENSOR_ERR_PROBS, EINVAL);
         return;
     }
     if (rows > c->max_rows || c->lambda == 0.0f || c->resident == NULL || c->range_avg == NULL) {
@@ -105,14 +149,25 @@ static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     if (need > c->saved_cap) {
         float *p = (float *)realloc(c->saved, need * sizeof(float));
         if (p == NULL) {
+            note_error(s, SPAC_SENSOR_ERR_NOMEM, ENOMEM);
             return;
         }
         c->saved = p;
         c->saved_cap = need;
     }
+    if ((size_t)n > c->work_cap) {
+        float *p = (float *)realloc(c->work, (size_t)n * sizeof(float));
+        if (p == NULL) {
+            note_error(s, SPAC_SENSOR_ERR_NOMEM, ENOMEM);
+            return;
+        }
+        c->work = p;
+        c->work_cap = (size_t)n;
+    }
     if (need_k > c->orig_cap) {
         int32_t *p = (int32_t *)realloc(c->orig_topk, need_k * sizeof(int32_t));
         if (p == NULL) {
+            note_error(s, SPAC_SENSOR_ERR_NOMEM, ENOMEM);
             return;
         }
         c->orig_topk = p;
@@ -120,11 +175,13 @@ static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     }
     const uint8_t *res = c->resident + (int64_t)layer * n;
     const int32_t j_top = c->top_j < 0 ? 0 : (c->top_j > s->k_max ? s->k_max : c->top_j);
+    const size_t row_bytes = (size_t)n * sizeof(float);
+    float *row = c->work;
     for (int64_t r = 0; r < rows; r++) {
-        float *row = (float *)((char *)t->data + r * t->nb[1]);
         float *orig = c->saved + r * n;
         int32_t *top = c->orig_topk + r * s->k_max;
-        memcpy(orig, row, (size_t)n * sizeof(float));
+        tensor_read(s, t, orig, (size_t)(r * t->nb[1]), row_bytes);
+        memcpy(row, orig, row_bytes);
         /* running average of the logit range */
         float zmax = -INFINITY, zmin = INFINITY;
         for (int64_t i = 0; i < n; i++) {
@@ -163,6 +220,7 @@ static void prior_apply(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
                 row[i] = biased_value(c->gating, orig[i], to_logit(c->gating, orig[i]), b);
             }
         }
+        tensor_write(s, t, row, (size_t)(r * t->nb[1]), row_bytes);
     }
     c->saved_tensor = t;
     c->saved_layer = layer;
@@ -196,7 +254,7 @@ static void prior_restore(spac_sensor *s, struct ggml_tensor *topk, int32_t laye
         }
     }
     for (int64_t r = 0; r < rows; r++) {
-        memcpy((char *)t->data + r * t->nb[1], c->saved + r * n, (size_t)n * sizeof(float));
+        tensor_write(s, t, c->saved + r * n, (size_t)(r * t->nb[1]), (size_t)n * sizeof(float));
     }
     c->saved_tensor = NULL;
 }
@@ -207,13 +265,14 @@ static const uint8_t *host_bytes(spac_sensor *s, struct ggml_tensor *t) {
         return NULL;
     }
     /* no backend buffer: the tensor lives in a plain ggml context, i.e. host memory */
-    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
+    if (is_host(s, t)) {
         return (const uint8_t *)t->data;
     }
     size_t nbytes = ggml_nbytes(t);
     if (nbytes > s->scratch_size) {
         uint8_t *p = (uint8_t *)realloc(s->scratch, nbytes);
         if (p == NULL) {
+            note_error(s, SPAC_SENSOR_ERR_NOMEM, ENOMEM);
             return NULL;
         }
         s->scratch = p;
@@ -230,11 +289,13 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     if (layer < 0 || layer >= s->n_layer || t->type != GGML_TYPE_I32 || k < 1 || k > s->k_max ||
         rows < 1 || t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] < sizeof(int32_t)) {
         s->n_bad_events++;
+        note_error(s, SPAC_SENSOR_ERR_TOPK, EINVAL);
         return;
     }
     const uint8_t *base = host_bytes(s, t);
     if (base == NULL) {
         s->n_bad_events++;
+        note_error(s, SPAC_SENSOR_ERR_TOPK, t->data == NULL ? EINVAL : ENOMEM);
         return;
     }
 
@@ -247,6 +308,7 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     } else if (rows > s->ubatch_tokens) {
         /* More rows than the ubatch's first MoE layer had: cannot place them; skip. */
         s->n_bad_events++;
+        note_error(s, SPAC_SENSOR_ERR_TOPK, EINVAL);
         return;
     }
     s->last_layer = layer;
@@ -272,6 +334,7 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
                 memcpy(&id, row + i * t->nb[0], sizeof(id));
                 if (id < 0 || id >= s->n_expert) {
                     s->n_bad_ids++;
+                    note_error(s, SPAC_SENSOR_ERR_IDS, ERANGE);
                     id = -1;
                 } else {
                     counts[id]++;
@@ -316,10 +379,12 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
                    (layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX)) >= 0) {
             prior_apply(s, t, layer);
         } else if (s->hidden_hook != NULL && (layer = spac_node_layer(t->name, SPAC_LOUT_PREFIX)) >= 0) {
+            /* host memory only: the hook (layer-ahead prefetch of the CPU-only flash tier) reads rows in place */
             if (layer < s->n_layer && t->type == GGML_TYPE_F32 && t->ne[2] == 1 && t->ne[3] == 1 &&
-                t->nb[0] == sizeof(float) && t->data != NULL &&
-                (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer))) {
+                t->nb[0] == sizeof(float) && t->data != NULL && is_host(s, t)) {
                 s->hidden_hook(s->hidden_data, layer, (const float *)t->data, t->ne[1], t->ne[0], (int64_t)t->nb[1]);
+            } else {
+                note_error(s, SPAC_SENSOR_ERR_HIDDEN, EINVAL);
             }
         }
     }

@@ -8,6 +8,14 @@
  *
  * Threading: the callback runs on the thread that calls llama_decode. The caller reads the
  * buffers between decode calls.
+ *
+ * Tensors may live in host or device memory: device tensors are read (and, for the cache prior,
+ * written back) with ggml_backend_tensor_get/set, which the scheduler allows inside the callback
+ * (it has synchronized the backend before calling it and computes the node's consumers after).
+ *
+ * Errors: nodes the sensor had to skip and allocations that failed are counted per kind
+ * (SPAC_SENSOR_ERR_*, with an errno-style code of the first of each kind); the Python side logs
+ * each kind once and reports them in stats().
  */
 #ifndef SPAC_SENSOR_H
 #define SPAC_SENSOR_H
@@ -16,7 +24,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "spac_limits.h"
+
 struct ggml_tensor;
+
+/* Kinds of sensor error (spac_sensor.error_count). */
+enum {
+    SPAC_SENSOR_ERR_TOPK = 0,   /* ffn_moe_topk node with an unexpected layer, type or shape: skipped (EINVAL) */
+    SPAC_SENSOR_ERR_IDS = 1,    /* expert id outside [0, n_expert): dropped (ERANGE) */
+    SPAC_SENSOR_ERR_PROBS = 2,  /* ffn_moe_probs node the cache prior cannot use: not biased (EINVAL) */
+    SPAC_SENSOR_ERR_HIDDEN = 3, /* l_out node the hidden hook cannot use: skipped (EINVAL) */
+    SPAC_SENSOR_ERR_NOMEM = 4,  /* a scratch buffer could not be allocated (ENOMEM) */
+    SPAC_SENSOR_ERR_KINDS = 5
+};
 
 typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
 
@@ -30,7 +50,7 @@ typedef void (*spac_hidden_hook)(void *hook_data, int32_t layer, const float *ro
                                  int64_t row_stride);
 
 /* Cache-aware routing ("Cache-Prior", arXiv 2412.00099), applied in the graph callback: when a
- * layer's router probabilities (ffn_moe_probs-<layer>, F32 [n_expert, rows], host memory) have been
+ * layer's router probabilities (ffn_moe_probs-<layer>, F32 [n_expert, rows], host or device) have been
  * computed, and the ubatch has at most max_rows tokens (decode), each row's selection scores get
  * lambda * D added to the logits of experts that are resident or among the row's original top_j,
  * where D is the layer's running average of the logit range (max - min). The biased values are
@@ -49,6 +69,8 @@ typedef struct spac_cache_prior {
     /* state, owned by the sensor (freed by spac_sensor_release) */
     float *saved;          /* original probs of the layer in progress [rows][n_expert] */
     size_t saved_cap;      /* floats */
+    float *work;           /* one biased row [n_expert] */
+    size_t work_cap;       /* floats */
     int32_t *orig_topk;    /* original top-k_max ids per row [rows][k_max] */
     size_t orig_cap;       /* ints */
     struct ggml_tensor *saved_tensor;
@@ -83,6 +105,10 @@ typedef struct spac_sensor {
     int32_t ubatch_tokens; /* tokens of the current ubatch (rows of its first MoE layer) */
     int32_t enabled;       /* 0: observe nothing (the callback only chains) */
     int32_t user_asked;    /* the chained callback asked for the node we are about to see */
+    int64_t error_count[SPAC_SENSOR_ERR_KINDS]; /* errors per kind since creation / last reset */
+    int64_t error_errno[SPAC_SENSOR_ERR_KINDS]; /* code of the first error of each kind (0: none) */
+    int32_t device_io;     /* tests: access every tensor with ggml_backend_tensor_get/set, as if in
+                            * device memory (needs tensors in a backend buffer) */
 
     /* chained user callback (may be NULL) */
     spac_eval_cb user_cb;
@@ -104,6 +130,13 @@ typedef struct spac_sensor {
     spac_hidden_hook hidden_hook;
     void *hidden_data;
 } spac_sensor;
+
+/* Whether the geometry is within spac_limits.h (0 < n_layer <= SPAC_MAX_LAYERS, 0 < n_expert <=
+ * SPAC_MAX_EXPERTS, 0 < k_max <= n_expert, capacity > 0): 1 or 0. */
+int32_t spac_sensor_check_geometry(int32_t n_layer, int32_t n_expert, int32_t k_max, int32_t capacity);
+
+/* Short name of a sensor error kind ("topk", ...; "" when out of range). */
+const char *spac_sensor_error_name(int32_t kind);
 
 /* The graph-eval callback; user_data must be a spac_sensor*. */
 bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data);

@@ -263,8 +263,9 @@ class Llama(llama_cpp.Llama):
 
     def stats(self, settle: float = 0.0) -> dict[str, Any]:
         """Tier state: with ``tier="flash"`` the budget, the resident expert bytes measured with mincore
-        (``resident_expert_bytes``), hit rate, moves and bytes read; ``settle`` seconds to let queued
-        moves finish first."""
+        (``resident_expert_bytes``), hit rate, moves and bytes read, the engine's failed system calls by
+        kind (``engine_errors``); the routing sensor's skipped nodes and dropped ids by kind
+        (``sensor_errors``); ``settle`` seconds to let queued moves finish first."""
         out: dict[str, Any] = {"tier": self.tier}
         if self.flash is not None:
             out.update(self.flash.stats(settle))
@@ -274,6 +275,8 @@ class Llama(llama_cpp.Llama):
             out["cache_prior"] = self.cache_prior.stats()
         if self.routing is not None:
             out["routing_tokens"] = self.routing.summary()["tokens"]
+        if self._sensor is not None:
+            out["sensor_errors"] = self._sensor.errors()  # {kind: {count, errno, message}}, each kind logged once
         return out
 
     def close(self) -> None:

@@ -78,6 +78,27 @@ def test_bias_trades_misses_for_changed_selections():
     assert rows[0.3]["top_j"] == 1  # top-2 model: J = k - 1
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_device_memory_path_equals_host_path(tiny_model, arch):
+    # GPU-resident routers put ffn_moe_probs in device memory, which the callback reads and writes with
+    # ggml_backend_tensor_get/set; device_io forces that path on the CPU backend's buffers
+    path = tiny_model(arch)
+    runs = {}
+    for device_io in (0, 1):
+        llm = Llama(str(path), n_ctx=128, verbose=False, cache_prior=1.0,
+                    cache_prior_options={"top_j": 0, "cache_experts": 2})
+        llm._sensor._struct.device_io = device_io
+        try:
+            tokens = _greedy(llm)
+            st = llm.stats()
+            runs[device_io] = (tokens, st["cache_prior"], st["sensor_errors"])
+        finally:
+            llm.close()
+    assert runs[1] == runs[0]
+    assert runs[1][1]["rows_biased"] > 0 and runs[1][1]["changed_rate"] > 0  # the bias was written and acted
+    assert runs[1][2] == {}
+
+
 def test_bad_arguments(tiny_model, tiny_dense_model):
     with pytest.raises(NotMoEError):
         Llama(str(tiny_dense_model), verbose=False, cache_prior=0.1)

@@ -66,7 +66,8 @@ def test_greedy_output_identical_to_stock(flash_models, arch):
         assert _greedy(llm, 24) == want
         st = llm.stats(settle=5.0)
         assert st["engine"]["evictions"] > 0 and st["engine"]["demand_misses"] > 0  # the engine really worked
-        assert st["engine"]["errors"] == 0
+        assert st["engine"]["errors"] == 0 and st["engine_errors"] == {} and st["sensor_errors"] == {}
+        assert st["engine"]["evict_in_use"] == 0
     finally:
         llm.close()
 

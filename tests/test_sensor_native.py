@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import llama_cpp.llama_cpp as llama_c
 import numpy as np
@@ -100,6 +101,55 @@ def test_bad_geometry_events_are_skipped(ggml):
     assert feed(s, topk_tensor(ggml, 0, ok, 4, name="ffn_moe_topk-0x")) is True
     assert feed(s, topk_tensor(ggml, 0, ok, 4, name="ffn_moe_topk-")) is True
     assert s.n_events == 0
+
+
+def test_errors_are_counted_by_kind_logged_once_and_reset(ggml, caplog):
+    import errno
+    import logging
+
+    s = RoutingSensor(n_layer=2, n_expert=4, k_max=2, capacity=8)
+    ok = np.array([[0, 1]], dtype=np.int32)
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.sensor"):
+        feed(s, topk_tensor(ggml, 2, ok, 4))  # layer beyond n_layer
+        feed(s, topk_tensor(ggml, 0, ok, 4, dtype=GGML_TYPE_F32))  # wrong type
+        feed(s, topk_tensor(ggml, 0, np.array([[0, 9]], np.int32), 4 + 8))  # an id out of range
+        s.flush()
+        s.flush()
+    assert s.errors() == {
+        "topk": {"count": 2, "errno": errno.EINVAL, "message": os.strerror(errno.EINVAL)},
+        "ids": {"count": 1, "errno": errno.ERANGE, "message": os.strerror(errno.ERANGE)},
+    }
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # once per kind, not per flush
+    assert all("\n" not in line and "errno" in line for line in lines)
+    assert any(f"errno {errno.EINVAL} ({os.strerror(errno.EINVAL)})" in line for line in lines)
+    s.reset()
+    assert s.errors() == {} and s.n_bad_events == 0
+
+
+def test_one_set_of_limits_for_sensor_and_engine():
+    import mmap
+
+    from spac_llamacpp import native
+    from spac_llamacpp.gguf_info import LLAMA_MAX_EXPERTS
+
+    lib = native.load().lib
+    assert lib.SPAC_MAX_EXPERTS == LLAMA_MAX_EXPERTS
+    RoutingSensor(n_layer=1, n_expert=lib.SPAC_MAX_EXPERTS, k_max=2, capacity=4).close()
+    with pytest.raises(SpacError, match=f"at most {lib.SPAC_MAX_LAYERS} layers and {lib.SPAC_MAX_EXPERTS} experts"):
+        RoutingSensor(n_layer=1, n_expert=lib.SPAC_MAX_EXPERTS + 1, k_max=2, capacity=4)
+    with pytest.raises(SpacError):
+        RoutingSensor(n_layer=lib.SPAC_MAX_LAYERS + 1, n_expert=8, k_max=2, capacity=4)
+    with pytest.raises(SpacError):
+        RoutingSensor(n_layer=1, n_expert=8, k_max=2, capacity=2**40)  # not an int32: no OverflowError
+    # the engine takes exactly the experts the sensor does (its hook's stack arrays are that long)
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, page)
+    base = native.load().ffi.cast("uint8_t *", np.frombuffer(buf, np.uint8).ctypes.data)
+    for n_expert, ok in ((lib.SPAC_MAX_EXPERTS, True), (lib.SPAC_MAX_EXPERTS + 1, False)):
+        e = lib.spac_engine_new(1, n_expert, 1, base, page, -1, 1, 16)
+        assert (e != native.load().ffi.NULL) == ok
+        lib.spac_engine_free(e)
 
 
 def test_empty_batch_is_a_bad_event_not_a_crash(ggml):

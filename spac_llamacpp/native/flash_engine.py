@@ -5,6 +5,10 @@ prefetch, evict, pin and unpin experts (addressed by block index and expert id);
 sensor reports each MoE layer's selection to it from the graph callback, so experts being
 computed are never evicted and non-resident ones get demand readahead. Residency is measured with
 ``mincore``. Threads stop on :meth:`close`, when the object is collected, and at interpreter exit.
+
+Failed system calls are counted per kind in C (``evict``, ``fadvise``, ``pin``, ...); each kind is logged
+once, with its errno, the first time :meth:`FlashEngine.end_step` or :meth:`FlashEngine.errors` sees it,
+and :meth:`FlashEngine.errors` reports them all (``llm.stats()["engine_errors"]``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,30 @@ log = logging.getLogger(__name__)
 OPS = {"prefetch": 1, "evict": 2, "pin": 3, "unpin": 4}
 _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
-                "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful")
+                "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
+                "evict_waits", "evict_in_use")
+_ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
+    "prefetch": "prefetch reads (madvise WILLNEED/POPULATE_READ)",
+    "demand": "demand loads of missed experts (madvise)",
+    "evict": "evictions (madvise DONTNEED / munlock)",
+    "fadvise": "evictions from the page cache (posix_fadvise DONTNEED)",
+    "pin": "pinning experts (mlock; raise `ulimit -l` or lower pin_fraction)",
+    "unpin": "unpinning experts (munlock)",
+    "setup": "engine setup (fdatasync / madvise RANDOM)",
+    "mincore": "residency checks (mincore)",
+    "defer": "deferring an eviction of an in-use expert (deferred list full)",
+    "nomem": "allocating scratch memory",
+}
+
+
+def error_report(counts: Any, codes: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{kind: {"count", "errno", "message"}}`` of the kinds that failed (native per-kind counters)."""
+    out = {}
+    for i, name in enumerate(names):
+        if int(counts[i]):
+            code = int(codes[i])
+            out[name] = {"count": int(counts[i]), "errno": code, "message": os.strerror(code) if code else ""}
+    return out
 
 
 def page_size() -> int:
@@ -119,6 +146,10 @@ class FlashEngine:
         self._mask = np.zeros(self.n_expert, dtype=np.uint8)
         self._keep: list[np.ndarray] = []  # predictor arrays the engine points into
         self._sensor: RoutingSensor | None = None
+        self._error_names = [self._ffi.string(self._lib.spac_engine_error_name(i)).decode()
+                             for i in range(self._lib.SPAC_ERR_KINDS)]
+        self._logged: set[str] = set()
+        self.errors()  # setup failures (fdatasync, madvise RANDOM) are logged now
 
     # --- moves -------------------------------------------------------------------------------------
     @property
@@ -141,8 +172,11 @@ class FlashEngine:
         self._lib.spac_engine_set_wanted(self._live(), int(layer), int(expert), 1 if wanted else 0)
 
     def end_step(self) -> None:
-        """After an evaluation step: release in-use experts, queue deferred and transient evictions."""
+        """After an evaluation step: release in-use experts, queue deferred and transient evictions.
+
+        Also logs the kinds of failure seen for the first time (once each)."""
         self._lib.spac_engine_end_step(self._live())
+        self.errors()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every queued move is done (tests, measurements); False on timeout."""
@@ -155,6 +189,8 @@ class FlashEngine:
     # --- the sensor hook ---------------------------------------------------------------------------
     def attach(self, sensor: RoutingSensor) -> None:
         """Have ``sensor`` report each layer's selected experts to the engine (from the graph callback)."""
+        if sensor.n_expert != self.n_expert:  # the hook reads n_expert mask entries
+            raise SpacError(f"the routing sensor has {sensor.n_expert} experts per layer, the engine {self.n_expert}")
         s = sensor._struct
         s.event_mask = self._ffi.cast("uint8_t *", self._ffi.from_buffer(self._mask))
         s.hook_data = self._live()
@@ -213,6 +249,22 @@ class FlashEngine:
         st = self._ffi.new("spac_engine_stats *")
         self._lib.spac_engine_get_stats(self._live(), st)
         return {name: int(getattr(st, name)) for name in _STAT_FIELDS}
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        """Failures by kind: ``{kind: {"count": n, "errno": first errno, "message": its strerror}}``.
+
+        A kind seen for the first time is logged (one warning line); later failures are only counted.
+        """
+        st = self._ffi.new("spac_engine_stats *")
+        self._lib.spac_engine_get_stats(self._live(), st)
+        report = error_report(st.error_count, st.error_errno, self._error_names)
+        for kind, e in report.items():
+            if kind not in self._logged:
+                self._logged.add(kind)
+                log.warning("flash engine: %s failed: errno %d (%s); later failures are counted in "
+                            "stats()['engine_errors']['%s']", _ERROR_WHAT.get(kind, kind), e["errno"],
+                            e["message"], kind)
+        return report
 
     def close(self) -> None:
         """Detach from the sensor, stop and join the threads, free the engine (idempotent)."""

@@ -40,7 +40,7 @@ def cdef_from_headers(src_dir: Path) -> str:
 
 
 _SOURCES = ("spac_sensor.c", "spac_engine.c", "spac_testops.c")
-_HEADERS = ("spac_sensor.h", "spac_engine.h", "spac_testops.h")
+_HEADERS = ("spac_limits.h", "spac_sensor.h", "spac_engine.h", "spac_testops.h")  # the limits come first
 
 
 def native_source_dir() -> Path:

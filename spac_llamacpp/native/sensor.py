@@ -3,11 +3,17 @@
 The C side (``native/spac_sensor.c``) decodes every ``ffn_moe_topk-<layer>`` node; this class owns
 the buffers it writes (numpy arrays handed to C by pointer, so reading them copies nothing) and
 turns a user ``cb_eval`` into a C function pointer the sensor chains to.
+
+Nodes the sensor had to skip, dropped ids and failed allocations are counted per kind in C; each kind
+is logged once (at the :meth:`RoutingSensor.flush` after it first happened) and reported by
+:meth:`RoutingSensor.errors` (``llm.stats()["sensor_errors"]``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +23,18 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.native import module as native
 
+log = logging.getLogger(__name__)
+
 UserCallback = Callable[[int, bool, int], bool] | int | Any | None
 
-MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in llama-hparams.h
+_ERROR_WHAT = {  # per kind (SPAC_SENSOR_ERR_* in native/spac_sensor.h)
+    "topk": "ffn_moe_topk nodes skipped (unexpected layer, type or shape)",
+    "ids": "expert ids outside [0, n_expert) dropped",
+    "probs": "ffn_moe_probs nodes the cache prior could not bias (unexpected type or shape)",
+    "hidden": "l_out nodes the layer-ahead hook could not read (not F32 rows in host memory)",
+    "nomem": "sensor scratch allocations failed",
+}
+_INT32_MAX = 2**31 - 1
 
 
 class RoutingSensor:
@@ -44,13 +59,15 @@ class RoutingSensor:
         user_cb: UserCallback = None,
         user_data: int | None = None,
     ) -> None:
-        if not (0 < n_layer <= 4096 and 0 < n_expert <= MAX_EXPERTS and 0 < k_max <= n_expert and capacity > 0):
+        self._mod = native.load()
+        ffi, lib = self._mod.ffi, self._mod.lib
+        dims = (n_layer, n_expert, k_max, capacity)
+        if not (all(abs(int(d)) <= _INT32_MAX for d in dims) and lib.spac_sensor_check_geometry(*dims)):
             raise SpacError(
                 f"invalid routing sensor geometry (layers={n_layer}, experts={n_expert}, k={k_max}, "
-                f"capacity={capacity}); check the model's expert metadata"
+                f"capacity={capacity}; at most {lib.SPAC_MAX_LAYERS} layers and {lib.SPAC_MAX_EXPERTS} experts); "
+                "check the model's expert metadata"
             )
-        self._mod = native.load()
-        ffi = self._mod.ffi
         self.n_layer, self.n_expert, self.k_max, self.capacity = n_layer, n_expert, k_max, capacity
 
         self.ids = np.full((capacity, n_layer, k_max), -1, dtype=np.int32)
@@ -73,6 +90,10 @@ class RoutingSensor:
             addr, self._user_cb_keepalive = callback_address(user_cb)
             s.user_cb = ffi.cast("spac_eval_cb", addr)
             s.user_data = ffi.cast("void *", user_data or 0)
+
+        self._error_names = [ffi.string(lib.spac_sensor_error_name(i)).decode()
+                             for i in range(lib.SPAC_SENSOR_ERR_KINDS)]
+        self._logged: set[str] = set()
 
         cb_addr = int(ffi.cast("uintptr_t", ffi.addressof(self._mod.lib, "spac_sensor_cb")))
         self.cb_eval = llama_c.ggml_backend_sched_eval_callback(cb_addr)
@@ -111,8 +132,28 @@ class RoutingSensor:
         return int(self._struct.n_ubatches)
 
     def flush(self) -> None:
-        """Close the ubatch in progress (call after each decode)."""
+        """Close the ubatch in progress (call after each decode); logs kinds of error seen for the first time."""
         self._mod.lib.spac_sensor_flush(self._struct)
+        if any(self._struct.error_count):
+            self.errors()
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        """Errors by kind: ``{kind: {"count": n, "errno": code of the first, "message": its strerror}}``.
+
+        A kind seen for the first time is logged (one warning line); later ones are only counted.
+        """
+        s, out = self._struct, {}
+        for i, name in enumerate(self._error_names):
+            count = int(s.error_count[i])
+            if count:
+                code = int(s.error_errno[i])
+                out[name] = {"count": count, "errno": code, "message": os.strerror(code) if code else ""}
+                if name not in self._logged:
+                    self._logged.add(name)
+                    log.warning("routing sensor: %s: %d so far, errno %d (%s); later ones are counted in "
+                                "stats()['sensor_errors']['%s']", _ERROR_WHAT.get(name, name), count, code,
+                                out[name]["message"], name)
+        return out
 
     def token_ids(self, start: int, stop: int) -> np.ndarray:
         """Copy of the expert ids of tokens ``[start, stop)``: ``[stop-start, n_layer, k_max]``, -1 = none.
@@ -143,6 +184,8 @@ class RoutingSensor:
         self.total_counts[:] = 0
         self.step_layer_tokens[:] = 0
         s.n_tokens = s.n_ubatches = s.n_events = s.n_bad_ids = s.n_bad_events = 0
+        for i in range(len(self._error_names)):
+            s.error_count[i] = s.error_errno[i] = 0
 
     def close(self) -> None:
         """Free native scratch memory; the sensor records nothing afterwards."""

@@ -5,7 +5,9 @@ In decode steps, each MoE layer's selection prefers experts that are already res
 (``D``: the layer's running average of the logit range), top-k is taken on the biased scores, and the
 mixing weights come from the unbiased probabilities. The native sensor applies the bias inside the
 graph callback (``native/spac_sensor.c``: it rewrites ``ffn_moe_probs-l`` in place for selection and
-restores it at ``ffn_moe_topk-l``, before the weights are gathered); no llama.cpp patch is needed.
+restores it at ``ffn_moe_topk-l``, before the weights are gathered; host tensors in place, tensors in
+device memory, e.g. with GPU-resident routers, through ``ggml_backend_tensor_get/set``); no llama.cpp
+patch is needed.
 
 What "resident" means: with ``tier="flash"`` the experts the flash tier holds; otherwise a per-layer
 LRU cache of ``cache_experts`` experts simulated from the routing (what a device-side expert cache

@@ -378,6 +378,7 @@ class FlashTier:
             "strays_evicted": c.strays_evicted,
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
             "engine": eng,
+            "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
             "replanner": {"solves": self.replanner.stats.solves, "failures": self.replanner.stats.failures},
         }
 
