@@ -21,10 +21,10 @@ import threading
 import numpy as np
 import pytest
 
-from spac_llamacpp.factory import write_tiny_moe
-from spac_llamacpp.flash_engine import OPS, FlashEngine, page_size
-from spac_llamacpp.gguf_info import read_model_header
-from spac_llamacpp.mapping import FileMapping
+from spac_llamacpp.gguf.info import read_model_header
+from spac_llamacpp.models.factory import write_tiny_moe
+from spac_llamacpp.native.flash_engine import OPS, FlashEngine, page_size
+from spac_llamacpp.native.mapping import FileMapping
 
 # expert shares per tensor (f16): 10 KiB (several pages, boundaries inside pages) and 3 KiB (experts
 # sharing pages with their neighbours, the boundary-page rule)
@@ -120,7 +120,7 @@ def test_failed_system_calls_are_counted_by_kind_and_logged_once(race_models, mo
     import errno
     import logging
 
-    from spac_llamacpp import flash_engine
+    from spac_llamacpp.native import flash_engine
 
     path = race_models["multi_page"]
     info = read_model_header(path)
@@ -130,7 +130,7 @@ def test_failed_system_calls_are_counted_by_kind_and_logged_once(race_models, mo
     engine = FlashEngine(info, m.mapping, threads=1)
     monkeypatch.undo()
     try:
-        with caplog.at_level(logging.WARNING, logger="spac_llamacpp.flash_engine"):
+        with caplog.at_level(logging.WARNING, logger="spac_llamacpp.native.flash_engine"):
             for x in range(4):
                 assert engine.submit("evict", info.moe_layers[0], x)
             assert engine.wait_idle()

@@ -109,7 +109,7 @@ def test_errors_are_counted_by_kind_logged_once_and_reset(ggml, caplog):
 
     s = RoutingSensor(n_layer=2, n_expert=4, k_max=2, capacity=8)
     ok = np.array([[0, 1]], dtype=np.int32)
-    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.sensor"):
+    with caplog.at_level(logging.WARNING, logger="spac_llamacpp.native.sensor"):
         feed(s, topk_tensor(ggml, 2, ok, 4))  # layer beyond n_layer
         feed(s, topk_tensor(ggml, 0, ok, 4, dtype=GGML_TYPE_F32))  # wrong type
         feed(s, topk_tensor(ggml, 0, np.array([[0, 9]], np.int32), 4 + 8))  # an id out of range
@@ -130,8 +130,8 @@ def test_errors_are_counted_by_kind_logged_once_and_reset(ggml, caplog):
 def test_one_set_of_limits_for_sensor_and_engine():
     import mmap
 
-    from spac_llamacpp import native
-    from spac_llamacpp.gguf_info import LLAMA_MAX_EXPERTS
+    from spac_llamacpp.gguf.info import LLAMA_MAX_EXPERTS
+    from spac_llamacpp.native import module as native
 
     lib = native.load().lib
     assert lib.SPAC_MAX_EXPERTS == LLAMA_MAX_EXPERTS
