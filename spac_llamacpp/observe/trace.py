@@ -23,6 +23,46 @@ if TYPE_CHECKING:
 TRACE_VERSION = 1
 
 
+@dataclass(frozen=True)
+class TraceLayout:
+    """The expert layout a trace's source recorded (``meta["layout"]``, e.g. of an imported trace).
+
+    Enough to replay the trace without the model file: ``expert_bytes[i]`` is the size of one expert of
+    MoE layer ``moe_layers[i]`` (None: the source recorded no sizes), ``non_expert_bytes`` the rest of
+    the model where the source says (dense weights), else None.
+    """
+
+    n_expert: int
+    n_expert_used: int
+    expert_bytes: tuple[int, ...] | None = None
+    non_expert_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used,
+            "expert_bytes": None if self.expert_bytes is None else list(self.expert_bytes),
+            "non_expert_bytes": self.non_expert_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> TraceLayout:
+        try:
+            eb = d.get("expert_bytes")
+            neb = d.get("non_expert_bytes")
+            layout = cls(
+                n_expert=int(d["n_expert"]),
+                n_expert_used=int(d["n_expert_used"]),
+                expert_bytes=None if eb is None else tuple(int(b) for b in eb),
+                non_expert_bytes=None if neb is None else int(neb),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SpacError(f"the trace's recorded layout is damaged ({type(exc).__name__}: {exc})") from exc
+        if layout.expert_bytes is not None and any(b < 0 for b in layout.expert_bytes):
+            raise SpacError("the trace's recorded layout has a negative expert size")
+        return layout
+
+
 @dataclass
 class RoutingTrace:
     """Per-token routing of a run.
@@ -48,6 +88,38 @@ class RoutingTrace:
     @property
     def n_steps(self) -> int:
         return int(self.step_n_tokens.shape[0])
+
+    @property
+    def layout(self) -> TraceLayout | None:
+        """The expert layout the source recorded (imported traces), or None (recorded: read the model)."""
+        if self.meta.get("layout") is None:
+            return None
+        layout = TraceLayout.from_json(self.meta["layout"])
+        if layout.n_expert != self.n_expert:
+            raise SpacError(f"the trace's recorded layout has {layout.n_expert} experts, the trace {self.n_expert}")
+        if layout.expert_bytes is not None and len(layout.expert_bytes) != len(self.moe_layers):
+            raise SpacError(f"the trace's recorded layout sizes {len(layout.expert_bytes)} layers, "
+                            f"the trace has {len(self.moe_layers)} MoE layers")
+        return layout
+
+    def check(self) -> None:
+        """Raise a one-line SpacError unless the arrays are consistent (shapes, steps, ids, counts)."""
+        n_tok, n_layer, _ = self.ids.shape
+        if self.token_step.shape != (n_tok,) or int(self.step_n_tokens.sum()) != n_tok:
+            raise SpacError(f"trace: {n_tok} tokens but {self.token_step.shape[0]} token steps and "
+                            f"{int(self.step_n_tokens.sum())} tokens counted per step")
+        expected = np.repeat(np.arange(self.n_steps, dtype=np.int32), self.step_n_tokens)
+        if not np.array_equal(self.token_step, expected):
+            raise SpacError("trace: token_step does not number the steps' tokens in order")
+        if self.counts.shape != (self.n_steps, n_layer, self.n_expert):
+            raise SpacError(f"trace: counts are {self.counts.shape}, expected {(self.n_steps, n_layer, self.n_expert)}")
+        if self.ids.size and (int(self.ids.max()) >= self.n_expert or int(self.ids.min()) < -1):
+            raise SpacError(f"trace: expert ids outside -1..{self.n_expert - 1}")
+        if len(self.moe_layers) and not (int(self.moe_layers.min()) >= 0 and int(self.moe_layers.max()) < n_layer):
+            raise SpacError(f"trace: MoE layers outside 0..{n_layer - 1}")
+        if not np.array_equal(step_counts(self.ids, self.token_step, self.n_steps, self.n_expert), self.counts):
+            raise SpacError("trace: per-step counts are not the histogram of the steps' ids")
+        _ = self.layout  # validates the recorded layout, if any
 
     @classmethod
     def from_log(cls, log: RoutingLog, meta: dict[str, Any] | None = None,
@@ -137,3 +209,12 @@ class RoutingTrace:
         if trace.meta.get("version") != TRACE_VERSION:
             raise SpacError(f"{path}: trace version {trace.meta.get('version')} is not {TRACE_VERSION}; re-record it")
         return trace
+
+
+def step_counts(ids: np.ndarray, token_step: np.ndarray, n_steps: int, n_expert: int) -> np.ndarray:
+    """``counts [n_steps, n_layer, n_expert]`` int32: how many tokens of each step chose each expert."""
+    n_layer = ids.shape[1]
+    t, layer, j = np.nonzero(ids >= 0)
+    flat = (token_step[t].astype(np.int64) * n_layer + layer) * n_expert + ids[t, layer, j]
+    return np.bincount(flat, minlength=n_steps * n_layer * n_expert).astype(np.int32).reshape(
+        n_steps, n_layer, n_expert)

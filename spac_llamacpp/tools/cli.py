@@ -325,7 +325,22 @@ def _gather_prompts(prompts: tuple[str, ...], prompt_file: str | None) -> list[s
     return out
 
 
-@spac.command(name="trace")
+class _CommandWithSubcommands(click.Group):
+    """A command that also has subcommands: ``spac trace import FILE ...`` runs the subcommand ``import``,
+    anything else (``spac trace MODEL -p ...``, ``spac trace --help``) goes to the command itself."""
+
+    def __init__(self, command: click.Command) -> None:
+        super().__init__(name=command.name, help=command.help, short_help=command.short_help)
+        self.own_command = command
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        if args and args[0] in self.commands:
+            return super().make_context(info_name, args, parent, **extra)
+        return self.own_command.make_context(info_name, args, parent, **extra)
+
+
+@click.command(name="trace")
 @click.argument("model")
 @prompt_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz).")
@@ -335,7 +350,10 @@ def _gather_prompts(prompts: tuple[str, ...], prompt_file: str | None) -> list[s
 @friendly_errors
 def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_predict: int, output: str,
               seed: int, temp: float, **load_kw: Any) -> None:
-    """Record a routing trace of MODEL: per-step, per-layer expert ids of every token."""
+    """Record a routing trace of MODEL: per-step, per-layer expert ids of every token.
+
+    `spac trace import FILE -o OUT.npz --format route-csv|jsonl` imports a trace recorded elsewhere.
+    """
     from tqdm import tqdm
 
     from spac_llamacpp.observe.trace import RoutingTrace
@@ -362,6 +380,50 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
                f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)
     llm.close()
+
+
+trace_group = _CommandWithSubcommands(trace_cmd)
+spac.add_command(trace_group)
+
+
+@trace_group.command(name="import")
+@click.argument("source", metavar="FILE")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz) to write.")
+@click.option("--format", "fmt", type=click.Choice(["route-csv", "jsonl"]), default=None,
+              help="Source format (default: from the extension: .csv route-csv, .jsonl jsonl).")
+@click.option("--n-expert", type=int, default=None,
+              help="Experts per layer where the source does not say (default: the largest id + 1).")
+@click.option("--expert-bytes", default=None,
+              help="Size of one expert (every MoE layer), e.g. 84MiB: replaces the sizes the source records.")
+@friendly_errors
+def trace_import_cmd(source: str, output: str, fmt: str | None, n_expert: int | None,
+                     expert_bytes: str | None) -> None:
+    """Import a public routing trace FILE into a trace (.npz) for eval-utility, plot and simulate.
+
+    route-csv: `#` header lines (n_layer, n_expert, n_expert_used, per-layer expert_bytes), then
+    turn,phase,step,layer,slot,expert,...: each turn a prompt, its prompt tokens one step, each decoded
+    token a step. jsonl: one {problem_id, layer, experts, token_idx} object per token and layer; every
+    token is a decode step of its own (the format records no prompt).
+    """
+    from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.observe.trace_import import format_for, import_trace
+
+    fmt = fmt or format_for(source)
+    if fmt is None:
+        raise SpacError(f"cannot tell the format of {source} from its name; pass --format route-csv or jsonl")
+    size = parse_size(expert_bytes) if expert_bytes is not None else None
+    trace = import_trace(source, fmt, n_expert=n_expert, expert_bytes=size)
+    trace.save(output)
+    layout = trace.layout
+    runs = trace.meta["runs"]
+    sizes = "no expert sizes (pass --expert-bytes)"
+    if layout is not None and layout.expert_bytes:
+        lo, hi = min(layout.expert_bytes), max(layout.expert_bytes)
+        sizes = f"{format_size(lo)} per expert" if lo == hi else f"{format_size(lo)}..{format_size(hi)} per expert"
+    missing = trace.meta["imported"]["missing_cells"]
+    click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, {len(runs)} prompts, "
+               f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts (top-{trace.ids.shape[2]}), {sizes}"
+               + (f"; {missing} (token, layer) without a row" if missing else ""), err=True)
 
 
 @spac.command(name="build-native")

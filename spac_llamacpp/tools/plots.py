@@ -51,6 +51,7 @@ def plot_hit_rate(trace: RoutingTrace, path: str | os.PathLike[str], budget: int
     series = {"LRU": step_hit_rates(trace, lru_kept(trace, budget)),
               estimator: step_hit_rates(trace, estimator_kept(trace, make_estimator(estimator, n_layer, n_expert),
                                                               budget))}
+    window = max(1, min(window, trace.n_steps - 1))  # "same" convolution returns the longer input's length
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, h in series.items():
         x = np.arange(1, len(h) + 1)
