@@ -563,8 +563,12 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
         for _ in stream_generate(llm, prompt, n_predict, stats=GenerationStats()):
             pass
     steps = list(llm.routing.steps)
+    maps = {m.step: m for m in llm.speculation.maps} if llm.speculation is not None else {}
     for step in steps:
-        demand.update(Observation(step.counts[layers], step.n_tokens))
+        fmap = maps.get(step.index)
+        accepted = fmap.accepted_counts() if fmap is not None else None
+        demand.update(Observation(step.counts[layers], step.n_tokens,
+                                  None if accepted is None else accepted[layers]))
     counts = np.zeros((len(layers), llm.moe_info.n_expert), np.int64)
     for step in steps:
         counts += step.counts[layers]
