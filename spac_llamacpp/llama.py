@@ -8,12 +8,14 @@ the native routing sensor, exposing what it saw as ``llm.routing``.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
+import numpy as np
 
 from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
 from spac_llamacpp.base.sizes import parse_size
@@ -21,14 +23,14 @@ from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
-from spac_llamacpp.observe.routing import RoutingLog
+from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
 from spac_llamacpp.speculation.drafts import (
     SPAC_ONLY_KWARGS,
     AdaptiveDraftLength,
     GGUFDraftModel,
     check_same_vocabulary,
 )
-from spac_llamacpp.speculation.tracker import SpeculationTracker
+from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
 from spac_llamacpp.tiers.cache_prior import CachePrior
 from spac_llamacpp.tiers.flash import FlashTier
 from spac_llamacpp.tiers.vram import VramTier, vram_overrides
@@ -36,6 +38,8 @@ from spac_llamacpp.tiers.vram import VramTier, vram_overrides
 log = logging.getLogger(__name__)
 
 _EXPERT_USED_SUFFIX = ".expert_used_count"
+# position of ``idx`` among llama_cpp.Llama.sample's arguments after self
+_SAMPLE_IDX = list(inspect.signature(llama_cpp.Llama.sample).parameters).index("idx") - 1
 
 
 class Llama(llama_cpp.Llama):
@@ -165,6 +169,7 @@ class Llama(llama_cpp.Llama):
             self.cache_prior = CachePrior(self._sensor, info, cache_prior, **(cache_prior_options or {}))
 
         self.speculation: SpeculationTracker | None = None
+        self._unlearned: RoutingStep | None = None  # a verification step the tiers learn from once resolved
         self._draft_llm: GGUFDraftModel | None = None
         inner = kwargs.get("draft_model")
         if self_draft is not False and self_draft is not None:
@@ -187,7 +192,8 @@ class Llama(llama_cpp.Llama):
             inner = self._draft_llm = GGUFDraftModel(draft_model_path, n_draft, kwargs.get("n_ctx", 512), **dkw)
         if inner is not None:
             adaptive = AdaptiveDraftLength(k_init=n_draft, k_max=max(8, n_draft)) if adaptive_draft else None
-            self.speculation = SpeculationTracker(self, inner, adaptive, history=speculation_history)
+            self.speculation = SpeculationTracker(self, inner, adaptive, history=speculation_history,
+                                                  on_resolved=self._learn_verification)
             kwargs["draft_model"] = self.speculation
 
         def edit_model(p: llama_c.llama_model_params) -> None:
@@ -236,10 +242,18 @@ class Llama(llama_cpp.Llama):
                 raise
 
     def eval(self, tokens: Sequence[int]) -> None:
-        """Evaluate tokens (one routing step) and record the routing they took."""
+        """Evaluate tokens (one routing step) and record the routing they took.
+
+        The tiers (and the cache prior) learn from each step after it. For a verification step
+        (the last sampled token plus drafts) that waits until the target's samples have decided which
+        drafts it keeps (``SpeculationTracker``), so that the tiers' estimator sees the true path's
+        counts (``estimators.Observation.accepted_counts``); at the latest before the next evaluation.
+        """
         ctx = getattr(self, "_ctx", None)
         if ctx is None or ctx.ctx is None:
             raise SpacError("this Llama was closed; create a new one to evaluate tokens")
+        if self.speculation is not None:
+            self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
         position = self.n_tokens
         step = None
         try:
@@ -247,19 +261,46 @@ class Llama(llama_cpp.Llama):
         finally:
             if self.routing is not None:
                 step = self.routing.end_step()
-            if self.flash is not None:
-                self.flash.on_step(step)
-            if self.vram is not None:
-                self.vram.on_step(step)
-            if self.cache_prior is not None:
-                held = None  # without a tier: the cache prior's own simulated LRU
-                if self.flash is not None:
-                    held = self.flash.wanted | self.flash.look
-                elif self.vram is not None:
-                    held = self.vram.wanted  # the pool's plan: its experts cost no CPU compute
-                self.cache_prior.on_step(step, held)
+            fmap = self.speculation.on_step(step, position, tokens) if self.speculation is not None else None
+            if fmap is not None and fmap.n_draft:
+                self._unlearned = step  # -> _learn_verification, from the sample that decides it
+            else:
+                self._after_step(step)
+
+    def sample(self, *args: Any, **kwargs: Any) -> int:
+        """``llama_cpp.Llama.sample``; with drafting, the tracker compares the sample with the draft."""
+        token = super().sample(*args, **kwargs)
+        if self.speculation is not None:
+            idx = kwargs["idx"] if "idx" in kwargs else args[_SAMPLE_IDX] if len(args) > _SAMPLE_IDX else None
+            self.speculation.on_sample(self.n_tokens - 1 if idx is None else int(idx), int(token))
+        return token
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
+        """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt."""
+        try:
+            yield from super().generate(tokens, *args, **kwargs)
+        finally:
             if self.speculation is not None:
-                self.speculation.on_step(step, position, len(tokens))
+                self.speculation.finish_open()
+
+    def _learn_verification(self, fmap: FrequencyMap) -> None:
+        step, self._unlearned = self._unlearned, None
+        if step is not None and step.index == fmap.step:
+            self._after_step(step, fmap.accepted_counts())
+
+    def _after_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
+        """The tiers and the cache prior learn from a step (``accepted_counts``: its true path's, by block)."""
+        if self.flash is not None:
+            self.flash.on_step(step, accepted_counts)
+        if self.vram is not None:
+            self.vram.on_step(step, accepted_counts)
+        if self.cache_prior is not None:
+            held = None  # without a tier: the cache prior's own simulated LRU
+            if self.flash is not None:
+                held = self.flash.wanted | self.flash.look
+            elif self.vram is not None:
+                held = self.vram.wanted  # the pool's plan: its experts cost no CPU compute
+            self.cache_prior.on_step(step, held)
 
     def stats(self, settle: float = 0.0) -> dict[str, Any]:
         """Tier state: with ``tier="flash"`` the budget, the resident expert bytes measured with mincore
@@ -281,6 +322,7 @@ class Llama(llama_cpp.Llama):
 
     def close(self) -> None:
         """Stop the flash engine, free the model and context, then the sensor (the context must go first)."""
+        self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
         flash = getattr(self, "flash", None)
         if flash is not None:
             flash.close()

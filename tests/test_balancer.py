@@ -13,8 +13,15 @@ from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.planning import balancer as B
 from spac_llamacpp.planning.balancer import Balancer, Problem, brute_force, expert_budget, greedy, quick_bound, solve
 from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
+from spac_llamacpp.planning.estimators import (
+    DecayedAverage,
+    Observation,
+    UtilityEstimator,
+    estimator_names,
+    make_estimator,
+)
 from spac_llamacpp.planning.replanner import Replanner
-from spac_llamacpp.planning.utility import DecayedCounts, DemandEstimator, FromScores, make_demand, utility_drift
+from spac_llamacpp.planning.utility import utility_drift
 
 
 def cost_model(gpu_bandwidth: float = 1.5e12) -> CostModel:
@@ -221,17 +228,18 @@ def test_tier_costs_shapes_and_signs():
 
 
 def test_decayed_counts():
-    est = DecayedCounts(2, 3, half_life=1.0)
-    assert isinstance(est, DemandEstimator)
-    assert est.utility().sum() == 0
-    c = np.array([[1, 0, 0], [0, 2, 0]])
-    est.update(c, 1)
-    np.testing.assert_allclose(est.utility(), c)  # normalised from the first step
-    est.update(np.zeros((2, 3)), 1)
-    np.testing.assert_allclose(est.utility(), c / 3)  # weights 0.25 and 0.5 -> 1/3
+    est = make_estimator("decayed-counts", 2, 3, half_life=1.0)
+    assert isinstance(est, DecayedAverage) and isinstance(est, UtilityEstimator)
+    assert est.utility().sum() == 0 and est.tokens_per_step == 1.0
+    c1 = np.array([[1, 0, 0], [0, 1, 0]])
+    c2 = np.array([[0, 0, 1], [0, 0, 1]])
+    est.update(Observation(c1, 1))
+    np.testing.assert_allclose(est.utility(), c1)  # normalised from the first step
+    est.update(Observation(c2, 1))
+    np.testing.assert_allclose(est.utility(), c1 / 3 + 2 * c2 / 3)  # weights 0.25 and 0.5
     assert est.tokens_per_step == pytest.approx(1.0)
     with pytest.raises(SpacError):
-        est.update(np.zeros((3, 3)), 1)
+        est.update(Observation(np.zeros((3, 3)), 1))
     assert utility_drift(np.ones(3), None) == float("inf")
     assert utility_drift(np.ones(3) * 1.5, np.ones(3)) == pytest.approx(0.5)
 
@@ -280,11 +288,11 @@ def test_replanner_triggers_on_period_and_drift():
 def test_replanner_with_balancer_in_background():
     lay = ExpertLayout.synthetic(4, 8, 100_000, 2)
     bal = Balancer(lay, cost_model(), "vram", 10 * 100_000)
-    est = DecayedCounts(4, 8, 4)
+    est = make_estimator("decayed-counts", 4, 8, half_life=4)
     rng = np.random.default_rng(0)
     with Replanner(bal.plan, every=4) as rp:
         for step in range(16):
-            est.update(rng.multinomial(2, [1 / 8] * 8, size=4), 1)
+            est.update(Observation(rng.multinomial(2, [1 / 8] * 8, size=4), 1))
             rp.submit(est.utility(), step)
         assert rp.wait_idle(30)
         plan = rp.latest()
@@ -307,23 +315,19 @@ def test_replanner_caps_the_time_limit_at_a_share_of_decode_time():
     assert rp.step_seconds == pytest.approx(0.01, rel=0.8)
 
 
-def test_scores_of_the_speculative_estimators_become_expected_tokens():
-    from spac_llamacpp.planning.estimators import ESTIMATORS
-
-    k = [2, 3]
-    for name in ESTIMATORS:
-        d = make_demand(name, 2, 4, k)
-        assert isinstance(d, FromScores) and isinstance(d, DemandEstimator)
+def test_every_estimator_gives_expected_tokens_per_step():
+    for name in estimator_names():
+        d = make_estimator(name, 2, 4)
+        assert isinstance(d, UtilityEstimator)
         assert d.utility().sum() == 0
-        c = np.array([[6, 0, 0, 0], [0, 4, 4, 1]])
+        c = np.array([[6, 0, 0, 0], [0, 4, 4, 1]])  # 3 tokens, top-2 in layer 0 and top-3 in layer 1
         for _ in range(6):
-            d.update(c, 3)
+            d.update(Observation(c, 3))
         u = d.utility()
         assert d.tokens_per_step == pytest.approx(3.0)
         rows = u.sum(axis=1) > 0  # (hysteresis never raises layer 1: 4 < 0 + 5)
         assert rows[0]
         np.testing.assert_allclose(u.sum(axis=1)[rows], np.array([2 * 3, 3 * 3])[rows])
         assert u[0, 0] > u[0, 1]
-    assert isinstance(make_demand("decayed-counts", 2, 4, k), DecayedCounts)
     with pytest.raises(SpacError):
-        make_demand("nope", 2, 4, k)
+        make_estimator("nope", 2, 4)

@@ -13,7 +13,10 @@ import pytest
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning.estimators import (
+    ALIASES,
+    ESTIMATORS,
     DecayedAverage,
+    DecayedMean,
     FrequencyWeightedLRU,
     HysteresisEstimator,
     Observation,
@@ -34,14 +37,15 @@ def obs(counts, n_tokens=None, accepted=None):
 def test_hysteresis_rule_of_moe_spac():
     h = HysteresisEstimator(1, 3)
     h.update(obs([5, 4, 0]))  # up when count >= state + 5
-    assert h.utility().tolist() == [[1, 0, 0]]
+    assert h.state.tolist() == [[1, 0, 0]]
+    assert h.utility().tolist() == [[9, 0, 0]]  # the state's shape, in tokens: 9 selections per step
     h.update(obs([6, 9, 0]))
-    assert h.utility().tolist() == [[2, 1, 0]]
+    assert h.state.tolist() == [[2, 1, 0]]
     h.update(obs([1, 1, 0]))  # down when count < state
-    assert h.utility().tolist() == [[1, 1, 0]]
+    assert h.state.tolist() == [[1, 1, 0]]
     for _ in range(10):
         h.update(obs([20, 0, 0]))
-    assert h.utility()[0, 0] == 5  # capped
+    assert h.state[0, 0] == 5  # capped
 
 
 def test_decayed_average_has_inertia():
@@ -71,9 +75,43 @@ def test_spac_estimator_discounts_rejected_drafts():
     assert b.utility()[0, 1] > b.utility()[0, 0]
 
 
-def test_unknown_estimator():
+def test_spac_estimator_weighting_needs_a_rejection():
+    a, b = SpacEstimator(1, 3, rejected_weight=0.25), SpacEstimator(1, 3, rejected_weight=1.0)
+    for est in (a, b):
+        est.update(obs([2, 2, 0], n_tokens=2))  # a plain step
+        est.update(obs([1, 2, 1], n_tokens=2, accepted=[1, 2, 1]))  # every draft accepted
+    np.testing.assert_allclose(a.utility(), b.utility())
+    for est in (a, b):
+        est.update(obs([0, 1, 3], n_tokens=2, accepted=[0, 1, 1]))  # the draft's expert 2 was off the path
+    assert a.utility()[0, 2] < b.utility()[0, 2]
+    np.testing.assert_allclose(a.utility().sum(), b.utility().sum())  # the same expected tokens, shaped otherwise
+
+
+def test_decayed_mean_is_normalised_from_the_first_value():
+    m = DecayedMean((2,), beta=0.5)
+    assert not m.seen and m.value.tolist() == [0, 0]
+    m.add([2.0, 0.0])
+    assert m.value.tolist() == [2, 0]
+    m.add([0.0, 2.0])
+    np.testing.assert_allclose(m.value, [2 / 3, 4 / 3])  # weights 0.25 and 0.5 over 0.75
     with pytest.raises(SpacError):
+        DecayedMean((), beta=1.0)
+
+
+def test_one_registry_with_aliases():
+    assert set(ESTIMATORS) == {"hysteresis", "decayed", "fw-lru", "spac"} and set(ALIASES) == {"decayed-counts"}
+    counts = make_estimator("decayed-counts", 1, 2)
+    assert type(counts) is DecayedAverage and counts.beta == pytest.approx(2 ** (-1 / 16))
+    assert make_estimator("decayed", 1, 2).beta == 0.8
+    assert make_estimator("decayed-counts", 1, 2, half_life=8).beta == pytest.approx(2 ** (-1 / 8))
+    assert make_estimator("decayed-counts", 1, 2, beta=0.5).beta == 0.5
+    assert make_estimator("spac", 1, 2, rejected_weight=0.25).rejected_weight == 0.25
+    with pytest.raises(SpacError, match="decayed-counts"):
         make_estimator("nope", 1, 1)
+    with pytest.raises(SpacError):
+        make_estimator("spac", 1, 2, nope=1.0)
+    with pytest.raises(SpacError):
+        make_estimator("decayed", 1, 2, beta=0.5, half_life=3)
 
 
 def synthetic_trace(steps: int = 60, n_layer: int = 2, n_expert: int = 8, seed: int = 0) -> RoutingTrace:

@@ -1,65 +1,197 @@
-"""Speculative Utility Estimators: per-(layer, expert) utility from frequency maps.
+"""Utility estimators: expected next-step demand per (MoE layer, expert), from each step's routing.
 
-Every estimator consumes one :class:`Observation` per evaluation step (the counts of the step's
-tokens, and for a verification step which tokens the target accepted) and returns a utility array
-``[n_layer, n_expert]``: higher means "keep this expert in fast memory". The balancer consumes it;
-``spac eval-utility`` compares estimators on recorded traces.
+One protocol, :class:`UtilityEstimator`, for everything that consumes demand (the runtime tiers, the
+policy simulator, ``spac eval-utility``, ``spac profile``)::
 
-Implementations:
+    est = make_estimator("spac", n_moe_layer, n_expert)
+    est.update(Observation(step_counts, n_tokens, accepted_counts))   # after each evaluation step
+    u = est.utility()          # [n_moe_layer, n_expert] expected tokens routed to (l, e) next step
+    n = est.tokens_per_step    # expected tokens per step (1 plain, k+1 verifying k drafts)
 
-- :class:`HysteresisEstimator`: MoE-SpAc's released rule (integer state 0..5 per expert, up one level
-  when the step count >= state + 5, down one when count < state).
-- :class:`DecayedAverage`: exponentially decayed per-token demand (inertia against noise).
-- :class:`FrequencyWeightedLRU`: recency first, frequency to break ties.
-- :class:`SpacEstimator` (ours): two time scales (a fast and a slow decayed demand) plus the last
-  step's routing, where tokens the target rejected count less than tokens on the true path.
+Units are the balancer's (docs/balancer.md): ``u[l, e]`` is the expected number of the next step's
+tokens that choose expert e in layer l, so ``u[l].sum()`` is layer l's expected selections per step
+(experts per token x tokens per step). Each estimator only decides the *shape* of a layer's demand
+(:meth:`Estimator.scores`, any non-negative unit); the one place that turns scores into tokens is
+:meth:`Estimator.utility`: per layer, scores / their sum x the layer's decayed selections per token
+x the decayed tokens per step (both learnt from the observations, half-life
+:data:`VOLUME_HALF_LIFE` steps). For the decayed averages the scores already are per-token demand,
+so this only makes the units explicit.
+
+Implementations (names for :func:`make_estimator`, the one registry):
+
+- ``hysteresis`` (:class:`HysteresisEstimator`): MoE-SpAc's released rule (integer state 0..5 per
+  expert, up one level when the step count >= state + 5, down one when count < state).
+- ``decayed`` (:class:`DecayedAverage`, beta 0.8): exponentially decayed per-token demand.
+  ``decayed-counts`` is the same class with a half-life of 16 steps (beta 0.958), the balancer's
+  former ``DecayedCounts``.
+- ``fw-lru`` (:class:`FrequencyWeightedLRU`): recency first, frequency to break ties (scores are
+  ranks, not demand: a poor balancer input, kept for ``spac eval-utility``).
+- ``spac`` (:class:`SpacEstimator`, ours, the default): two time scales (a fast and a slow decayed
+  demand) plus the last step's routing, where tokens the target rejected count ``rejected_weight``.
+
+All decayed quantities use :class:`DecayedMean`, the one decayed average.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
 
+VOLUME_HALF_LIFE = 16.0
+"""Half-life (steps) of the tokens-per-step and selections-per-token averages behind the units."""
+
 
 @dataclass(frozen=True)
 class Observation:
-    """What one evaluation step tells an estimator."""
+    """What one evaluation step tells an estimator.
+
+    A verification step evaluates the last sampled token followed by k drafts (``n_tokens = k + 1``).
+    The target samples at each row in turn and keeps a draft while its sample equals it; the first
+    differing sample replaces that draft (the correction), and after k accepted drafts the sample at
+    the last row is the bonus token. The **true path** of the step is the first token and the accepted
+    drafts: the batch's tokens that stay in the context, whose outputs (logits, KV entries) the target
+    kept. The rejected drafts' routing was computed but is off it. (The correction or bonus token is
+    not in this batch: it is the first token of the next step.)
+    """
 
     counts: np.ndarray
     """``[n_layer, n_expert]`` selections by all of the step's tokens."""
     n_tokens: int
     accepted_counts: np.ndarray | None = None
-    """``[n_layer, n_expert]`` selections by the tokens on the true path (None: all were)."""
+    """``[n_layer, n_expert]`` selections by the tokens on the true path; None: all of them are (a
+    prompt, a plain decoding step, or a trace without acceptance)."""
 
     @property
     def true_path_counts(self) -> np.ndarray:
         return self.counts if self.accepted_counts is None else self.accepted_counts
 
+    @property
+    def rejected_counts(self) -> np.ndarray:
+        """Selections by the rejected drafts (zeros when all tokens are on the true path)."""
+        return np.asarray(self.counts) - np.asarray(self.true_path_counts)
 
+
+@runtime_checkable
 class UtilityEstimator(Protocol):
-    """Turns a stream of step observations into a utility per (layer, expert)."""
+    """Online estimate of the next step's demand, in expected tokens per step per (layer, expert)."""
 
     name: str
 
-    def update(self, obs: Observation) -> None: ...
+    def update(self, obs: Observation) -> None:
+        """Learn from one evaluation step."""
+        ...
 
-    def utility(self) -> np.ndarray: ...
+    def utility(self) -> np.ndarray:
+        """``[n_layer, n_expert]`` float64: expected tokens routed to (l, e) in the next step (a fresh array)."""
+        ...
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Expected tokens per step (1 for plain decoding, k+1 for verifying k drafts)."""
+        ...
 
 
-class _Base:
+def beta_of(beta: float | None = None, half_life: float | None = None, default: float = 0.8) -> float:
+    """A decay factor from ``beta`` or a ``half_life`` in steps (``beta = 2**(-1/half_life)``)."""
+    if beta is not None and half_life is not None:
+        raise SpacError("give a decay as beta or as half_life, not both")
+    if half_life is not None:
+        if half_life <= 0:
+            raise SpacError(f"half_life must be positive, not {half_life}")
+        return float(2.0 ** (-1.0 / float(half_life)))
+    beta = default if beta is None else float(beta)
+    if not 0.0 <= beta < 1.0:
+        raise SpacError(f"decay beta must be in [0, 1), got {beta}")
+    return beta
+
+
+class DecayedMean:
+    """The one exponentially decayed average: ``m <- beta*m + (1-beta)*x``, read as ``m / (1 - beta**n)``.
+
+    The read is normalised by the weight seen so far, so the first values are not shrunk towards
+    zero (after one value the mean is that value). Works on scalars and arrays alike.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | int = (), beta: float = 0.8) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise SpacError(f"decay beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self._acc = np.zeros(shape, np.float64)
+        self._weight = 0.0
+
+    def add(self, x: np.ndarray | float) -> None:
+        self._acc *= self.beta
+        self._acc += (1.0 - self.beta) * np.asarray(x, np.float64)
+        self._weight = self.beta * self._weight + (1.0 - self.beta)
+
+    @property
+    def seen(self) -> bool:
+        return self._weight > 0
+
+    @property
+    def value(self) -> np.ndarray:
+        """The current mean (zeros before the first value; a fresh array)."""
+        return self._acc / self._weight if self._weight > 0 else np.zeros_like(self._acc)
+
+
+class Estimator:
+    """Base of the built-in estimators: checks shapes, learns the volume, converts scores to tokens.
+
+    Subclasses implement :meth:`_learn` (one observation) and :meth:`scores` (non-negative, any unit,
+    higher = more demand); :meth:`utility` scales each layer's scores to its expected selections per step.
+    """
+
     name = "base"
 
     def __init__(self, n_layer: int, n_expert: int) -> None:
         if n_layer < 1 or n_expert < 1:
             raise SpacError(f"an estimator needs at least one layer and expert, got {n_layer} x {n_expert}")
-        self.shape = (n_layer, n_expert)
+        self.shape = (int(n_layer), int(n_expert))
+        beta = beta_of(half_life=VOLUME_HALF_LIFE)
+        self._tokens = DecayedMean((), beta)
+        self._per_token = DecayedMean((self.shape[0],), beta)  # selections per token per layer (top-k)
+        self.n_steps = 0
+
+    def update(self, obs: Observation) -> None:
+        counts = np.asarray(obs.counts, np.float64)
+        if counts.shape != self.shape:
+            raise SpacError(f"step counts have shape {counts.shape}, expected {self.shape}")
+        if obs.accepted_counts is not None and np.shape(obs.accepted_counts) != self.shape:
+            raise SpacError(f"accepted counts have shape {np.shape(obs.accepted_counts)}, expected {self.shape}")
+        n = max(int(obs.n_tokens), 1)
+        self._tokens.add(float(n))
+        self._per_token.add(counts.sum(axis=1) / n)
+        self.n_steps += 1
+        self._learn(obs)
+
+    def _learn(self, obs: Observation) -> None:
+        raise NotImplementedError
+
+    def scores(self) -> np.ndarray:
+        """``[n_layer, n_expert]`` the estimator's own scores (the shape of each layer's demand)."""
+        raise NotImplementedError
+
+    @property
+    def tokens_per_step(self) -> float:
+        return max(1.0, float(self._tokens.value)) if self._tokens.seen else 1.0
+
+    @property
+    def selections_per_token(self) -> np.ndarray:
+        """``[n_layer]`` observed expert selections per token (each layer's top-k)."""
+        return self._per_token.value
+
+    def utility(self) -> np.ndarray:
+        s = np.clip(np.asarray(self.scores(), np.float64), 0.0, None)
+        total = s.sum(axis=1, keepdims=True)
+        volume = (self.selections_per_token * self.tokens_per_step)[:, None]
+        return s * np.divide(volume, total, out=np.zeros_like(total), where=total > 0)
 
 
-class HysteresisEstimator(_Base):
+class HysteresisEstimator(Estimator):
     """MoE-SpAc's integer state per expert with hysteresis (its public llama.cpp fork)."""
 
     name = "hysteresis"
@@ -69,37 +201,38 @@ class HysteresisEstimator(_Base):
         self.max_state, self.up_margin = max_state, up_margin
         self.state = np.zeros(self.shape, dtype=np.int32)
 
-    def update(self, obs: Observation) -> None:
+    def _learn(self, obs: Observation) -> None:
         c = obs.counts
         up = c >= self.state + self.up_margin
         down = c < self.state
         self.state = np.clip(self.state + up.astype(np.int32) - down.astype(np.int32), 0, self.max_state)
 
-    def utility(self) -> np.ndarray:
+    def scores(self) -> np.ndarray:
         return self.state.astype(np.float64)
 
 
-class DecayedAverage(_Base):
-    """Exponentially decayed average of per-token demand: ``u <- beta*u + (1-beta)*counts/n_tokens``."""
+class DecayedAverage(Estimator):
+    """Exponentially decayed per-token demand (``counts / n_tokens``), one :class:`DecayedMean`.
+
+    Decay ``beta`` (default 0.8) or ``half_life`` steps (``decayed-counts``: 16). Its utility is that
+    demand times the expected tokens per step.
+    """
 
     name = "decayed"
 
-    def __init__(self, n_layer: int, n_expert: int, beta: float = 0.8) -> None:
+    def __init__(self, n_layer: int, n_expert: int, beta: float | None = None, half_life: float | None = None) -> None:
         super().__init__(n_layer, n_expert)
-        if not 0.0 <= beta < 1.0:
-            raise SpacError(f"decay beta must be in [0, 1), got {beta}")
-        self.beta = beta
-        self.u = np.zeros(self.shape)
+        self.beta = beta_of(beta, half_life)
+        self.mean = DecayedMean(self.shape, self.beta)
 
-    def update(self, obs: Observation) -> None:
-        self.u *= self.beta
-        self.u += (1.0 - self.beta) * obs.counts / max(obs.n_tokens, 1)
+    def _learn(self, obs: Observation) -> None:
+        self.mean.add(np.asarray(obs.counts, np.float64) / max(obs.n_tokens, 1))
 
-    def utility(self) -> np.ndarray:
-        return self.u
+    def scores(self) -> np.ndarray:
+        return self.mean.value
 
 
-class FrequencyWeightedLRU(_Base):
+class FrequencyWeightedLRU(Estimator):
     """Most recently used first; among experts last used in the same step, the more frequent first."""
 
     name = "fw-lru"
@@ -110,24 +243,25 @@ class FrequencyWeightedLRU(_Base):
         self.freq = np.zeros(self.shape)
         self.step = 0
 
-    def update(self, obs: Observation) -> None:
+    def _learn(self, obs: Observation) -> None:
         used = obs.counts > 0
         self.last_step[used] = self.step
         self.freq += obs.counts
         self.step += 1
 
-    def utility(self) -> np.ndarray:
-        # frequency share < 1 never outranks one step of recency
+    def scores(self) -> np.ndarray:
+        # frequency share < 1 never outranks one step of recency; never-used experts clip to 0
         return self.last_step + self.freq / (self.freq.sum(axis=1, keepdims=True) + 1.0)
 
 
-class SpacEstimator(_Base):
+class SpacEstimator(Estimator):
     """Ours: the last step's true-path demand plus fast and slow decayed demand.
 
-    ``u = w_last * last + w_fast * fast + w_slow * slow`` where ``last`` is the last step's per-token
-    demand with rejected draft tokens weighted by ``rejected_weight`` (their routing was computed but
-    is off the true path), ``fast`` a short-memory decayed average (beta_fast) and ``slow`` a long one
-    (beta_slow) that keeps popular experts resident through short gaps.
+    ``scores = w_last * last + w_fast * fast + w_slow * slow`` where every term is per-token demand
+    with the selections of rejected draft tokens weighted by ``rejected_weight`` (their routing was
+    computed but is off the true path, :class:`Observation`): ``last`` of the last step, ``fast`` a
+    short-memory decayed average (beta_fast) and ``slow`` a long one (beta_slow) that keeps popular
+    experts resident through short gaps.
     """
 
     name = "spac"
@@ -139,33 +273,50 @@ class SpacEstimator(_Base):
                  rejected_weight: float = 1.0) -> None:
         super().__init__(n_layer, n_expert)
         self.w_last, self.w_fast, self.w_slow = w_last, w_fast, w_slow
-        self.rejected_weight = rejected_weight
-        self.fast = DecayedAverage(n_layer, n_expert, beta_fast)
-        self.slow = DecayedAverage(n_layer, n_expert, beta_slow)
+        self.rejected_weight = float(rejected_weight)
+        self.fast = DecayedMean(self.shape, beta_of(beta_fast))
+        self.slow = DecayedMean(self.shape, beta_of(beta_slow))
         self.last = np.zeros(self.shape)
 
-    def update(self, obs: Observation) -> None:
-        true_path = obs.true_path_counts
-        weighted = true_path + self.rejected_weight * (obs.counts - true_path)
-        weighted_obs = Observation(weighted, obs.n_tokens)
-        self.fast.update(weighted_obs)
-        self.slow.update(weighted_obs)
-        self.last = weighted / max(obs.n_tokens, 1)
+    def _learn(self, obs: Observation) -> None:
+        true_path = np.asarray(obs.true_path_counts, np.float64)
+        weighted = true_path + self.rejected_weight * (np.asarray(obs.counts, np.float64) - true_path)
+        demand = weighted / max(obs.n_tokens, 1)
+        self.fast.add(demand)
+        self.slow.add(demand)
+        self.last = demand
 
-    def utility(self) -> np.ndarray:
-        return self.w_last * self.last + self.w_fast * self.fast.utility() + self.w_slow * self.slow.utility()
+    def scores(self) -> np.ndarray:
+        return self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
 
 
-ESTIMATORS: dict[str, type[_Base]] = {
+ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (HysteresisEstimator, DecayedAverage, FrequencyWeightedLRU, SpacEstimator)
 }
+"""The estimators by name (what ``spac eval-utility`` compares)."""
+
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"decayed-counts": ("decayed", {"half_life": 16.0})}
+"""Other accepted names: an estimator with other default parameters."""
+
 DEFAULT_ESTIMATOR = "spac"
 
 
-def make_estimator(name: str, n_layer: int, n_expert: int, **params: float) -> UtilityEstimator:
-    """An estimator by name (``hysteresis``, ``decayed``, ``fw-lru``, ``spac``)."""
+def estimator_names() -> list[str]:
+    return [*ESTIMATORS, *ALIASES]
+
+
+def make_estimator(name: str, n_layer: int, n_expert: int, **params: Any) -> Estimator:
+    """An estimator by name: ``hysteresis``, ``decayed``, ``decayed-counts``, ``fw-lru``, ``spac``."""
+    defaults: dict[str, Any] = {}
+    if name in ALIASES:
+        name, defaults = ALIASES[name]
+        if "beta" in params:
+            defaults = {}  # a decay given as beta replaces the alias's half-life
     try:
         cls = ESTIMATORS[name]
     except KeyError:
-        raise SpacError(f"unknown utility estimator {name!r}; choose one of {', '.join(ESTIMATORS)}") from None
-    return cls(n_layer, n_expert, **params)  # type: ignore[return-value]
+        raise SpacError(f"unknown utility estimator {name!r}; choose one of {', '.join(estimator_names())}") from None
+    try:
+        return cls(n_layer, n_expert, **{**defaults, **params})
+    except TypeError as exc:
+        raise SpacError(f"utility estimator {name!r}: {exc}") from None

@@ -25,9 +25,8 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, solve, tier_costs
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation
+from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation, make_estimator
 from spac_llamacpp.planning.replanner import Replanner
-from spac_llamacpp.planning.utility import make_demand
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +226,9 @@ class SpacHysteresisPolicy(Policy):
 class OursPolicy(Policy):
     """Utility estimate -> integer program (``Balancer``) through a synchronous ``Replanner``.
 
-    ``estimator`` is ``decayed-counts`` (``half_life`` steps) or a Speculative Utility Estimator of
-    ``estimators.py`` (its scores rescaled to expected tokens, see ``utility.FromScores``). A plan
-    made after step t is applied ``1 + lag`` steps later (``lag`` models the background solve).
+    ``estimator`` is any name of ``estimators.make_estimator`` (default ``decayed-counts``, half-life
+    ``half_life`` = 8 steps), with ``estimator_params``. A plan made after step t is applied ``1 + lag``
+    steps later (``lag`` models the background solve).
     """
 
     name = "ours"
@@ -245,7 +244,7 @@ class OursPolicy(Policy):
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
         L, E = setup.shape
-        self.est = make_demand(self.estimator, L, E, list(setup.layout.n_expert_used), **self.estimator_params)
+        self.est = make_estimator(self.estimator, L, E, **self.estimator_params)
         self.balancer = Balancer(setup.layout, setup.cost, setup.tier, setup.total_budget, horizon=self.horizon,
                                  time_limit=self.time_limit, solver=self.solver, transfer_steps=self.every)
         self.balancer.budget = setup.budget
@@ -270,7 +269,7 @@ class OursPolicy(Policy):
         return x
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        self.est.update(counts, n_tokens)
+        self.est.update(Observation(counts, n_tokens))
         if self.replanner.submit(self.est.utility(), t):
             plan = self.replanner.take()
             if plan is not None:

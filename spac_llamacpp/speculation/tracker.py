@@ -3,14 +3,23 @@
 Verifying k draft tokens routes k+1 tokens through every MoE layer in one batch. Each such step
 becomes a :class:`FrequencyMap`: per-(layer, expert) counts over the k+1 tokens, the per-token expert
 ids, and, once the target has sampled, how many drafts were accepted. ``SpeculationTracker`` sits
-between ``Llama.generate`` and the real draft provider: it learns each step's acceptance when the
-next draft is requested (``Llama.generate`` has truncated its state to the accepted prefix by then),
-feeds the adaptive draft length, and keeps a bounded ring of recent maps.
+between ``Llama.generate`` and the real draft provider and feeds the adaptive draft length.
+
+When acceptance is known. ``Llama.generate`` evaluates ``[t0, d1..dk]``, then samples at t0's row and
+compares the sample with d1, and so on; the first differing sample ends the step (the correction), as
+does the sample after dk (the bonus token). ``spac_llamacpp.Llama.sample`` shows the tracker every
+sample (:meth:`SpeculationTracker.on_sample`), so a step is resolved at the sample that decides it,
+exactly for any sampler, before the next draft is requested; then ``on_resolved`` is called (the
+``Llama`` lets its tiers learn from the step there, with the true path's counts). A step whose drafts
+were not all checked because generation stopped is finished by :meth:`SpeculationTracker.finish_open`
+(at the end of ``generate`` or before the next evaluation): its true path is the first token and the
+drafts confirmed so far, and it stays out of the acceptance statistics (``accepted`` None).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +50,20 @@ class FrequencyMap:
     ids: np.ndarray | None
     """``[n_tokens, n_layer, k]`` expert ids per token (-1: not observed)."""
     accepted: int | None = None
-    """Drafts the target accepted; None while unknown (the step's tokens are not sampled yet)."""
+    """Drafts the target accepted; None while unknown, and for a step whose drafts generation stopped
+    checking (then ``confirmed`` counts the drafts its samples matched)."""
+    tokens: np.ndarray | None = None
+    """``[n_tokens]`` the evaluated token ids (the first token, then the drafts)."""
+    confirmed: int = 0
+    """Drafts matched by the target's samples so far (``accepted`` once resolved)."""
 
     @property
     def accepted_mask(self) -> np.ndarray:
-        """``[n_tokens]`` bool: the tokens on the true path (the first token and the accepted drafts)."""
+        """``[n_tokens]`` bool: the tokens on the true path (the first token and the accepted drafts;
+        the confirmed ones while acceptance is not known)."""
         mask = np.zeros(self.n_tokens, dtype=bool)
-        mask[: 1 + (self.accepted or 0) + (self.n_tokens - 1 - self.n_draft)] = True
+        kept = self.confirmed if self.accepted is None else self.accepted
+        mask[: 1 + kept + (self.n_tokens - 1 - self.n_draft)] = True
         return mask
 
     def counts_where(self, mask: np.ndarray) -> np.ndarray:
@@ -62,6 +78,13 @@ class FrequencyMap:
             out[layer] = np.bincount(row[row >= 0], minlength=n_expert)
         return out
 
+    def accepted_counts(self) -> np.ndarray | None:
+        """``[n_layer, n_expert]`` selections of the true-path tokens (``estimators.Observation``); None
+        for a step without drafts (every token is on the true path) or without per-token ids."""
+        if not self.n_draft or self.ids is None:
+            return None
+        return self.counts_where(self.accepted_mask)
+
 
 class SpeculationTracker(LlamaDraftModel):
     """The draft model ``Llama.generate`` sees: delegates to ``inner`` and records acceptance.
@@ -71,18 +94,21 @@ class SpeculationTracker(LlamaDraftModel):
         inner: the real draft provider (any ``LlamaDraftModel``).
         adaptive: draft-length controller; None keeps ``inner``'s length fixed.
         history: frequency maps kept (oldest dropped first).
+        on_resolved: called with each verification step's map once its true path is known (resolved,
+            or finished by :meth:`finish_open`), before the next evaluation.
     """
 
     def __init__(self, llm: llama_cpp.Llama, inner: LlamaDraftModel, adaptive: AdaptiveDraftLength | None = None,
-                 history: int | None = 256) -> None:
+                 history: int | None = 256, on_resolved: Callable[[FrequencyMap], None] | None = None) -> None:
         self.llm = llm
         self.inner = inner
         self.adaptive = adaptive
+        self.on_resolved = on_resolved
         self.maps: deque[FrequencyMap] = deque(maxlen=history)
         self.n_verifications = 0
         self.n_drafted = 0
         self.n_accepted = 0
-        self._pending_draft = 0  # length of the draft handed out, not yet evaluated
+        self._pending = np.zeros(0, dtype=np.intc)  # the draft handed out, not yet evaluated
         self._open: FrequencyMap | None = None  # evaluated, acceptance not yet known
         if adaptive is not None:
             self._set_inner_length(adaptive.k)
@@ -98,7 +124,10 @@ class SpeculationTracker(LlamaDraftModel):
         return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
 
     def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
-        self._resolve_open()
+        fmap = self._open
+        if fmap is not None:  # not resolved by samples (a caller that bypassed Llama.sample)
+            # Llama.generate truncated n_tokens to the verified prefix before asking for the next draft
+            self._resolve(fmap, int(np.clip(self.llm.n_tokens - fmap.position - 1, 0, fmap.n_draft)))
         drafts = np.asarray(self.inner(input_ids, **kwargs), dtype=np.intc)
         if self.adaptive is not None:
             drafts = drafts[: self.adaptive.k]
@@ -106,34 +135,57 @@ class SpeculationTracker(LlamaDraftModel):
         bad = np.nonzero((drafts < 0) | (drafts >= self.llm.n_vocab()))[0]
         if len(bad):
             drafts = drafts[: bad[0]]
-        self._pending_draft = len(drafts)
+        self._pending = drafts
         return drafts
 
-    def on_step(self, step: RoutingStep | None, position: int, n_tokens: int) -> None:
-        """Called by ``Llama.eval`` after each evaluation of ``n_tokens`` tokens at ``position``."""
-        self._open = None  # an unresolved step whose successor is not a draft request stays unknown
-        n_draft = self._pending_draft if n_tokens == self._pending_draft + 1 else 0
-        self._pending_draft = 0
+    def on_step(self, step: RoutingStep | None, position: int, tokens: Sequence[int]) -> FrequencyMap | None:
+        """Called by ``Llama.eval`` after each evaluation of ``tokens`` at ``position``; returns the
+        step's map (acceptance still unknown, ``accepted`` None, for a verification step)."""
+        self.finish_open()
+        n_tokens = len(tokens)
+        drafts, self._pending = self._pending, np.zeros(0, dtype=np.intc)
+        # a verification: the last sampled token, then (a prefix of, when the context is full) the draft
+        n_draft = n_tokens - 1 if 0 < n_tokens - 1 <= len(drafts) and np.array_equal(
+            np.asarray(tokens[1:], dtype=np.int64), drafts[: n_tokens - 1].astype(np.int64)) else 0
         if step is None:
-            return
+            return None
         fmap = FrequencyMap(step.index, position, n_tokens, n_draft, step.counts, step.ids,
-                            accepted=None if n_draft else 0)
+                            accepted=None if n_draft else 0, tokens=np.asarray(tokens, dtype=np.int64))
         self.maps.append(fmap)
         if n_draft:
             self._open = fmap
+        return fmap
 
-    def _resolve_open(self) -> None:
-        fmap, self._open = self._open, None
-        if fmap is None:
+    def on_sample(self, position: int, token: int) -> None:
+        """The target sampled ``token`` from the logits of ``position`` (``Llama.sample``)."""
+        fmap = self._open
+        if fmap is None or fmap.tokens is None:
             return
-        # Llama.generate truncated n_tokens to the verified prefix before asking for the next draft
-        accepted = int(np.clip(self.llm.n_tokens - fmap.position - 1, 0, fmap.n_draft))
-        fmap.accepted = accepted
+        row = position - fmap.position
+        if row != fmap.confirmed:  # not the row the verification checks next
+            return
+        if row < fmap.n_draft and int(token) == int(fmap.tokens[row + 1]):
+            fmap.confirmed += 1  # draft row+1 accepted; the sample at its row decides the next one
+            return
+        self._resolve(fmap, row)  # the correction replaces draft row+1, or the bonus token after all
+
+    def finish_open(self) -> None:
+        """Generation stopped before the open verification was decided: its true path is the first token
+        and the drafts confirmed so far (``accepted`` stays None; not in the statistics)."""
+        fmap, self._open = self._open, None
+        if fmap is not None and self.on_resolved is not None:
+            self.on_resolved(fmap)
+
+    def _resolve(self, fmap: FrequencyMap, accepted: int) -> None:
+        self._open = None
+        fmap.accepted = fmap.confirmed = accepted
         self.n_verifications += 1
         self.n_drafted += fmap.n_draft
         self.n_accepted += accepted
         if self.adaptive is not None:
             self._set_inner_length(self.adaptive.update(fmap.n_draft, accepted))
+        if self.on_resolved is not None:
+            self.on_resolved(fmap)
 
     def _set_inner_length(self, k: int) -> None:
         if hasattr(self.inner, "n_draft"):

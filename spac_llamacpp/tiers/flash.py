@@ -37,8 +37,8 @@ from spac_llamacpp.observe.routing import RoutingStep
 from spac_llamacpp.planning.balancer import Balancer, Plan, staging_bytes
 from spac_llamacpp.planning.calibration import machine_cost_model
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.planning.estimators import Observation, make_estimator
 from spac_llamacpp.planning.replanner import Replanner
-from spac_llamacpp.planning.utility import make_demand
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class FlashTier:
         mapping: llama.cpp's mapping of the file.
         sensor: the model's routing sensor (the engine hooks into its callback).
         budget: bytes of RAM for routed experts (non-expert weights are counted separately).
-        estimator: utility estimator name (see ``spac_llamacpp.planning.utility.make_demand``).
+        estimator: utility estimator name (see ``spac_llamacpp.planning.estimators.make_estimator``).
         solver: balancer solver (``greedy`` / ``highs`` / ``cbc`` / ``auto``).
         replan_every: steps between periodic re-plans; ``drift``: relative change of the utilities
             that triggers an earlier one.
@@ -165,7 +165,7 @@ class FlashTier:
         self.rows = np.asarray(info.moe_layers, dtype=np.int64)
         shape = (len(self.rows), info.n_expert)
         self.sizes = self.layout.bytes_matrix
-        self.demand = make_demand(estimator, shape[0], shape[1], list(self.layout.n_expert_used))
+        self.demand = make_estimator(estimator, shape[0], shape[1])
         self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
         self.pinned = np.zeros(shape, bool)
         self.look = np.zeros(shape, bool)
@@ -229,8 +229,12 @@ class FlashTier:
             self.engine.set_predictor(block - 1, block, r.weight, r.norm, r.bias, r.sigmoid, r.k, routers.eps)
 
     # --- the per-step data path -------------------------------------------------------------------
-    def on_step(self, step: RoutingStep | None) -> None:
-        """After an evaluation step: release in-use experts, learn, re-plan, move, measure."""
+    def on_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
+        """After an evaluation step: release in-use experts, learn, re-plan, move, measure.
+
+        ``accepted_counts`` (``[block, expert]``, a verification step): the selections of the step's tokens
+        on the true path (``estimators.Observation``); ``Llama`` calls this once the target has sampled them.
+        """
         self.engine.end_step()
         if step is None:
             return
@@ -240,7 +244,8 @@ class FlashTier:
         counts = step.counts[self.rows]
         if self.look.any():
             c.lookahead_used += int((self.look & (counts > 0)).sum())
-        self.demand.update(counts, step.n_tokens)
+        accepted = None if accepted_counts is None else accepted_counts[self.rows]
+        self.demand.update(Observation(counts, step.n_tokens, accepted))
         if c.steps == 1 and not self.warm:
             # the first step (usually the prompt) replaces the uninformed initial plan at once
             plan = self.balancer.plan(self.demand.utility(), self.wanted)

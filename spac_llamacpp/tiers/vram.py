@@ -35,8 +35,8 @@ from spac_llamacpp.observe.routing import RoutingStep
 from spac_llamacpp.planning.balancer import Balancer, Plan
 from spac_llamacpp.planning.calibration import machine_cost_model
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.planning.estimators import Observation, make_estimator
 from spac_llamacpp.planning.replanner import Replanner
-from spac_llamacpp.planning.utility import make_demand
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class VramTier:
         self.balancer = Balancer(self.layout, cost, "vram", self.pool.pool_bytes, solver=solver, time_limit=1.0,
                                  horizon=horizon)
         shape = (len(self.rows), info.n_expert)
-        self.demand = make_demand(estimator, shape[0], shape[1], list(self.layout.n_expert_used))
+        self.demand = make_estimator(estimator, shape[0], shape[1])
         self.wanted = np.zeros(shape, bool)
         self.counters = VramCounters()
         log.info("vram tier: budget %s, pool %s (%s slots%s), cost model %s", format_size(self.budget),
@@ -188,8 +188,12 @@ class VramTier:
                                    resident=lambda: self.wanted.copy(), background=background)
 
     # --- the per-step data path -------------------------------------------------------------------
-    def on_step(self, step: RoutingStep | None) -> None:
-        """After an evaluation: count pool hits, learn, re-plan, move."""
+    def on_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
+        """After an evaluation: count pool hits, learn, re-plan, move.
+
+        ``accepted_counts`` (``[block, expert]``, a verification step): the selections of the step's tokens
+        on the true path (``estimators.Observation``); ``Llama`` calls this once the target has sampled them.
+        """
         if step is None:
             return
         c = self.counters
@@ -199,7 +203,8 @@ class VramTier:
         served = self.served(counts > 0)
         c.routed += int(counts.sum())
         c.routed_hits += int(counts[served].sum())
-        self.demand.update(counts, step.n_tokens)
+        accepted = None if accepted_counts is None else accepted_counts[self.rows]
+        self.demand.update(Observation(counts, step.n_tokens, accepted))
         u = self.demand.utility()
         if c.steps == 1 and not self.warm:
             plan = self.balancer.plan(u, self.wanted)  # the prompt's routing fills the empty pool at once

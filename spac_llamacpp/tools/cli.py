@@ -611,7 +611,7 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
     import numpy as np
 
     from spac_llamacpp.observe.profile import Profile
-    from spac_llamacpp.planning.utility import make_demand
+    from spac_llamacpp.planning.estimators import Observation, make_estimator
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
     all_prompts = _gather_prompts(prompts, prompt_file)
@@ -619,15 +619,18 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
     if llm.routing is None:
         raise SpacError(f"{model} has no routed experts; `spac profile` needs a Mixture-of-Experts model")
     layers = list(llm.moe_info.moe_layers)
-    k = [llm.moe_info.n_expert_used[b] for b in layers]
-    demand = make_demand(estimator, len(layers), llm.moe_info.n_expert, k)
+    demand = make_estimator(estimator, len(layers), llm.moe_info.n_expert)
     for prompt in all_prompts:
         llm.reset()
         for _ in stream_generate(llm, prompt, n_predict, stats=GenerationStats()):
             pass
     steps = list(llm.routing.steps)
+    maps = {m.step: m for m in llm.speculation.maps} if llm.speculation is not None else {}
     for step in steps:
-        demand.update(step.counts[layers], step.n_tokens)
+        fmap = maps.get(step.index)
+        accepted = fmap.accepted_counts() if fmap is not None else None
+        demand.update(Observation(step.counts[layers], step.n_tokens,
+                                  None if accepted is None else accepted[layers]))
     counts = np.zeros((len(layers), llm.moe_info.n_expert), np.int64)
     for step in steps:
         counts += step.counts[layers]
