@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
+from spac_llamacpp.gguf import header as gguf_header
 from spac_llamacpp.gguf import info as gguf_info
 from spac_llamacpp.gguf.info import (
     GGML_TYPES,
@@ -946,8 +947,8 @@ def test_reads_only_header_of_a_20gb_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert info.n_expert == 128 and len(info.moe_layers) == 48
     assert info.expert_bytes + info.non_expert_bytes <= total
     assert stats["bytes"] > 0
-    assert stats["max_end"] <= info.data_offset + gguf_info._Reader.CHUNK
-    assert stats["bytes"] <= info.data_offset + gguf_info._Reader.CHUNK
+    assert stats["max_end"] <= info.data_offset + gguf_header.Reader.CHUNK
+    assert stats["bytes"] <= info.data_offset + gguf_header.Reader.CHUNK
 
 
 def test_corrupt_array_count_over_zeros_fails_fast(tmp_path: Path) -> None:
@@ -1035,7 +1036,7 @@ def test_header_values_match_gguf_reader(tmp_path: Path) -> None:
         },
     )
     with open(p, "rb") as f:
-        hdr, nread = gguf_info._parse_header(f, p.stat().st_size, str(p))
+        hdr, nread = gguf_header.parse_header(f, p.stat().st_size, str(p))
     reader = gguf.GGUFReader(str(p))
     assert hdr.data_offset == reader.data_offset and hdr.alignment == 64
     for name, field in reader.fields.items():
@@ -1043,13 +1044,13 @@ def test_header_values_match_gguf_reader(tmp_path: Path) -> None:
             continue
         ours = hdr.kv[name]
         theirs = field.contents()
-        if isinstance(ours, gguf_info._Array):
+        if isinstance(ours, gguf_header.ArrayValue):
             assert list(ours.values) == theirs, name
         else:
             assert ours == theirs, name
     assert [t.name for t in hdr.tensors] == [t.name for t in reader.tensors]
     assert [hdr.data_offset + t.offset for t in hdr.tensors] == [t.data_offset for t in reader.tensors]
-    assert nread <= hdr.data_offset + gguf_info._Reader.CHUNK
+    assert nread <= hdr.data_offset + gguf_header.Reader.CHUNK
 
 
 def test_gguf_v2_is_accepted(tmp_path: Path) -> None:
