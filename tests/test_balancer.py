@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -290,24 +291,31 @@ def test_decayed_counts():
 
 
 def test_replanner_never_blocks_the_decoding_thread():
+    """20 submits return while the first solve is still running (it waits for the test to release it)."""
     calls = []
+    solving, release = threading.Event(), threading.Event()
+    released_in_time = []
 
     def slow_plan(u, resident):
         calls.append(float(u.sum()))
-        time.sleep(0.3)
+        solving.set()
+        released_in_time.append(release.wait(30))  # a submit that waited for this solve would stall it here
         return B.Plan(u > 0.5, 0.0, "fake", "optimal", seconds=0.3)
 
     rp = Replanner(slow_plan, every=1, drift=0.0)
     try:
-        t0 = time.perf_counter()
-        for step in range(20):
+        rp.submit(np.full((2, 2), 0, float), 0)
+        assert solving.wait(30)
+        for step in range(1, 20):
             rp.submit(np.full((2, 2), step, float), step)
-        submit_time = time.perf_counter() - t0
-        assert submit_time < 0.1  # 20 submits while a 0.3 s solve runs
-        assert rp.wait_idle(5)
+        assert len(calls) == 1 and not release.is_set()  # all submits returned during the first solve
+        assert rp.stats.submitted == 20 and rp.stats.coalesced == 18  # steps 1..18 replaced by newer ones
+        release.set()
+        assert rp.wait_idle(30)
+        assert released_in_time == [True, True]
         plan = rp.latest()
         assert plan is not None and plan.step == 19  # the newest utilities were planned last
-        assert rp.stats.coalesced >= 1 and rp.stats.solves < 20
+        assert rp.stats.solves == 2 and calls == [0.0, 4 * 19.0]
         assert rp.take() is plan and rp.take() is None
     finally:
         rp.close()
@@ -346,18 +354,22 @@ def test_replanner_with_balancer_in_background():
 
 def test_replanner_caps_the_time_limit_at_a_share_of_decode_time():
     limits = []
+    now = [0.0]
 
     def plan_fn(u, resident, time_limit=None):
         limits.append(time_limit)
         return B.Plan(np.zeros_like(u, bool), 0.0, "fake", "optimal")
 
-    rp = Replanner(plan_fn, every=4, drift=0.0, share=0.5, min_time_limit=0.001, background=False)
+    rp = Replanner(plan_fn, every=4, drift=0.0, share=0.5, min_time_limit=0.001, background=False,
+                   clock=lambda: now[0])
     for step in range(9):
         rp.submit(np.ones((1, 2)), step)
-        time.sleep(0.01)  # a 10 ms "decode step"
+        now[0] += 0.01  # a 10 ms "decode step"
     assert limits[0] is None  # no step time measured yet
-    assert len(limits) == 3 and all(0.01 <= lim <= 0.2 for lim in limits[1:])  # ~0.5 * 4 * 10 ms
-    assert rp.step_seconds == pytest.approx(0.01, rel=0.8)
+    assert limits[1:] == [pytest.approx(0.5 * 4 * 0.01)] * 2
+    assert rp.step_seconds == pytest.approx(0.01)
+    rp.min_time_limit = 0.1
+    assert rp.time_limit() == 0.1  # the floor
 
 
 def test_scores_of_the_speculative_estimators_become_expected_tokens():
