@@ -1,8 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the session's environment."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +13,32 @@ import pytest
 from spac_llamacpp.models.factory import write_tiny_dense, write_tiny_moe
 
 TinyModel = Callable[..., pathlib.Path]
+
+CALIBRATION_ENV = "SPAC_CALIBRATION_CACHE"
+CALIBRATION_PREFIX = "spac-test-calibration-"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never read the user's calibration (``~/.cache/spac-llamacpp/calibration``).
+
+    ``$SPAC_CALIBRATION_CACHE`` points at a fresh, empty directory for the session, so every tier built
+    in a test costs its plans with nominal costs unless the test saves its own calibration; subprocesses
+    the tests spawn inherit the variable. Only the calibration is redirected: the native module cache
+    (``$SPAC_NATIVE_CACHE``, else ``$XDG_CACHE_HOME``) stays shared, or the module would be rebuilt for
+    every session.
+    """
+    directory = tempfile.mkdtemp(prefix=CALIBRATION_PREFIX)
+    previous = os.environ.get(CALIBRATION_ENV)
+    os.environ[CALIBRATION_ENV] = directory
+
+    def restore() -> None:
+        if previous is None:
+            os.environ.pop(CALIBRATION_ENV, None)
+        else:
+            os.environ[CALIBRATION_ENV] = previous
+        shutil.rmtree(directory, ignore_errors=True)
+
+    config.add_cleanup(restore)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -124,18 +125,16 @@ class _TimedOutSolver(pulp.LpSolver):
         return pulp.LpStatusNotSolved
 
 
-@pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(B, "_last_warned", {})
-    monkeypatch.setattr(B, "_milp_seconds_per_var", [0.0])  # tests set their own time limits
-    monkeypatch.setattr(B, "_MILP_STARTUP", 0.0)
+def no_estimate() -> B.SolveTiming:
+    """Fresh solve timing without a MILP time estimate: these tests set their own time limits."""
+    return B.SolveTiming(startup=0.0, seconds_per_var=0.0)
 
 
 def test_greedy_fallback_when_solver_times_out(monkeypatch, caplog):
     p = hard_problem()
     monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
     with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
-        plan = solve(p, time_limit=0.04)
+        plan = solve(p, time_limit=0.04, timing=no_estimate())
     assert plan.method == "greedy" and plan.status == "fallback"
     assert "time limit" in plan.reason
     assert np.array_equal(plan.x, greedy(p)) or p.objective(plan.x) <= p.objective(greedy(p))
@@ -147,7 +146,7 @@ def test_greedy_fallback_with_real_cbc_and_a_tiny_time_limit(caplog):
     rng = np.random.default_rng(7)
     p = random_problem(rng, 12, 40, True, fill=0.3)
     with caplog.at_level(logging.WARNING, logger="spac_llamacpp.planning.balancer"):
-        plan = solve(p, solver="cbc", time_limit=1e-6, gap=0.0, certify=False)
+        plan = solve(p, solver="cbc", time_limit=1e-6, gap=0.0, certify=False, timing=no_estimate())
     assert p.feasible(plan.x)
     if plan.method == "greedy":
         assert any("greedy" in r.message for r in caplog.records)
@@ -158,12 +157,67 @@ def test_greedy_fallback_with_real_cbc_and_a_tiny_time_limit(caplog):
 def test_greedy_when_the_time_limit_leaves_no_time_for_the_solver(monkeypatch, caplog):
     p = hard_problem()
     monkeypatch.setattr(B, "_solver", lambda *a, **k: (_TimedOutSolver(), "cbc"))
+    timing = no_estimate()  # shared by both solves, as a Balancer shares its own
     with caplog.at_level(logging.INFO, logger="spac_llamacpp.planning.balancer"):
-        plan = solve(p, time_limit=0.0)
-        plan2 = solve(p, time_limit=0.0)
-    assert plan.method == plan2.method == "greedy" and "no time left" in plan.reason
+        plan = solve(p, time_limit=0.0, timing=timing)
+        plan2 = solve(p, time_limit=0.0, timing=timing)
+        plan3 = solve(p, time_limit=0.0)  # a bare solve starts from fresh timing: warned again
+    assert plan.method == plan2.method == plan3.method == "greedy" and "no time left" in plan.reason
     levels = [r.levelno for r in caplog.records if "no time left" in r.message]
-    assert levels == [logging.WARNING, logging.INFO]  # repeated fallbacks are not warned every time
+    assert levels == [logging.WARNING, logging.INFO, logging.WARNING]  # repeats are not warned every time
+
+
+def test_solve_timing_warns_once_per_interval_and_kind():
+    t = B.SolveTiming(warn_interval=60.0)
+    assert t.warn_now("timeout", now=100.0)
+    assert not t.warn_now("timeout", now=159.0)
+    assert t.warn_now("missing", now=159.0)  # another kind of fallback
+    assert t.warn_now("timeout", now=160.0)
+
+
+def test_solve_timing_is_thread_safe():
+    """The decoding thread and a Replanner's thread share a Balancer's timing: one warning, no lost updates."""
+    import threading
+
+    t = B.SolveTiming(startup=0.0, seconds_per_var=0.0, warn_interval=1e9)
+    warned: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def work():
+        barrier.wait()
+        for _ in range(200):
+            warned.append(t.warn_now("no time"))
+            t.record_milp(1.0, 1)
+            assert t.least_milp_seconds(1) <= 1.0
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert warned.count(True) == 1
+    assert 0.5 <= t.seconds_per_var <= 1.0
+
+
+def test_each_balancer_owns_its_solve_timing(monkeypatch):
+    a, b = no_estimate(), no_estimate()
+    plan = solve(hard_problem(), solver="cbc", time_limit=10, gap=0.0, certify=False, timing=a)
+    assert plan.method == "cbc"
+    assert a.seconds_per_var > 0.0 and b.seconds_per_var == 0.0  # the MILP's cost went into a only
+
+    lay = ExpertLayout.synthetic(4, 12, 100_000, 2)
+    u = np.random.default_rng(3).pareto(1.0, size=(4, 12))
+    bal1, bal2 = (Balancer(lay, cost_model(), "vram", lay.non_expert_bytes + 15 * 100_000) for _ in range(2))
+    assert bal1.timing is not bal2.timing
+    shared = B.SolveTiming()
+    assert Balancer(lay, cost_model(), "vram", lay.non_expert_bytes + 15 * 100_000, timing=shared).timing is shared
+    seen = []
+    real = B.solve
+    monkeypatch.setattr(B, "solve", lambda *args, **kw: seen.append(kw["timing"]) or real(*args, **kw))
+    bal1.plan(u)
+    bal1.plan(u)
+    bal2.plan(u)
+    assert [t is bal1.timing for t in seen] == [True, True, False] and seen[2] is bal2.timing
 
 
 def test_greedy_fallback_when_no_solver(monkeypatch, caplog):
@@ -245,24 +299,31 @@ def test_decayed_counts():
 
 
 def test_replanner_never_blocks_the_decoding_thread():
+    """20 submits return while the first solve is still running (it waits for the test to release it)."""
     calls = []
+    solving, release = threading.Event(), threading.Event()
+    released_in_time = []
 
     def slow_plan(u, resident):
         calls.append(float(u.sum()))
-        time.sleep(0.3)
+        solving.set()
+        released_in_time.append(release.wait(30))  # a submit that waited for this solve would stall it here
         return B.Plan(u > 0.5, 0.0, "fake", "optimal", seconds=0.3)
 
     rp = Replanner(slow_plan, every=1, drift=0.0)
     try:
-        t0 = time.perf_counter()
-        for step in range(20):
+        rp.submit(np.full((2, 2), 0, float), 0)
+        assert solving.wait(30)
+        for step in range(1, 20):
             rp.submit(np.full((2, 2), step, float), step)
-        submit_time = time.perf_counter() - t0
-        assert submit_time < 0.1  # 20 submits while a 0.3 s solve runs
-        assert rp.wait_idle(5)
+        assert len(calls) == 1 and not release.is_set()  # all submits returned during the first solve
+        assert rp.stats.submitted == 20 and rp.stats.coalesced == 18  # steps 1..18 replaced by newer ones
+        release.set()
+        assert rp.wait_idle(30)
+        assert released_in_time == [True, True]
         plan = rp.latest()
         assert plan is not None and plan.step == 19  # the newest utilities were planned last
-        assert rp.stats.coalesced >= 1 and rp.stats.solves < 20
+        assert rp.stats.solves == 2 and calls == [0.0, 4 * 19.0]
         assert rp.take() is plan and rp.take() is None
     finally:
         rp.close()
@@ -301,18 +362,22 @@ def test_replanner_with_balancer_in_background():
 
 def test_replanner_caps_the_time_limit_at_a_share_of_decode_time():
     limits = []
+    now = [0.0]
 
     def plan_fn(u, resident, time_limit=None):
         limits.append(time_limit)
         return B.Plan(np.zeros_like(u, bool), 0.0, "fake", "optimal")
 
-    rp = Replanner(plan_fn, every=4, drift=0.0, share=0.5, min_time_limit=0.001, background=False)
+    rp = Replanner(plan_fn, every=4, drift=0.0, share=0.5, min_time_limit=0.001, background=False,
+                   clock=lambda: now[0])
     for step in range(9):
         rp.submit(np.ones((1, 2)), step)
-        time.sleep(0.01)  # a 10 ms "decode step"
+        now[0] += 0.01  # a 10 ms "decode step"
     assert limits[0] is None  # no step time measured yet
-    assert len(limits) == 3 and all(0.01 <= lim <= 0.2 for lim in limits[1:])  # ~0.5 * 4 * 10 ms
-    assert rp.step_seconds == pytest.approx(0.01, rel=0.8)
+    assert limits[1:] == [pytest.approx(0.5 * 4 * 0.01)] * 2
+    assert rp.step_seconds == pytest.approx(0.01)
+    rp.min_time_limit = 0.1
+    assert rp.time_limit() == 0.1  # the floor
 
 
 def test_every_estimator_gives_expected_tokens_per_step():

@@ -235,4 +235,18 @@ def test_user_callback_of_wrong_type_is_rejected():
 # offset of ggml_tensor.name: type(4)+pad(4) buffer(8) ne(32) nb(32) op(4) op_params(64) flags(4)
 # src(10*8) view_src(8) view_offs(8) data(8)
 _NAME_OFFSET = 8 + 8 + 32 + 32 + 4 + 64 + 4 + 80 + 8 + 8 + 8
-assert llama_c.ggml_backend_sched_eval_callback is not None
+
+
+def test_the_callback_type_and_tensor_layout_these_tests_rely_on(ggml):
+    """llama-cpp-python's cb_eval type is bool(tensor*, bool ask, void* user_data), and a ggml tensor's
+    name is at ``_NAME_OFFSET`` (the user callbacks above read it there)."""
+    cb_type = llama_c.ggml_backend_sched_eval_callback
+    assert issubclass(cb_type, ctypes._CFuncPtr)  # type: ignore[attr-defined]
+    assert cb_type._restype_ is ctypes.c_bool
+    assert cb_type._argtypes_ == (ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+    g, _ = ggml
+    g.ggml_get_name.restype = ctypes.c_void_p
+    g.ggml_get_name.argtypes = [ctypes.c_void_p]
+    t = topk_tensor(ggml, 3, np.array([[1]], np.int32), 4)
+    assert g.ggml_get_name(t) == t + _NAME_OFFSET
+    assert ctypes.string_at(t + _NAME_OFFSET).decode() == "ffn_moe_topk-3"

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import resource
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -508,6 +509,53 @@ def lp_bound(problem: Problem, time_limit: float = 30.0) -> float:
     return float(pulp.value(prob.objective)) / _SCALE
 
 
+class SolveTiming:
+    """What :func:`solve` learns across one caller's solves; thread-safe.
+
+    * the least time a MILP takes (``startup`` plus a running estimate per free variable: the build,
+      the solver start and the root LP), so that a time limit that cannot fit one falls back to the
+      greedy plan at once;
+    * when each kind of fallback was last warned about: a warning at most every ``warn_interval`` s,
+      INFO in between (a replanner may hit the same fallback on every re-plan).
+
+    A :class:`Balancer` owns one, shared by the plans of the decoding thread and of a
+    :class:`~spac_llamacpp.planning.replanner.Replanner`'s background thread; a bare :func:`solve`
+    call without ``timing=`` starts from a fresh one.
+    """
+
+    def __init__(self, startup: float = 0.02, seconds_per_var: float = 40e-6, warn_interval: float = 60.0) -> None:
+        self.startup = float(startup)  # s: starting the solver process and reading its answer
+        self.warn_interval = float(warn_interval)
+        self._seconds_per_var = float(seconds_per_var)
+        self._last_warned: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def seconds_per_var(self) -> float:
+        with self._lock:
+            return self._seconds_per_var
+
+    def least_milp_seconds(self, n_free: int) -> float:
+        """The least time a MILP of ``n_free`` free variables takes, as estimated so far."""
+        with self._lock:
+            return self.startup + self._seconds_per_var * n_free
+
+    def record_milp(self, fixed_seconds: float, n_free: int) -> None:
+        """Fold in what one MILP cost at least (its build and its solve beyond the time limit)."""
+        with self._lock:
+            per_var = max(fixed_seconds - self.startup, 0.0) / n_free
+            self._seconds_per_var = 0.5 * self._seconds_per_var + 0.5 * per_var
+
+    def warn_now(self, kind: str, now: float | None = None) -> bool:
+        """Whether a fallback of ``kind`` is worth a warning now (then it counts as warned) or only INFO."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now - self._last_warned.get(kind, -math.inf) < self.warn_interval:
+                return False
+            self._last_warned[kind] = now
+            return True
+
+
 def solve(
     problem: Problem,
     *,
@@ -517,6 +565,7 @@ def solve(
     warm_start: np.ndarray | None = None,
     certify: bool = True,
     msg: bool = False,
+    timing: SolveTiming | None = None,
 ) -> Plan:
     """Best placement found by the MILP within ``time_limit`` s (building the model included), else the
     greedy plan (logged).
@@ -524,9 +573,12 @@ def solve(
     The warm start is the better of the current residency (``warm_start`` or ``problem.resident``, when
     it fits) and the greedy plan, so the result is never worse than either. With ``certify``, the MILP
     is skipped when the warm start is already within ``gap`` of :func:`quick_bound` (proven
-    near-optimal: the common case when experts of a layer have equal sizes).
+    near-optimal: the common case when experts of a layer have equal sizes). ``timing`` carries the
+    MILP time estimate and the fallback warnings over from earlier solves (see :class:`SolveTiming`).
     """
     t0, c0 = time.perf_counter(), _cpu_now()
+    if timing is None:
+        timing = SolveTiming()
     if solver not in SOLVERS:
         raise SpacError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     g = greedy(problem)
@@ -548,11 +600,7 @@ def solve(
                     reason, info=info)
 
     def fallback(reason: str, kind: str) -> Plan:
-        now = time.monotonic()
-        # the same kind of fallback is a warning at most once a minute (a replanner may hit it every re-plan)
-        level = logging.WARNING if now - _last_warned.get(kind, -math.inf) >= 60 else logging.INFO
-        if level == logging.WARNING:
-            _last_warned[kind] = now
+        level = logging.WARNING if timing.warn_now(kind) else logging.INFO
         log.log(level, "balancer: %s; using the greedy utility-per-byte plan", reason)
         return finish(start, "greedy", "fallback", reason)
 
@@ -570,7 +618,7 @@ def solve(
     if s is None:
         return fallback(f"no MILP solver ({name})", "missing")
     n_free = int(free.sum())
-    least = _MILP_STARTUP + _milp_seconds_per_var[0] * n_free  # build + solver start + root LP
+    least = timing.least_milp_seconds(n_free)  # build + solver start + root LP
     if time_limit - (time.perf_counter() - t0) - least < 0.01:
         return fallback(f"no time left for {name} within the {time_limit:g} s limit (greedy took "
                         f"{time.perf_counter() - t0:.3f} s, a MILP of {n_free} variables about {least:.3f} s)",
@@ -597,7 +645,7 @@ def solve(
         te = time.perf_counter()
         # what the MILP costs at least: the build, and the solve beyond its time limit (or all of it)
         fixed = (ts - tb) + ((te - ts) - left if te - ts > left else te - ts)
-        _milp_seconds_per_var[0] = 0.5 * _milp_seconds_per_var[0] + 0.5 * max(fixed - _MILP_STARTUP, 0.0) / n_free
+        timing.record_milp(fixed, n_free)
     except Exception as exc:  # noqa: BLE001 - the solver process failed: never break decoding
         return fallback(f"{name} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", "failed")
     import pulp
@@ -619,11 +667,6 @@ def solve(
     if problem.objective(x) > start_obj:
         x, status_txt = start, f"{status_txt}, kept {start_name}"
     return finish(x, name, status_txt)
-
-
-_last_warned: dict[str, float] = {}
-_MILP_STARTUP = 0.02  # s: starting the solver process and reading its answer
-_milp_seconds_per_var = [40e-6]  # running estimate of the rest of the least time a MILP takes, per variable
 
 
 def _cpu_now() -> float:
@@ -653,6 +696,7 @@ class Balancer:
         tokens_per_step: float = 1.0,
         max_per_layer: int | None = None,
         transfer_steps: float | None = None,
+        timing: SolveTiming | None = None,
     ) -> None:
         self.layout = layout
         self.cost = cost
@@ -666,6 +710,8 @@ class Balancer:
         self.tokens_per_step = tokens_per_step
         self.max_per_layer = max_per_layer
         self.transfer_steps = transfer_steps
+        # this balancer's MILP time estimate and fallback warnings (plans may run in a Replanner's thread)
+        self.timing = SolveTiming() if timing is None else timing
 
     def problem(self, utility: np.ndarray, resident: np.ndarray | None = None) -> Problem:
         costs = tier_costs(self.tier, self.cost, self.layout, utility, self.tokens_per_step)
@@ -687,7 +733,7 @@ class Balancer:
         t1, c1 = time.perf_counter(), _cpu_now()
         limit = self.time_limit if time_limit is None else min(self.time_limit, time_limit)
         plan = solve(prob, solver=self.solver, time_limit=max(limit - (t1 - t0), 0.0), gap=self.gap,
-                     warm_start=resident)
+                     warm_start=resident, timing=self.timing)
         plan.seconds += t1 - t0
         plan.cpu_seconds += c1 - c0
         return plan

@@ -53,6 +53,8 @@ class Replanner:
         background: False solves synchronously inside :meth:`submit` (deterministic; for simulation).
         share: cap each plan's time limit at this share of the decode time between periodic re-plans
             (``plan_fn`` must then accept ``time_limit=``); ``min_time_limit`` is the floor of that cap.
+        clock: seconds for the time between steps (default ``time.perf_counter``; a simulation or a
+            test passes its own).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Replanner:
         background: bool = True,
         share: float | None = None,
         min_time_limit: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -75,7 +78,8 @@ class Replanner:
         self.background = background
         self.share = share
         self.min_time_limit = min_time_limit
-        self.step_seconds: float | None = None  # EMA of the wall time between submits
+        self.clock = clock
+        self.step_seconds: float | None = None  # EMA of the (clock) time between submits
         self._last_submit: float | None = None
         self.stats = ReplannerStats()
         self._lock = threading.Lock()
@@ -95,7 +99,7 @@ class Replanner:
     # -- decoding thread ------------------------------------------------------------------------------
     def submit(self, utility: np.ndarray, step: int) -> bool:
         """Offer the utilities after ``step``; returns True when this requested a re-plan. Never blocks on a solve."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         if self._last_submit is not None:
             dt = t0 - self._last_submit
             self.step_seconds = dt if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * dt
@@ -117,10 +121,10 @@ class Replanner:
                     self._pending = (u, step, limit)
                     self._wake.notify_all()
             else:
-                self.stats.submit_seconds += time.perf_counter() - t0
+                self.stats.submit_seconds += self.clock() - t0
                 self._solve(u, step, limit)
                 return True
-        self.stats.submit_seconds += time.perf_counter() - t0
+        self.stats.submit_seconds += self.clock() - t0
         return due
 
     def time_limit(self) -> float | None:
