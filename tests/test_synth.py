@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from spac_llamacpp.models.synth import PRESETS, plan_tensors, write_synth
 from spac_llamacpp.models.synth import writer as synth_writer
 from spac_llamacpp.models.synth.blocks import block_writer, pack_q4_k_scales
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Total parameters the model cards publish (Qwen3-30B-A3B 30.5B, gpt-oss-20b 20.9B, Mixtral-8x7B 46.7B,
 # DeepSeek-V2-Lite 15.7B, OLMoE-1B-7B 6.9B): the full-depth plans must match them.
 PUBLISHED_PARAMS = {
@@ -25,6 +30,22 @@ PUBLISHED_PARAMS = {
     "deepseek-v2-lite": 15.7e9,
     "olmoe-1b-7b": 6.9e9,
 }
+
+
+def run_synth(*args: str) -> subprocess.CompletedProcess[str]:
+    """``spac synth ...`` in a fresh interpreter, importing this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = "from spac_llamacpp.tools.cli import spac; spac()"
+    return subprocess.run([sys.executable, "-c", code, "synth", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -78,6 +99,15 @@ def check_layout(path: Path, preset: str, n_layer: int) -> None:
             f.seek(start)
             chunks.append(f.read(min(end - start, 1 << 16)))
     assert chunks[0] != chunks[1]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_loads_and_generates(preset, out_file):
+    proc = run_synth(preset, "-o", str(out_file), "--layers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out_file}" in proc.stderr and "2 layers" in proc.stderr
+    check_layout(out_file, preset, 2)
+    check_generates(out_file)
 
 
 @pytest.mark.parametrize("expert_type,ggml", [("q8_0", "Q8_0"), ("f16", "F16"), ("mxfp4", "MXFP4")])
@@ -155,18 +185,26 @@ def test_q4_k_scale_packing_round_trips():
 
 
 def test_refuses_without_disk_space(out_file, monkeypatch):
+    from click.testing import CliRunner
+
+    from spac_llamacpp.tools.cli import spac
+
     class Usage:
         total, used, free = 10 << 30, 10 << 30, 100 << 20
 
     monkeypatch.setattr(synth_writer.shutil, "disk_usage", lambda _path: Usage)
-    with pytest.raises(SpacError, match=r"^not enough disk space for .*: needs 1\.\d GiB, 100\.0 MiB free$"):
+    with pytest.raises(SpacError, match=r"needs 1\.\d GiB, 100\.0 MiB free"):
         write_synth(out_file, "qwen3-30b-a3b", layers=2)
+    result = CliRunner().invoke(spac, ["synth", "mixtral-8x7b", "-o", str(out_file)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: not enough disk space") and "26.5 GiB" in lines[0]
     assert list(out_file.parent.iterdir()) == []  # nothing written, no temporary file left
 
 
-def test_bad_arguments():
-    for kwargs, words in [({"preset": "qwen3-235b"}, "unknown synth preset"),
-                          ({"preset": "olmoe-1b-7b", "expert_type": "q2_k"}, "unknown synth type"),
-                          ({"preset": "deepseek-v2-lite", "layers": 1}, "between 2 and 27")]:
-        with pytest.raises(SpacError, match=words):
-            write_synth("/nonexistent/x.gguf", **kwargs)
+def test_bad_arguments_are_one_line(out_file):
+    assert_one_line_error(run_synth("qwen3-235b", "-o", str(out_file)), "unknown synth preset", "qwen3-30b-a3b")
+    assert_one_line_error(run_synth("olmoe-1b-7b", "-o", str(out_file), "--type", "q2_k"), "unknown synth type")
+    assert_one_line_error(run_synth("deepseek-v2-lite", "-o", str(out_file), "--layers", "1"), "between 2 and 27")
+    assert_one_line_error(run_synth("olmoe-1b-7b", "-o", str(out_file.parent / "no" / "x.gguf")), "does not exist")
+    assert not out_file.exists()
