@@ -713,3 +713,26 @@ def eval_ppl_cmd(model: str, text_file: str, lambdas: tuple[float, ...], cache_e
     click.echo(format_rows(rows))
     if json_out:
         Path(json_out).write_text(json.dumps({"model": model, "text": text_file, "rows": rows}, indent=2) + "\n")
+
+
+# ---- spac synth (issue 14) -------------------------------------------------------------------------
+
+
+@spac.command(name="synth")
+@click.argument("preset")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF to write.")
+@click.option("--type", "expert_type", default=None,
+              help="Routed-expert type: q4_k, q8_0, f16 or mxfp4 [default: the preset's, mxfp4 for gpt-oss-20b, "
+                   "else q4_k].")
+@click.option("--layers", type=int, default=None, help="Keep only the first N blocks (shorter files for tests).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weights seed (same seed, same bytes).")
+@friendly_errors
+def synth_cmd(preset: str, output: str, expert_type: str | None, layers: int | None, seed: int) -> None:
+    """Write a GGUF with the architecture and tensor shapes of a real MoE model and random weights.
+
+    PRESET: qwen3-30b-a3b, gpt-oss-20b, mixtral-8x7b, deepseek-v2-lite or olmoe-1b-7b.
+    """
+    from spac_llamacpp.models.synth import write_synth
+
+    result = write_synth(output, preset, expert_type=expert_type, layers=layers, seed=seed)
+    click.echo(result.summary(), err=True)
