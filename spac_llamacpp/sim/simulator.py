@@ -175,9 +175,9 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
             used = new_used
         compute = sync = gpu_sum = 0.0
         need = counts[t] > 0
-        h, a = count_hits(need, res)
-        hits_total += h
-        acts_total += a
+        step_hits, step_activations = count_hits(need, res)
+        hits_total += step_hits
+        acts_total += step_activations
         for i in range(L):
             row = counts[t, i]
             active = np.flatnonzero(row)
