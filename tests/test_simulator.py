@@ -118,10 +118,10 @@ def test_lru_matches_hand_computed_example():
     # flash: every miss is read on demand (3 ranges of 1000 bytes each)
     assert r.bytes_moved == 6 * 3000
     assert r.seconds == pytest.approx(6 * (3 * 1e-3 + 3000 / 1e9) + 8 * 3000 * 1e-10)
-    # MIN: starts with A B (first used); A, B, A hit; C (never used again) is read but bypassed;
-    # B, A hit; D bypassed; A hit
+    # MIN starts empty (a reference cache): A, B miss and enter; A hits; C (never used again) is read
+    # but bypassed; B, A hit; D bypassed; A hit. Flash reads: the 4 misses; nothing preloaded
     rm = simulate(trace, "min", setup)
-    assert rm.hits == 6 and rm.bytes_moved == 2 * 3000
+    assert rm.hits == 4 and rm.bytes_moved == 4 * 3000 and rm.preload_bytes == 0
     assert simulate(trace, "lfu", setup).hits <= rm.hits
     # the prefetching oracle loads each step's expert just before it, evicting the furthest used:
     # C evicts A (next use 5 > B's 4), A evicts C, D evicts B: every access hits

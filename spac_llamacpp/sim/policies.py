@@ -6,8 +6,10 @@ Two kinds:
   add is a background transfer, misses are served from the slow tier and not admitted:
   ``none``, ``static`` (profile), ``pin`` (pin-hot-by-count), ``spac`` (MoE-SpAc hysteresis), ``ours``
   (utility estimate -> integer program);
-- *demand* caches admit every miss when it happens, evicting by their rule (:meth:`Policy.victim`):
-  ``lru``, ``lfu``, ``min`` (Belady's MIN: clairvoyant eviction and bypass);
+- *demand* caches (:class:`DemandPolicy`) are the per-layer reference caches of
+  ``planning/reference_caches.py``, the same as ``spac eval-utility``'s: empty at the start, a step's
+  misses may enter after it, each keeps by its rule (:meth:`DemandPolicy.demand_step`): ``lru``,
+  ``lfu``, ``min`` (Belady's MIN: clairvoyant eviction and bypass);
 - ``belady``: the clairvoyant prefetching oracle (experts needed soonest are resident): the hit-rate bound.
 
 Arrays are ``[n_moe_layer, n_expert]``; an expert id is the pair (i, e), i indexing MoE layers.
@@ -15,9 +17,7 @@ Arrays are ``[n_moe_layer, n_expert]``; an expert id is the pair (i, e), i index
 
 from __future__ import annotations
 
-import heapq
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +26,12 @@ from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, solve, tier_costs
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation, make_estimator
+from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, LFUCache, LRUCache, MinCache, NextUse
 from spac_llamacpp.planning.replanner import Replanner
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("none", "static", "lru", "lfu", "pin", "spac", "ours", "min", "belady")
-
-_NEVER = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -60,7 +59,7 @@ class Policy:
     """Base class; see the module docstring."""
 
     name = "base"
-    demand = False  # True: admits misses at access time
+    demand = False  # True: a demand cache (``demand_step`` after each step)
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         """Start a replay; returns the initial residency (loaded before the first step, not timed)."""
@@ -71,15 +70,9 @@ class Policy:
         """Planned policies: the residency wanted for step ``t`` (None: unchanged)."""
         return None
 
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        """Demand policies: experts of layer ``i`` used at step ``t`` (hits[k]: experts[k] was resident)."""
-
-    def admit(self, t: int, i: int, e: int, resident: np.ndarray, protect: set[tuple[int, int]], room: bool) -> bool:
-        """Demand policies: whether to keep the missed expert (i, e) (``room``: it fits without evicting)."""
-        return True
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        """Demand policies: which resident expert to evict (never one in ``protect``)."""
+    def demand_step(self, t: int, need: np.ndarray) -> np.ndarray:
+        """Demand policies: after step ``t`` (activations ``need`` [L, E]), the residency kept: a
+        subset of the residency before it and ``need`` (only misses enter)."""
         raise NotImplementedError
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
@@ -285,172 +278,93 @@ class OursPolicy(Policy):
 # Demand caches
 
 
-class LRUPolicy(Policy):
-    """Least recently used, global over all layers; every miss is admitted."""
+def layer_capacities(size: np.ndarray, budget: int) -> np.ndarray:
+    """Experts per layer of a per-layer demand cache within ``budget`` bytes: the budget split evenly
+    over the layers in whole experts (``size`` ``[L, E]``, equal within a layer), the bytes left over
+    handed out one expert at a time in layer order."""
+    L, E = size.shape
+    per = size.max(axis=1).astype(np.int64)
+    cap = np.minimum(np.where(per > 0, (int(budget) // max(L, 1)) // np.maximum(per, 1), E), E)
+    left = int(budget) - int((cap * per).sum())
+    changed = True
+    while changed:
+        changed = False
+        for i in range(L):
+            if cap[i] < E and per[i] <= left:
+                cap[i] += 1
+                left -= int(per[i])
+                changed = True
+    return cap
+
+
+class DemandPolicy(Policy):
+    """A per-layer demand cache of ``planning/reference_caches.py`` (the same LRU, LFU and MIN as
+    ``spac eval-utility`` and ``trace_stats``): empty at the start, every step's misses may enter, each
+    layer holds what :func:`layer_capacities` gives it out of the byte budget."""
+
+    demand = True
+
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        raise NotImplementedError
+
+    def reset(self, setup: SimSetup) -> np.ndarray:
+        super().reset(setup)
+        self.capacity = layer_capacities(setup.size, setup.budget)
+        self.cache = self.make_cache(setup, self.capacity)
+        return self.cache.resident.copy()
+
+    def demand_step(self, t: int, need: np.ndarray) -> np.ndarray:
+        """After step ``t`` (activations ``need`` [L, E]): the residency the cache keeps."""
+        self.cache.step(need)
+        return self.cache.resident
+
+    def describe(self) -> str:
+        return f"{self.name} (per layer: {'/'.join(map(str, sorted(set(self.capacity.tolist()))))} experts)"
+
+
+class LRUPolicy(DemandPolicy):
+    """Least recently used (``reference_caches.LRUCache``), per layer."""
 
     name = "lru"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
-        return np.zeros(setup.shape, bool)
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        for e in experts.tolist():
-            key = (i, e)
-            self.order[key] = None
-            self.order.move_to_end(key)
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        for key in self.order:
-            if resident[key] and key not in protect:
-                del self.order[key]
-                return key
-        return None
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return LRUCache(*setup.shape, capacity)
 
 
-class LFUPolicy(Policy):
-    """Least frequently used (cumulative activations; ties: least recent); every miss is admitted."""
+class LFUPolicy(DemandPolicy):
+    """Least frequently used (``reference_caches.LFUCache``: steps that used it; ties: least recent), per layer."""
 
     name = "lfu"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        self.freq = np.zeros(setup.shape, np.int64)
-        self.last = np.full(setup.shape, -1, np.int64)
-        self.heap: list[tuple[int, int, int, int]] = []
-        self._clock = 0
-        return np.zeros(setup.shape, bool)
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        for e in experts.tolist():
-            self._clock += 1
-            self.freq[i, e] += 1
-            self.last[i, e] = self._clock
-            heapq.heappush(self.heap, (int(self.freq[i, e]), self._clock, i, e))
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        skipped = []
-        found = None
-        while self.heap:
-            f, c, i, e = heapq.heappop(self.heap)
-            if not resident[i, e] or f != self.freq[i, e] or c != self.last[i, e]:
-                continue  # stale entry
-            if (i, e) in protect:
-                skipped.append((f, c, i, e))
-                continue
-            found = (i, e)
-            break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return LFUCache(*setup.shape, capacity)
 
 
-class MinPolicy(Policy):
-    """Belady's MIN for a demand cache (clairvoyant eviction): evict the expert used furthest in the
-    future, and do not admit a miss used later than every resident expert (bypass). It starts with
-    the experts first used, up to the budget. No demand cache gets more hits (equal expert sizes)."""
+class MinPolicy(DemandPolicy):
+    """Belady's MIN for a demand cache (``reference_caches.MinCache``: clairvoyant eviction and bypass),
+    per layer, starting empty: no demand cache of the same capacities gets more hits."""
 
     name = "min"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        T, L, E = setup.counts.shape
-        # access clock: (t, i) -> t * L + i; future[(i, e)] = clocks of its uses, next one last
-        self.L = L
-        self.future: dict[tuple[int, int], list[int]] = {}
-        for t, i, e in np.argwhere(setup.counts > 0).tolist():  # sorted by t, i, e
-            self.future.setdefault((i, e), []).append(t * L + i)
-        for v in self.future.values():
-            v.reverse()
-        self.next_use = np.full(setup.shape, _NEVER, np.int64)
-        for (i, e), v in self.future.items():
-            self.next_use[i, e] = v[-1]
-        self.heap: list[tuple[int, int, int]] = []
-        first = sorted((v[-1], i, e) for (i, e), v in self.future.items())
-        x = np.zeros(setup.shape, bool)
-        used = 0
-        for _, i, e in first:
-            s = int(setup.size[i, e])
-            if used + s <= setup.budget:
-                x[i, e] = True
-                used += s
-                heapq.heappush(self.heap, (-int(self.next_use[i, e]), i, e))
-        return x
-
-    def _next_after(self, i: int, e: int, now: int) -> int:
-        fut = self.future.get((i, e), [])
-        for k in range(len(fut) - 1, -1, -1):
-            if fut[k] > now:
-                return fut[k]
-        return _NEVER
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        now = t * self.L + i
-        for e in experts.tolist():
-            fut = self.future[(i, e)]
-            while fut and fut[-1] <= now:
-                fut.pop()
-            nxt = fut[-1] if fut else _NEVER
-            self.next_use[i, e] = nxt
-            heapq.heappush(self.heap, (-int(nxt), i, e))
-
-    def _top(self, resident: np.ndarray, protect: set[tuple[int, int]], pop: bool) -> tuple[int, int] | None:
-        skipped = []
-        found = None
-        while self.heap:
-            nn, i, e = self.heap[0]
-            if not resident[i, e] or -nn != self.next_use[i, e]:
-                heapq.heappop(self.heap)  # stale entry
-                continue
-            if (i, e) in protect:
-                skipped.append(heapq.heappop(self.heap))
-                continue
-            found = (i, e)
-            if pop:
-                heapq.heappop(self.heap)
-            break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
-
-    def admit(self, t: int, i: int, e: int, resident: np.ndarray, protect: set[tuple[int, int]], room: bool) -> bool:
-        if room:
-            return True
-        v = self._top(resident, protect, pop=False)
-        return v is not None and self._next_after(i, e, t * self.L + i) < self.next_use[v]
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        return self._top(resident, protect, pop=True)
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return MinCache(setup.counts > 0, capacity)
 
 
 class BeladyPolicy(Policy):
     """Clairvoyant prefetching oracle: just before each step it loads the step's experts that are not
-    resident, evicting those whose next use is furthest away (Belady's rule), and it starts with the
-    experts first used. Every step's experts are resident whenever they fit, so with equal expert
-    sizes no policy gets more hits, and it moves as few bytes as Belady's MIN; transfers are planned
-    (background) ones."""
+    resident, evicting those whose next use is furthest away (Belady's rule, the next uses of
+    ``reference_caches.NextUse``), and it starts with the experts first used. Every step's experts are
+    resident whenever they fit, so with equal expert sizes no policy gets more hits (planned ones
+    included); transfers are planned (background) ones. Global over the layers (one byte budget)."""
 
     name = "belady"
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        T, L, E = setup.counts.shape
-        self.L = L
-        self.uses: dict[tuple[int, int], list[int]] = {}
-        for t, i, e in np.argwhere(setup.counts > 0).tolist():
-            self.uses.setdefault((i, e), []).append(t * L + i)
-        for v in self.uses.values():
-            v.reverse()
-        self.next_use = np.full(setup.shape, _NEVER, np.int64)
-        for (i, e), v in self.uses.items():
-            self.next_use[i, e] = v[-1]
-        nu = self.next_use.ravel()
+        self.next = NextUse(setup.counts > 0)
+        nu = self.next.now.ravel()
         order = np.argsort(nu, kind="stable")
-        return _fill(order[nu[order] < _NEVER], setup.size, setup.budget)
+        return _fill(order[nu[order] < NEVER], setup.size, setup.budget)
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         need = self.setup.counts[t] > 0
@@ -459,12 +373,13 @@ class BeladyPolicy(Policy):
         size, budget = self.setup.size, self.setup.budget
         x = resident.copy()
         used = int(size[x].sum())
+        next_use = self.next.now  # step t's own experts have next use t: never candidates below
         # needed experts in order of use (layer order); evict the furthest-used of the others
         for flat in np.flatnonzero(need.ravel() & ~resident.ravel()):
             i, e = divmod(int(flat), need.shape[1])
             s = int(size[i, e])
             while used + s > budget:
-                cand = np.where(x & ~need, self.next_use, -1)
+                cand = np.where(x & ~need, next_use, -1)
                 v = int(np.argmax(cand))
                 if cand.flat[v] < 0:
                     break
@@ -476,10 +391,7 @@ class BeladyPolicy(Policy):
         return x
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        for i, e in np.argwhere(counts > 0).tolist():
-            fut = self.uses[(i, e)]
-            fut.pop()
-            self.next_use[i, e] = fut[-1] if fut else _NEVER
+        self.next.advance()
 
 
 def make_policy(name: str, **kw: object) -> Policy:

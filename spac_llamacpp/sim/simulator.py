@@ -32,6 +32,7 @@ from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning.balancer import expert_budget
 from spac_llamacpp.planning.calibration import load_cached
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.planning.reference_caches import count_hits, hit_rate
 from spac_llamacpp.sim.policies import POLICIES, Policy, SimSetup, make_policy
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class SimResult:
     expert_budget: int
     steps: int
     tokens: int
-    activations: int
-    hits: int
+    activations: int  # distinct (step, MoE layer, expert) used (docs/hit_rate.md)
+    hits: int  # ... resident in the fast tier when the layer ran
     bytes_moved: int  # after the start: on-demand reads (flash) and placements/admissions (both tiers)
     preload_bytes: int  # initial contents (static, belady), not timed
     seconds: float  # modelled expert time of the whole trace
@@ -56,7 +57,8 @@ class SimResult:
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / self.activations if self.activations else 0.0
+        """The project's hit rate (``reference_caches.hit_rate``: activations served from the fast tier)."""
+        return hit_rate(self.hits, self.activations) or 0.0
 
     @property
     def ms_per_token(self) -> float:
@@ -172,14 +174,16 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
             res = want.copy()
             used = new_used
         compute = sync = gpu_sum = 0.0
+        need = counts[t] > 0
+        step_hits, step_activations = count_hits(need, res)
+        hits_total += step_hits
+        acts_total += step_activations
         for i in range(L):
             row = counts[t, i]
             active = np.flatnonzero(row)
             if not len(active):
                 continue
             hits = res[i, active]
-            acts_total += len(active)
-            hits_total += int(hits.sum())
             layer_cpu = layer_gpu = 0.0
             for e, h in zip(active.tolist(), hits.tolist(), strict=True):
                 c = int(row[e])
@@ -194,26 +198,18 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
                     layer_cpu += cpu(i, c)
             if tier == "vram":
                 gpu_sum += max(layer_gpu, layer_cpu)
-            if pol.demand and not hits.all():
-                protect = {(i, int(e)) for e in active.tolist()}
-                for e in active[~hits].tolist():
-                    s = int(size[i, e])
-                    if s > budget or not pol.admit(t, i, e, res, protect, used + s <= budget):
-                        continue
-                    while used + s > budget:
-                        v = pol.victim(res, protect)
-                        if v is None:
-                            break
-                        res[v] = False
-                        used -= int(size[v])
-                    if used + s > budget:
-                        continue
-                    res[i, e] = True
-                    used += s
-                    if tier == "vram":
-                        bg += load_t[i]
-                        moved += s
-            pol.on_access(t, i, active, hits)
+        if pol.demand:
+            # the step's misses that the cache keeps are admitted (a copy in vram; in flash the
+            # on-demand read already brought them in); evictions are free
+            kept = np.asarray(pol.demand_step(t, need), bool)
+            if (kept & ~(res | need)).any():
+                raise RuntimeError(f"demand policy {pol.name} admitted an expert step {t} did not use")
+            for i, _ in np.argwhere(kept & ~res).tolist():
+                if tier == "vram":
+                    bg += load_t[i]
+                    moved += int(nbytes[i])
+            res = kept.copy()
+            used = int(size[res].sum())
         step_s = sync + max(compute, bg) if tier == "flash" else max(gpu_sum, bg)
         work = compute if tier == "flash" else gpu_sum
         if bg > work:

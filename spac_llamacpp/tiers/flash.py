@@ -38,6 +38,7 @@ from spac_llamacpp.planning.balancer import Balancer, Plan, staging_bytes
 from spac_llamacpp.planning.calibration import machine_cost_model
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import Observation, make_estimator
+from spac_llamacpp.planning.reference_caches import hit_rate
 from spac_llamacpp.planning.replanner import Replanner
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ class FlashTier:
             "non_expert_locked_bytes": self.non_expert_locked,
             "staging_bytes": self.staging,
             "lookahead_reserve_bytes": self.lookahead_reserve,
-            "hit_rate": eng["demand_hits"] / looked if looked else None,
+            "hit_rate": hit_rate(eng["demand_hits"], looked),  # per layer evaluation: docs/hit_rate.md
             "steps": c.steps,
             "tokens": c.tokens,
             "plans_applied": c.plans_applied,

@@ -36,6 +36,7 @@ from spac_llamacpp.planning.balancer import Balancer, Plan
 from spac_llamacpp.planning.calibration import machine_cost_model
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import Observation, make_estimator
+from spac_llamacpp.planning.reference_caches import count_hits, hit_rate
 from spac_llamacpp.planning.replanner import Replanner
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def split_slots(pool_bytes: int, layout: PoolLayout, n_expert_of_group: list[int
 class VramCounters:
     steps: int = 0
     tokens: int = 0
-    routed: int = 0  # expert selections (token x layer x k)
+    routed: int = 0  # activations: distinct (evaluation, MoE layer, expert) (docs/hit_rate.md)
     routed_hits: int = 0  # ... served from the pool
     plans_applied: int = 0
     loads: int = 0
@@ -201,8 +202,9 @@ class VramTier:
         c.tokens += step.n_tokens
         counts = step.counts[self.rows]
         served = self.served(counts > 0)
-        c.routed += int(counts.sum())
-        c.routed_hits += int(counts[served].sum())
+        hits, activations = count_hits(counts > 0, served)
+        c.routed += activations
+        c.routed_hits += hits
         accepted = None if accepted_counts is None else accepted_counts[self.rows]
         self.demand.update(Observation(counts, step.n_tokens, accepted))
         u = self.demand.utility()
@@ -292,7 +294,7 @@ class VramTier:
             "expert_bytes_total": int(self.layout.total_expert_bytes),
             "planned_experts": int(self.wanted.sum()),
             "resident_experts": int(self.served().sum()),
-            "hit_rate": c.routed_hits / c.routed if c.routed else None,
+            "hit_rate": hit_rate(c.routed_hits, c.routed),
             "steps": c.steps,
             "tokens": c.tokens,
             "plans_applied": c.plans_applied,
