@@ -93,3 +93,18 @@ def test_placement_config_defaults_and_overrides():
     with pytest.raises(SpacError, match="replan_every"):
         PlacementConfig.flash(replan_every=0)
     assert PlacementConfig.flash().to_json()["horizon"] == 8.0
+
+
+def test_bench_budget_arguments_are_tier_budgets(tmp_path):
+    from spac_llamacpp.tools.benchmarks import budget_arg, vram_fixed_bytes
+
+    info = read_model_header(write_tiny_moe(tmp_path / "m.gguf", "qwen3moe", n_layer=2, n_expert=8, n_expert_used=2))
+    assert budget_arg("50%", "flash", info) == info.expert_bytes // 2
+    assert budget_arg("64MiB", "flash", info) == 64 << 20
+    fixed = vram_fixed_bytes(info, 1024)
+    assert fixed == info.non_expert_bytes + budgets.kv_cache_bytes(1024, *budgets.kv_dims_of_gguf(info.path)) + \
+        budgets.DEFAULT_COMPUTE_RESERVE
+    assert budget_arg("50%", "vram", info, n_ctx=1024) == fixed + info.expert_bytes // 2
+    for tier in ("flash", "vram"):
+        with pytest.raises(SpacError, match="too small"):
+            budget_arg("1KiB", tier, info)
