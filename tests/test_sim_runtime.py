@@ -63,7 +63,7 @@ def _drive(llm: Llama, tokens: tuple[list[int], list[int]], after_step=None) -> 
 
 def _runtime_plans(tier) -> dict[int, np.ndarray]:
     """{step index after which the plan was made (-1: before the first): residency}."""
-    out = {-1: tier.initial_wanted} if tier.counters.plans_applied and tier.initial_wanted.any() else {}
+    out = {} if tier.initial_plan is None else {-1: tier.initial_plan}
     for r in tier.records:
         if r.plan is not None:
             assert np.array_equal(r.plan, r.wanted), f"step {r.step}: the tier did not apply its plan as made"

@@ -111,9 +111,11 @@ class TierController(ABC):
         profile = options.profile
         prior = expected_demand(profile, info, layout.n_expert_used) if profile is not None else None
         first = self.planner.first_plan(prior)
+        # the plan made before the first step (None: none), as made; ``records`` hold the later ones
+        self.initial_plan: np.ndarray | None = None
         if first is not None:
+            self.initial_plan = np.asarray(first[0].x, bool).copy()
             self._place(first[0], first[1], initial=True)
-        self.initial_wanted = self.wanted.copy()
 
     @property
     def warm(self) -> bool:
