@@ -20,20 +20,17 @@ import numpy as np
 from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
 from spac_llamacpp.base.sizes import parse_size
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
-from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
 from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
-from spac_llamacpp.speculation.drafts import (
-    SPAC_ONLY_KWARGS,
-    AdaptiveDraftLength,
-    GGUFDraftModel,
-    check_same_vocabulary,
-)
+from spac_llamacpp.speculation.build import build_draft, build_speculation
+from spac_llamacpp.speculation.drafts import check_same_vocabulary
 from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
+from spac_llamacpp.tiers.base import TierController
+from spac_llamacpp.tiers.build import TierBuilder, tier_builder
 from spac_llamacpp.tiers.cache_prior import CachePrior
 from spac_llamacpp.tiers.flash import FlashTier
-from spac_llamacpp.tiers.vram import VramTier, vram_overrides
+from spac_llamacpp.tiers.vram import VramTier
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +71,14 @@ class Llama(llama_cpp.Llama):
         vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
             compute reserve, the rest is the expert pool).
         vram_options: extra :class:`spac_llamacpp.tiers.vram.VramTier` arguments: ``on_host=True`` puts
-            the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``,
-            ``estimator``, ``solver``, ``replan_every``, ``horizon``, ``profile``.
-        flash_options: extra :class:`spac_llamacpp.tiers.flash.FlashTier` arguments (``estimator``,
-            ``solver``, ``threads``, ``pin_fraction``, ``lookahead``, ``replan_every``, ``check_every``,
-            ``profile``).
+            the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``, and the shared
+            loop's (:class:`spac_llamacpp.tiers.base.LoopOptions`): ``config`` (a
+            :class:`spac_llamacpp.planning.placement_config.PlacementConfig`) or any of its fields
+            (``estimator``, ``solver``, ``replan_every``, ``horizon``, ``background``, ...), ``cost``,
+            ``profile``, ``record``.
+        flash_options: extra :class:`spac_llamacpp.tiers.flash.FlashTier` arguments (``threads``,
+            ``pin_fraction``, ``lookahead``, ``check_every``, ``layer_ahead``, and the shared loop's as for
+            ``vram_options``).
         cache_prior: opt-in cache-aware routing with this lambda (e.g. 0.15): decode steps prefer
             resident experts (:mod:`spac_llamacpp.tiers.cache_prior`; changes outputs). None: exact routing.
         cache_prior_options: extra :class:`spac_llamacpp.tiers.cache_prior.CachePrior` arguments
@@ -139,62 +139,57 @@ class Llama(llama_cpp.Llama):
         self.tier = tier
         self.flash: FlashTier | None = None
         self.vram: VramTier | None = None
+        self._tier: TierController | None = None
         budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs)
-        if tier == "flash":
-            use_extra_bufts = False  # experts must stay file-backed in the mapping
-        if tier == "vram":
-            # non-expert weights on the GPU; routed experts on the CPU (repacked or not), copied into the pool
-            kwargs.setdefault("n_gpu_layers", -1)
-            tensor_buft_overrides = vram_overrides(tensor_buft_overrides)
+        builder = tier_builder(tier, self.moe_info, budget_bytes, flash_options if tier == "flash" else vram_options)
+        tensor_buft_overrides, use_extra_bufts = builder.load_arguments(tensor_buft_overrides, use_extra_bufts, kwargs)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
+        self._install_routing(model_path, routing, routing_history, routing_capacity, cb_eval, cb_eval_user_data,
+                              kwargs.get("kv_overrides"))
+        self.cache_prior = self._build_cache_prior(model_path, cache_prior, cache_prior_options)
+        draft, self._draft_llm = build_draft(model_path, kwargs, self_draft=self_draft,
+                                             draft_model_path=draft_model_path, n_draft=n_draft,
+                                             draft_kwargs=draft_kwargs, n_expert=self.moe_info.n_expert,
+                                             llama_cls=Llama)
+        self._unlearned: RoutingStep | None = None  # a verification step the tiers learn from once resolved
+        self.speculation: SpeculationTracker | None = build_speculation(
+            self, draft, n_draft=n_draft, adaptive_draft=adaptive_draft, history=speculation_history,
+            on_resolved=self._learn_verification)
+        if self.speculation is not None:
+            kwargs["draft_model"] = self.speculation
+        builder.before_load(model_path)  # after any self-draft has loaded the same file
+        self._load(model_path, kwargs, use_extra_bufts, no_host, cb_eval, cb_eval_user_data)
+        self._link_draft()
+        self._start_tier(builder)
+
+    # --- the steps of __init__ --------------------------------------------------------------------
+    def _install_routing(self, model_path: str, routing: bool, history: int | None, capacity: int,
+                         cb_eval: UserCallback, cb_eval_user_data: int | None,
+                         kv_overrides: dict[str, Any] | None) -> None:
+        """The native routing sensor (chained to the user's callback) and its log; none for dense models."""
         self._sensor: RoutingSensor | None = None
         self.routing: RoutingLog | None = None
-
         info = self.moe_info
         if routing and info.n_expert > 0:
-            k_max = _max_expert_used(info, kwargs.get("kv_overrides"))
-            self._sensor = RoutingSensor(
-                info.block_count, info.n_expert, k_max, routing_capacity, cb_eval, cb_eval_user_data
-            )
-            self.routing = RoutingLog(self._sensor, info.moe_layers, history=routing_history,
-                                      expert_order=info.expert_order)
+            k_max = _max_expert_used(info, kv_overrides)
+            self._sensor = RoutingSensor(info.block_count, info.n_expert, k_max, capacity, cb_eval, cb_eval_user_data)
+            self.routing = RoutingLog(self._sensor, info.moe_layers, history=history, expert_order=info.expert_order)
         elif routing:
             log.info("%s has no routed experts: routing sensor not installed", model_path)
-        self.cache_prior: CachePrior | None = None
-        if cache_prior is not None:
-            if self._sensor is None:
-                if info.n_expert == 0:
-                    raise NotMoEError(f"{model_path} is a dense model; cache-aware routing needs an MoE GGUF")
-                raise SpacError("cache_prior needs routing=True: the bias runs in the routing sensor")
-            self.cache_prior = CachePrior(self._sensor, info, cache_prior, **(cache_prior_options or {}))
 
-        self.speculation: SpeculationTracker | None = None
-        self._unlearned: RoutingStep | None = None  # a verification step the tiers learn from once resolved
-        self._draft_llm: GGUFDraftModel | None = None
-        inner = kwargs.get("draft_model")
-        if self_draft is not False and self_draft is not None:
-            if inner is not None or draft_model_path is not None:
-                raise SpacError("self_draft drafts with the model itself: do not also pass a draft model")
-            if info.n_expert == 0:
-                raise NotMoEError(f"{model_path} is a dense model; self-drafting needs a Mixture-of-Experts GGUF")
-            from spac_llamacpp.speculation.self_draft import SelfDraft
+    def _build_cache_prior(self, model_path: str, lam: float | None,
+                           options: dict[str, Any] | None) -> CachePrior | None:
+        if lam is None:
+            return None
+        if self._sensor is None:
+            if self.moe_info.n_expert == 0:
+                raise NotMoEError(f"{model_path} is a dense model; cache-aware routing needs an MoE GGUF")
+            raise SpacError("cache_prior needs routing=True: the bias runs in the routing sensor")
+        return CachePrior(self._sensor, self.moe_info, lam, **(options or {}))
 
-            experts = None if self_draft is True else int(self_draft)
-            dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
-            inner = self._draft_llm = SelfDraft(model_path, n_draft, kwargs.get("n_ctx", 512), llama_cls=Llama,
-                                                  experts=experts, **dkw)
-        if draft_model_path is not None:
-            if inner is not None:
-                raise SpacError("pass either draft_model or draft_model_path, not both")
-            dkw = {"n_threads": kwargs.get("n_threads"), **(draft_kwargs or {})}
-            if any(k in dkw for k in SPAC_ONLY_KWARGS):  # the draft needs this class for them
-                dkw = {"llama_cls": Llama, "routing": False, **dkw}
-            inner = self._draft_llm = GGUFDraftModel(draft_model_path, n_draft, kwargs.get("n_ctx", 512), **dkw)
-        if inner is not None:
-            adaptive = AdaptiveDraftLength(k_init=n_draft, k_max=max(8, n_draft)) if adaptive_draft else None
-            self.speculation = SpeculationTracker(self, inner, adaptive, history=speculation_history,
-                                                  on_resolved=self._learn_verification)
-            kwargs["draft_model"] = self.speculation
+    def _load(self, model_path: str, kwargs: dict[str, Any], use_extra_bufts: bool | None, no_host: bool | None,
+              cb_eval: UserCallback, cb_eval_user_data: int | None) -> None:
+        """``llama_cpp.Llama.__init__`` with the parameters the stock bindings leave unused."""
 
         def edit_model(p: llama_c.llama_model_params) -> None:
             if self._buft_overrides is not None:
@@ -213,33 +208,29 @@ class Llama(llama_cpp.Llama):
                 p.cb_eval = llama_c.ggml_backend_sched_eval_callback(addr)
                 p.cb_eval_user_data = cb_eval_user_data
 
-        # after any self-draft has mapped the same file: the one new mapping is then the target's
-        mappings_before = file_mappings(model_path) if tier == "flash" else []
         with patched_default_params(edit_model, edit_context):
             try:
                 super().__init__(model_path, **kwargs)
             except ValueError as exc:
                 raise GGUFError(f"llama.cpp could not load {model_path}: {exc}") from exc
+
+    def _link_draft(self) -> None:
+        """A draft this object made must share the target's vocabulary; a self-draft follows the target."""
         if self._draft_llm is not None:
             check_same_vocabulary(self, self._draft_llm.llm)
             if hasattr(self._draft_llm, "target"):
                 self._draft_llm.target = self
-        if tier == "flash":
-            assert self._sensor is not None and budget_bytes is not None
-            try:
-                mapping = new_whole_file_mapping(model_path, mappings_before, self.moe_info.data_offset)
-                self.flash = FlashTier(self.moe_info, mapping, self._sensor, budget_bytes, **(flash_options or {}))
-            except BaseException:
-                self.close()
-                raise
-        if tier == "vram":
-            assert budget_bytes is not None
-            try:
-                self.vram = VramTier(self, self.moe_info, budget_bytes, n_ctx=self.n_ctx(),
-                                     **(vram_options or {}))
-            except BaseException:
-                self.close()
-                raise
+
+    def _start_tier(self, builder: TierBuilder) -> None:
+        try:
+            self._tier = builder.start(self, self._sensor)
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(self._tier, FlashTier):
+            self.flash = self._tier
+        elif isinstance(self._tier, VramTier):
+            self.vram = self._tier
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took.
@@ -289,11 +280,9 @@ class Llama(llama_cpp.Llama):
             self._after_step(step, fmap.accepted_counts())
 
     def _after_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
-        """The tiers and the cache prior learn from a step (``accepted_counts``: its true path's, by block)."""
-        if self.flash is not None:
-            self.flash.on_step(step, accepted_counts)
-        if self.vram is not None:
-            self.vram.on_step(step, accepted_counts)
+        """The tier and the cache prior learn from a step (``accepted_counts``: its true path's, by block)."""
+        if self._tier is not None:
+            self._tier.on_step(step, accepted_counts)
         if self.cache_prior is not None:
             held = None  # without a tier: the cache prior's own simulated LRU
             if self.flash is not None:
@@ -308,10 +297,8 @@ class Llama(llama_cpp.Llama):
         kind (``engine_errors``); the routing sensor's skipped nodes and dropped ids by kind
         (``sensor_errors``); ``settle`` seconds to let queued moves finish first."""
         out: dict[str, Any] = {"tier": self.tier}
-        if self.flash is not None:
-            out.update(self.flash.stats(settle))
-        if self.vram is not None:
-            out.update(self.vram.stats(settle > 0))
+        if self._tier is not None:
+            out.update(self._tier.stats(settle))
         if self.cache_prior is not None:
             out["cache_prior"] = self.cache_prior.stats()
         if self.routing is not None:
@@ -321,14 +308,11 @@ class Llama(llama_cpp.Llama):
         return out
 
     def close(self) -> None:
-        """Stop the flash engine, free the model and context, then the sensor (the context must go first)."""
+        """Stop the tier, free the model and context, then the sensor (the context must go first)."""
         self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
-        flash = getattr(self, "flash", None)
-        if flash is not None:
-            flash.close()
-        vram = getattr(self, "vram", None)
-        if vram is not None:
-            vram.close()
+        tier = getattr(self, "_tier", None)
+        if tier is not None:
+            tier.close()
         if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
             super().close()
         draft = getattr(self, "_draft_llm", None)

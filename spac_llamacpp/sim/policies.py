@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
-from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, solve, tier_costs
+from spac_llamacpp.planning.balancer import Problem, solve, tier_costs
+from spac_llamacpp.planning.budgets import fit_groups
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation, make_estimator
+from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation
+from spac_llamacpp.planning.placement import PlacementPlanner
+from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, LFUCache, LRUCache, MinCache, NextUse
-from spac_llamacpp.planning.replanner import Replanner
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,13 @@ class SimSetup:
     tier: str
     layout: ExpertLayout
     cost: CostModel
-    total_budget: int  # bytes of the fast tier
-    budget: int  # bytes of the fast tier for experts
+    total_budget: int  # the tier's budget as given (flash: RAM for experts; vram: GPU memory for the model)
+    budget: int  # bytes of the fast tier for experts (planning.budgets: what the tier's plan gets)
     counts: np.ndarray  # [T, L, E] per-step counts (only Belady and static-from-this-trace may read it)
     step_tokens: np.ndarray  # [T]
+    config: PlacementConfig | None = None  # the tier's placement configuration (``ours``); None: its defaults
+    n_slots: tuple[int, ...] | None = None  # vram: slots per layer group
+    group_of_row: tuple[int, ...] | None = None  # vram: each MoE layer's group
 
     @property
     def size(self) -> np.ndarray:
@@ -217,59 +223,70 @@ class SpacHysteresisPolicy(Policy):
 
 
 class OursPolicy(Policy):
-    """Utility estimate -> integer program (``Balancer``) through a synchronous ``Replanner``.
+    """What the runtime tier does: its :class:`~spac_llamacpp.planning.placement.PlacementPlanner` (estimator ->
+    ``Balancer`` through the re-planner) built from the tier's
+    :class:`~spac_llamacpp.planning.placement_config.PlacementConfig`, planned synchronously.
 
-    ``estimator`` is any name of ``estimators.make_estimator`` (default ``decayed-counts``, half-life
-    ``half_life`` = 8 steps), with ``estimator_params``. A plan made after step t is applied ``1 + lag``
-    steps later (``lag`` models the background solve).
+    ``config`` defaults to the setup's (``setup.config``), else the tier's defaults; ``overrides`` change
+    single fields (``estimator``, ``estimator_params``, ``replan_every``, ``horizon``, ...). As in the
+    tier: a first residency from a uniform prior where the configuration plans one (flash; preloaded, not
+    timed), the first step planned at once, later ones when the re-planner says so. A plan made after
+    step t is applied ``1 + lag`` steps later (``lag`` models a background solve; 0: as the tier with
+    ``background=False``). ``plans`` lists ``(t, residency)`` of every plan made.
     """
 
     name = "ours"
 
-    def __init__(self, estimator: str = "decayed-counts", every: int = 1, drift: float = 0.3, horizon: float = 32.0,
-                 lag: int = 0, solver: str = "auto", time_limit: float = 0.25, **estimator_params: float) -> None:
-        if estimator == "decayed-counts":
-            estimator_params.setdefault("half_life", 8.0)
-        self.estimator, self.estimator_params = estimator, estimator_params
-        self.every, self.drift, self.horizon = every, drift, horizon
-        self.lag, self.solver, self.time_limit = lag, solver, time_limit
+    def __init__(self, config: PlacementConfig | None = None, lag: int = 0, **overrides: Any) -> None:
+        self.config, self.lag, self.overrides = config, int(lag), overrides
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        L, E = setup.shape
-        self.est = make_estimator(self.estimator, L, E, **self.estimator_params)
-        self.balancer = Balancer(setup.layout, setup.cost, setup.tier, setup.total_budget, horizon=self.horizon,
-                                 time_limit=self.time_limit, solver=self.solver, transfer_steps=self.every)
-        self.balancer.budget = setup.budget
+        base = self.config or setup.config or PlacementConfig.for_tier(setup.tier)
+        if base.tier != setup.tier:
+            raise SpacError(f"a {base.tier} placement configuration cannot plan the {setup.tier} tier")
+        cfg = base.replace(**self.overrides, background=False)
         self._resident = np.zeros(setup.shape, bool)
+        self.planner = PlacementPlanner(cfg, setup.layout, setup.cost, setup.budget,
+                                        resident=lambda: self._resident.copy())
+        self._queue: list[tuple[int, np.ndarray]] = []
+        self.plans: list[tuple[int, np.ndarray]] = []
+        first = self.planner.first_plan(None)
+        if first is not None:
+            self._resident = self._fit(first[0].x, first[1])
+            self.plans.append((-1, self._resident.copy()))
+        return self._resident.copy()
 
-        def plan_fn(u: np.ndarray, resident: np.ndarray | None) -> Plan:
-            self.balancer.tokens_per_step = self.est.tokens_per_step
-            return self.balancer.plan(u, self._resident)
-
-        self.replanner = Replanner(plan_fn, every=self.every, drift=self.drift, background=False)
-        self._queue: list[tuple[int, Plan]] = []
-        return np.zeros(setup.shape, bool)
+    def _fit(self, x: np.ndarray, utility: np.ndarray) -> np.ndarray:
+        """vram: each layer group's planned experts within its slots, as the tier keeps them."""
+        s = self.setup
+        if s.n_slots is None or s.group_of_row is None:
+            return np.asarray(x, bool).copy()
+        return fit_groups(x, utility, s.n_slots, np.asarray(s.group_of_row))[0]
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         self._resident = resident  # the residency the next plan starts from
-        ready = [p for due, p in self._queue if due <= t]
+        ready = [x for due, x in self._queue if due <= t]
         if not ready:
             return None
-        self._queue = [(due, p) for due, p in self._queue if due > t]
-        x = ready[-1].x.copy()
-        self._resident = x  # what the next plan starts from
-        return x
+        self._queue = [(due, x) for due, x in self._queue if due > t]
+        self._resident = ready[-1].copy()
+        return ready[-1].copy()
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        self.est.update(Observation(counts, n_tokens))
-        if self.replanner.submit(self.est.utility(), t):
-            plan = self.replanner.take()
-            if plan is not None:
-                self._queue.append((t + 1 + self.lag, plan))
+        self.planner.demand.update(Observation(counts, n_tokens))
+        plan = self.planner.after_step(t + 1)
+        if plan is not None:
+            x = self._fit(plan.x, self.planner.demand.utility())
+            self._queue.append((t + 1 + self.lag, x))
+            self.plans.append((t, x.copy()))
+
+    def describe(self) -> str:
+        c = self.planner.config if hasattr(self, "planner") else (self.config or "tier defaults")
+        return f"{self.name} ({c})"
 
     def stats(self) -> dict:
-        s = self.replanner.stats
+        s = self.planner.replanner.stats
         return {"solves": s.solves, "methods": dict(s.methods),
                 "solve_ms_mean": 1e3 * float(np.mean(s.wall)) if s.wall else 0.0}
 

@@ -27,11 +27,12 @@ import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
-from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.gguf.info import MoEModelInfo, inspect_model
 from spac_llamacpp.observe.trace import RoutingTrace
-from spac_llamacpp.planning.balancer import expert_budget
+from spac_llamacpp.planning import budgets
 from spac_llamacpp.planning.calibration import load_cached
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.planning.reference_caches import count_hits, hit_rate
 from spac_llamacpp.sim.policies import POLICIES, Policy, SimSetup, make_policy
 
@@ -109,10 +110,30 @@ def check_layout(trace: RoutingTrace, layout: ExpertLayout) -> None:
         )
 
 
-def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, layout: ExpertLayout) -> SimSetup:
+def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, info: MoEModelInfo, *,
+               config: PlacementConfig | None = None, lookahead: bool = True, n_ctx: int = budgets.DEFAULT_N_CTX,
+               compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE, kv_bytes: int | None = None) -> SimSetup:
+    """What a replay of ``trace`` knows, with ``budget`` meaning what the tier's budget means
+    (``planning.budgets``): flash, RAM for routed experts (the plan gets it less the staging and, with
+    ``lookahead``, lookahead reserves; sizes in whole pages); vram, GPU memory for the model (the pool gets
+    it less the non-expert weights, the KV cache of ``n_ctx`` tokens, estimated from the GGUF header unless
+    ``kv_bytes`` is given, and ``compute_reserve``, in whole slots per layer group). ``config``: the tier's
+    placement configuration for ``ours`` (default: its defaults)."""
+    layout = budgets.tier_layout(tier, info)
     check_layout(trace, layout)
     counts, tokens, _ = trace_arrays(trace)
-    return SimSetup(tier, layout, cost, int(budget), expert_budget(tier, budget, layout), counts, tokens)
+    n_slots = group_of_row = None
+    if tier == "flash":
+        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, name=info.path.name).plan_bytes
+    else:
+        groups, group_of_row = budgets.pool_groups(layout)
+        if kv_bytes is None:
+            kv_bytes = budgets.kv_cache_bytes(n_ctx, *budgets.kv_dims_of_gguf(info.path))
+        split = budgets.vram_budget(budget, groups, non_expert_bytes=info.non_expert_bytes, kv_bytes=kv_bytes,
+                                    compute_reserve=compute_reserve, name=info.path.name)
+        plan_bytes, n_slots = split.pool_bytes, split.slots
+    return SimSetup(tier, layout, cost, int(budget), int(plan_bytes), counts, tokens,
+                    config=config or PlacementConfig.for_tier(tier), n_slots=n_slots, group_of_row=group_of_row)
 
 
 def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimResult:
@@ -299,8 +320,8 @@ def load_inputs(
     model: str | Path | None = None,
     calibration: str | Path | None = None,
     measure: Callable[[str | Path], CostModel] | None = None,
-) -> tuple[RoutingTrace, ExpertLayout, CostModel]:
-    """The trace, its model's expert layout (from the GGUF header) and the cost model.
+) -> tuple[RoutingTrace, MoEModelInfo, CostModel]:
+    """The trace, its model's header and the cost model.
 
     The cost model is ``calibration`` if given, else this machine's cached calibration (for the model,
     else the generic one), else ``measure(model)`` when given (the CLI measures and caches it), else
@@ -314,8 +335,8 @@ def load_inputs(
     if not Path(model_path).is_file():
         src = "--model" if model else "the trace"
         raise SpacError(f"model {model_path} (from {src}) not found; pass --model MODEL.gguf")
-    layout = ExpertLayout.from_info(inspect_model(model_path))
-    check_layout(trace, layout)
+    info = inspect_model(model_path)
+    check_layout(trace, ExpertLayout.from_info(info))
     if calibration is not None:
         cost = CostModel.load(calibration)
     else:
@@ -326,4 +347,4 @@ def load_inputs(
             log.warning("no calibration cached for this machine: simulating with nominal costs (run `spac calibrate`)")
             cached = CostModel.nominal()
         cost = cached
-    return trace, layout, cost
+    return trace, info, cost

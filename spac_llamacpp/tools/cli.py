@@ -551,8 +551,10 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @spac.command(name="simulate")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
 @click.option("--budget", required=True,
-              help="Fast-tier memory incl. non-expert weights: 123456, 512KiB, 6GiB (unlike `spac-run --tier flash "
-                   "--budget`, which counts routed experts only).")
+              help="The tier's budget, as the tier means it (123456, 512KiB, 6GiB): flash, RAM for routed experts "
+                   "(`spac-run --tier flash --budget`; the plan gets it less the staging and lookahead reserves); "
+                   "vram, GPU memory for the model (`--vram-budget`; the pool gets it less the non-expert weights, "
+                   "the KV cache of --n-ctx tokens and --compute-reserve).")
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
@@ -564,11 +566,18 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
               help="Calibration JSON (default: this machine's cached one, measured now if there is none).")
 @click.option("--png", default=None, type=click.Path(dir_okay=False),
               help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
+@click.option("--n-ctx", default=512, show_default=True, type=int,
+              help="vram: the context length whose KV cache the budget holds (as the model would be loaded).")
+@click.option("--compute-reserve", default="256MiB", show_default=True,
+              help="vram: GPU memory kept for llama.cpp's compute buffers (vram_options compute_reserve).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
 @friendly_errors
 def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
-                 calibration: str | None, png: str | None, as_json: bool) -> None:
-    """Replay a routing TRACE through placement policies under the measured cost model."""
+                 calibration: str | None, png: str | None, n_ctx: int, compute_reserve: str, as_json: bool) -> None:
+    """Replay a routing TRACE through placement policies under the measured cost model.
+
+    `ours` is the tier's own planning loop with the tier's placement configuration, and the budget means what
+    the tier's budget means, so its result is what the tier would do on this trace."""
     from spac_llamacpp.base.sizes import format_size, parse_size
     from spac_llamacpp.sim.policies import POLICIES
     from spac_llamacpp.sim.simulator import compare as run_compare
@@ -577,15 +586,16 @@ def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: 
     if not compare and policy not in POLICIES:
         raise SpacError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     size = parse_size(budget)
-    trace, layout, cost = load_inputs(trace_path, model, calibration, measure=_measure_and_cache)
-    setup = make_setup(trace, tier, size, cost, layout)
+    trace, info, cost = load_inputs(trace_path, model, calibration, measure=_measure_and_cache)
+    setup = make_setup(trace, tier, size, cost, info, n_ctx=n_ctx, compute_reserve=parse_size(compute_reserve))
+    layout = setup.layout
     results = run_compare(trace, setup) if compare else [simulate(trace, policy, setup)]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
     else:
         click.echo(f"{trace_path}: {trace.n_tokens} tokens, {trace.n_steps} steps, {layout.n_layer} MoE layers x "
                    f"{layout.n_expert} experts ({format_size(layout.total_expert_bytes)} of experts); tier {tier}, "
-                   f"budget {format_size(size)} ({format_size(setup.budget)} for experts); cost model "
+                   f"budget {format_size(size)} ({format_size(setup.budget)} for planned experts); cost model "
                    f"{cost.source or 'measured now'}" + ("" if tier == "flash" or cost.gpu.measured else
                                                         "; GPU not measured: assumed GPU numbers"))
         click.echo(format_table(results))
