@@ -7,6 +7,8 @@ other random weights (seed 1); the replayed run's own recorded trace must equal 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +302,50 @@ def test_bad_arguments(tiny_model, tiny_dense_model, tmp_path):
         Llama(path, verbose=False, routing_replay=trace, replay_end="wrap")
     with pytest.raises(SpacError, match="not found"):
         Llama(path, verbose=False, routing_replay=str(tmp_path / "missing.npz"))
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+_CLI = {"spac": "from spac_llamacpp.tools.cli import spac; spac()",
+        "spac-run": "from spac_llamacpp.tools.cli import spac_run; spac_run()"}
+
+
+def cli(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a CLI with this checkout's package (PYTHONPATH inherited), not an installed copy."""
+    return subprocess.run([sys.executable, "-c", _CLI[tool], *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trace_replay_round_trip_and_spac_run(tiny_model, other_models, tmp_path):
+    src, other = str(tiny_model("llama")), str(other_models("llama"))
+    t, r = tmp_path / "t.npz", tmp_path / "r.npz"
+    p = cli("spac", "trace", src, "-p", "Hello there", "-n", "10", "-o", str(t))
+    assert p.returncode == 0, p.stderr
+    p = cli("spac", "trace", other, "-p", "Hello there", "-n", "10", "--replay", str(t), "-o", str(r))
+    assert p.returncode == 0, p.stderr
+    assert f"routing replayed from {t}: output text is meaningless" in p.stderr
+    want, got = RoutingTrace.load(t), RoutingTrace.load(r)
+    assert_same_ids(got, want)
+    assert got.meta["replay"]["trace"] == str(t) and got.meta["replay"]["mismatched_rows"] == 0
+
+    p = cli("spac-run", other, "-p", "Hello there", "-n", "30", "--replay", str(t), "--stats", "json")
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == f"routing replayed from {t}: output text is meaningless"
+    stats = json.loads(lines[-1])
+    assert stats["replay"]["rows_wrapped"] > 0 and stats["replay"]["note"] == MEANINGLESS
+    assert stats["routing"]["replay"]["end"] == "cycle" and stats["generated_tokens"] == 30
+
+    p = cli("spac-run", other, "-p", "Hello there", "-n", "30", "--replay", str(t), "--replay-end", "stop", "--stats")
+    assert p.returncode == 0, p.stderr
+    assert "stop: trace end" in p.stderr and "routing replay:" in p.stderr
+
+
+def test_cli_mismatch_is_one_line(tiny_model, other_models, tmp_path):
+    t = tmp_path / "t.npz"
+    assert cli("spac", "trace", str(tiny_model("llama")), "-p", "Hi", "-n", "3", "-o", str(t)).returncode == 0
+    p = cli("spac-run", str(other_models("llama", n_expert=16)), "--replay", str(t))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: routing replay: trace") and "16 experts" in lines[0]
+    p = cli("spac-run", str(tiny_model("llama")), "--replay", str(t), "--cache-prior", "0.1")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
