@@ -96,6 +96,24 @@ def test_replayed_run_records_the_input_trace(tiny_model, other_models, arch):
         llm.close()
 
 
+def test_top8_of_64_and_a_prompt_split_into_ubatches(tmp_path):
+    # a fine-grained shape, and a prompt in 8-token batches: rows map across ubatches, and each batch's
+    # last layer computes only its output row (the ubatch's last)
+    src = write_tiny_moe(tmp_path / "a.gguf", "qwen3moe", n_expert=64, n_expert_used=8)
+    other = write_tiny_moe(tmp_path / "b.gguf", "qwen3moe", n_expert=64, n_expert_used=8, seed=1)
+    small = {"n_batch": 8, "n_ubatch": 8}
+    prompt = b"Hello there, how are you today my friend? " * 2
+    trace, llm = record(src, n=12, prompt=prompt, **small)
+    llm.close()
+    assert trace.step_n_tokens[0] > 16
+    got, llm = record(other, n=12, prompt=prompt, routing_replay=trace, **small)
+    try:
+        assert_same_ids(got, trace)
+        assert llm.replay.stats()["mismatched_rows"] == 0
+    finally:
+        llm.close()
+
+
 def test_replay_from_a_file_and_on_the_device_path(tiny_model, other_models, tmp_path):
     trace, src = record(tiny_model("deepseek2"))
     src.close()
