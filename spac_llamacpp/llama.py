@@ -22,6 +22,7 @@ from spac_llamacpp.base.sizes import parse_size
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
+from spac_llamacpp.observe.replay import ReplayEnded, RoutingReplay, attach_replay
 from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
 from spac_llamacpp.speculation.build import build_draft, build_speculation
 from spac_llamacpp.speculation.drafts import check_same_vocabulary
@@ -85,6 +86,11 @@ class Llama(llama_cpp.Llama):
             (``top_j``, ``cache_experts``, ``max_rows``, ``ema``, ``resident``).
         self_draft: speculative decoding with the model itself drafting on its resident experts
             (:mod:`spac_llamacpp.speculation.self_draft`); an int also lowers its experts per token while drafting.
+        routing_replay: a routing trace (``.npz`` path or :class:`~spac_llamacpp.observe.trace.RoutingTrace`) whose
+            expert selection every MoE layer is forced to, token t of the context taking token t of the trace
+            (:mod:`spac_llamacpp.observe.replay`; ``llm.replay``). Outputs are meaningless, timings real.
+        replay_end: past the trace's end, ``"cycle"`` (its tokens after the prompt step again) or ``"stop"``
+            (generation ends).
     """
 
     def __init__(
@@ -112,6 +118,8 @@ class Llama(llama_cpp.Llama):
         cache_prior: float | None = None,
         cache_prior_options: dict[str, Any] | None = None,
         self_draft: bool | int = False,
+        routing_replay: Any = None,
+        replay_end: str = "cycle",
         **kwargs: Any,
     ) -> None:
         self._spac_options = {
@@ -134,6 +142,8 @@ class Llama(llama_cpp.Llama):
             "cache_prior": cache_prior,
             "cache_prior_options": cache_prior_options,
             "self_draft": self_draft,
+            "routing_replay": routing_replay,
+            "replay_end": replay_end,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
         self.tier = tier
@@ -147,6 +157,9 @@ class Llama(llama_cpp.Llama):
         self._install_routing(model_path, routing, routing_history, routing_capacity, cb_eval, cb_eval_user_data,
                               kwargs.get("kv_overrides"))
         self.cache_prior = self._build_cache_prior(model_path, cache_prior, cache_prior_options)
+        self.replay: RoutingReplay | None = attach_replay(model_path, self.moe_info, self._sensor, self.routing,
+                                                          routing_replay, replay_end,
+                                                          cache_prior=self.cache_prior is not None)
         draft, self._draft_llm = build_draft(model_path, kwargs, self_draft=self_draft,
                                              draft_model_path=draft_model_path, n_draft=n_draft,
                                              draft_kwargs=draft_kwargs, n_expert=self.moe_info.n_expert,
@@ -245,6 +258,8 @@ class Llama(llama_cpp.Llama):
             raise SpacError("this Llama was closed; create a new one to evaluate tokens")
         if self.speculation is not None:
             self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
+        if self.replay is not None:
+            self.replay.begin(self.n_tokens)  # rows map to trace tokens by context position
         position = self.n_tokens
         step = None
         try:
@@ -270,6 +285,8 @@ class Llama(llama_cpp.Llama):
         """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt."""
         try:
             yield from super().generate(tokens, *args, **kwargs)
+        except ReplayEnded:  # routing replay with replay_end="stop": the trace is over
+            return
         finally:
             if self.speculation is not None:
                 self.speculation.finish_open()
@@ -303,6 +320,8 @@ class Llama(llama_cpp.Llama):
             out["cache_prior"] = self.cache_prior.stats()
         if self.routing is not None:
             out["routing_tokens"] = self.routing.summary()["tokens"]
+        if self.replay is not None:
+            out["replay"] = self.replay.stats()
         if self._sensor is not None:
             out["sensor_errors"] = self._sensor.errors()  # {kind: {count, errno, message}}, each kind logged once
         return out

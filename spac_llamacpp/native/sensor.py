@@ -30,7 +30,7 @@ UserCallback = Callable[[int, bool, int], bool] | int | Any | None
 _ERROR_WHAT = {  # per kind (SPAC_SENSOR_ERR_* in native/spac_sensor.h)
     "topk": "ffn_moe_topk nodes skipped (unexpected layer, type or shape)",
     "ids": "expert ids outside [0, n_expert) dropped",
-    "probs": "ffn_moe_probs nodes the cache prior could not bias (unexpected type or shape)",
+    "probs": "ffn_moe_probs nodes the cache prior or routing replay could not rewrite (unexpected type or shape)",
     "hidden": "l_out nodes the layer-ahead hook could not read (not F32 rows in host memory)",
     "nomem": "sensor scratch allocations failed",
 }

@@ -83,6 +83,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --cache-prior and no tier: simulated LRU cache size per layer (default: half)."),
         click.option("--warm-profile", default=None, type=click.Path(dir_okay=False, exists=True),
                      help="Start the flash or vram tier's residency from a saved profile (`spac profile`) or trace."),
+        click.option("--replay", "replay", default=None, type=click.Path(dir_okay=False),
+                     help="Force every MoE layer's expert selection to this routing trace's (.npz; token t of the "
+                          "context takes token t of the trace): real routing on any model of the same shape. "
+                          "Output text is meaningless, timings are real."),
+        click.option("--replay-end", type=click.Choice(["cycle", "stop"]), default="cycle", show_default=True,
+                     help="With --replay, past the trace's end: cycle over its tokens after the prompt step, or "
+                          "stop generating."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -108,7 +115,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
           flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024,
-          speculation_history: int | None = 256):
+          speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle"):
     from spac_llamacpp.llama import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
 
@@ -134,12 +141,14 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--pool-on-host needs --tier vram")
     if warm_profile and tier not in ("flash", "vram"):
         raise SpacError("--warm-profile needs --tier flash or --tier vram")
+    if replay is not None and cache_prior is not None:
+        raise SpacError("--replay and --cache-prior both rewrite the router probabilities; use one")
     flash = vram = None
     if tier == "flash":
         flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
     if tier == "vram":
         vram = {"on_host": pool_on_host, "profile": warm_profile}
-    return Llama(
+    llm = Llama(
         model,
         draft_model_path=draft,
         draft_model=PromptLookupDraft(n_draft) if lookup else None,
@@ -162,7 +171,12 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         cache_prior=cache_prior,
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
         self_draft=(self_draft_experts or True) if self_draft else False,
+        routing_replay=replay,
+        replay_end=replay_end,
     )
+    if replay is not None:
+        click.echo(f"routing replayed from {replay}: output text is meaningless", err=True)
+    return llm
 
 
 def _vram_line(st: dict[str, Any]) -> str:
@@ -173,6 +187,13 @@ def _vram_line(st: dict[str, Any]) -> str:
     return (f"vram tier: expert pool {format_size(st['pool_bytes'])} in {where} ({'+'.join(map(str, st['slots']))} "
             f"slots, {st['resident_experts']} experts resident) of a {format_size(st['vram_budget_bytes'])} budget; "
             f"pool hit rate {hit}; {st['copies_done']} copies ({format_size(st['bytes_copied'])})")
+
+
+def _replay_line(rp: dict[str, Any]) -> str:
+    end = f"cycled from token {rp['cycle_start']}" if rp["end"] == "cycle" else "stop"
+    return (f"routing replay: {rp['rows_forced']} (token, layer) rows forced from {rp['trace']} "
+            f"({rp['trace_tokens']} tokens; past its end: {end}; {rp['rows_wrapped']} rows past it, "
+            f"{rp['rows_free']} left to the model, {rp['mismatched_rows']} mismatched); {rp['note']}")
 
 
 def _routing_lines(summary: dict[str, Any]) -> list[str]:
@@ -240,6 +261,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
         click.echo(piece, nl=False)
     click.echo()
+    if llm.replay is not None and llm.replay.ended:
+        gen.stop_reason = "trace end"
 
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
     if llm.routing is not None:
@@ -252,6 +275,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["vram"] = llm.stats(settle=1.0)
     if llm.cache_prior is not None:
         report["cache_prior"] = llm.cache_prior.stats()
+    if llm.replay is not None:
+        report["replay"] = llm.replay.stats()
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -276,6 +301,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             changed = "n/a" if cp["changed_rate"] is None else f"{100 * cp['changed_rate']:.1f}%"
             click.echo(f"cache-aware routing: lambda {cp['lambda']}, expert miss rate {miss}, "
                        f"selections changed {changed}", err=True)
+        if "replay" in report:
+            click.echo(_replay_line(report["replay"]), err=True)
         if "routing" in report:
             for line in _routing_lines(report["routing"]):
                 click.echo(line, err=True)
@@ -369,8 +396,12 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
         first_step = llm.routing.n_steps
         for _ in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed + i, stats=gen):
             pass
+        if llm.replay is not None and llm.replay.ended:
+            gen.stop_reason, llm.replay.ended = "trace end", False
         runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
+    if llm.replay is not None:  # the routing is the input trace's, the text meaningless
+        meta["replay"] = llm.replay.stats()
     if llm.speculation is not None:
         meta["speculation"] = llm.speculation.summary()
     if llm.moe_info.expert_order:  # a `spac patch`ed model: ids are positions; this maps them back
