@@ -533,13 +533,15 @@ spac.add_command(spac_run, name="run")
 # --- balancer: calibrate, simulate (issue 5) -------------------------------------------------------
 
 
-def _measure_and_cache(model: str | Path) -> Any:
-    """Calibrate this machine for ``model`` now and cache it (``spac simulate`` without a calibration)."""
+def _measure_and_cache(model: str | Path | None, types: list[str] | None = None) -> Any:
+    """Calibrate this machine for ``model`` (None: the generic calibration) now and cache it (``spac simulate``
+    without a calibration); ``types``: weight types to measure besides the defaults."""
     from spac_llamacpp.planning.calibration import calibration_path
-    from spac_llamacpp.tools.calibrate import calibrate
+    from spac_llamacpp.tools.calibrate import DEFAULT_TYPES, calibratable_types, calibrate
 
+    want = [*DEFAULT_TYPES, *(t for t in types or [] if t not in DEFAULT_TYPES and t in calibratable_types())]
     click.echo("calibrate: no calibration cached for this machine; measuring it now (about 20 s)", err=True)
-    cm = calibrate(model, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+    cm = calibrate(model, types=want if types else None, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
     cm.source = str(cm.save(calibration_path(model)))
     return cm
 
@@ -585,50 +587,87 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
               help="The tier's budget, as the tier means it (123456, 512KiB, 6GiB): flash, RAM for routed experts "
                    "(`spac-run --tier flash --budget`; the plan gets it less the staging and lookahead reserves); "
                    "vram, GPU memory for the model (`--vram-budget`; the pool gets it less the non-expert weights, "
-                   "the KV cache of --n-ctx tokens and --compute-reserve).")
+                   "the KV cache of --n-ctx tokens and --compute-reserve). Without a model file (the trace's "
+                   "recorded layout) it counts routed expert bytes only, at the recorded sizes: flash, less the same "
+                   "reserves; vram, all of it for the pool.")
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
               help="none, static, lru, lfu, pin, spac, ours, min, belady.")
 @click.option("--compare", is_flag=True, help="Run every policy, print them side by side and write a PNG.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
-              help="GGUF the trace was recorded from (default: the path in the trace).")
+              help="GGUF the trace was recorded from (default: the path in the trace when that file is here, "
+                   "else the layout the trace records).")
+@click.option("--expert-bytes", default=None,
+              help="No model file: the size of one expert (every MoE layer, e.g. 94.5MiB), replacing the sizes the "
+                   "trace records (needed when it records none).")
+@click.option("--weight-type", default=None,
+              help="No model file: the experts' ggml weight type for the CPU cost model (e.g. Q4_K; default "
+                   "F16, the cost model's fallback).")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
-              help="Calibration JSON (default: this machine's cached one, measured now if there is none).")
+              help="Calibration JSON (default: this machine's cached one, measured now if there is none; without a "
+                   "model the generic one).")
 @click.option("--png", default=None, type=click.Path(dir_okay=False),
               help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
 @click.option("--n-ctx", default=512, show_default=True, type=int,
-              help="vram: the context length whose KV cache the budget holds (as the model would be loaded).")
+              help="vram: the context length whose KV cache the budget holds (as the model would be loaded; needs the "
+                   "model file).")
 @click.option("--compute-reserve", default="256MiB", show_default=True,
-              help="vram: GPU memory kept for llama.cpp's compute buffers (vram_options compute_reserve).")
+              help="vram: GPU memory kept for llama.cpp's compute buffers (vram_options compute_reserve; needs the "
+                   "model file).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
 @friendly_errors
 def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
-                 calibration: str | None, png: str | None, n_ctx: int, compute_reserve: str, as_json: bool) -> None:
+                 expert_bytes: str | None, weight_type: str | None, calibration: str | None, png: str | None,
+                 n_ctx: int, compute_reserve: str, as_json: bool) -> None:
     """Replay a routing TRACE through placement policies under the measured cost model.
 
     `ours` is the tier's own planning loop with the tier's placement configuration, and the budget means what
-    the tier's budget means, so its result is what the tier would do on this trace."""
+    the tier's budget means, so its result is what the tier would do on this trace.
+
+    Without the model file (an imported public trace, `spac trace import`), expert sizes and top-k come from the
+    layout the trace records (--expert-bytes where it records none): each expert is 3 tensors (gate, up,
+    down) of --weight-type, and the budget counts routed expert bytes only."""
+    from click.core import ParameterSource
+
     from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.planning.costmodel import ExpertLayout
     from spac_llamacpp.sim.policies import POLICIES
     from spac_llamacpp.sim.simulator import compare as run_compare
-    from spac_llamacpp.sim.simulator import format_table, load_inputs, make_setup, plot, simulate
+    from spac_llamacpp.sim.simulator import format_table, load_inputs, make_setup, plot, simulate, weight_type_name
 
     if not compare and policy not in POLICIES:
         raise SpacError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     size = parse_size(budget)
-    trace, info, cost = load_inputs(trace_path, model, calibration, measure=_measure_and_cache)
+    per_expert = parse_size(expert_bytes) if expert_bytes is not None else None
+    wtype = weight_type_name(weight_type) if weight_type is not None else None
+    trace, info, cost = load_inputs(trace_path, model, calibration,
+                                    measure=lambda m: _measure_and_cache(m, [wtype] if wtype else None),
+                                    expert_bytes=per_expert, weight_type=wtype)
+    recorded = isinstance(info, ExpertLayout)
+    if recorded and tier == "vram":
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_', '-')}" for p in ("n_ctx", "compute_reserve")
+                 if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
+        if given:
+            raise SpacError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} the model file (its KV "
+                            "cache and non-expert weights); without one the vram budget is the expert pool's bytes")
     setup = make_setup(trace, tier, size, cost, info, n_ctx=n_ctx, compute_reserve=parse_size(compute_reserve))
     layout = setup.layout
     results = run_compare(trace, setup) if compare else [simulate(trace, policy, setup)]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
     else:
+        source = ""
+        if recorded:
+            types = sorted({ty for ts in layout.tensors for ty, _ in ts})
+            source = (f"; layout {layout.model} (no model file: {layout.n_ranges(0)} tensors per expert, "
+                      f"{'/'.join(types)}{'' if wtype else ' assumed'}; the budget counts routed expert bytes only)")
         click.echo(f"{trace_path}: {trace.n_tokens} tokens, {trace.n_steps} steps, {layout.n_layer} MoE layers x "
                    f"{layout.n_expert} experts ({format_size(layout.total_expert_bytes)} of experts); tier {tier}, "
                    f"budget {format_size(size)} ({format_size(setup.budget)} for planned experts); cost model "
                    f"{cost.source or 'measured now'}" + ("" if tier == "flash" or cost.gpu.measured else
-                                                        "; GPU not measured: assumed GPU numbers"))
+                                                        "; GPU not measured: assumed GPU numbers") + source)
         click.echo(format_table(results))
     if compare:
         out = Path(png) if png else Path(trace_path).with_name(f"{Path(trace_path).stem}-compare-{tier}.png")
