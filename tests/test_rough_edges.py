@@ -1,0 +1,69 @@
+"""Issue 18's rough edges: what a new user hits first gives one clear line (or just works), never a crash.
+
+Anything that crashed the process before runs in a subprocess here, so that a regression fails one test
+instead of killing the session. The command lines run this checkout's code (``PYTHONPATH`` is set to it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.models.default import default_model_path
+from spac_llamacpp.models.factory import write_tiny_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(default_model_path())  # 256-token training context
+SHAPE = {"n_layer": 3, "n_embd": 128, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 256}
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def py(code: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
+       ) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter on this checkout's package."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(env))
+
+
+def cli(entry: str, *args: str, prelude: str = "", **kw) -> subprocess.CompletedProcess[str]:
+    """``spac-run ...`` (entry ``spac_run``) or ``spac ...`` (entry ``spac``) of this checkout."""
+    return py(f"{prelude}\nfrom spac_llamacpp.tools.cli import {entry}\n{entry}()\n", *args, **kw)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def flash_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A factory MoE whose experts span several pages (page-granular residency is meaningful)."""
+    return str(write_tiny_moe(tmp_path_factory.mktemp("rough") / "qwen3moe.gguf", "qwen3moe", **SHAPE))
+
+
+# --- spac inspect --json: layer_expert_bytes ----------------------------------------------------------
+
+
+def test_inspect_json_layer_expert_bytes_is_per_layer(flash_model):
+    info = inspect_model(flash_model)
+    data = json.loads(json.dumps(info.to_json()))
+    for layer in info.moe_layers:
+        per_expert = info.layer_expert_bytes(layer)
+        assert data["bytes_per_expert"][str(layer)] == per_expert
+        assert data["layer_expert_bytes"][str(layer)] == per_expert * info.n_expert
+    assert sum(data["layer_expert_bytes"].values()) == data["expert_bytes"]
