@@ -13,11 +13,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from spac_llamacpp.gguf.info import inspect_model
+from spac_llamacpp.gguf.info import inspect_model, read_model_header
 from spac_llamacpp.models.default import default_model_path
 from spac_llamacpp.models.factory import write_tiny_moe
+from spac_llamacpp.observe.profile import Profile
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(default_model_path())  # 256-token training context
@@ -54,6 +56,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -
 def flash_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A factory MoE whose experts span several pages (page-granular residency is meaningful)."""
     return str(write_tiny_moe(tmp_path_factory.mktemp("rough") / "qwen3moe.gguf", "qwen3moe", **SHAPE))
+
+
+# --- spac patch -o into an unwritable place -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["/proc/x.gguf", "missing-dir/x.gguf"])
+def test_patch_unwritable_output_names_the_output(flash_model, tmp_path, where):
+    info = read_model_header(flash_model)
+    prof = tmp_path / "p.json"
+    counts = np.arange(len(info.moe_layers) * info.n_expert).reshape(len(info.moe_layers), info.n_expert)
+    Profile(tuple(info.moe_layers), info.n_expert, counts, tokens=10, steps=2, model="m").save(prof)
+    out = where if where.startswith("/") else str(tmp_path / where)
+    line = assert_one_line_error(cli("spac", "patch", flash_model, "--profile", str(prof), "-o", out), out)
+    assert ".tmp" not in line and "Errno" not in line
+    assert not list(tmp_path.glob("**/*.tmp*"))
 
 
 # --- spac inspect --json: layer_expert_bytes ----------------------------------------------------------
