@@ -84,3 +84,35 @@ def test_inspect_json_layer_expert_bytes_is_per_layer(flash_model):
         assert data["bytes_per_expert"][str(layer)] == per_expert
         assert data["layer_expert_bytes"][str(layer)] == per_expert * info.n_expert
     assert sum(data["layer_expert_bytes"].values()) == data["expert_bytes"]
+
+
+# --- a second mapping of the same GGUF ----------------------------------------------------------------
+
+
+def test_second_mapping_of_the_file_is_reported(flash_model):
+    import llama_cpp
+
+    from spac_llamacpp import Llama
+
+    info = read_model_header(flash_model)
+    budget = info.expert_bytes // 3
+    llm = Llama(flash_model, n_ctx=128, verbose=False, tier="flash", budget=budget,
+                flash_options={"background": False})
+    try:
+        llm("hello", max_tokens=4)
+        st = llm.stats(settle=2.0)
+        assert st["other_mappings"] == {"count": 0, "bytes": 0, "rss_bytes": 0}
+        assert not any("mapping" in n for n in st["notes"])
+        stock = llama_cpp.Llama(flash_model, n_ctx=128, verbose=False)  # e.g. for comparison
+        try:
+            stock("hello", max_tokens=4)
+            st = llm.stats(settle=2.0)
+            other = st["other_mappings"]
+            assert other["count"] >= 1 and other["rss_bytes"] > 0 and other["bytes"] >= info.expert_bytes
+            (note,) = [n for n in st["notes"] if "mapping" in n]
+            assert "budget" in note and "flash.md" in note
+        finally:
+            stock.close()
+        assert llm.stats()["other_mappings"]["count"] == 0
+    finally:
+        llm.close()
