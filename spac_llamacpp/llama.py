@@ -18,11 +18,11 @@ import llama_cpp.llama_cpp as llama_c
 import numpy as np
 
 from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
-from spac_llamacpp.base.sizes import parse_size
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
 from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
+from spac_llamacpp.planning.budgets import DEFAULT_COMPUTE_RESERVE, DEFAULT_N_CTX, parse_budget
 from spac_llamacpp.speculation.build import build_draft, build_speculation
 from spac_llamacpp.speculation.drafts import check_same_vocabulary
 from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
@@ -67,9 +67,11 @@ class Llama(llama_cpp.Llama):
             patched llama.cpp, ``patched_llama_available()``): non-expert weights on the GPU, routed
             experts in host memory, the most useful of them copied into a GPU expert pool sized from
             ``vram_budget`` (``llm.vram``). None: llama.cpp as is.
-        budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
+        budget: RAM for routed experts with ``tier="flash"``: bytes, a size such as ``"6GiB"`` or a share of the
+            model's routed expert bytes such as ``"50%"``.
         vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
-            compute reserve, the rest is the expert pool).
+            compute reserve, the rest is the expert pool); ``"50%"``: a pool of half the routed expert bytes plus
+            the rest.
         vram_options: extra :class:`spac_llamacpp.tiers.vram.VramTier` arguments: ``on_host=True`` puts
             the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``, and the shared
             loop's (:class:`spac_llamacpp.tiers.base.LoopOptions`): ``config`` (a
@@ -140,7 +142,8 @@ class Llama(llama_cpp.Llama):
         self.flash: FlashTier | None = None
         self.vram: VramTier | None = None
         self._tier: TierController | None = None
-        budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs)
+        budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs,
+                                   vram_options)
         builder = tier_builder(tier, self.moe_info, budget_bytes, flash_options if tier == "flash" else vram_options)
         tensor_buft_overrides, use_extra_bufts = builder.load_arguments(tensor_buft_overrides, use_extra_bufts, kwargs)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
@@ -331,8 +334,10 @@ class Llama(llama_cpp.Llama):
 
 
 def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, vram_budget: int | str | None,
-                routing: bool, use_extra_bufts: bool | None, kwargs: dict[str, Any]) -> int | None:
-    """Validate the tier arguments; returns the tier's budget in bytes (None without a tier)."""
+                routing: bool, use_extra_bufts: bool | None, kwargs: dict[str, Any],
+                vram_options: dict[str, Any] | None = None) -> int | None:
+    """Validate the tier arguments; returns the tier's budget in bytes (None without a tier). A budget is a size
+    or a share of the routed expert bytes (``"50%"``, ``planning.budgets.parse_budget``)."""
     if tier is None:
         if budget is not None:
             raise SpacError("budget= needs a tier: pass tier='flash'")
@@ -340,7 +345,9 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
             raise SpacError("vram_budget= needs tier='vram'")
         return None
     if tier == "vram":
-        return _check_vram(info, budget, vram_budget, routing)
+        n_ctx = kwargs.get("n_ctx", DEFAULT_N_CTX) or info.context_length or DEFAULT_N_CTX
+        reserve = (vram_options or {}).get("compute_reserve", DEFAULT_COMPUTE_RESERVE)
+        return _check_vram(info, budget, vram_budget, routing, n_ctx, reserve)
     if vram_budget is not None:
         raise SpacError(f"vram_budget= belongs to tier='vram', not tier={tier!r}")
     if tier != "flash":
@@ -357,10 +364,11 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
         raise SpacError("tier='flash' needs use_extra_bufts=False: repacked experts would leave the mapped file")
     if kwargs.get("n_gpu_layers"):
         raise SpacError("tier='flash' keeps experts on the CPU; use n_gpu_layers=0")
-    return parse_size(budget)
+    return parse_budget(budget, "flash", info, check=False)  # the tier checks it, with its reserves
 
 
-def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool) -> int:
+def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool,
+                n_ctx: int, compute_reserve: int) -> int:
     from spac_llamacpp import patched_llama_available
     from spac_llamacpp.native.expert_pool import POOL_PATCH_LEVEL
 
@@ -375,7 +383,7 @@ def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int |
         raise SpacError("tier='vram' needs vram_budget=, the GPU memory for the model (e.g. '6GiB')")
     if not routing:
         raise SpacError("tier='vram' needs routing=True: the pool follows the routing sensor")
-    return parse_size(vram_budget)
+    return parse_budget(vram_budget, "vram", info, n_ctx=n_ctx, compute_reserve=compute_reserve, check=False)
 
 
 def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:

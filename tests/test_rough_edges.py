@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import inspect_model, read_model_header
 from spac_llamacpp.models.default import default_model_path
 from spac_llamacpp.models.factory import write_tiny_moe
@@ -56,6 +57,39 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -
 def flash_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A factory MoE whose experts span several pages (page-granular residency is meaningful)."""
     return str(write_tiny_moe(tmp_path_factory.mktemp("rough") / "qwen3moe.gguf", "qwen3moe", **SHAPE))
+
+
+# --- --budget 50% -------------------------------------------------------------------------------------
+
+
+def test_spac_run_budget_as_a_share_of_the_expert_bytes():
+    from spac_llamacpp.planning.budgets import parse_budget
+    from spac_llamacpp.tools.benchmarks import budget_arg
+
+    info = read_model_header(DEFAULT)
+    proc = cli("spac_run", "--tier", "flash", "--budget", "50%", "-n", "4", "--stats", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["flash"]["budget_bytes"] == info.expert_bytes // 2
+    # one parser: the bench scripts', the command line's and the Python API's
+    assert budget_arg("50%", "flash", info) == parse_budget("50%", "flash", info) == info.expert_bytes // 2
+    assert parse_budget("6GiB", "flash", info) == 6 << 30
+    for bad in ("fifty%", "-5%", "%"):
+        with pytest.raises(SpacError, match="50%"):
+            parse_budget(bad, "flash", info)
+    assert_one_line_error(cli("spac_run", DEFAULT, "--tier", "flash", "--budget", "half%", "-n", "2"), "half%")
+
+
+def test_python_budget_as_a_share(flash_model):
+    from spac_llamacpp import Llama
+
+    info = read_model_header(flash_model)
+    llm = Llama(flash_model, n_ctx=64, verbose=False, tier="flash", budget="50%",
+                flash_options={"background": False})
+    try:
+        assert llm.stats()["budget_bytes"] == info.expert_bytes // 2
+    finally:
+        llm.close()
 
 
 # --- spac patch -o into an unwritable place -----------------------------------------------------------

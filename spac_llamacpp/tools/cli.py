@@ -66,10 +66,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
                           "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
                           "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
-        click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
+        click.option("--budget", default=None,
+                     help="RAM for routed experts with --tier flash, e.g. 6GiB, or 50% of the model's routed "
+                          "expert bytes."),
         click.option("--vram-budget", default=None,
                      help="GPU memory for the model with --tier vram (non-expert weights, KV cache, compute "
-                          "reserve; the rest is the expert pool), e.g. 6GiB."),
+                          "reserve; the rest is the expert pool), e.g. 6GiB; 50%: a pool of half the routed expert "
+                          "bytes plus the rest."),
         click.option("--pool-on-host", is_flag=True,
                      help="With --tier vram: put the expert pool in host memory (testing without a GPU)."),
         click.option("--flash-threads", type=int, default=2, show_default=True,
