@@ -107,6 +107,72 @@ def test_patch_unwritable_output_names_the_output(flash_model, tmp_path, where):
     assert not list(tmp_path.glob("**/*.tmp*"))
 
 
+# --- spac simulate does not calibrate unasked ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_trace(flash_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rough_sim")
+    out = d / "t.npz"
+    proc = cli("spac", "trace", flash_model, "-p", "Once upon a time", "-n", "12", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_first_simulate_uses_nominal_costs_and_writes_nothing(flash_model, recorded_trace, tmp_path):
+    model_dir = Path(flash_model).parent
+    before = sorted(p.name for p in model_dir.iterdir())
+    cache = tmp_path / "calibration"
+    budget = str(read_model_header(flash_model).expert_bytes // 2)
+    proc = cli("spac", "simulate", str(recorded_trace), "--budget", budget, "--policy", "lru",
+               env={"SPAC_CALIBRATION_CACHE": str(cache)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nominal" in proc.stderr and "--calibrate" in proc.stderr
+    assert "nominal" in proc.stdout  # the table says which costs it used
+    assert not cache.exists() or not any(cache.iterdir())  # nothing measured, nothing cached
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_simulate_calibrates_only_when_asked(flash_model, recorded_trace, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from spac_llamacpp.planning.costmodel import CostModel
+    from spac_llamacpp.tools import cli as cli_mod
+
+    measured = []
+
+    def fake_measure(model):
+        measured.append(model)
+        cm = CostModel.nominal()
+        cm.source = "measured (test)"
+        return cm
+
+    monkeypatch.setattr(cli_mod, "_measure_and_cache", fake_measure)
+    monkeypatch.setenv("SPAC_CALIBRATION_CACHE", str(tmp_path / "calibration"))  # none cached
+    budget = str(read_model_header(flash_model).expert_bytes // 2)
+    args = ["simulate", str(recorded_trace), "--budget", budget, "--policy", "lru"]
+    res = CliRunner().invoke(cli_mod.spac, args)
+    assert res.exit_code == 0, res.output
+    assert measured == []
+    res = CliRunner().invoke(cli_mod.spac, [*args, "--calibrate"])
+    assert res.exit_code == 0, res.output
+    assert len(measured) == 1 and "measured (test)" in res.output
+
+
+def test_calibration_flash_file_goes_to_a_writable_directory(tmp_path, monkeypatch):
+    from spac_llamacpp.tools import calibrate as C
+
+    model_dir = tmp_path / "installed"
+    model_dir.mkdir()
+    model = model_dir / "m.gguf"
+    model.write_bytes(b"")
+    assert C.flash_test_dir(model) == model_dir  # the model's own device when it can
+    real_access = os.access
+    monkeypatch.setattr(C.os, "access", lambda p, mode: False if Path(p) == model_dir else real_access(p, mode))
+    chosen = C.flash_test_dir(model)  # a read-only install: not next to the model
+    assert chosen != model_dir and real_access(chosen, os.W_OK)
+
+
 # --- spac inspect --json: layer_expert_bytes ----------------------------------------------------------
 
 

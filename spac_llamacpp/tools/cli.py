@@ -516,6 +516,15 @@ def _measure_and_cache(model: str | Path) -> Any:
     return cm
 
 
+def _nominal_costs(model: str | Path) -> Any:
+    """``spac simulate`` without a calibration and without ``--calibrate``: nominal costs, said on stderr."""
+    from spac_llamacpp.planning.costmodel import CostModel
+
+    click.echo("spac simulate: no calibration cached for this machine; simulating with nominal costs (pass "
+               "--calibrate to measure this machine first, about 20 s, or run `spac calibrate`)", err=True)
+    return CostModel.nominal()
+
+
 @spac.command(name="calibrate")
 @click.option("--show", is_flag=True, help="Print the cached calibration of this machine (and --model) instead.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
@@ -566,7 +575,9 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
               help="GGUF the trace was recorded from (default: the path in the trace).")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
-              help="Calibration JSON (default: this machine's cached one, measured now if there is none).")
+              help="Calibration JSON (default: this machine's cached one, else nominal costs).")
+@click.option("--calibrate", "calibrate_now", is_flag=True,
+              help="Without a cached calibration, measure this machine now (about 20 s) and cache it.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False),
               help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
 @click.option("--n-ctx", default=512, show_default=True, type=int,
@@ -576,7 +587,8 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
 @friendly_errors
 def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
-                 calibration: str | None, png: str | None, n_ctx: int, compute_reserve: str, as_json: bool) -> None:
+                 calibration: str | None, calibrate_now: bool, png: str | None, n_ctx: int, compute_reserve: str,
+                 as_json: bool) -> None:
     """Replay a routing TRACE through placement policies under the measured cost model.
 
     `ours` is the tier's own planning loop with the tier's placement configuration, and the budget means what
@@ -589,7 +601,8 @@ def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: 
     if not compare and policy not in POLICIES:
         raise SpacError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     size = parse_size(budget)
-    trace, info, cost = load_inputs(trace_path, model, calibration, measure=_measure_and_cache)
+    trace, info, cost = load_inputs(trace_path, model, calibration,
+                                    measure=_measure_and_cache if calibrate_now else _nominal_costs)
     setup = make_setup(trace, tier, size, cost, info, n_ctx=n_ctx, compute_reserve=parse_size(compute_reserve))
     layout = setup.layout
     results = run_compare(trace, setup) if compare else [simulate(trace, policy, setup)]
