@@ -17,7 +17,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 import numpy as np
 
-from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
+from spac_llamacpp.base.errors import ContextFullError, GGUFError, NotMoEError, SpacError
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
@@ -246,6 +246,10 @@ class Llama(llama_cpp.Llama):
         ctx = getattr(self, "_ctx", None)
         if ctx is None or ctx.ctx is None:
             raise SpacError("this Llama was closed; create a new one to evaluate tokens")
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ContextFullError(
+                f"cannot evaluate {len(tokens)} tokens after {self.n_tokens}: the context window holds {self._n_ctx} "
+                "tokens; stop generating earlier (max_tokens), reset(), or load with a larger n_ctx")
         if self.speculation is not None:
             self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
         position = self.n_tokens

@@ -59,6 +59,84 @@ def flash_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_tiny_moe(tmp_path_factory.mktemp("rough") / "qwen3moe.gguf", "qwen3moe", **SHAPE))
 
 
+# --- context overflow ---------------------------------------------------------------------------------
+
+
+def test_spac_run_stops_at_the_context_window():
+    proc = cli("spac_run", "-n", "300", "--stats", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "memory slot" not in proc.stderr and "llama_decode" not in proc.stderr
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["stop_reason"] in ("context", "eos")
+    assert report["prompt_tokens"] + report["generated_tokens"] <= 256
+    if report["stop_reason"] == "context":
+        assert report["prompt_tokens"] + report["generated_tokens"] == 256
+        assert any("context window" in n for n in report["notes"])
+
+
+def test_spac_run_text_mode_says_why_it_stopped():
+    proc = cli("spac_run", "-n", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert "context window" in proc.stderr and "--ctx" in proc.stderr
+
+
+def test_spac_run_prompt_longer_than_the_context_is_one_line():
+    prompt = " ".join(["the king and queen of england"] * 1000)  # ~6000 words
+    line = assert_one_line_error(cli("spac_run", DEFAULT, "-p", prompt, "-n", "4"), "context window", "--ctx")
+    assert "256" in line
+
+
+def test_spac_trace_stops_at_the_context_window(tmp_path):
+    out = tmp_path / "t.npz"
+    proc = cli("spac", "trace", DEFAULT, "-p", "Once upon a time", "-n", "300", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "llama_decode" not in proc.stderr and out.is_file()
+    assert "context window" in proc.stderr
+
+
+def test_python_eval_past_the_context_window_is_a_clear_error(flash_model):
+    from spac_llamacpp import Llama
+
+    llm = Llama(flash_model, n_ctx=32, verbose=False)
+    try:
+        with pytest.raises(SpacError, match="context window") as exc:
+            for _ in llm.generate(llm.tokenize(b"hello"), top_k=1, temp=0.0):
+                pass
+        assert isinstance(exc.value, RuntimeError)  # what llama_cpp raised before: handlers keep working
+        assert "\n" not in str(exc.value)
+    finally:
+        llm.close()
+
+
+# --- Ctrl-C in spac-run -------------------------------------------------------------------------------
+
+SIGINT_AFTER = """
+import os, signal
+import spac_llamacpp.tools.generate as g
+_orig = g.stream_generate
+def _interrupted(*a, **k):
+    for i, piece in enumerate(_orig(*a, **k)):
+        yield piece
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+g.stream_generate = _interrupted
+"""
+
+
+@pytest.mark.parametrize("stats", [None, "json"])
+def test_spac_run_ctrl_c_exits_130_with_a_summary(stats):
+    args = ["-n", "200"] + (["--stats", stats] if stats else [])
+    proc = cli("spac_run", *args, prelude=SIGINT_AFTER)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stdout.startswith("Once upon a time") and len(proc.stdout) > len("Once upon a time")
+    assert "Traceback" not in proc.stderr
+    if stats == "json":
+        report = json.loads(proc.stderr)
+        assert report["stop_reason"] == "interrupted" and report["generated_tokens"] >= 6
+    else:
+        assert "interrupted" in proc.stderr and "tokens generated" in proc.stderr
+
+
 # --- --budget 50% -------------------------------------------------------------------------------------
 
 
@@ -90,6 +168,22 @@ def test_python_budget_as_a_share(flash_model):
         assert llm.stats()["budget_bytes"] == info.expert_bytes // 2
     finally:
         llm.close()
+
+
+# --- --stats json: stderr is JSON ---------------------------------------------------------------------
+
+
+def test_spac_run_stats_json_without_a_model_is_json():
+    proc = cli("spac_run", "-n", "4", "--stats", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stderr)  # all of it: `spac-run --stats json 2> stats.json`
+    assert report["model"] == DEFAULT
+    assert any("embedded default" in n for n in report["notes"])
+
+
+def test_spac_run_stats_text_still_names_the_default_model():
+    proc = cli("spac_run", "-n", "4", "--stats")
+    assert proc.returncode == 0 and "embedded default" in proc.stderr, proc.stderr
 
 
 # --- spac patch -o into an unwritable place -----------------------------------------------------------

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except SpacError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted")
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         except (ValueError, RuntimeError, OSError) as exc:  # llama_cpp's load/decode failures
             _fail(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
@@ -229,21 +231,73 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
+    notes: list[str] = []  # stderr lines; with --stats json they go into the JSON, so that stderr is JSON
+
+    def note(line: str) -> None:
+        if stats == "json":
+            notes.append(line)
+        else:
+            click.echo(line, err=True)
+
     if model is None:
-        click.echo(f"spac-run: no model given; using the {DEFAULT_LABEL}", err=True)
+        note(f"spac-run: no model given; using the {DEFAULT_LABEL}")
         model = str(default_model_path())
     if n_predict < 1:
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
-    t_load = time.perf_counter()
-    llm = _load(model, seed=seed, **load_kw)
-    load_seconds = time.perf_counter() - t_load
+    with _warnings_into(notes if stats == "json" else None):
+        t_load = time.perf_counter()
+        llm = _load(model, seed=seed, **load_kw)
+        load_seconds = time.perf_counter() - t_load
 
-    gen = GenerationStats()
-    click.echo(prompt, nl=False)
-    for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
-        click.echo(piece, nl=False)
-    click.echo()
+        gen = GenerationStats()
+        click.echo(prompt, nl=False)
+        try:
+            for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say what it was, exit 130
+            gen.stop_reason = "interrupted"
+        click.echo()
+        if gen.stop_reason == "context":
+            trained = llm.moe_info.context_length
+            note(f"spac-run: stopped after {gen.generated_tokens} of {n_predict} tokens: the context window "
+                 f"({llm.n_ctx()} tokens, the prompt's {gen.prompt_tokens} included) is full; pass --ctx to raise "
+                 "it" + (f" (the model was trained on {trained})" if trained else ""))
+        if gen.stop_reason == "interrupted":
+            note(f"spac-run: interrupted: {gen.generated_tokens} tokens generated in "
+                 f"{gen.prompt_seconds + gen.decode_seconds:.2f} s after a {gen.prompt_tokens}-token prompt")
+        _report(llm, model, load_seconds, gen, stats, stats_file, notes)
+    llm.close()
+    if gen.stop_reason == "interrupted":
+        sys.exit(130)
 
+
+class _NoteHandler(logging.Handler):
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _warnings_into(notes: list[str] | None) -> Iterator[None]:
+    """Log warnings go into ``notes`` (not to stderr) while the block runs; nothing changes for None."""
+    if notes is None:
+        yield
+        return
+    handler = _NoteHandler(notes)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def _report(llm: Any, model: str, load_seconds: float, gen: Any, stats: str | None, stats_file: str | None,
+            notes: list[str]) -> None:
+    """spac-run's stats: stderr (text or JSON) and ``--stats-file``."""
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
@@ -255,6 +309,7 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["vram"] = llm.stats(settle=1.0)
     if llm.cache_prior is not None:
         report["cache_prior"] = llm.cache_prior.stats()
+    report["notes"] = notes
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -286,7 +341,6 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             click.echo("routing: model has no routed experts", err=True)
     if stats_file:
         Path(stats_file).write_text(json.dumps(report, indent=2) + "\n")
-    llm.close()
 
 
 @click.group()
@@ -380,6 +434,10 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
         meta["expert_order"] = {str(b): list(o) for b, o in llm.moe_info.expert_order.items()}
     trace = RoutingTrace.from_log(llm.routing, meta, llm.speculation)
     trace.save(output)
+    full = sum(r["stop_reason"] == "context" for r in runs)
+    if full:
+        click.echo(f"spac trace: {full} of {len(runs)} prompts stopped before -n {n_predict}: the context window "
+                   f"({llm.n_ctx()} tokens, prompt included) is full; pass --ctx to raise it", err=True)
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
                f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)
     llm.close()
