@@ -8,16 +8,22 @@ the native routing sensor, exposing what it saw as ``llm.routing``.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import inspect
+import itertools
 import logging
-from collections.abc import Generator, Sequence
+import weakref
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 import numpy as np
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from spac_llamacpp.base.errors import ContextFullError, GGUFError, NotMoEError, SpacError
+from spac_llamacpp.base.guard import EvalGuard
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
@@ -37,6 +43,35 @@ log = logging.getLogger(__name__)
 _EXPERT_USED_SUFFIX = ".expert_used_count"
 # position of ``idx`` among llama_cpp.Llama.sample's arguments after self
 _SAMPLE_IDX = list(inspect.signature(llama_cpp.Llama.sample).parameters).index("idx") - 1
+_CLOSED = "this Llama was closed; create a new one to use the model"
+
+# the models still open, closed at interpreter exit while llama_cpp and our native module are still there
+_OPEN: weakref.WeakValueDictionary[int, Llama] = weakref.WeakValueDictionary()
+_OPEN_KEYS = itertools.count()
+
+
+def _close_at_exit() -> None:
+    """Close the models still open before the interpreter tears its modules down (freed later, llama.cpp's
+    bindings may be gone: ``Exception ignored in Llama.__del__``); the newest first (a draft after its target)."""
+    for key in sorted(_OPEN.keys(), reverse=True):
+        llm = _OPEN.get(key)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm._close_at_exit()
+
+
+atexit.register(_close_at_exit)
+
+
+class _ClosedError(SpacError, AttributeError):
+    """Using a closed Llama's model or context (an AttributeError too: ``getattr(llm._ctx, "ctx", None)`` is None)."""
+
+
+class _Closed:
+    """Stands in for a closed Llama's freed model, context and batch: any use is one line, not a segfault."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise _ClosedError(_CLOSED)
 
 
 class Llama(llama_cpp.Llama):
@@ -87,6 +122,11 @@ class Llama(llama_cpp.Llama):
             (``top_j``, ``cache_experts``, ``max_rows``, ``ema``, ``resident``).
         self_draft: speculative decoding with the model itself drafting on its resident experts
             (:mod:`spac_llamacpp.speculation.self_draft`); an int also lowers its experts per token while drafting.
+
+    Threads: one model evaluates for one thread at a time (:class:`spac_llamacpp.base.guard.EvalGuard`): a
+    completion, generation or embedding asked for while another thread's is running waits for it (a stream
+    holds the model until it is exhausted or closed). After :meth:`close`, using the model raises a one-line
+    :class:`SpacError`.
     """
 
     def __init__(
@@ -116,6 +156,8 @@ class Llama(llama_cpp.Llama):
         self_draft: bool | int = False,
         **kwargs: Any,
     ) -> None:
+        self._guard = EvalGuard()
+        self._closed = False
         self._spac_options = {
             "tensor_buft_overrides": tensor_buft_overrides,
             "use_extra_bufts": use_extra_bufts,
@@ -162,6 +204,7 @@ class Llama(llama_cpp.Llama):
             kwargs["draft_model"] = self.speculation
         builder.before_load(model_path)  # after any self-draft has loaded the same file
         self._load(model_path, kwargs, use_extra_bufts, no_host, cb_eval, cb_eval_user_data)
+        _OPEN[next(_OPEN_KEYS)] = self
         self._link_draft()
         self._start_tier(builder)
 
@@ -243,43 +286,78 @@ class Llama(llama_cpp.Llama):
         drafts it keeps (``SpeculationTracker``), so that the tiers' estimator sees the true path's
         counts (``estimators.Observation.accepted_counts``); at the latest before the next evaluation.
         """
-        ctx = getattr(self, "_ctx", None)
-        if ctx is None or ctx.ctx is None:
-            raise SpacError("this Llama was closed; create a new one to evaluate tokens")
-        if self.n_tokens + len(tokens) > self._n_ctx:
-            raise ContextFullError(
-                f"cannot evaluate {len(tokens)} tokens after {self.n_tokens}: the context window holds {self._n_ctx} "
-                "tokens; stop generating earlier (max_tokens), reset(), or load with a larger n_ctx")
-        if self.speculation is not None:
-            self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
-        position = self.n_tokens
-        step = None
-        try:
-            super().eval(tokens)
-        finally:
-            if self.routing is not None:
-                step = self.routing.end_step()
-            fmap = self.speculation.on_step(step, position, tokens) if self.speculation is not None else None
-            if fmap is not None and fmap.n_draft:
-                self._unlearned = step  # -> _learn_verification, from the sample that decides it
-            else:
-                self._after_step(step)
+        with self._guard.op():
+            self._check_open()
+            if self.n_tokens + len(tokens) > self._n_ctx:
+                raise ContextFullError(
+                    f"cannot evaluate {len(tokens)} tokens after {self.n_tokens}: the context window holds "
+                    f"{self._n_ctx} tokens; stop generating earlier (max_tokens), reset(), or load with a larger n_ctx")
+            if self.speculation is not None:
+                self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
+            position = self.n_tokens
+            step = None
+            try:
+                super().eval(tokens)
+            finally:
+                if self.routing is not None:
+                    step = self.routing.end_step()
+                fmap = self.speculation.on_step(step, position, tokens) if self.speculation is not None else None
+                if fmap is not None and fmap.n_draft:
+                    self._unlearned = step  # -> _learn_verification, from the sample that decides it
+                else:
+                    self._after_step(step)
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``llama_cpp.Llama.sample``; with drafting, the tracker compares the sample with the draft."""
-        token = super().sample(*args, **kwargs)
-        if self.speculation is not None:
-            idx = kwargs["idx"] if "idx" in kwargs else args[_SAMPLE_IDX] if len(args) > _SAMPLE_IDX else None
-            self.speculation.on_sample(self.n_tokens - 1 if idx is None else int(idx), int(token))
+        with self._guard.op():
+            self._check_open()
+            token = super().sample(*args, **kwargs)
+            if self.speculation is not None:
+                idx = kwargs["idx"] if "idx" in kwargs else args[_SAMPLE_IDX] if len(args) > _SAMPLE_IDX else None
+                self.speculation.on_sample(self.n_tokens - 1 if idx is None else int(idx), int(token))
         return token
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
-        """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt."""
+        """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt. Other
+        threads wait for it to end (a session of :class:`~spac_llamacpp.base.guard.EvalGuard`)."""
+        return self._guard.session(self._generate(tokens, *args, **kwargs))
+
+    def _generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
+        self._check_open()
         try:
             yield from super().generate(tokens, *args, **kwargs)
         finally:
             if self.speculation is not None:
                 self.speculation.finish_open()
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Every completion (``__call__``, ``create_completion``, chat completions) is one session: another
+        thread's waits until it has ended, streamed or not (the prompt cache and the logprobs included)."""
+        return self._guard.session(super()._create_completion(*args, **kwargs))
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        with self._guard.op(wait_sessions=False):  # the vocabulary: no need to wait for another's generation
+            self._check_open()
+            return super().tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        with self._guard.op(wait_sessions=False):
+            self._check_open()
+            return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def save_state(self) -> Any:
+        with self._guard.op():
+            self._check_open()
+            return super().save_state()
+
+    def load_state(self, state: Any) -> None:
+        with self._guard.op():
+            self._check_open()
+            super().load_state(state)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpacError(_CLOSED)
 
     def _learn_verification(self, fmap: FrequencyMap) -> None:
         step, self._unlearned = self._unlearned, None
@@ -315,19 +393,37 @@ class Llama(llama_cpp.Llama):
         return out
 
     def close(self) -> None:
-        """Stop the tier, free the model and context, then the sensor (the context must go first)."""
-        self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
-        tier = getattr(self, "_tier", None)
-        if tier is not None:
-            tier.close()
-        if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
-            super().close()
-        draft = getattr(self, "_draft_llm", None)
-        if draft is not None:
-            draft.close()
-        sensor = getattr(self, "_sensor", None)
-        if sensor is not None:
-            sensor.close()
+        """Stop the tier, free the model and context, then the sensor (the context must go first); between
+        another thread's operations, which then refuse (idempotent)."""
+        guard = getattr(self, "_guard", None)
+        with guard.exclusive() if guard is not None else contextlib.nullcontext(True):
+            self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
+            tier = getattr(self, "_tier", None)
+            if tier is not None:
+                tier.close()
+            if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
+                super().close()
+                if not getattr(self, "_closed", True):
+                    self._closed = True
+                    gone = _Closed()  # the freed objects' pointers must not be used again
+                    self._model = self._ctx = self._batch = gone
+                    if isinstance(getattr(self, "tokenizer_", None), LlamaTokenizer):
+                        self.tokenizer_ = gone
+            draft = getattr(self, "_draft_llm", None)
+            if draft is not None:
+                draft.close()
+            sensor = getattr(self, "_sensor", None)
+            if sensor is not None:
+                sensor.close()
+
+    def _close_at_exit(self) -> None:
+        with self._guard.exclusive(timeout=10.0) as free:
+            if free:  # else a daemon thread is inside an evaluation: leave it to the process's end
+                self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finalizer, at interpreter exit least of all
+            self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
