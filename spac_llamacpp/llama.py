@@ -335,6 +335,28 @@ class Llama(llama_cpp.Llama):
         thread's waits until it has ended, streamed or not (the prompt cache and the logprobs included)."""
         return self._guard.session(super()._create_completion(*args, **kwargs))
 
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """``llama_cpp.Llama.embed`` (``create_embedding`` calls it), each decoded batch one routing step that the
+        tier learns from and checks its budget at, as for :meth:`eval`."""
+        with self._guard.op():
+            self._check_open()
+            if self.speculation is not None:
+                self.speculation.finish_open()
+            ctx = self._ctx
+            decode = ctx.decode
+
+            def decode_observed(batch: Any) -> None:
+                try:
+                    decode(batch)
+                finally:
+                    self._after_step(self.routing.end_step() if self.routing is not None else None)
+
+            ctx.decode = decode_observed
+            try:
+                return super().embed(*args, **kwargs)
+            finally:
+                del ctx.decode  # the class's method again
+
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         with self._guard.op(wait_sessions=False):  # the vocabulary: no need to wait for another's generation
             self._check_open()

@@ -291,6 +291,49 @@ def test_closing_from_another_thread_mid_generation_is_one_error():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-3000:])
 
 
+# --- embeddings go through the sensor and the tier ----------------------------------------------------
+
+
+def test_embed_is_observed_and_budget_checked(flash_model):
+    from spac_llamacpp import Llama
+
+    info = read_model_header(flash_model)
+    budget = info.expert_bytes // 3
+    llm = Llama(flash_model, n_ctx=256, n_batch=64, n_ubatch=64, verbose=False, embedding=True, tier="flash",
+                budget=budget, flash_options={"background": False, "check_every": 1})
+    try:
+        texts = ["the quick brown fox jumps over the lazy dog " * 4, "a second text, of other words " * 4]
+        before = llm.routing.n_steps
+        emb = llm.embed(texts)
+        assert len(emb) == 2
+        assert llm.routing.n_steps - before == 2  # one step per decoded batch
+        resp = llm.create_embedding(["a short text", "another one"])
+        assert len(resp["data"]) == 2
+        st = llm.stats(settle=5.0)
+        assert st["budget_checks"] >= 3
+        assert st["resident_expert_bytes"] <= budget, st
+        assert st["routing_tokens"] >= resp["usage"]["total_tokens"]
+        assert st["engine"]["evict_in_use"] == 0
+    finally:
+        llm.close()
+
+
+def test_embed_matches_stock_and_records_routing(tiny_model):
+    import llama_cpp
+
+    from spac_llamacpp import Llama
+
+    path = str(tiny_model("qwen3moe"))
+    stock = llama_cpp.Llama(path, embedding=True, n_ctx=128, verbose=False)
+    llm = Llama(path, embedding=True, n_ctx=128, verbose=False)
+    try:
+        np.testing.assert_allclose(llm.embed("some words"), stock.embed("some words"), rtol=1e-5, atol=1e-6)
+        assert llm.routing.n_steps == 1 and llm.routing.n_tokens == len(llm.tokenize(b"some words"))
+    finally:
+        stock.close()
+        llm.close()
+
+
 # --- teardown at interpreter exit ---------------------------------------------------------------------
 
 AT_EXIT = """
