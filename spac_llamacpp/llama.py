@@ -8,22 +8,28 @@ the native routing sensor, exposing what it saw as ``llm.routing``.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import inspect
+import itertools
 import logging
-from collections.abc import Generator, Sequence
+import weakref
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_c
 import numpy as np
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from spac_llamacpp.base.errors import GGUFError, NotMoEError, SpacError
-from spac_llamacpp.base.sizes import parse_size
+from spac_llamacpp.base.errors import ContextFullError, GGUFError, NotMoEError, SpacError
+from spac_llamacpp.base.guard import EvalGuard
 from spac_llamacpp.gguf.info import MoEModelInfo, read_model_header
 from spac_llamacpp.native.params import OverridesArg, TensorBuftOverrides, patched_default_params
 from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_address
 from spac_llamacpp.observe.replay import ReplayEnded, RoutingReplay, attach_replay
 from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
+from spac_llamacpp.planning.budgets import DEFAULT_COMPUTE_RESERVE, DEFAULT_N_CTX, parse_budget
 from spac_llamacpp.speculation.build import build_draft, build_speculation
 from spac_llamacpp.speculation.drafts import check_same_vocabulary
 from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
@@ -38,6 +44,35 @@ log = logging.getLogger(__name__)
 _EXPERT_USED_SUFFIX = ".expert_used_count"
 # position of ``idx`` among llama_cpp.Llama.sample's arguments after self
 _SAMPLE_IDX = list(inspect.signature(llama_cpp.Llama.sample).parameters).index("idx") - 1
+_CLOSED = "this Llama was closed; create a new one to use the model"
+
+# the models still open, closed at interpreter exit while llama_cpp and our native module are still there
+_OPEN: weakref.WeakValueDictionary[int, Llama] = weakref.WeakValueDictionary()
+_OPEN_KEYS = itertools.count()
+
+
+def _close_at_exit() -> None:
+    """Close the models still open before the interpreter tears its modules down (freed later, llama.cpp's
+    bindings may be gone: ``Exception ignored in Llama.__del__``); the newest first (a draft after its target)."""
+    for key in sorted(_OPEN.keys(), reverse=True):
+        llm = _OPEN.get(key)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm._close_at_exit()
+
+
+atexit.register(_close_at_exit)
+
+
+class _ClosedError(SpacError, AttributeError):
+    """Using a closed Llama's model or context (an AttributeError too: ``getattr(llm._ctx, "ctx", None)`` is None)."""
+
+
+class _Closed:
+    """Stands in for a closed Llama's freed model, context and batch: any use is one line, not a segfault."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise _ClosedError(_CLOSED)
 
 
 class Llama(llama_cpp.Llama):
@@ -68,9 +103,11 @@ class Llama(llama_cpp.Llama):
             patched llama.cpp, ``patched_llama_available()``): non-expert weights on the GPU, routed
             experts in host memory, the most useful of them copied into a GPU expert pool sized from
             ``vram_budget`` (``llm.vram``). None: llama.cpp as is.
-        budget: RAM for routed experts with ``tier="flash"``: bytes or a size such as ``"6GiB"``.
+        budget: RAM for routed experts with ``tier="flash"``: bytes, a size such as ``"6GiB"`` or a share of the
+            model's routed expert bytes such as ``"50%"``.
         vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
-            compute reserve, the rest is the expert pool).
+            compute reserve, the rest is the expert pool); ``"50%"``: a pool of half the routed expert bytes plus
+            the rest.
         vram_options: extra :class:`spac_llamacpp.tiers.vram.VramTier` arguments: ``on_host=True`` puts
             the pool in host memory (testing without a GPU), ``slots``, ``compute_reserve``, and the shared
             loop's (:class:`spac_llamacpp.tiers.base.LoopOptions`): ``config`` (a
@@ -91,6 +128,11 @@ class Llama(llama_cpp.Llama):
             (:mod:`spac_llamacpp.observe.replay`; ``llm.replay``). Outputs are meaningless, timings real.
         replay_end: past the trace's end, ``"cycle"`` (its tokens after the prompt step again) or ``"stop"``
             (generation ends).
+
+    Threads: one model evaluates for one thread at a time (:class:`spac_llamacpp.base.guard.EvalGuard`): a
+    completion, generation or embedding asked for while another thread's is running waits for it (a stream
+    holds the model until it is exhausted or closed). After :meth:`close`, using the model raises a one-line
+    :class:`SpacError`.
     """
 
     def __init__(
@@ -122,6 +164,8 @@ class Llama(llama_cpp.Llama):
         replay_end: str = "cycle",
         **kwargs: Any,
     ) -> None:
+        self._guard = EvalGuard()
+        self._closed = False
         self._spac_options = {
             "tensor_buft_overrides": tensor_buft_overrides,
             "use_extra_bufts": use_extra_bufts,
@@ -150,7 +194,8 @@ class Llama(llama_cpp.Llama):
         self.flash: FlashTier | None = None
         self.vram: VramTier | None = None
         self._tier: TierController | None = None
-        budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs)
+        budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs,
+                                   vram_options)
         builder = tier_builder(tier, self.moe_info, budget_bytes, flash_options if tier == "flash" else vram_options)
         tensor_buft_overrides, use_extra_bufts = builder.load_arguments(tensor_buft_overrides, use_extra_bufts, kwargs)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
@@ -172,6 +217,7 @@ class Llama(llama_cpp.Llama):
             kwargs["draft_model"] = self.speculation
         builder.before_load(model_path)  # after any self-draft has loaded the same file
         self._load(model_path, kwargs, use_extra_bufts, no_host, cb_eval, cb_eval_user_data)
+        _OPEN[next(_OPEN_KEYS)] = self
         self._link_draft()
         self._start_tier(builder)
 
@@ -253,36 +299,46 @@ class Llama(llama_cpp.Llama):
         drafts it keeps (``SpeculationTracker``), so that the tiers' estimator sees the true path's
         counts (``estimators.Observation.accepted_counts``); at the latest before the next evaluation.
         """
-        ctx = getattr(self, "_ctx", None)
-        if ctx is None or ctx.ctx is None:
-            raise SpacError("this Llama was closed; create a new one to evaluate tokens")
-        if self.speculation is not None:
-            self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
-        if self.replay is not None:
-            self.replay.begin(self.n_tokens)  # rows map to trace tokens by context position
-        position = self.n_tokens
-        step = None
-        try:
-            super().eval(tokens)
-        finally:
-            if self.routing is not None:
-                step = self.routing.end_step()
-            fmap = self.speculation.on_step(step, position, tokens) if self.speculation is not None else None
-            if fmap is not None and fmap.n_draft:
-                self._unlearned = step  # -> _learn_verification, from the sample that decides it
-            else:
-                self._after_step(step)
+        with self._guard.op():
+            self._check_open()
+            if self.n_tokens + len(tokens) > self._n_ctx:
+                raise ContextFullError(
+                    f"cannot evaluate {len(tokens)} tokens after {self.n_tokens}: the context window holds "
+                    f"{self._n_ctx} tokens; stop generating earlier (max_tokens), reset(), or load with a larger n_ctx")
+            if self.speculation is not None:
+                self.speculation.finish_open()  # a verification whose samples stopped early: learn from it now
+            if self.replay is not None:
+                self.replay.begin(self.n_tokens)  # rows map to trace tokens by context position
+            position = self.n_tokens
+            step = None
+            try:
+                super().eval(tokens)
+            finally:
+                if self.routing is not None:
+                    step = self.routing.end_step()
+                fmap = self.speculation.on_step(step, position, tokens) if self.speculation is not None else None
+                if fmap is not None and fmap.n_draft:
+                    self._unlearned = step  # -> _learn_verification, from the sample that decides it
+                else:
+                    self._after_step(step)
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``llama_cpp.Llama.sample``; with drafting, the tracker compares the sample with the draft."""
-        token = super().sample(*args, **kwargs)
-        if self.speculation is not None:
-            idx = kwargs["idx"] if "idx" in kwargs else args[_SAMPLE_IDX] if len(args) > _SAMPLE_IDX else None
-            self.speculation.on_sample(self.n_tokens - 1 if idx is None else int(idx), int(token))
+        with self._guard.op():
+            self._check_open()
+            token = super().sample(*args, **kwargs)
+            if self.speculation is not None:
+                idx = kwargs["idx"] if "idx" in kwargs else args[_SAMPLE_IDX] if len(args) > _SAMPLE_IDX else None
+                self.speculation.on_sample(self.n_tokens - 1 if idx is None else int(idx), int(token))
         return token
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
-        """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt."""
+        """``llama_cpp.Llama.generate``; when it ends (or is closed), the last verification step is learnt. Other
+        threads wait for it to end (a session of :class:`~spac_llamacpp.base.guard.EvalGuard`)."""
+        return self._guard.session(self._generate(tokens, *args, **kwargs))
+
+    def _generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
+        self._check_open()
         try:
             yield from super().generate(tokens, *args, **kwargs)
         except ReplayEnded:  # routing replay with replay_end="stop": the trace is over
@@ -290,6 +346,57 @@ class Llama(llama_cpp.Llama):
         finally:
             if self.speculation is not None:
                 self.speculation.finish_open()
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Every completion (``__call__``, ``create_completion``, chat completions) is one session: another
+        thread's waits until it has ended, streamed or not (the prompt cache and the logprobs included)."""
+        return self._guard.session(super()._create_completion(*args, **kwargs))
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """``llama_cpp.Llama.embed`` (``create_embedding`` calls it), each decoded batch one routing step that the
+        tier learns from and checks its budget at, as for :meth:`eval`."""
+        with self._guard.op():
+            self._check_open()
+            if self.speculation is not None:
+                self.speculation.finish_open()
+            ctx = self._ctx
+            decode = ctx.decode
+
+            def decode_observed(batch: Any) -> None:
+                try:
+                    decode(batch)
+                finally:
+                    self._after_step(self.routing.end_step() if self.routing is not None else None)
+
+            ctx.decode = decode_observed
+            try:
+                return super().embed(*args, **kwargs)
+            finally:
+                del ctx.decode  # the class's method again
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        with self._guard.op(wait_sessions=False):  # the vocabulary: no need to wait for another's generation
+            self._check_open()
+            return super().tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        with self._guard.op(wait_sessions=False):
+            self._check_open()
+            return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def save_state(self) -> Any:
+        with self._guard.op():
+            self._check_open()
+            return super().save_state()
+
+    def load_state(self, state: Any) -> None:
+        with self._guard.op():
+            self._check_open()
+            super().load_state(state)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpacError(_CLOSED)
 
     def _learn_verification(self, fmap: FrequencyMap) -> None:
         step, self._unlearned = self._unlearned, None
@@ -327,19 +434,37 @@ class Llama(llama_cpp.Llama):
         return out
 
     def close(self) -> None:
-        """Stop the tier, free the model and context, then the sensor (the context must go first)."""
-        self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
-        tier = getattr(self, "_tier", None)
-        if tier is not None:
-            tier.close()
-        if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
-            super().close()
-        draft = getattr(self, "_draft_llm", None)
-        if draft is not None:
-            draft.close()
-        sensor = getattr(self, "_sensor", None)
-        if sensor is not None:
-            sensor.close()
+        """Stop the tier, free the model and context, then the sensor (the context must go first); between
+        another thread's operations, which then refuse (idempotent)."""
+        guard = getattr(self, "_guard", None)
+        with guard.exclusive() if guard is not None else contextlib.nullcontext(True):
+            self._unlearned = None  # a verification step resolved from now on is not learnt by closed tiers
+            tier = getattr(self, "_tier", None)
+            if tier is not None:
+                tier.close()
+            if hasattr(self, "_stack"):  # absent when __init__ failed before llama_cpp set it up
+                super().close()
+                if not getattr(self, "_closed", True):
+                    self._closed = True
+                    gone = _Closed()  # the freed objects' pointers must not be used again
+                    self._model = self._ctx = self._batch = gone
+                    if isinstance(getattr(self, "tokenizer_", None), LlamaTokenizer):
+                        self.tokenizer_ = gone
+            draft = getattr(self, "_draft_llm", None)
+            if draft is not None:
+                draft.close()
+            sensor = getattr(self, "_sensor", None)
+            if sensor is not None:
+                sensor.close()
+
+    def _close_at_exit(self) -> None:
+        with self._guard.exclusive(timeout=10.0) as free:
+            if free:  # else a daemon thread is inside an evaluation: leave it to the process's end
+                self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finalizer, at interpreter exit least of all
+            self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -350,8 +475,10 @@ class Llama(llama_cpp.Llama):
 
 
 def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, vram_budget: int | str | None,
-                routing: bool, use_extra_bufts: bool | None, kwargs: dict[str, Any]) -> int | None:
-    """Validate the tier arguments; returns the tier's budget in bytes (None without a tier)."""
+                routing: bool, use_extra_bufts: bool | None, kwargs: dict[str, Any],
+                vram_options: dict[str, Any] | None = None) -> int | None:
+    """Validate the tier arguments; returns the tier's budget in bytes (None without a tier). A budget is a size
+    or a share of the routed expert bytes (``"50%"``, ``planning.budgets.parse_budget``)."""
     if tier is None:
         if budget is not None:
             raise SpacError("budget= needs a tier: pass tier='flash'")
@@ -359,7 +486,9 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
             raise SpacError("vram_budget= needs tier='vram'")
         return None
     if tier == "vram":
-        return _check_vram(info, budget, vram_budget, routing)
+        n_ctx = kwargs.get("n_ctx", DEFAULT_N_CTX) or info.context_length or DEFAULT_N_CTX
+        reserve = (vram_options or {}).get("compute_reserve", DEFAULT_COMPUTE_RESERVE)
+        return _check_vram(info, budget, vram_budget, routing, n_ctx, reserve)
     if vram_budget is not None:
         raise SpacError(f"vram_budget= belongs to tier='vram', not tier={tier!r}")
     if tier != "flash":
@@ -376,10 +505,11 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
         raise SpacError("tier='flash' needs use_extra_bufts=False: repacked experts would leave the mapped file")
     if kwargs.get("n_gpu_layers"):
         raise SpacError("tier='flash' keeps experts on the CPU; use n_gpu_layers=0")
-    return parse_size(budget)
+    return parse_budget(budget, "flash", info, check=False)  # the tier checks it, with its reserves
 
 
-def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool) -> int:
+def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int | str | None, routing: bool,
+                n_ctx: int, compute_reserve: int) -> int:
     from spac_llamacpp import patched_llama_available
     from spac_llamacpp.native.expert_pool import POOL_PATCH_LEVEL
 
@@ -394,7 +524,7 @@ def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int |
         raise SpacError("tier='vram' needs vram_budget=, the GPU memory for the model (e.g. '6GiB')")
     if not routing:
         raise SpacError("tier='vram' needs routing=True: the pool follows the routing sensor")
-    return parse_size(vram_budget)
+    return parse_budget(vram_budget, "vram", info, n_ctx=n_ctx, compute_reserve=compute_reserve, check=False)
 
 
 def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:

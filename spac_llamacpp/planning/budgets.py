@@ -10,12 +10,17 @@
 
 Each returns a small record with the parts; a budget that leaves no room for one expert is a one-line
 :class:`~spac_llamacpp.base.errors.SpacError` naming what is needed.
+
+A budget is written as a size (``6GiB``) or as a share of the model's routed expert bytes (``50%``);
+:func:`parse_budget` is the one parser of both (``Llama(budget=)``, ``spac-run --budget``/``--vram-budget``, the
+bench scripts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
-from spac_llamacpp.base.sizes import format_size
+from spac_llamacpp.base.sizes import format_size, parse_size
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.planning.costmodel import ExpertLayout
 
@@ -37,6 +42,36 @@ DEFAULT_N_CTX = 512
 def _check_tier(tier: str) -> None:
     if tier not in TIERS:
         raise SpacError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+
+
+_SHARE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+
+
+def parse_budget(text: str | int, tier: str, info: MoEModelInfo, *, n_ctx: int = DEFAULT_N_CTX,
+                 compute_reserve: int = DEFAULT_COMPUTE_RESERVE, check: bool = True) -> int:
+    """A tier's budget in bytes from a size (``6GiB``, ``123456``) or a share of the model's routed expert bytes
+    given to experts (``50%``). flash: the share is the budget (RAM for routed experts; the plan gets it less the
+    staging and lookahead reserves); vram: the share is the pool, and the budget adds the non-expert weights, the
+    KV cache of ``n_ctx`` tokens and the compute reserve. ``check``: refuse a budget the tier would refuse
+    (:func:`flash_budget`, :func:`vram_budget`) now, before anything loads."""
+    _check_tier(tier)
+    share = None
+    if isinstance(text, str) and "%" in text:
+        m = _SHARE_RE.match(text)
+        if not m:
+            raise SpacError(f"invalid budget {text!r}; give a size (6GiB, 512MiB) or a share of the model's routed "
+                            "expert bytes (50%)")
+        share = int(info.expert_bytes * float(m.group(1)) / 100)
+    if tier == "flash":
+        budget = share if share is not None else parse_size(text)
+        if check:
+            flash_budget(budget, tier_layout("flash", info), name=info.path.name)
+        return budget
+    fixed = vram_fixed_parts(info, n_ctx, compute_reserve)
+    budget = vram_budget_for_pool(share, **fixed) if share is not None else parse_size(text)
+    if check:
+        vram_budget(budget, pool_groups(tier_layout("vram", info))[0], name=info.path.name, **fixed)
+    return budget
 
 
 def page_layout(info: MoEModelInfo) -> ExpertLayout:
@@ -210,6 +245,14 @@ def vram_budget(budget: int, groups: Sequence[PoolGroup], *, non_expert_bytes: i
             )
     return VramBudget(int(budget), int(non_expert_bytes), int(kv_bytes), int(compute_reserve),
                       tuple(int(s) for s in slots), slot_bytes)
+
+
+def vram_fixed_parts(info: MoEModelInfo, n_ctx: int = DEFAULT_N_CTX,
+                     compute_reserve: int = DEFAULT_COMPUTE_RESERVE) -> dict[str, int]:
+    """What the VRAM tier's budget holds besides the pool, from the header: ``non_expert_bytes``, ``kv_bytes`` (the
+    KV cache of ``n_ctx`` tokens) and ``compute_reserve``, as :func:`vram_budget` takes them."""
+    kv = kv_cache_bytes(n_ctx, *kv_dims_of_gguf(info.path))
+    return {"non_expert_bytes": info.non_expert_bytes, "kv_bytes": kv, "compute_reserve": int(compute_reserve)}
 
 
 def vram_budget_for_pool(pool_bytes: int, *, non_expert_bytes: int, kv_bytes: int,

@@ -30,7 +30,7 @@ from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native.flash_engine import FlashEngine, non_expert_ranges, page_size
-from spac_llamacpp.native.mapping import FileMapping
+from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_bytes
 from spac_llamacpp.native.sensor import RoutingSensor
 from spac_llamacpp.planning.budgets import flash_budget, tier_layout
 from spac_llamacpp.planning.placement_config import PlacementConfig
@@ -129,6 +129,8 @@ class FlashTier(TierController):
         n_tensors = np.array([len(ts) for ts in layout.tensors], dtype=np.int64)[:, None]
         self._stray_slack = 2 * page_size() * n_tensors
         self.read_bytes_at_start = read_bytes_so_far()
+        self.mapping = mapping
+        self._warned_other_mappings = False
 
         self.engine = FlashEngine(info, mapping, threads=threads)
         self.non_expert_locked = 0
@@ -287,6 +289,7 @@ class FlashTier(TierController):
         c = self.counters
         looked = eng["demand_hits"] + eng["demand_misses"]
         rb = read_bytes_so_far()
+        others, notes = self._other_mappings()
         return {
             "budget_bytes": self.budget,
             "resident_expert_bytes": resident,
@@ -306,7 +309,26 @@ class FlashTier(TierController):
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
             "engine": eng,
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
+            "other_mappings": others,
+            "notes": notes,
         }
+
+    def _other_mappings(self) -> tuple[dict[str, int], list[str]]:
+        """Other mappings of the GGUF in this process: pages they map stay in RAM whatever the engine evicts,
+        and mincore (``resident_expert_bytes``) counts them (docs/flash.md, "Other mappings of the file")."""
+        found = other_mappings(self.info.path, self.mapping)
+        rss = resident_bytes(found)
+        out = {"count": len(found), "bytes": sum(m.size for m in found), "rss_bytes": rss}
+        if not found:
+            return out, []
+        note = (f"{len(found)} other mapping(s) of {self.info.path.name} in this process (another Llama of the "
+                f"same file, a self-draft, a reader) hold {format_size(rss)} of it in RAM: the flash tier cannot "
+                "evict pages another mapping holds, so resident_expert_bytes counts them and can exceed the budget "
+                f"of {format_size(self.budget)}; load the file once per process (docs/flash.md)")
+        if not self._warned_other_mappings:
+            self._warned_other_mappings = True
+            log.warning("flash tier: %s", note)
+        return out, [note]
 
     def _release(self) -> None:
         engine = getattr(self, "engine", None)

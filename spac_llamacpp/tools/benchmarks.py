@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from spac_llamacpp.base.sizes import parse_size
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.planning import budgets
 from spac_llamacpp.tools.generate import GenerationStats, stream_generate
@@ -22,35 +21,18 @@ PROMPTS = (
 )
 
 
-def _vram_fixed(info: MoEModelInfo, n_ctx: int, compute_reserve: int) -> dict[str, int]:
-    kv = budgets.kv_cache_bytes(n_ctx, *budgets.kv_dims_of_gguf(info.path))
-    return {"non_expert_bytes": info.non_expert_bytes, "kv_bytes": kv, "compute_reserve": compute_reserve}
-
-
 def vram_fixed_bytes(info: MoEModelInfo, n_ctx: int, compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE) -> int:
     """What the VRAM tier's budget holds besides the pool (non-expert weights, KV cache of ``n_ctx`` tokens
     estimated from the header, compute reserve)."""
-    return budgets.vram_budget_for_pool(0, **_vram_fixed(info, n_ctx, compute_reserve))
+    return budgets.vram_budget_for_pool(0, **budgets.vram_fixed_parts(info, n_ctx, compute_reserve))
 
 
 def budget_arg(text: str, tier: str, info: MoEModelInfo, *, n_ctx: int = budgets.DEFAULT_N_CTX,
                compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE) -> int:
-    """A bench script's ``--budget`` as the tier's budget (``planning.budgets``): a size, or a share of the
-    routed expert bytes given to experts (``50%``). flash: the share is the budget (RAM for routed experts;
-    the plan gets it less the staging and lookahead reserves); vram: the share is the pool, and the budget
-    adds the non-expert weights, the KV cache of ``n_ctx`` tokens and the compute reserve. A budget the
-    tier would refuse is refused here, before any run."""
-    text = text.strip()
-    experts = int(info.expert_bytes * float(text[:-1]) / 100) if text.endswith("%") else None
-    if tier == "flash":
-        budget = experts if experts is not None else parse_size(text)
-        budgets.flash_budget(budget, budgets.tier_layout("flash", info), name=info.path.name)
-        return budget
-    fixed = _vram_fixed(info, n_ctx, compute_reserve)
-    budget = budgets.vram_budget_for_pool(experts, **fixed) if experts is not None else parse_size(text)
-    budgets.vram_budget(budget, budgets.pool_groups(budgets.tier_layout("vram", info))[0], name=info.path.name,
-                        **fixed)
-    return budget
+    """A bench script's ``--budget`` as the tier's budget: :func:`spac_llamacpp.planning.budgets.parse_budget`
+    (a size, or a share of the routed expert bytes given to experts, ``50%``), refused here if the tier would
+    refuse it, before any run."""
+    return budgets.parse_budget(text, tier, info, n_ctx=n_ctx, compute_reserve=compute_reserve)
 
 
 def timed_generation(llm: Any, prompts: Sequence[str], n_predict: int) -> tuple[int, float, float]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except SpacError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted")
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         except (ValueError, RuntimeError, OSError) as exc:  # llama_cpp's load/decode failures
             _fail(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
@@ -66,10 +68,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
                           "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
                           "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
-        click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
+        click.option("--budget", default=None,
+                     help="RAM for routed experts with --tier flash, e.g. 6GiB, or 50% of the model's routed "
+                          "expert bytes."),
         click.option("--vram-budget", default=None,
                      help="GPU memory for the model with --tier vram (non-expert weights, KV cache, compute "
-                          "reserve; the rest is the expert pool), e.g. 6GiB."),
+                          "reserve; the rest is the expert pool), e.g. 6GiB; 50%: a pool of half the routed expert "
+                          "bytes plus the rest."),
         click.option("--pool-on-host", is_flag=True,
                      help="With --tier vram: put the expert pool in host memory (testing without a GPU)."),
         click.option("--flash-threads", type=int, default=2, show_default=True,
@@ -247,23 +252,75 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
+    notes: list[str] = []  # stderr lines; with --stats json they go into the JSON, so that stderr is JSON
+
+    def note(line: str) -> None:
+        if stats == "json":
+            notes.append(line)
+        else:
+            click.echo(line, err=True)
+
     if model is None:
-        click.echo(f"spac-run: no model given; using the {DEFAULT_LABEL}", err=True)
+        note(f"spac-run: no model given; using the {DEFAULT_LABEL}")
         model = str(default_model_path())
     if n_predict < 1:
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
-    t_load = time.perf_counter()
-    llm = _load(model, seed=seed, **load_kw)
-    load_seconds = time.perf_counter() - t_load
+    with _warnings_into(notes if stats == "json" else None):
+        t_load = time.perf_counter()
+        llm = _load(model, seed=seed, **load_kw)
+        load_seconds = time.perf_counter() - t_load
 
-    gen = GenerationStats()
-    click.echo(prompt, nl=False)
-    for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
-        click.echo(piece, nl=False)
-    click.echo()
-    if llm.replay is not None and llm.replay.ended:
-        gen.stop_reason = "trace end"
+        gen = GenerationStats()
+        click.echo(prompt, nl=False)
+        try:
+            for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say what it was, exit 130
+            gen.stop_reason = "interrupted"
+        click.echo()
+        if llm.replay is not None and llm.replay.ended:
+            gen.stop_reason = "trace end"
+        if gen.stop_reason == "context":
+            trained = llm.moe_info.context_length
+            note(f"spac-run: stopped after {gen.generated_tokens} of {n_predict} tokens: the context window "
+                 f"({llm.n_ctx()} tokens, the prompt's {gen.prompt_tokens} included) is full; pass --ctx to raise "
+                 "it" + (f" (the model was trained on {trained})" if trained else ""))
+        if gen.stop_reason == "interrupted":
+            note(f"spac-run: interrupted: {gen.generated_tokens} tokens generated in "
+                 f"{gen.prompt_seconds + gen.decode_seconds:.2f} s after a {gen.prompt_tokens}-token prompt")
+        _report(llm, model, load_seconds, gen, stats, stats_file, notes)
+    llm.close()
+    if gen.stop_reason == "interrupted":
+        sys.exit(130)
 
+
+class _NoteHandler(logging.Handler):
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _warnings_into(notes: list[str] | None) -> Iterator[None]:
+    """Log warnings go into ``notes`` (not to stderr) while the block runs; nothing changes for None."""
+    if notes is None:
+        yield
+        return
+    handler = _NoteHandler(notes)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def _report(llm: Any, model: str, load_seconds: float, gen: Any, stats: str | None, stats_file: str | None,
+            notes: list[str]) -> None:
+    """spac-run's stats: stderr (text or JSON) and ``--stats-file``."""
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
@@ -277,6 +334,7 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["cache_prior"] = llm.cache_prior.stats()
     if llm.replay is not None:
         report["replay"] = llm.replay.stats()
+    report["notes"] = notes
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -310,7 +368,6 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             click.echo("routing: model has no routed experts", err=True)
     if stats_file:
         Path(stats_file).write_text(json.dumps(report, indent=2) + "\n")
-    llm.close()
 
 
 @click.group()
@@ -408,6 +465,10 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
         meta["expert_order"] = {str(b): list(o) for b, o in llm.moe_info.expert_order.items()}
     trace = RoutingTrace.from_log(llm.routing, meta, llm.speculation)
     trace.save(output)
+    full = sum(r["stop_reason"] == "context" for r in runs)
+    if full:
+        click.echo(f"spac trace: {full} of {len(runs)} prompts stopped before -n {n_predict}: the context window "
+                   f"({llm.n_ctx()} tokens, prompt included) is full; pass --ctx to raise it", err=True)
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
                f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)
     llm.close()
@@ -546,6 +607,15 @@ def _measure_and_cache(model: str | Path | None, types: list[str] | None = None)
     return cm
 
 
+def _nominal_costs(model: str | Path) -> Any:
+    """``spac simulate`` without a calibration and without ``--calibrate``: nominal costs, said on stderr."""
+    from spac_llamacpp.planning.costmodel import CostModel
+
+    click.echo("spac simulate: no calibration cached for this machine; simulating with nominal costs (pass "
+               "--calibrate to measure this machine first, about 20 s, or run `spac calibrate`)", err=True)
+    return CostModel.nominal()
+
+
 @spac.command(name="calibrate")
 @click.option("--show", is_flag=True, help="Print the cached calibration of this machine (and --model) instead.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
@@ -605,8 +675,10 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
               help="No model file: the experts' ggml weight type for the CPU cost model (e.g. Q4_K; default "
                    "F16, the cost model's fallback).")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
-              help="Calibration JSON (default: this machine's cached one, measured now if there is none; without a "
-                   "model the generic one).")
+              help="Calibration JSON (default: this machine's cached one, else nominal costs; without a model the "
+                   "generic one).")
+@click.option("--calibrate", "calibrate_now", is_flag=True,
+              help="Without a cached calibration, measure this machine now (about 20 s) and cache it.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False),
               help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
 @click.option("--n-ctx", default=512, show_default=True, type=int,
@@ -618,8 +690,8 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
 @friendly_errors
 def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
-                 expert_bytes: str | None, weight_type: str | None, calibration: str | None, png: str | None,
-                 n_ctx: int, compute_reserve: str, as_json: bool) -> None:
+                 expert_bytes: str | None, weight_type: str | None, calibration: str | None, calibrate_now: bool,
+                 png: str | None, n_ctx: int, compute_reserve: str, as_json: bool) -> None:
     """Replay a routing TRACE through placement policies under the measured cost model.
 
     `ours` is the tier's own planning loop with the tier's placement configuration, and the budget means what
@@ -641,8 +713,10 @@ def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: 
     size = parse_size(budget)
     per_expert = parse_size(expert_bytes) if expert_bytes is not None else None
     wtype = weight_type_name(weight_type) if weight_type is not None else None
-    trace, info, cost = load_inputs(trace_path, model, calibration,
-                                    measure=lambda m: _measure_and_cache(m, [wtype] if wtype else None),
+    def measure(m: str | Path | None) -> Any:
+        return _measure_and_cache(m, [wtype] if wtype else None) if calibrate_now else _nominal_costs(m)
+
+    trace, info, cost = load_inputs(trace_path, model, calibration, measure=measure,
                                     expert_bytes=per_expert, weight_type=wtype)
     recorded = isinstance(info, ExpertLayout)
     if recorded and tier == "vram":
