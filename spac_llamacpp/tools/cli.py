@@ -46,8 +46,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ctx", "n_ctx", type=int, default=None,
                      help=f"Context length [default: {DEFAULT_CTX}, or the model's training context if shorter]."),
         click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: llama.cpp's)."),
-        click.option("--gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="Layers offloaded to the GPU (-1: all)."),
+        click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
+                     help="Layers offloaded to the GPU (-1: all) [default: 0, or what --tier auto chooses]."),
         click.option("-ot", "--override-tensor", "override_tensor", default=None,
                      help="Tensor placement, llama.cpp syntax: 'REGEX=DEVICE,...' e.g. '\\.ffn_.*_exps=CPU'."),
         click.option("--no-repack", is_flag=True,
@@ -62,10 +62,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --self-draft: experts per token while drafting (default: the model's)."),
         click.option("--n-draft", type=int, default=4, show_default=True, help="Draft tokens per step (start value)."),
         click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
-        click.option("--tier", type=click.Choice(["flash", "vram"]), default=None,
+        click.option("--tier", type=click.Choice(["auto", "none", "flash", "vram"]), default=None,
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
                           "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
-                          "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
+                          "the GPU and the hottest experts in a GPU pool sized from --vram-budget; 'auto' chooses "
+                          "from the header and this machine's free memory (`spac fit`; the default of spac-run, "
+                          "serve and chat; explicit --budget, --vram-budget, --gpu-layers or -ot win); 'none': "
+                          "llama.cpp as is (the default of the other commands)."),
         click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
         click.option("--vram-budget", default=None,
                      help="GPU memory for the model with --tier vram (non-expert weights, KV cache, compute "
@@ -101,19 +104,31 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
     return min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
 
 
-def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
+def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int | None, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           self_draft: bool = False, self_draft_experts: int | None = None, tier: str | None = None,
           budget: str | None = None, vram_budget: str | None = None, pool_on_host: bool = False,
           flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024,
-          speculation_history: int | None = 256):
+          speculation_history: int | None = 256, on_fit: Callable[[Any], None] | None = None):
     from spac_llamacpp.llama import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
 
     if not Path(model).is_file():
         raise SpacError(f"model file not found: {model}")
+    fit = None
+    if tier == "auto":  # issue 17: tools/fit.py; explicit flags win
+        from spac_llamacpp.tools.fit import resolve_cli_auto
+
+        fit = resolve_cli_auto(model, default_ctx(model, n_ctx), budget, vram_budget, n_gpu_layers, override_tensor)
+        tier, budget, vram_budget = fit.tier, fit.budget, fit.vram_budget
+        n_gpu_layers = fit.n_gpu_layers if n_gpu_layers is None else n_gpu_layers
+        if on_fit is not None:
+            on_fit(fit)
+    elif tier == "none":
+        tier = None
+    n_gpu_layers = n_gpu_layers or 0
     if sum([bool(draft), lookup, self_draft]) > 1:
         raise SpacError("choose one draft source: --draft PATH, --lookup or --self-draft")
     if self_draft_experts is not None and not self_draft:
@@ -139,7 +154,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
     if tier == "vram":
         vram = {"on_host": pool_on_host, "profile": warm_profile}
-    return Llama(
+    llm = Llama(
         model,
         draft_model_path=draft,
         draft_model=PromptLookupDraft(n_draft) if lookup else None,
@@ -163,6 +178,15 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
         self_draft=(self_draft_experts or True) if self_draft else False,
     )
+    llm.fit = fit
+    return llm
+
+
+def _echo_fit(choice: Any) -> None:
+    """What --tier auto chose, on stderr (nothing when an explicit flag decided: the flags say it)."""
+    if choice.plan is not None:
+        for line in choice.lines():
+            click.echo(line, err=True)
 
 
 def _vram_line(st: dict[str, Any]) -> str:
@@ -231,6 +255,9 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         model = str(default_model_path())
     if n_predict < 1:
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"  # issue 17: automatic placement by default
+    if stats != "json":  # with --stats json the choice is the report's "fit"
+        load_kw["on_fit"] = _echo_fit
     t_load = time.perf_counter()
     llm = _load(model, seed=seed, **load_kw)
     load_seconds = time.perf_counter() - t_load
@@ -242,6 +269,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     click.echo()
 
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
+    if llm.fit is not None:
+        report["fit"] = llm.fit.to_json()
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
     if llm.speculation is not None:
@@ -746,3 +775,28 @@ def synth_cmd(preset: str, output: str, expert_type: str | None, layers: int | N
 
     result = write_synth(output, preset, expert_type=expert_type, layers=layers, seed=seed)
     click.echo(result.summary(), err=True)
+
+
+# ---- automatic placement, server, chat (issue 17) ----------------------------------------------------
+
+
+@spac.command(name="fit")
+@click.argument("model")
+@click.option("--ctx", "n_ctx", type=int, default=None,
+              help=f"Context length to plan for [default: {DEFAULT_CTX}, or the model's training context if shorter].")
+@click.option("--cpu-only", is_flag=True, help="Plan without the GPU (as --gpu-layers 0 does with --tier auto).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@friendly_errors
+def fit_cmd(model: str, n_ctx: int | None, cpu_only: bool, as_json: bool) -> None:
+    """Choose how MODEL runs on this machine: all in RAM, the flash tier with a budget, or the vram tier.
+
+    From the GGUF header and the free memory (MemAvailable, the cgroup limit, the GPU's free memory), leaving a
+    safety margin; `spac-run MODEL` (--tier auto) uses the same choice. $SPAC_MACHINE_FACTS (a JSON object or
+    @file) describes another machine instead.
+    """
+    from spac_llamacpp.tools.fit import fit_model, format_fit
+
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    plan = fit_model(model, default_ctx(model, n_ctx), gpu=not cpu_only)
+    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_fit(plan))
