@@ -800,3 +800,48 @@ def fit_cmd(model: str, n_ctx: int | None, cpu_only: bool, as_json: bool) -> Non
         raise SpacError(f"model file not found: {model}")
     plan = fit_model(model, default_ctx(model, n_ctx), gpu=not cpu_only)
     click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_fit(plan))
+
+
+def _default_model(model: str | None, tool: str) -> str:
+    from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
+
+    if model is None:
+        click.echo(f"{tool}: no model given; using the {DEFAULT_LABEL}", err=True)
+        return str(default_model_path())
+    return model
+
+
+@spac.command(name="serve")
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--alias", default=None, help="Model name in /v1/models [default: the file name without .gguf].")
+@click.option("--api-key", default=None, help="Require this bearer token (Authorization: Bearer KEY).")
+@click.option("--interrupt-requests", is_flag=True,
+              help="A new request ends a stream in progress (llama_cpp.server's default) instead of waiting for it.")
+@click.option("--log-level", "server_log_level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
+              help="uvicorn's log level (info: one line per request).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@friendly_errors
+def serve_cmd(model: str | None, host: str, port: int, alias: str | None, api_key: str | None,
+              interrupt_requests: bool, server_log_level: str, seed: int, **load_kw: Any) -> None:
+    """Serve MODEL over HTTP with the OpenAI API (llama-cpp-python's server app, spac's Llama behind it).
+
+    /v1/completions, /v1/chat/completions (streaming), /v1/models, and /spac/stats (the tier's stats and the
+    routing summary). One evaluation at a time; Ctrl+C (SIGINT) or SIGTERM stops it cleanly. Placement is
+    --tier auto unless given; without MODEL, serves the embedded default model.
+    """
+    from spac_llamacpp.tools.serve import build_app, run_server
+
+    model = _default_model(model, "spac serve")
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    if not 0 <= port < 65536:
+        raise SpacError(f"--port must be 0..65535, not {port}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"
+    load_kw["on_fit"] = _echo_fit
+    app, served = build_app(lambda: _load(model, seed=seed, **load_kw), model, alias=alias, api_key=api_key,
+                            interrupt_requests=interrupt_requests)
+    run_server(app, served, host, port, log_level=server_log_level, echo=lambda m: click.echo(m, err=True))
