@@ -845,3 +845,35 @@ def serve_cmd(model: str | None, host: str, port: int, alias: str | None, api_ke
     app, served = build_app(lambda: _load(model, seed=seed, **load_kw), model, alias=alias, api_key=api_key,
                             interrupt_requests=interrupt_requests)
     run_server(app, served, host, port, log_level=server_log_level, echo=lambda m: click.echo(m, err=True))
+
+
+@spac.command(name="chat")
+@click.argument("model", required=False)
+@click.option("--system", default=None, help="System message starting the conversation.")
+@click.option("-n", "--max-tokens", "max_tokens", type=int, default=None,
+              help="Tokens per reply at most [default: 256, at most half the context].")
+@click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@friendly_errors
+def chat_cmd(model: str | None, system: str | None, max_tokens: int | None, temp: float, seed: int,
+             **load_kw: Any) -> None:
+    """Chat with MODEL in the terminal: its chat template, streamed replies, a live status line.
+
+    Commands: /stats, /reset, /help, /quit (or Ctrl+D). Placement is --tier auto unless given; without MODEL,
+    chats with the embedded default model.
+    """
+    from spac_llamacpp.tools.chat import Chat, run_chat
+
+    model = _default_model(model, "spac chat")
+    if max_tokens is not None and max_tokens < 1:
+        raise SpacError(f"--max-tokens must be at least 1, not {max_tokens}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"
+    load_kw["on_fit"] = _echo_fit
+    llm = _load(model, seed=seed, **load_kw)
+    try:
+        chat = Chat(llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed)
+        run_chat(chat, banner=f"spac chat: {Path(model).name}, context {llm.n_ctx()} tokens, replies of at most "
+                              f"{chat.max_tokens} tokens")
+    finally:
+        llm.close()
