@@ -711,14 +711,17 @@ def patch_cmd(model: str, profile_path: str, output: str, no_verify: bool) -> No
 @click.option("--estimator", default="spac", show_default=True, help="For a trace: the estimator next to LRU.")
 @friendly_errors
 def plot_cmd(source: str, output: str, budget_experts: int | None, estimator: str) -> None:
-    """Heat map (layer x expert) of a profile JSON, or hit rate over time of a trace (.npz)."""
+    """Heat map (layer x expert) of a profile JSON, hit rate over time of a trace (.npz), or tok/s per budget of
+    a benchmark result (the last JSON line of scripts/bench_flash.py, bench_vram.py, bench_speculation.py)."""
     from spac_llamacpp.observe.profile import load_profile
-    from spac_llamacpp.tools.plots import plot_heatmap, plot_hit_rate
+    from spac_llamacpp.tools.plots import benchmark_series, plot_benchmark, plot_heatmap, plot_hit_rate, read_benchmark
 
     if source.endswith(".npz"):
         from spac_llamacpp.observe.trace import RoutingTrace
 
         plot_hit_rate(RoutingTrace.load(source), output, budget_experts, estimator)
+    elif (bench := benchmark_series(read_benchmark(source) or {})) is not None:  # issue 17
+        plot_benchmark(bench, output)
     else:
         plot_heatmap(load_profile(source), output)
     click.echo(f"wrote {output}", err=True)
