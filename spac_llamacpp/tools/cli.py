@@ -383,22 +383,23 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
 
     `spac trace import FILE -o OUT.npz --format route-csv|jsonl` imports a trace recorded elsewhere.
     """
-    from tqdm import tqdm
-
     from spac_llamacpp.observe.trace import RoutingTrace
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
+    from spac_llamacpp.tools.progress import token_progress
 
     all_prompts = _gather_prompts(prompts, prompt_file)
     llm = _load(model, seed=seed, routing_history=None, speculation_history=None, **load_kw)
     if llm.routing is None:
         raise SpacError(f"{model} has no routed experts; `spac trace` needs a Mixture-of-Experts model")
     runs = []
-    for i, prompt in enumerate(tqdm(all_prompts, desc="trace", unit="prompt", disable=len(all_prompts) < 2)):
+    bar = token_progress(len(all_prompts) * n_predict, "trace")
+    for i, prompt in enumerate(all_prompts):
         gen = GenerationStats()
         first_step = llm.routing.n_steps
         for _ in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed + i, stats=gen):
-            pass
+            bar.update(1)
         runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
+    bar.close()
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
     if llm.speculation is not None:
         meta["speculation"] = llm.speculation.summary()
@@ -535,9 +536,11 @@ def _measure_and_cache(model: str | Path) -> Any:
     """Calibrate this machine for ``model`` now and cache it (``spac simulate`` without a calibration)."""
     from spac_llamacpp.planning.calibration import calibration_path
     from spac_llamacpp.tools.calibrate import calibrate
+    from spac_llamacpp.tools.progress import phase_progress
 
     click.echo("calibrate: no calibration cached for this machine; measuring it now (about 20 s)", err=True)
-    cm = calibrate(model, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+    with phase_progress("calibrate") as progress:
+        cm = calibrate(model, progress=progress)
     cm.source = str(cm.save(calibration_path(model)))
     return cm
 
@@ -569,8 +572,10 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
                             "run `spac calibrate`")
     else:
         type_list = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
-        cm = calibrate(model, threads=threads, types=type_list, flash_dir=flash_dir,
-                       progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+        from spac_llamacpp.tools.progress import phase_progress
+
+        with phase_progress("calibrate") as progress:
+            cm = calibrate(model, threads=threads, types=type_list, flash_dir=flash_dir, progress=progress)
         cm.source = str(cm.save(calibration_path(model)))
     if output:
         Path(output).write_text(dumps(cm) + "\n")
@@ -652,6 +657,7 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
     from spac_llamacpp.observe.profile import Profile
     from spac_llamacpp.planning.estimators import Observation, make_estimator
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
+    from spac_llamacpp.tools.progress import token_progress
 
     all_prompts = _gather_prompts(prompts, prompt_file)
     llm = _load(model, routing_history=None, **load_kw)
@@ -659,10 +665,12 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
         raise SpacError(f"{model} has no routed experts; `spac profile` needs a Mixture-of-Experts model")
     layers = list(llm.moe_info.moe_layers)
     demand = make_estimator(estimator, len(layers), llm.moe_info.n_expert)
+    bar = token_progress(len(all_prompts) * n_predict, "profile")
     for prompt in all_prompts:
         llm.reset()
         for _ in stream_generate(llm, prompt, n_predict, stats=GenerationStats()):
-            pass
+            bar.update(1)
+    bar.close()
     steps = list(llm.routing.steps)
     maps = {m.step: m for m in llm.speculation.maps} if llm.speculation is not None else {}
     for step in steps:
