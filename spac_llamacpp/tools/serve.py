@@ -18,9 +18,11 @@ How it is wired:
   stream in progress instead of waiting for it.
 - **/spac/stats**: ``llm.stats()`` (tier state: budget, resident bytes, hit rate, engine errors), the routing
   summary, speculation summary, what ``--tier auto`` chose, and request counts.
-- **Shutdown.** SIGINT / SIGTERM make uvicorn stop accepting and finish the requests in flight; the lifespan's
-  shutdown then takes the model lock (no evaluation can be running) and closes the model, which stops the
-  tier's re-planner and joins its engine threads before llama.cpp frees the model. ``serve`` returns normally.
+- **Shutdown.** SIGINT / SIGTERM make uvicorn stop accepting and let the requests in flight finish, streams
+  included (sse-starlette's immediate drain is turned off), for up to ``SHUTDOWN_GRACE`` seconds, then cancel
+  what is left (a second Ctrl+C: at once); the lifespan's shutdown then takes the model lock (no evaluation
+  can be running) and closes the model, which stops the tier's re-planner and joins its engine threads before
+  llama.cpp frees the model. ``run_server`` returns normally.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from spac_llamacpp.base.errors import SpacError
+
+SHUTDOWN_GRACE = 10  # seconds requests in flight get to finish after SIGINT / SIGTERM
 
 
 class ServedModel:
@@ -215,9 +219,24 @@ def run_server(app: Any, served: ServedModel, host: str, port: int, *, log_level
                echo: Callable[[str], None] = print) -> None:
     """Serve until SIGINT / SIGTERM; the model is closed (tier threads joined) when this returns."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    # streams in flight finish like other requests (within the grace period) instead of being cut at once
+    AppStatus.disable_automatic_graceful_drain()
+    AppStatus.should_exit = False
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE + 2)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # streams still running when the grace period ends are ended by sse-starlette (the client sees the
+            # stream stop), before uvicorn would cancel their tasks
+            timer = threading.Timer(SHUTDOWN_GRACE, lambda: setattr(AppStatus, "should_exit", True))
+            timer.daemon = True
+            timer.start()
+
+    server = Server(config)
     shown = f"[{host}]" if ":" in host else host
     echo(f"spac serve: {served.alias} on http://{shown}:{port}/v1 (OpenAI API: /v1/completions, "
          f"/v1/chat/completions, /v1/models; spac: /spac/stats); Ctrl+C stops")
