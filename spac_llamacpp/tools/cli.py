@@ -124,8 +124,6 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         fit = resolve_cli_auto(model, default_ctx(model, n_ctx), budget, vram_budget, n_gpu_layers, override_tensor)
         tier, budget, vram_budget = fit.tier, fit.budget, fit.vram_budget
         n_gpu_layers = fit.n_gpu_layers if n_gpu_layers is None else n_gpu_layers
-        if on_fit is not None:
-            on_fit(fit)
     elif tier == "none":
         tier = None
     n_gpu_layers = n_gpu_layers or 0
@@ -179,6 +177,8 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         self_draft=(self_draft_experts or True) if self_draft else False,
     )
     llm.fit = fit
+    if fit is not None and on_fit is not None:  # once loaded: every expected failure stays one error line
+        on_fit(fit)
     return llm
 
 
