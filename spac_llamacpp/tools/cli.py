@@ -245,7 +245,9 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
              stats_file: str | None, **load_kw: Any) -> None:
     """Generate text from MODEL (a MoE GGUF), streaming it to stdout.
 
-    Without MODEL, runs the embedded default model.
+    Placement is automatic (--tier auto: all in RAM, the flash or the vram tier, from the header and this
+    machine's free memory, as `spac fit` shows); --tier none runs llama.cpp as is. Without MODEL, runs the
+    embedded default model.
     """
     from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
