@@ -16,6 +16,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
 bash scripts/build_llama.sh "${SPAC_LLAMA_BACKEND:---cpu}"
 
+# this package (editable) and its dependencies, the server (fastapi, uvicorn, sse-starlette, ...) and, for
+# the tests, openai: pyproject.toml lists the [server] extra's packages itself, so pip keeps the
+# llama-cpp-python built above (it only checks its version)
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/spac build-native >/dev/null
 echo "setup: done. Try: .venv/bin/spac-run --stats"

@@ -33,6 +33,7 @@ from spac_llamacpp.planning.budgets import DEFAULT_COMPUTE_RESERVE, DEFAULT_N_CT
 from spac_llamacpp.speculation.build import build_draft, build_speculation
 from spac_llamacpp.speculation.drafts import check_same_vocabulary
 from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
+from spac_llamacpp.tiers.auto import AutoChoice, auto_llama_arguments
 from spac_llamacpp.tiers.base import TierController
 from spac_llamacpp.tiers.build import TierBuilder, tier_builder
 from spac_llamacpp.tiers.cache_prior import CachePrior
@@ -102,7 +103,9 @@ class Llama(llama_cpp.Llama):
             ``budget`` bytes of them in RAM (``llm.flash``, ``llm.stats()``). ``"vram"`` (needs the
             patched llama.cpp, ``patched_llama_available()``): non-expert weights on the GPU, routed
             experts in host memory, the most useful of them copied into a GPU expert pool sized from
-            ``vram_budget`` (``llm.vram``). None: llama.cpp as is.
+            ``vram_budget`` (``llm.vram``). ``"auto"``: chosen from the header and this machine's free memory
+            (:mod:`spac_llamacpp.planning.fit`; explicit ``budget``, ``vram_budget``, ``n_gpu_layers`` or tensor
+            overrides win), what it chose in ``llm.fit``. None (the default): llama.cpp as is.
         budget: RAM for routed experts with ``tier="flash"``: bytes, a size such as ``"6GiB"`` or a share of the
             model's routed expert bytes such as ``"50%"``.
         vram_budget: GPU memory for the model with ``tier="vram"`` (non-expert weights, KV cache, a
@@ -190,6 +193,10 @@ class Llama(llama_cpp.Llama):
             "replay_end": replay_end,
         }
         self.moe_info: MoEModelInfo = read_model_header(model_path)
+        self.fit: AutoChoice | None = None  # what tier="auto" chose (tiers/auto.py)
+        if tier == "auto":
+            tier, budget, vram_budget, self.fit = auto_llama_arguments(self.moe_info, budget, vram_budget,
+                                                                       tensor_buft_overrides, kwargs)
         self.tier = tier
         self.flash: FlashTier | None = None
         self.vram: VramTier | None = None
@@ -492,7 +499,7 @@ def _check_tier(info: MoEModelInfo, tier: str | None, budget: int | str | None, 
     if vram_budget is not None:
         raise SpacError(f"vram_budget= belongs to tier='vram', not tier={tier!r}")
     if tier != "flash":
-        raise SpacError(f"unknown tier {tier!r}; choose 'flash' or 'vram'")
+        raise SpacError(f"unknown tier {tier!r}; choose 'flash', 'vram', 'auto' or None")
     if info.n_expert == 0:
         raise NotMoEError(f"{info.path} is a dense model; tier='flash' needs a Mixture-of-Experts GGUF")
     if budget is None:

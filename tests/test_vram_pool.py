@@ -373,7 +373,8 @@ def test_spac_run_vram_cli(pool_models):
     text = subprocess.run([exe, path, "-n", "4", "--tier", "vram", "--vram-budget", "1GiB", "--pool-on-host",
                            "--stats"], capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "vram tier: expert pool" in text.stderr and "pool hit rate" in text.stderr
-    for args, needle in ((["--tier", "vram"], "--vram-budget"), (["--vram-budget", "1GiB"], "--tier vram"),
+    # --tier auto (the default): an explicit --vram-budget means the vram tier, which has no GPU here
+    for args, needle in ((["--tier", "vram"], "--vram-budget"), (["--vram-budget", "1GiB"], "--pool-on-host"),
                          (["--tier", "vram", "--vram-budget", "1KiB", "--pool-on-host"], "too small")):
         bad = subprocess.run([exe, path, *args], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr

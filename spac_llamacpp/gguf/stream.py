@@ -84,11 +84,15 @@ def write_entries(dst: str | os.PathLike[str], arch: str, entries: Sequence[Entr
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for e in tqdm(entries, desc=f"write {dst.name}", unit="tensor", disable=not progress):
-            arr = e.produce()
-            if arr.nbytes != e.nbytes:
-                raise SpacError(f"{e.name}: produced {arr.nbytes} bytes, expected {e.nbytes}")
-            writer.write_tensor_data(arr)
+        # bytes, not tensors: a 20 GB model's tensors differ in size by 1000x; only on a terminal
+        with tqdm(total=sum(e.nbytes for e in entries), desc=f"write {dst.name}", unit="B", unit_scale=True,
+                  unit_divisor=1024, disable=None if progress else True, leave=False) as bar:
+            for e in entries:
+                arr = e.produce()
+                if arr.nbytes != e.nbytes:
+                    raise SpacError(f"{e.name}: produced {arr.nbytes} bytes, expected {e.nbytes}")
+                writer.write_tensor_data(arr)
+                bar.update(e.nbytes)
         writer.close()
         os.replace(tmp, dst)
     except OSError as exc:  # an unwritable place, a full disk: name what the user asked for, not our temporary

@@ -48,8 +48,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ctx", "n_ctx", type=int, default=None,
                      help=f"Context length [default: {DEFAULT_CTX}, or the model's training context if shorter]."),
         click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: llama.cpp's)."),
-        click.option("--gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="Layers offloaded to the GPU (-1: all)."),
+        click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
+                     help="Layers offloaded to the GPU (-1: all) [default: 0, or what --tier auto chooses]."),
         click.option("-ot", "--override-tensor", "override_tensor", default=None,
                      help="Tensor placement, llama.cpp syntax: 'REGEX=DEVICE,...' e.g. '\\.ffn_.*_exps=CPU'."),
         click.option("--no-repack", is_flag=True,
@@ -64,10 +64,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --self-draft: experts per token while drafting (default: the model's)."),
         click.option("--n-draft", type=int, default=4, show_default=True, help="Draft tokens per step (start value)."),
         click.option("--fixed-draft", is_flag=True, help="Keep the draft length fixed (default: adaptive)."),
-        click.option("--tier", type=click.Choice(["flash", "vram"]), default=None,
+        click.option("--tier", type=click.Choice(["auto", "none", "flash", "vram"]), default=None,
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
                           "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
-                          "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
+                          "the GPU and the hottest experts in a GPU pool sized from --vram-budget; 'auto' chooses "
+                          "from the header and this machine's free memory (`spac fit`; the default of spac-run, "
+                          "serve and chat; explicit --budget, --vram-budget, --gpu-layers or -ot win); 'none': "
+                          "llama.cpp as is (the default of the other commands)."),
         click.option("--budget", default=None,
                      help="RAM for routed experts with --tier flash, e.g. 6GiB, or 50% of the model's routed "
                           "expert bytes."),
@@ -113,19 +116,30 @@ def default_ctx(model: str, n_ctx: int | None) -> int:
     return min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
 
 
-def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int, override_tensor: str | None,
+def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: int | None, override_tensor: str | None,
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           self_draft: bool = False, self_draft_experts: int | None = None, tier: str | None = None,
           budget: str | None = None, vram_budget: str | None = None, pool_on_host: bool = False,
           flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024, note: Callable[[str], None] | None = None,
-          speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle"):
+          speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle",
+          on_fit: Callable[[Any], None] | None = None):
     from spac_llamacpp.llama import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
 
     if not Path(model).is_file():
         raise SpacError(f"model file not found: {model}")
+    fit = None
+    if tier == "auto":  # issue 17: tools/fit.py; explicit flags win
+        from spac_llamacpp.tools.fit import resolve_cli_auto
+
+        fit = resolve_cli_auto(model, default_ctx(model, n_ctx), budget, vram_budget, n_gpu_layers, override_tensor)
+        tier, budget, vram_budget = fit.tier, fit.budget, fit.vram_budget
+        n_gpu_layers = fit.n_gpu_layers if n_gpu_layers is None else n_gpu_layers
+    elif tier == "none":
+        tier = None
+    n_gpu_layers = n_gpu_layers or 0
     if sum([bool(draft), lookup, self_draft]) > 1:
         raise SpacError("choose one draft source: --draft PATH, --lookup or --self-draft")
     if self_draft_experts is not None and not self_draft:
@@ -185,7 +199,17 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
             note(line)  # spac-run --stats json: into the JSON's notes
         else:
             click.echo(line, err=True)
+    llm.fit = fit
+    if fit is not None and on_fit is not None:  # once loaded: every expected failure stays one error line
+        on_fit(fit)
     return llm
+
+
+def _echo_fit(choice: Any) -> None:
+    """What --tier auto chose, on stderr (nothing when an explicit flag decided: the flags say it)."""
+    if choice.plan is not None:
+        for line in choice.lines():
+            click.echo(line, err=True)
 
 
 def _vram_line(st: dict[str, Any]) -> str:
@@ -251,7 +275,9 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
              stats_file: str | None, **load_kw: Any) -> None:
     """Generate text from MODEL (a MoE GGUF), streaming it to stdout.
 
-    Without MODEL, runs the embedded default model.
+    Placement is automatic (--tier auto: all in RAM, the flash or the vram tier, from the header and this
+    machine's free memory, as `spac fit` shows); --tier none runs llama.cpp as is. Without MODEL, runs the
+    embedded default model.
     """
     from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
@@ -269,6 +295,7 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         model = str(default_model_path())
     if n_predict < 1:
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"  # issue 17: automatic placement by default
     with _warnings_into(notes if stats == "json" else None):
         t_load = time.perf_counter()
         llm = _load(model, seed=seed, note=note, **load_kw)
@@ -276,12 +303,20 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
 
         gen = GenerationStats()
         click.echo(prompt, nl=False)
+        # what --tier auto chose goes to stderr once the prompt was accepted (a prompt the context cannot
+        # hold stays a one-line error); with --stats json it is the report's "fit"
+        fit_pending = stats != "json" and llm.fit is not None
         try:
             for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
+                if fit_pending:
+                    fit_pending = False
+                    _echo_fit(llm.fit)
                 click.echo(piece, nl=False)
         except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say what it was, exit 130
             gen.stop_reason = "interrupted"
         click.echo()
+        if fit_pending:
+            _echo_fit(llm.fit)
         if llm.replay is not None and llm.replay.ended:
             gen.stop_reason = "trace end"
         if gen.stop_reason == "context":
@@ -326,6 +361,8 @@ def _report(llm: Any, model: str, load_seconds: float, gen: Any, stats: str | No
             notes: list[str]) -> None:
     """spac-run's stats: stderr (text or JSON) and ``--stats-file``."""
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
+    if llm.fit is not None:
+        report["fit"] = llm.fit.to_json()
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
     if llm.speculation is not None:
@@ -442,24 +479,25 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
 
     `spac trace import FILE -o OUT.npz --format route-csv|jsonl` imports a trace recorded elsewhere.
     """
-    from tqdm import tqdm
-
     from spac_llamacpp.observe.trace import RoutingTrace
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
+    from spac_llamacpp.tools.progress import token_progress
 
     all_prompts = _gather_prompts(prompts, prompt_file)
     llm = _load(model, seed=seed, routing_history=None, speculation_history=None, **load_kw)
     if llm.routing is None:
         raise SpacError(f"{model} has no routed experts; `spac trace` needs a Mixture-of-Experts model")
     runs = []
-    for i, prompt in enumerate(tqdm(all_prompts, desc="trace", unit="prompt", disable=len(all_prompts) < 2)):
+    bar = token_progress(len(all_prompts) * n_predict, "trace")
+    for i, prompt in enumerate(all_prompts):
         gen = GenerationStats()
         first_step = llm.routing.n_steps
         for _ in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed + i, stats=gen):
-            pass
+            bar.update(1)
         if llm.replay is not None and llm.replay.ended:
             gen.stop_reason, llm.replay.ended = "trace end", False
         runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
+    bar.close()
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
     if llm.replay is not None:  # the routing is the input trace's, the text meaningless
         meta["replay"] = llm.replay.stats()
@@ -603,10 +641,12 @@ def _measure_and_cache(model: str | Path | None, types: list[str] | None = None)
     without a calibration); ``types``: weight types to measure besides the defaults."""
     from spac_llamacpp.planning.calibration import calibration_path
     from spac_llamacpp.tools.calibrate import DEFAULT_TYPES, calibratable_types, calibrate
+    from spac_llamacpp.tools.progress import phase_progress
 
     want = [*DEFAULT_TYPES, *(t for t in types or [] if t not in DEFAULT_TYPES and t in calibratable_types())]
     click.echo("calibrate: no calibration cached for this machine; measuring it now (about 20 s)", err=True)
-    cm = calibrate(model, types=want if types else None, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+    with phase_progress("calibrate") as progress:
+        cm = calibrate(model, types=want if types else None, progress=progress)
     cm.source = str(cm.save(calibration_path(model)))
     return cm
 
@@ -647,8 +687,10 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
                             "run `spac calibrate`")
     else:
         type_list = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
-        cm = calibrate(model, threads=threads, types=type_list, flash_dir=flash_dir,
-                       progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+        from spac_llamacpp.tools.progress import phase_progress
+
+        with phase_progress("calibrate") as progress:
+            cm = calibrate(model, threads=threads, types=type_list, flash_dir=flash_dir, progress=progress)
         cm.source = str(cm.save(calibration_path(model)))
     if output:
         Path(output).write_text(dumps(cm) + "\n")
@@ -771,6 +813,7 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
     from spac_llamacpp.observe.profile import Profile
     from spac_llamacpp.planning.estimators import Observation, make_estimator
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
+    from spac_llamacpp.tools.progress import token_progress
 
     all_prompts = _gather_prompts(prompts, prompt_file)
     llm = _load(model, routing_history=None, **load_kw)
@@ -778,10 +821,12 @@ def profile_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n
         raise SpacError(f"{model} has no routed experts; `spac profile` needs a Mixture-of-Experts model")
     layers = list(llm.moe_info.moe_layers)
     demand = make_estimator(estimator, len(layers), llm.moe_info.n_expert)
+    bar = token_progress(len(all_prompts) * n_predict, "profile")
     for prompt in all_prompts:
         llm.reset()
         for _ in stream_generate(llm, prompt, n_predict, stats=GenerationStats()):
-            pass
+            bar.update(1)
+    bar.close()
     steps = list(llm.routing.steps)
     maps = {m.step: m for m in llm.speculation.maps} if llm.speculation is not None else {}
     for step in steps:
@@ -830,14 +875,17 @@ def patch_cmd(model: str, profile_path: str, output: str, no_verify: bool) -> No
 @click.option("--estimator", default="spac", show_default=True, help="For a trace: the estimator next to LRU.")
 @friendly_errors
 def plot_cmd(source: str, output: str, budget_experts: int | None, estimator: str) -> None:
-    """Heat map (layer x expert) of a profile JSON, or hit rate over time of a trace (.npz)."""
+    """Heat map (layer x expert) of a profile JSON, hit rate over time of a trace (.npz), or tok/s per budget of
+    a benchmark result (the last JSON line of scripts/bench_flash.py, bench_vram.py, bench_speculation.py)."""
     from spac_llamacpp.observe.profile import load_profile
-    from spac_llamacpp.tools.plots import plot_heatmap, plot_hit_rate
+    from spac_llamacpp.tools.plots import benchmark_series, plot_benchmark, plot_heatmap, plot_hit_rate, read_benchmark
 
     if source.endswith(".npz"):
         from spac_llamacpp.observe.trace import RoutingTrace
 
         plot_hit_rate(RoutingTrace.load(source), output, budget_experts, estimator)
+    elif (bench := benchmark_series(read_benchmark(source) or {})) is not None:  # issue 17
+        plot_benchmark(bench, output)
     else:
         plot_heatmap(load_profile(source), output)
     click.echo(f"wrote {output}", err=True)
@@ -894,3 +942,105 @@ def synth_cmd(preset: str, output: str, expert_type: str | None, layers: int | N
 
     result = write_synth(output, preset, expert_type=expert_type, layers=layers, seed=seed)
     click.echo(result.summary(), err=True)
+
+
+# ---- automatic placement, server, chat (issue 17) ----------------------------------------------------
+
+
+@spac.command(name="fit")
+@click.argument("model")
+@click.option("--ctx", "n_ctx", type=int, default=None,
+              help=f"Context length to plan for [default: {DEFAULT_CTX}, or the model's training context if shorter].")
+@click.option("--cpu-only", is_flag=True, help="Plan without the GPU (as --gpu-layers 0 does with --tier auto).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@friendly_errors
+def fit_cmd(model: str, n_ctx: int | None, cpu_only: bool, as_json: bool) -> None:
+    """Choose how MODEL runs on this machine: all in RAM, the flash tier with a budget, or the vram tier.
+
+    From the GGUF header and the free memory (MemAvailable, the cgroup limit, the GPU's free memory), leaving a
+    safety margin; `spac-run MODEL` (--tier auto) uses the same choice. $SPAC_MACHINE_FACTS (a JSON object or
+    @file) describes another machine instead.
+    """
+    from spac_llamacpp.tools.fit import fit_model, format_fit
+
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    plan = fit_model(model, default_ctx(model, n_ctx), gpu=not cpu_only)
+    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_fit(plan))
+
+
+def _default_model(model: str | None, tool: str) -> str:
+    from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
+
+    if model is None:
+        click.echo(f"{tool}: no model given; using the {DEFAULT_LABEL}", err=True)
+        return str(default_model_path())
+    return model
+
+
+@spac.command(name="serve")
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--alias", default=None, help="Model name in /v1/models [default: the file name without .gguf].")
+@click.option("--api-key", default=None, help="Require this bearer token (Authorization: Bearer KEY).")
+@click.option("--interrupt-requests", is_flag=True,
+              help="A new request ends a stream in progress (llama_cpp.server's default) instead of waiting for it.")
+@click.option("--log-level", "server_log_level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
+              help="uvicorn's log level (info: one line per request).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@friendly_errors
+def serve_cmd(model: str | None, host: str, port: int, alias: str | None, api_key: str | None,
+              interrupt_requests: bool, server_log_level: str, seed: int, **load_kw: Any) -> None:
+    """Serve MODEL over HTTP with the OpenAI API (llama-cpp-python's server app, spac's Llama behind it).
+
+    /v1/completions, /v1/chat/completions (streaming), /v1/models, and /spac/stats (the tier's stats and the
+    routing summary). One evaluation at a time; Ctrl+C (SIGINT) or SIGTERM stops it cleanly. Placement is
+    --tier auto unless given; without MODEL, serves the embedded default model.
+    """
+    from spac_llamacpp.tools.serve import build_app, run_server
+
+    model = _default_model(model, "spac serve")
+    if not Path(model).is_file():
+        raise SpacError(f"model file not found: {model}")
+    if not 0 <= port < 65536:
+        raise SpacError(f"--port must be 0..65535, not {port}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"
+    load_kw["on_fit"] = _echo_fit
+    app, served = build_app(lambda: _load(model, seed=seed, **load_kw), model, alias=alias, api_key=api_key,
+                            interrupt_requests=interrupt_requests)
+    run_server(app, served, host, port, log_level=server_log_level, echo=lambda m: click.echo(m, err=True))
+
+
+@spac.command(name="chat")
+@click.argument("model", required=False)
+@click.option("--system", default=None, help="System message starting the conversation.")
+@click.option("-n", "--max-tokens", "max_tokens", type=int, default=None,
+              help="Tokens per reply at most [default: 256, at most half the context].")
+@click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@friendly_errors
+def chat_cmd(model: str | None, system: str | None, max_tokens: int | None, temp: float, seed: int,
+             **load_kw: Any) -> None:
+    """Chat with MODEL in the terminal: its chat template, streamed replies, a live status line.
+
+    Commands: /stats, /reset, /help, /quit (or Ctrl+D). Placement is --tier auto unless given; without MODEL,
+    chats with the embedded default model.
+    """
+    from spac_llamacpp.tools.chat import Chat, run_chat
+
+    model = _default_model(model, "spac chat")
+    if max_tokens is not None and max_tokens < 1:
+        raise SpacError(f"--max-tokens must be at least 1, not {max_tokens}")
+    load_kw["tier"] = load_kw.get("tier") or "auto"
+    load_kw["on_fit"] = _echo_fit
+    llm = _load(model, seed=seed, **load_kw)
+    try:
+        chat = Chat(llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed)
+        run_chat(chat, banner=f"spac chat: {Path(model).name}, context {llm.n_ctx()} tokens, replies of at most "
+                              f"{chat.max_tokens} tokens")
+    finally:
+        llm.close()
