@@ -60,13 +60,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """``rpc-server -H 127.0.0.1 -p PORT`` (CPU device, 2 threads) for this module; its log on failure."""
+    """``rpc-server -H 127.0.0.1 -p PORT -d CPU`` (2 threads) for this module; its log on failure."""
     if _REASON is not None:
         pytest.fail(f"SPAC_REQUIRE_RPC=1, but {_REASON}")
     log = tmp_path_factory.mktemp("rpc") / "rpc-server.log"
     port = _free_port()
     with open(log, "wb") as f:
-        proc = subprocess.Popen([str(rpc_server_path()), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
+        # -d CPU: the server's CPU device even in a GPU build (the checks compare with CPU kernels)
+        proc = subprocess.Popen([str(rpc_server_path()), "-H", "127.0.0.1", "-p", str(port), "-t", "2", "-d", "CPU"],
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 30

