@@ -8,6 +8,7 @@
 
 #include "ggml-backend.h"
 #include "ggml.h"
+#include "spac_replay.h"
 
 #define SPAC_TOPK_PREFIX "ffn_moe_topk-"
 
@@ -96,6 +97,9 @@ void spac_sensor_release(spac_sensor *s) {
         s->prior->orig_topk = NULL;
         s->prior->saved_cap = s->prior->work_cap = s->prior->orig_cap = 0;
         s->prior->saved_tensor = NULL;
+    }
+    if (s->replay != NULL) {
+        spac_replay_release(s->replay);
     }
 }
 
@@ -282,6 +286,24 @@ static const uint8_t *host_bytes(spac_sensor *s, struct ggml_tensor *t) {
     return s->scratch;
 }
 
+void spac_sensor_read(const spac_sensor *s, struct ggml_tensor *t, void *dst, size_t off, size_t n) {
+    tensor_read(s, t, dst, off, n);
+}
+
+void spac_sensor_write(const spac_sensor *s, struct ggml_tensor *t, const void *src, size_t off, size_t n) {
+    tensor_write(s, t, src, off, n);
+}
+
+const uint8_t *spac_sensor_host_bytes(spac_sensor *s, struct ggml_tensor *t) {
+    return host_bytes(s, t);
+}
+
+void spac_sensor_note_error(spac_sensor *s, int32_t kind, int32_t code) {
+    if (kind >= 0 && kind < SPAC_SENSOR_ERR_KINDS) {
+        note_error(s, kind, code);
+    }
+}
+
 /* Decode one ffn_moe_topk node: ne = [k, n_rows], rows strided by nb[1], elements by nb[0]. */
 static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     const int64_t k = t->ne[0];
@@ -361,9 +383,9 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
     if (ask) {
         bool user_wants = s->user_cb != NULL && s->user_cb(t, true, s->user_data);
         s->user_asked = user_wants;
-        bool prior = s->prior != NULL && s->prior->lambda != 0.0f;
+        bool rewrite = (s->prior != NULL && s->prior->lambda != 0.0f) || s->replay != NULL;
         bool ours = s->enabled && (spac_node_layer(t->name, SPAC_TOPK_PREFIX) >= 0 ||
-                                   (prior && spac_node_layer(t->name, SPAC_PROBS_PREFIX) >= 0) ||
+                                   (rewrite && spac_node_layer(t->name, SPAC_PROBS_PREFIX) >= 0) ||
                                    (s->hidden_hook != NULL && spac_node_layer(t->name, SPAC_LOUT_PREFIX) >= 0));
         return user_wants || ours;
     }
@@ -372,9 +394,13 @@ bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
         int32_t layer = spac_node_layer(t->name, SPAC_TOPK_PREFIX);
         if (layer >= 0) {
             record_topk(s, t, layer);
-            if (s->prior != NULL) {
+            if (s->replay != NULL) {
+                spac_replay_restore(s, t, layer);
+            } else if (s->prior != NULL) {
                 prior_restore(s, t, layer);
             }
+        } else if (s->replay != NULL && (layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX)) >= 0) {
+            spac_replay_apply(s, t, layer);
         } else if (s->prior != NULL && s->prior->lambda != 0.0f &&
                    (layer = spac_node_layer(t->name, SPAC_PROBS_PREFIX)) >= 0) {
             prior_apply(s, t, layer);

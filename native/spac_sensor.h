@@ -27,12 +27,13 @@
 #include "spac_limits.h"
 
 struct ggml_tensor;
+struct spac_replay;
 
 /* Kinds of sensor error (spac_sensor.error_count). */
 enum {
     SPAC_SENSOR_ERR_TOPK = 0,   /* ffn_moe_topk node with an unexpected layer, type or shape: skipped (EINVAL) */
     SPAC_SENSOR_ERR_IDS = 1,    /* expert id outside [0, n_expert): dropped (ERANGE) */
-    SPAC_SENSOR_ERR_PROBS = 2,  /* ffn_moe_probs node the cache prior cannot use: not biased (EINVAL) */
+    SPAC_SENSOR_ERR_PROBS = 2,  /* ffn_moe_probs node the cache prior or replay cannot use: not rewritten (EINVAL) */
     SPAC_SENSOR_ERR_HIDDEN = 3, /* l_out node the hidden hook cannot use: skipped (EINVAL) */
     SPAC_SENSOR_ERR_NOMEM = 4,  /* a scratch buffer could not be allocated (ENOMEM) */
     SPAC_SENSOR_ERR_KINDS = 5
@@ -129,6 +130,9 @@ typedef struct spac_sensor {
     /* optional hook on layer outputs (asks for l_out-<layer> nodes when set) */
     spac_hidden_hook hidden_hook;
     void *hidden_data;
+
+    /* optional routing replay (spac_replay.h; NULL: the model routes); excludes the cache prior */
+    struct spac_replay *replay;
 } spac_sensor;
 
 /* Whether the geometry is within spac_limits.h (0 < n_layer <= SPAC_MAX_LAYERS, 0 < n_expert <=
@@ -146,6 +150,14 @@ void spac_sensor_flush(spac_sensor *s);
 
 /* Frees the scratch buffer (the caller owns every other buffer). */
 void spac_sensor_release(spac_sensor *s);
+
+/* Tensor access for the rewrites (spac_replay.c): host memcpy or ggml_backend_tensor_get/set (device
+ * memory, or every tensor with device_io); host_bytes copies device tensors into the sensor's scratch
+ * (NULL when it cannot); note_error counts an error of a kind. */
+void spac_sensor_read(const spac_sensor *s, struct ggml_tensor *t, void *dst, size_t off, size_t n);
+void spac_sensor_write(const spac_sensor *s, struct ggml_tensor *t, const void *src, size_t off, size_t n);
+const uint8_t *spac_sensor_host_bytes(spac_sensor *s, struct ggml_tensor *t);
+void spac_sensor_note_error(spac_sensor *s, int32_t kind, int32_t code);
 
 /* Parse "<prefix><int>" names such as "ffn_moe_topk-12"; returns -1 when the name does not match. */
 int32_t spac_node_layer(const char *name, const char *prefix);

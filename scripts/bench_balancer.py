@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spac_llamacpp.base.sizes import format_size  # noqa: E402
 from spac_llamacpp.planning.balancer import Balancer, lp_bound, solve  # noqa: E402
+from spac_llamacpp.planning.budgets import flash_budget, pool_groups, vram_budget, vram_budget_for_pool  # noqa: E402
 from spac_llamacpp.planning.calibration import calibration_path, load_cached  # noqa: E402
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout, GpuCost  # noqa: E402
 from spac_llamacpp.planning.replanner import Replanner  # noqa: E402
@@ -88,9 +89,22 @@ def replan_sequence(bal: Balancer, lay: ExpertLayout, args: argparse.Namespace, 
         u = drift(rng, u, args.sigma)
 
 
-def run_scenario(name: str, lay: ExpertLayout, cost: CostModel, tier: str, budget: int, decode_s: float,
+def tier_budget(lay: ExpertLayout, tier: str, share: float) -> tuple[int, int]:
+    """(the tier's budget, the bytes its plan gets) for ``share`` of the expert bytes, as the tiers count
+    (``planning.budgets``): flash, RAM for experts (less staging and lookahead); vram, GPU memory for the model
+    (non-expert weights and the default compute reserve on top; no KV cache counted here)."""
+    experts = int(lay.total_expert_bytes * share)
+    if tier == "flash":
+        return experts, flash_budget(experts, lay).plan_bytes
+    fixed = {"non_expert_bytes": lay.non_expert_bytes, "kv_bytes": 0}
+    budget = vram_budget_for_pool(experts, **fixed)
+    return budget, vram_budget(budget, pool_groups(lay)[0], **fixed).pool_bytes
+
+
+def run_scenario(name: str, lay: ExpertLayout, cost: CostModel, tier: str, share: float, decode_s: float,
                  args: argparse.Namespace, note: str = "") -> None:
-    bal = Balancer(lay, cost, tier, budget, horizon=args.horizon, time_limit=args.time_limit, gap=args.gap)
+    budget, plan_bytes = tier_budget(lay, tier, share)
+    bal = Balancer(lay, cost, tier, plan_bytes, horizon=args.horizon, time_limit=args.time_limit, gap=args.gap)
     walls, cpus, methods, objs, gaps_lp = [], [], {}, [], []
     first_problem = None
     first_plan = None
@@ -194,16 +208,14 @@ def main() -> None:
         print(f"\n# {name}: {lay.n_layer} x {lay.n_expert} experts, top-{lay.n_expert_used[0]}, "
               f"{format_size(lay.total_expert_bytes)} of experts, {format_size(total)} in all; stated decode time "
               f"{1e3 * decode_s:.0f} ms/token")
-        vram = lay.non_expert_bytes + lay.total_expert_bytes // 2
-        flash = lay.non_expert_bytes + lay.total_expert_bytes // 3
-        run_scenario(name, lay, cost, "vram", vram, decode_s, args)
-        run_scenario(name, lay, cost, "flash", flash, decode_s, args)
-        run_scenario(name, lay, slow_gpu, "vram", vram, decode_s, args,
+        run_scenario(name, lay, cost, "vram", 1 / 2, decode_s, args)
+        run_scenario(name, lay, cost, "flash", 1 / 3, decode_s, args)
+        run_scenario(name, lay, slow_gpu, "vram", 1 / 2, decode_s, args,
                      note=f"\n  STRESS: a GPU only 2x faster than the CPU ({2 * cpu_bw / 1e9:.1f} GB/s), so the "
                      "per-layer "
                      "max(GPU, CPU) binds")
     lay, _ = MODELS["Qwen3-30B-A3B"]
-    replanner_overhead(lay, cost, lay.non_expert_bytes + lay.total_expert_bytes // 2, args)
+    replanner_overhead(lay, cost, tier_budget(lay, "vram", 1 / 2)[1], args)
 
 
 if __name__ == "__main__":

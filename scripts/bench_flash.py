@@ -38,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--budget", action="append", default=None,
-                   help="expert RAM budget: a size (1GiB) or a share of the expert bytes (50%%); repeatable")
+                   help="the flash tier's budget, RAM for routed experts (planning/budgets.py): a size (1GiB) or a "
+                        "share of the expert bytes (50%%); repeatable")
     p.add_argument("-n", "--n-predict", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
     p.add_argument("--threads", type=int, default=None)
@@ -127,6 +128,7 @@ def main() -> int:
     from spac_llamacpp.base.sizes import format_size, parse_size
     from spac_llamacpp.gguf.info import read_model_header
     from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache
+    from spac_llamacpp.tools.benchmarks import budget_arg
 
     info = read_model_header(args.model)
     prompts = (args.prompts.read_text().splitlines() if args.prompts else list(PROMPTS))
@@ -135,11 +137,7 @@ def main() -> int:
             "threads": args.threads, "ctx": args.ctx, "draft": args.draft, "lookup": args.lookup,
             "n_draft": args.n_draft}
 
-    def budget_bytes(text: str) -> int:
-        text = text.strip()
-        return int(info.expert_bytes * float(text[:-1]) / 100) if text.endswith("%") else parse_size(text)
-
-    budgets = [budget_bytes(b) for b in (args.budget or ["50%"])]
+    budgets = [budget_arg(b, "flash", info) for b in (args.budget or ["50%"])]
     print(f"model {info.path.name}: {format_size(info.expert_bytes)} routed experts, "
           f"{format_size(info.non_expert_bytes)} other weights; prompts {len(prompts)} x {args.n_predict} tokens; "
           f"draft: {args.draft or ('prompt lookup' if args.lookup else 'none')}", flush=True)

@@ -43,8 +43,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--budget", action="append", default=None,
-                   help="VRAM budget: a size (6GiB) or a share of the routed expert bytes on top of the other "
-                        "weights, KV cache and reserve (50%%); repeatable")
+                   help="the VRAM tier's budget (planning/budgets.py): a size (6GiB) or a share of the routed expert "
+                        "bytes for the pool, on top of the other weights, KV cache and reserve (50%%); repeatable")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=1024)
@@ -106,30 +106,25 @@ def main() -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
 
-    from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.base.sizes import format_size
     from spac_llamacpp.gguf.info import read_model_header
-    from spac_llamacpp.tiers.vram import DEFAULT_COMPUTE_RESERVE
+    from spac_llamacpp.tools.benchmarks import budget_arg, vram_fixed_bytes
 
     info = read_model_header(args.model)
     per_layer = {il: sum(t.nbytes for t in info.layer_tensors(il) if re.search(EXPS, t.name))
                  for il in info.moe_layers}
-    # KV estimate as the tier makes it is only known after loading: take it from one spac run's report
     base = {"model": str(Path(args.model).resolve()), "prompts": list(PROMPTS), "n_predict": args.n_predict,
             "threads": args.threads, "ctx": args.ctx, "pool_on_host": args.pool_on_host, "repack": not args.no_repack}
 
-    def budget_bytes(text: str, fixed: int) -> int:
-        text = text.strip()
-        return fixed + int(info.expert_bytes * float(text[:-1]) / 100) if text.endswith("%") else parse_size(text)
-
-    probe = _run_child({**base, "kind": "spac", "budget": 1 << 50, "n_predict": 1, "prompts": ["hi"]})
-    fixed = probe["fixed_bytes"] if probe else info.non_expert_bytes + DEFAULT_COMPUTE_RESERVE
+    # the tier's budget arithmetic (planning.budgets), the KV cache estimated from the header
+    fixed = vram_fixed_bytes(info, args.ctx)
     print(f"model {info.path.name}: {format_size(info.expert_bytes)} routed experts, "
           f"{format_size(info.non_expert_bytes)} other weights; fixed VRAM (other weights + KV + reserve) "
           f"{format_size(fixed)}; prompts {len(PROMPTS)} x {args.n_predict} tokens", flush=True)
 
     results = []
     for text in args.budget or ["50%"]:
-        budget = budget_bytes(text, fixed)
+        budget = budget_arg(text, "vram", info, n_ctx=args.ctx)
         row: dict = {"budget_bytes": budget, "pool_budget_bytes": budget - fixed}
         row["exps_cpu"] = _run_child({**base, "kind": "stock"})
         if not args.skip_n_cpu_moe:

@@ -53,7 +53,7 @@ def trace(model: Path, out: Path, n_predict: int, prompts: Path, temp: float) ->
 
 
 def markdown(reports: dict[str, RealismReport], caps: tuple[int, ...]) -> str:
-    """Two tables: popularity skew and LRU hit rate by cache size (means over MoE layers)."""
+    """Two tables: popularity skew (means over MoE layers) and LRU hit rate by cache size (docs/hit_rate.md)."""
     lines = ["| model | tokens (decode) | normalized entropy (min..max) | hottest quarter's share | "
              "hottest / mean | reuse of previous token's experts (uniform) |", "|---|---|---|---|---|---|"]
     for name, r in reports.items():
@@ -67,7 +67,7 @@ def markdown(reports: dict[str, RealismReport], caps: tuple[int, ...]) -> str:
               "|---" * (len(reports) + 2) + "|"]
     first = next(iter(reports.values()))
     for i, c in enumerate(caps):
-        cells = [f"{r.hit_rate[i].mean():.1%}" for r in reports.values()]
+        cells = [f"{r.pooled_hit_rate[i]:.1%}" for r in reports.values()]
         lines.append(f"| {c} of {first.n_expert} | " + " | ".join(cells) + f" | {first.uniform_hit_rate[i]:.1%} |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import pytest
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.planning import balancer as B
-from spac_llamacpp.planning.balancer import Balancer, Problem, brute_force, expert_budget, greedy, quick_bound, solve
+from spac_llamacpp.planning.balancer import Balancer, Problem, brute_force, greedy, quick_bound, solve
 from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
 from spac_llamacpp.planning.estimators import (
     DecayedAverage,
@@ -243,7 +243,7 @@ def test_greedy_fallback_without_pulp(monkeypatch, caplog):
 def test_certified_greedy_skips_the_solver(monkeypatch):
     lay = ExpertLayout.synthetic(4, 16, 100_000, 2)
     u = np.random.default_rng(0).pareto(1.0, size=(4, 16))
-    bal = Balancer(lay, cost_model(), "flash", lay.non_expert_bytes + 2 * 100_000 + 20 * 100_000)
+    bal = Balancer(lay, cost_model(), "flash", 20 * 100_000)
 
     def boom(*a, **k):
         raise AssertionError("solver must not run")
@@ -254,18 +254,15 @@ def test_certified_greedy_skips_the_solver(monkeypatch):
 
 
 @pytest.mark.parametrize("tier", ["vram", "flash"])
-def test_infeasible_budgets_are_one_line_errors(tier):
+def test_a_budget_below_one_expert_is_a_one_line_error(tier):
     one = 3 << 18  # bytes of one expert
-    lay = ExpertLayout.synthetic(3, 8, one, 2, non_expert_bytes=50 << 20)
-    for budget in (0, 1000, 50 << 20, (50 << 20) + one // 2):
+    lay = ExpertLayout.synthetic(3, 8, one, 2)
+    for budget in (0, 1000, one - 1):
         with pytest.raises(SpacError) as exc:
-            expert_budget(tier, budget, lay)
+            Balancer(lay, cost_model(), tier, budget)
         msg = str(exc.value)
         assert "\n" not in msg and "too small" in msg and tier in msg
-    ok = (50 << 20) + one + (2 * one if tier == "flash" else 0)
-    assert expert_budget(tier, ok, lay) == one
-    with pytest.raises(SpacError):
-        Balancer(lay, cost_model(), tier, ok - 1)
+    assert Balancer(lay, cost_model(), tier, one).budget == one
 
 
 def test_tier_costs_shapes_and_signs():

@@ -23,7 +23,7 @@ from spac_llamacpp.planning.estimators import (
     SpacEstimator,
     make_estimator,
 )
-from spac_llamacpp.sim.utility_eval import belady_kept, evaluate, lru_kept
+from spac_llamacpp.sim.utility_eval import evaluate, lru_kept, min_kept
 
 BIN = Path(sys.executable).parent
 
@@ -131,30 +131,46 @@ def synthetic_trace(steps: int = 60, n_layer: int = 2, n_expert: int = 8, seed: 
                         moe_layers=np.arange(n_layer, dtype=np.int32), n_expert=n_expert)
 
 
-def test_lru_by_hand():
-    # one layer, budget 2, accesses 0,1 | 2 | 0: LRU holds {0,1}, then {1,2} and misses 0;
-    # Belady evicts 1 (never used again) when 2 comes in, so 0 hits
-    ids = np.array([[[0, 1]], [[2, -1]], [[0, -1]]], dtype=np.int16)
-    counts = np.array([[[1, 1, 0]], [[0, 0, 1]], [[1, 0, 0]]], dtype=np.int32)
-    t = RoutingTrace(ids, np.arange(3, dtype=np.int32), np.ones(3, np.int32), counts, np.array([0]), 3)
-    kept = [k[0].tolist() for k in lru_kept(t, 2)]
-    assert kept == [[True, True, False], [False, True, True]]
+def test_lru_and_min_by_hand():
+    # one layer, budget 2, one expert per step: 0 | 1 | 2 | 0. Both start empty. LRU holds {0}, {0,1},
+    # then {1,2} (0 is the least recent) and misses 0 at the end; MIN never keeps 1 or 2 (not used
+    # again), so 0 stays and hits
+    seq = [0, 1, 2, 0]
+    counts = np.zeros((4, 1, 3), dtype=np.int32)
+    ids = np.full((4, 1, 2), -1, dtype=np.int16)
+    for step, e in enumerate(seq):
+        counts[step, 0, e] = 1
+        ids[step, 0, 0] = e
+    t = RoutingTrace(ids, np.arange(4, dtype=np.int32), np.ones(4, np.int32), counts, np.array([0]), 3)
+    assert [k[0].tolist() for k in lru_kept(t, 2)] == [[True, False, False], [True, True, False],
+                                                       [False, True, True]]
+    assert [k[0].tolist() for k in min_kept(t, 2)] == [[True, False, False]] * 3
     scores = {s.policy: s for s in evaluate(t, 2)}
-    assert scores["lru"].hit_rate == 0.0  # step 1 misses expert 2, step 2 misses expert 0
-    assert scores["belady"].hit_rate == 0.5  # evicts 1 (never used again), so expert 0 hits
+    assert (scores["lru"].hits, scores["lru"].activations) == (0, 3)  # steps 1..3 are scored
+    assert (scores["min"].hits, scores["min"].activations) == (1, 3)
+    assert scores["min"].hit_rate == pytest.approx(1 / 3)
 
 
-def test_belady_and_oracle_bound_the_others():
+def test_min_and_oracle_bound_the_others():
     t = synthetic_trace()
     for budget in (1, 2, 3, 5):
         scores = {s.policy: s for s in evaluate(t, budget)}
         assert scores["oracle"].hit_rate >= max(s.hit_rate for s in scores.values()) - 1e-12
-        assert scores["belady"].hit_rate >= scores["lru"].hit_rate
-        for mask in belady_kept(t, budget):
+        assert scores["min"].hits >= scores["lru"].hits
+        for mask in min_kept(t, budget):
             assert (mask.sum(axis=1) <= budget).all()
-    full = {s.policy: s for s in evaluate(t, 8)}  # every expert fits: only demand caching misses (cold)
-    assert all(s.hit_rate == 1.0 for s in full.values() if s.policy not in ("belady", "hysteresis"))
-    assert full["belady"].loads_per_step * full["belady"].steps <= 2 * 8  # at most one cold miss per expert
+    # every expert fits: the demand caches miss exactly the first use of each expert. Step 0 is not
+    # scored (nothing was kept before it), so the misses are the experts first used after step 0.
+    full = {s.policy: s for s in evaluate(t, 8)}
+    need = t.counts > 0
+    first = need.argmax(axis=0)
+    late_first_uses = int((need.any(axis=0) & (first >= 1)).sum())
+    scored = int(need[1:].sum())
+    assert 0 < late_first_uses < scored
+    for name in ("lru", "min"):
+        s = full[name]
+        assert s.activations == scored and s.hits == scored - late_first_uses, name
+        assert s.loads_per_step * s.steps == pytest.approx(late_first_uses)
 
 
 def test_estimators_learn_the_hot_set():
@@ -177,11 +193,11 @@ def test_eval_utility_cli(tmp_path):
     proc = subprocess.run([str(BIN / "spac"), "eval-utility", str(path), "--budget-experts", "3",
                            "--png", str(png), "--json", str(js)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for name in ("hysteresis", "decayed", "fw-lru", "spac", "lru", "belady", "oracle"):
+    for name in ("hysteresis", "decayed", "fw-lru", "spac", "lru", "min", "oracle"):
         assert name in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(js.read_text())
-    assert {s["policy"] for s in data["scores"]} >= {"lru", "belady", "spac"} and data["sweep"]
+    assert {s["policy"] for s in data["scores"]} >= {"lru", "min", "spac"} and data["sweep"]
     bad = subprocess.run([str(BIN / "spac"), "eval-utility", str(path), "--budget-experts", "99"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")

@@ -166,7 +166,7 @@ def test_threads_stop_on_close_and_on_failure(flash_models, monkeypatch):
     def boom(self, *a, **k):
         raise RuntimeError("planner exploded")
 
-    monkeypatch.setattr(flash_tier.FlashTier, "_apply", boom)
+    monkeypatch.setattr(flash_tier.FlashTier, "_move", boom)
     with pytest.raises(RuntimeError, match="planner exploded"):
         _flash(path, threads=3)
     assert _threads() == base

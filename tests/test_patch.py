@@ -140,7 +140,7 @@ def test_cli_profile_patch_plot(tiny_model, tmp_path):
 
 def test_flash_tier_starts_warm_from_a_profile(tiny_model, tmp_path):
     from spac_llamacpp import Llama
-    from spac_llamacpp.tiers.flash import page_layout, staging_bytes
+    from spac_llamacpp.planning.budgets import page_layout, staging_bytes
 
     src = tiny_model("olmoe")
     prof = _profile(src)

@@ -130,7 +130,7 @@ def test_errors_are_counted_by_kind_logged_once_and_reset(ggml, caplog):
 def test_one_set_of_limits_for_sensor_and_engine():
     import mmap
 
-    from spac_llamacpp.gguf.info import LLAMA_MAX_EXPERTS
+    from spac_llamacpp.gguf.arch import LLAMA_MAX_EXPERTS
     from spac_llamacpp.native import module as native
 
     lib = native.load().lib

@@ -13,7 +13,9 @@ import pytest
 
 from spac_llamacpp.gguf.info import inspect_model
 from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.planning.budgets import kv_cache_bytes, kv_dims_of_gguf, staging_bytes, tier_layout
 from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
+from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.sim.policies import POLICIES, SimSetup, make_policy
 from spac_llamacpp.sim.simulator import compare, make_setup, simulate
 
@@ -57,21 +59,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -
         assert w.lower() in lines[0].lower(), lines[0]
 
 
-def budgets(model: Path) -> list[int]:
+def budgets(model: Path, tier: str = "flash") -> list[int]:
+    """Tier budgets (``--compute-reserve 0`` for vram) leaving room for 3, 8 and 16 experts."""
     info = inspect_model(model)
-    lay = ExpertLayout.from_info(info)
+    lay = tier_layout(tier, info)
     one = int(lay.expert_bytes.max())
-    staging = max(k * int(s) for k, s in zip(lay.n_expert_used, lay.expert_bytes, strict=True))
-    return [info.non_expert_bytes + staging + n * one for n in (3, 8, 16)]
+    if tier == "flash":
+        fixed = 2 * staging_bytes(lay)  # staging and lookahead
+    else:
+        fixed = info.non_expert_bytes + kv_cache_bytes(512, *kv_dims_of_gguf(model))
+    return [fixed + n * one for n in (3, 8, 16)]
 
 
 @pytest.mark.parametrize("tier", ["flash", "vram"])
 def test_belady_hit_rate_bounds_every_policy(recorded, tier):
     trace_path, model, _ = recorded
     trace = RoutingTrace.load(trace_path)
-    layout = ExpertLayout.from_info(inspect_model(model))
-    for budget in budgets(model):
-        setup = make_setup(trace, tier, budget, cost_model(), layout)
+    info = inspect_model(model)
+    for n, budget in zip((3, 8, 16), budgets(model, tier), strict=True):
+        setup = make_setup(trace, tier, budget, cost_model(), info, compute_reserve=0)
+        assert setup.budget == n * int(setup.layout.expert_bytes.max())
         results = {r.policy: r for r in compare(trace, setup)}
         assert set(results) == set(POLICIES)
         best = results["belady"].hit_rate
@@ -118,10 +125,10 @@ def test_lru_matches_hand_computed_example():
     # flash: every miss is read on demand (3 ranges of 1000 bytes each)
     assert r.bytes_moved == 6 * 3000
     assert r.seconds == pytest.approx(6 * (3 * 1e-3 + 3000 / 1e9) + 8 * 3000 * 1e-10)
-    # MIN: starts with A B (first used); A, B, A hit; C (never used again) is read but bypassed;
-    # B, A hit; D bypassed; A hit
+    # MIN starts empty (a reference cache): A, B miss and enter; A hits; C (never used again) is read
+    # but bypassed; B, A hit; D bypassed; A hit. Flash reads: the 4 misses; nothing preloaded
     rm = simulate(trace, "min", setup)
-    assert rm.hits == 6 and rm.bytes_moved == 2 * 3000
+    assert rm.hits == 4 and rm.bytes_moved == 4 * 3000 and rm.preload_bytes == 0
     assert simulate(trace, "lfu", setup).hits <= rm.hits
     # the prefetching oracle loads each step's expert just before it, evicting the furthest used:
     # C evicts A (next use 5 > B's 4), A evicts C, D evicts B: every access hits
@@ -169,12 +176,13 @@ def test_spac_hysteresis_rule():
 
 def test_cli_simulate_policy(recorded):
     trace_path, model, cal = recorded
-    budget = str(budgets(model)[1])
-    for tier, policy in (("flash", "lru"), ("vram", "ours"), ("flash", "spac")):
+    for tier, policy in (("flash", "lru"), ("vram", "ours"), ("flash", "spac"), ("flash", "ours")):
+        budget = str(budgets(model, tier)[1])
         proc = run_spac("simulate", str(trace_path), "--tier", tier, "--budget", budget, "--policy", policy,
-                        "--calibration", str(cal))
+                        "--calibration", str(cal), "--compute-reserve", "0")
         assert proc.returncode == 0, proc.stderr
         assert "hit rate" in proc.stdout and policy in proc.stdout
+    budget = str(budgets(model)[1])
     proc = run_spac("simulate", str(trace_path), "--budget", budget, "--policy", "belady", "--calibration", str(cal),
                     "--json")
     assert proc.returncode == 0, proc.stderr
@@ -230,7 +238,14 @@ def test_cli_calibrate_show(tmp_path, monkeypatch):
 
 def test_ours_places_a_steady_working_set_once():
     # the same two experts every step: after one step of misses, ours loads them once and keeps them
-    trace, setup = hand_setup([[0, 1]] * 20, 4, 2)
-    r = simulate(trace, "ours", setup)
+    trace, setup = hand_setup([[2, 3]] * 20, 4, 2)
+    r = simulate(trace, make_policy("ours", initial_plan=False), setup)
     assert r.hits == 38 and r.bytes_moved == 2 * 3000 + 2 * 3000  # step-0 misses + one load each
-    assert r.extra["solves"] >= 1
+    # as the flash tier: a first residency from a uniform prior (preloaded), replaced after the first step
+    pol = make_policy("ours")
+    r = simulate(trace, pol, setup)
+    assert pol.planner.config == PlacementConfig.flash(background=False)
+    assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 4 * 3000
+    # re-plans: the re-planner's first request (step 2), then every 16 steps; they keep the working set
+    assert [t for t, _ in pol.plans] == [-1, 0, 1, 17]
+    assert all(x[0].tolist() == [False, False, True, True] for _, x in pol.plans[1:])

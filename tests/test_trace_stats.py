@@ -9,10 +9,10 @@ from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.sim.trace_stats import (
     layer_ids,
     lru_curve,
-    lru_hits,
     popularity,
     realism_report,
     reuse_rate,
+    step_need,
     uniform_ids,
 )
 
@@ -32,13 +32,19 @@ def make_trace(ids: np.ndarray, n_expert: int, step_n_tokens: list[int] | None =
     )
 
 
-def test_lru_hits_by_hand() -> None:
-    # capacity 2: A B | A C | B A -> A miss, B miss, A hit, C miss (evicts B), B miss (evicts A), A miss
-    seq = [[0, 1], [0, 2], [1, 0]]
-    assert lru_hits(seq, [True] * 3, 2) == (1, 6)
-    assert lru_hits(seq, [False, True, True], 2) == (1, 4)  # first token warms only
-    assert lru_hits(seq, [True] * 3, 3) == (3, 6)
-    assert lru_hits([[0, -1], [0, -1]], [True, True], 1) == (1, 2)  # -1 (not observed) is skipped
+def test_lru_curve_by_hand() -> None:
+    # one token per step, capacity 2: A B | A C | B A -> A, B miss; A hit, C miss (B, the older,
+    # is evicted); B miss, A hit: 2 of 6. Capacity 3 keeps everything: only the 3 first uses miss
+    ids = np.array([[[0, 1]], [[0, 2]], [[1, 0]]])
+    need = step_need(ids, np.arange(3), 3, 4)
+    per_layer, pooled = lru_curve(need, np.ones(3, bool), [2, 3])
+    assert per_layer[:, 0].tolist() == pooled.tolist() == [2 / 6, 3 / 6]
+    per_layer, pooled = lru_curve(need, np.array([False, True, True]), [2])  # the first step warms only
+    assert pooled[0] == 2 / 4
+    # -1 (not observed) is skipped; a step of two tokens using the same expert is one activation
+    need = step_need(np.array([[[0, -1]], [[0, -1]], [[0, -1]]]), np.array([0, 0, 1]), 2, 4)
+    assert need.sum() == 2
+    assert lru_curve(need, np.ones(2, bool), [1])[1].tolist() == [0.5]
 
 
 def test_popularity_skew() -> None:
@@ -59,8 +65,9 @@ def test_reuse_and_uniform_reference() -> None:
     uni = uniform_ids(4000, 2, 2, 16, seed=1)
     assert ((uni >= 0) & (uni < 16)).all() and (uni[:, :, 0] != uni[:, :, 1]).all()
     assert reuse_rate(uni) == pytest.approx([2 / 16] * 2, abs=0.02)
-    counted = np.ones(len(uni), bool)
-    assert lru_curve(uni, counted, [8])[0] == pytest.approx([0.5, 0.5], abs=0.03)
+    need = step_need(uni, np.arange(len(uni)), len(uni), 16)
+    per_layer, pooled = lru_curve(need, np.ones(len(uni), bool), [8])
+    assert per_layer[0] == pytest.approx([0.5, 0.5], abs=0.03) and pooled[0] == pytest.approx(0.5, abs=0.03)
 
 
 def test_realism_report_decode_only() -> None:
@@ -75,10 +82,10 @@ def test_realism_report_decode_only() -> None:
         ids[t] = cur
     trace = make_trace(ids, 8, [100] + [1] * 500)
     ids_l, counted = layer_ids(trace, decode_only=True)
-    assert counted.sum() == 500 and not counted[:100].any()
+    assert counted.sum() == 500 and not counted[0] and len(counted) == 501
     rep = realism_report(trace, capacities=[2, 4], decode_only=True)
     js = rep.to_json()
-    assert js["counted_tokens"] == 500 and js["moe_layers"] == 3
+    assert js["counted_tokens"] == js["counted_steps"] == 500 and js["moe_layers"] == 3
     assert js["lru"]["4"]["hit_rate"] > js["lru"]["4"]["uniform"] + 0.3
     assert js["lru"]["4"]["uniform"] == pytest.approx(0.5, abs=0.08)
     assert min(js["reuse"]) > 0.8

@@ -284,8 +284,13 @@ def test_vram_tier_greedy_identical(pool_models, arch):
     llm = Llama(path, tier="vram", vram_budget="1GiB",
                 vram_options={"on_host": True, "slots": [4], "replan_every": 1, "background": False}, **kw)
     assert _greedy(llm, 24) == want
-    st = llm.stats(settle=1.0)
+    st = llm.stats(settle=1.0)  # copies may all land after the run on a busy machine: let them finish
     assert st["tier"] == "vram" and st["slots"] == [4] and st["loads"] > 0 and st["copies_done"] > 0
+    llm.vram.pool.fence(wait_loads=True)
+    # the same continuation again, now on a filled pool: still stock's tokens, and the planned (hottest)
+    # experts serve some of the repeated routing, whatever the timing of the first run's copies
+    assert _greedy(llm, 24) == want
+    st = llm.stats(settle=1.0)
     assert st["hit_rate"] is not None and 0.0 < st["hit_rate"] <= 1.0
     assert st["resident_experts"] <= 4
     llm.close()

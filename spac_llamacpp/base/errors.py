@@ -23,3 +23,7 @@ class NotMoEError(SpacError):
 
 class NativeError(SpacError):
     """The native module could not be built or loaded."""
+
+
+class ContextFullError(SpacError, RuntimeError):
+    """More tokens than the context window holds (a RuntimeError, as llama_cpp's failed decode was)."""

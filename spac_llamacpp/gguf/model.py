@@ -133,7 +133,8 @@ class MoEModelInfo:
         return self._by_layer.get(layer, ())
 
     def layer_expert_bytes(self, layer: int) -> int:
-        """Bytes of ONE routed expert of ``layer``, all its tensors together (0 for a dense block).
+        """Bytes of ONE routed expert of ``layer``, all its tensors together (0 for a dense block); in
+        ``spac inspect --json`` this is ``bytes_per_expert``, and ``layer_expert_bytes`` is the whole layer's.
 
         GroveMoE chunk-expert tensors are not counted: they are indexed by expert group.
         """
@@ -176,7 +177,10 @@ class MoEModelInfo:
             "alignment": self.alignment,
             "gguf_version": self.gguf_version,
             "tensor_count": self.tensor_count,
-            "layer_expert_bytes": {str(layer): self.layer_expert_bytes(layer) for layer in self.moe_layers},
+            # per MoE layer: all its routed experts, and one of them (``layer_expert_bytes()`` is the latter)
+            "layer_expert_bytes": {str(layer): self.layer_expert_bytes(layer) * self.n_expert
+                                   for layer in self.moe_layers},
+            "bytes_per_expert": {str(layer): self.layer_expert_bytes(layer) for layer in self.moe_layers},
             "notes": list(self.notes),
             "expert_tensors": [t.to_json() for t in self.expert_tensors],
         }

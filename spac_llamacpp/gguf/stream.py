@@ -75,7 +75,7 @@ def write_entries(dst: str | os.PathLike[str], arch: str, entries: Sequence[Entr
                   add_metadata: Callable[[gguf.GGUFWriter], None], *, progress: bool = True) -> Path:
     """Write ``entries`` (in order) with the metadata ``add_metadata`` adds; return the path."""
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")  # beside dst, so that os.replace is atomic
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         add_metadata(writer)
@@ -91,6 +91,9 @@ def write_entries(dst: str | os.PathLike[str], arch: str, entries: Sequence[Entr
             writer.write_tensor_data(arr)
         writer.close()
         os.replace(tmp, dst)
+    except OSError as exc:  # an unwritable place, a full disk: name what the user asked for, not our temporary
+        raise SpacError(f"cannot write {dst}: {exc.strerror or exc}; choose an output in a writable directory "
+                        "with room for the model") from exc
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -78,3 +78,34 @@ def new_whole_file_mapping(path: str | os.PathLike[str], before: list[FileMappin
             "use_mmap=True and a single-file GGUF"
         )
     return found[0]
+
+
+def other_mappings(path: str | os.PathLike[str], own: FileMapping) -> list[FileMapping]:
+    """Mappings of ``path`` in this process outside ``own`` (whose range madvise and mlock may have split into
+    several entries): another ``Llama`` of the same file, a reader's ``np.memmap``. Empty if the file is gone."""
+    try:
+        found = file_mappings(path)
+    except OSError:
+        return []
+    return [m for m in found if m.end <= own.start or m.start >= own.end]
+
+
+def resident_bytes(mappings: list[FileMapping], smaps: str = "/proc/self/smaps") -> int:
+    """Bytes of ``mappings`` mapped in RAM (``Rss`` in ``smaps``): pages no other mapping can evict."""
+    if not mappings:
+        return 0
+    ranges = [(m.start, m.end) for m in mappings]
+    total = 0
+    inside = False
+    try:
+        with open(smaps) as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = any(a <= lo and hi <= b for a, b in ranges)
+                elif inside and head == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+    return total

@@ -39,8 +39,9 @@ def cdef_from_headers(src_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-_SOURCES = ("spac_sensor.c", "spac_engine.c", "spac_testops.c")
-_HEADERS = ("spac_limits.h", "spac_sensor.h", "spac_engine.h", "spac_testops.h")  # the limits come first
+_SOURCES = ("spac_sensor.c", "spac_replay.c", "spac_engine.c", "spac_testops.c")
+# the limits come first; spac_replay.h completes the struct spac_sensor.h points to
+_HEADERS = ("spac_limits.h", "spac_sensor.h", "spac_replay.h", "spac_engine.h", "spac_testops.h")
 
 
 def native_source_dir() -> Path:

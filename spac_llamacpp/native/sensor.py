@@ -30,7 +30,7 @@ UserCallback = Callable[[int, bool, int], bool] | int | Any | None
 _ERROR_WHAT = {  # per kind (SPAC_SENSOR_ERR_* in native/spac_sensor.h)
     "topk": "ffn_moe_topk nodes skipped (unexpected layer, type or shape)",
     "ids": "expert ids outside [0, n_expert) dropped",
-    "probs": "ffn_moe_probs nodes the cache prior could not bias (unexpected type or shape)",
+    "probs": "ffn_moe_probs nodes the cache prior or routing replay could not rewrite (unexpected type or shape)",
     "hidden": "l_out nodes the layer-ahead hook could not read (not F32 rows in host memory)",
     "nomem": "sensor scratch allocations failed",
 }
@@ -61,6 +61,7 @@ class RoutingSensor:
     ) -> None:
         self._mod = native.load()
         ffi, lib = self._mod.ffi, self._mod.lib
+        self._release = lib.spac_sensor_release  # held: at interpreter exit the module's attributes may be gone
         dims = (n_layer, n_expert, k_max, capacity)
         if not (all(abs(int(d)) <= _INT32_MAX for d in dims) and lib.spac_sensor_check_geometry(*dims)):
             raise SpacError(
@@ -191,7 +192,7 @@ class RoutingSensor:
         """Free native scratch memory; the sensor records nothing afterwards."""
         if self._struct is not None:
             self._struct.enabled = 0
-            self._mod.lib.spac_sensor_release(self._struct)
+            self._release(self._struct)
 
 
 def callback_address(cb: UserCallback) -> tuple[int, Any]:

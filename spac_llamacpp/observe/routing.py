@@ -61,6 +61,7 @@ class RoutingLog:
         self.steps: deque[RoutingStep] = deque(maxlen=history)
         self._n_steps = 0
         self._step_start = 0
+        self.replay: Any = None  # a RoutingReplay forcing this routing (observe/replay.py), named in summary()
 
     @property
     def n_layer(self) -> int:
@@ -148,7 +149,7 @@ class RoutingLog:
                     "normalized_entropy": float(-(nz * np.log(nz)).sum() / np.log(len(c))),
                 }
             )
-        return {
+        out = {
             "tokens": self.n_tokens,
             "steps": self.n_steps,
             "moe_layers": len(self.moe_layers),
@@ -158,3 +159,6 @@ class RoutingLog:
             "bad_events": self.sensor.n_bad_events,
             "layers": per_layer,
         }
+        if self.replay is not None:
+            out["replay"] = self.replay.summary()
+        return out

@@ -97,34 +97,17 @@ def tier_costs(
     return TierCosts(fast, slow, load, parallel=tier == "vram")
 
 
-def staging_bytes(layout: ExpertLayout) -> int:
-    """One layer's worth of on-demand experts (k experts of the largest layer): the flash tier's staging."""
-    return max((k * int(s) for k, s in zip(layout.n_expert_used, layout.expert_bytes, strict=True)), default=0)
-
-
-def expert_budget(tier: str, budget: int, layout: ExpertLayout) -> int:
-    """Bytes of the fast tier left for routed experts; a one-line SpacError if not even one fits.
-
-    vram: the non-expert weights (attention, norms, routers, shared experts, embeddings) live on the GPU.
-    flash: they live in RAM, plus a staging area for one layer's on-demand reads (k experts of the
-    largest layer).
-    """
+def check_expert_budget(tier: str, budget: int, layout: ExpertLayout) -> int:
+    """``budget`` (bytes for routed experts, from the tier's budget function in ``planning.budgets``) if at
+    least one expert fits, else a one-line SpacError."""
     if tier not in TIERS:
         raise SpacError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     sizes = layout.expert_bytes
     one = int(sizes.min()) if len(sizes) else 0
-    need = layout.non_expert_bytes
-    what = "non-expert weights"
-    if tier == "flash":
-        need += staging_bytes(layout)
-        what = f"non-expert weights ({format_size(layout.non_expert_bytes)}) and a staging area for one layer's reads"
-    left = int(budget) - need
-    if left < one:
-        raise SpacError(
-            f"budget {format_size(budget)} is too small for the {tier} tier: the {what} need {format_size(need)} "
-            f"and one expert {format_size(one)}; give at least {format_size(need + one)} ({need + one} bytes)"
-        )
-    return left
+    if int(budget) < one:
+        raise SpacError(f"budget {format_size(int(budget))} for experts is too small for the {tier} tier: one expert "
+                        f"needs {format_size(one)} ({one} bytes)")
+    return int(budget)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,7 +663,11 @@ def _cpu_now() -> float:
 
 
 class Balancer:
-    """Plans placements for one model, tier and budget: ``plan(utility, resident) -> Plan``."""
+    """Plans placements for one model, tier and budget: ``plan(utility, resident) -> Plan``.
+
+    ``budget`` is the bytes the plan may fill with routed experts: what the tier's budget function
+    (``planning.budgets.flash_budget`` / ``vram_budget``) leaves of the user's budget.
+    """
 
     def __init__(
         self,
@@ -701,8 +688,7 @@ class Balancer:
         self.layout = layout
         self.cost = cost
         self.tier = tier
-        self.total_budget = int(budget)
-        self.budget = expert_budget(tier, budget, layout)
+        self.budget = check_expert_budget(tier, budget, layout)
         self.horizon = horizon
         self.time_limit = time_limit
         self.gap = gap

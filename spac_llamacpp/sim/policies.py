@@ -6,8 +6,10 @@ Two kinds:
   add is a background transfer, misses are served from the slow tier and not admitted:
   ``none``, ``static`` (profile), ``pin`` (pin-hot-by-count), ``spac`` (MoE-SpAc hysteresis), ``ours``
   (utility estimate -> integer program);
-- *demand* caches admit every miss when it happens, evicting by their rule (:meth:`Policy.victim`):
-  ``lru``, ``lfu``, ``min`` (Belady's MIN: clairvoyant eviction and bypass);
+- *demand* caches (:class:`DemandPolicy`) are the per-layer reference caches of
+  ``planning/reference_caches.py``, the same as ``spac eval-utility``'s: empty at the start, a step's
+  misses may enter after it, each keeps by its rule (:meth:`DemandPolicy.demand_step`): ``lru``,
+  ``lfu``, ``min`` (Belady's MIN: clairvoyant eviction and bypass);
 - ``belady``: the clairvoyant prefetching oracle (experts needed soonest are resident): the hit-rate bound.
 
 Arrays are ``[n_moe_layer, n_expert]``; an expert id is the pair (i, e), i indexing MoE layers.
@@ -15,24 +17,24 @@ Arrays are ``[n_moe_layer, n_expert]``; an expert id is the pair (i, e), i index
 
 from __future__ import annotations
 
-import heapq
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
-from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, solve, tier_costs
+from spac_llamacpp.planning.balancer import Problem, solve, tier_costs
+from spac_llamacpp.planning.budgets import fit_groups
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation, make_estimator
-from spac_llamacpp.planning.replanner import Replanner
+from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation
+from spac_llamacpp.planning.placement import PlacementPlanner
+from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, LFUCache, LRUCache, MinCache, NextUse
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("none", "static", "lru", "lfu", "pin", "spac", "ours", "min", "belady")
-
-_NEVER = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -42,10 +44,13 @@ class SimSetup:
     tier: str
     layout: ExpertLayout
     cost: CostModel
-    total_budget: int  # bytes of the fast tier
-    budget: int  # bytes of the fast tier for experts
+    total_budget: int  # the tier's budget as given (flash: RAM for experts; vram: GPU memory for the model)
+    budget: int  # bytes of the fast tier for experts (planning.budgets: what the tier's plan gets)
     counts: np.ndarray  # [T, L, E] per-step counts (only Belady and static-from-this-trace may read it)
     step_tokens: np.ndarray  # [T]
+    config: PlacementConfig | None = None  # the tier's placement configuration (``ours``); None: its defaults
+    n_slots: tuple[int, ...] | None = None  # vram: slots per layer group
+    group_of_row: tuple[int, ...] | None = None  # vram: each MoE layer's group
 
     @property
     def size(self) -> np.ndarray:
@@ -60,7 +65,7 @@ class Policy:
     """Base class; see the module docstring."""
 
     name = "base"
-    demand = False  # True: admits misses at access time
+    demand = False  # True: a demand cache (``demand_step`` after each step)
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         """Start a replay; returns the initial residency (loaded before the first step, not timed)."""
@@ -71,15 +76,9 @@ class Policy:
         """Planned policies: the residency wanted for step ``t`` (None: unchanged)."""
         return None
 
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        """Demand policies: experts of layer ``i`` used at step ``t`` (hits[k]: experts[k] was resident)."""
-
-    def admit(self, t: int, i: int, e: int, resident: np.ndarray, protect: set[tuple[int, int]], room: bool) -> bool:
-        """Demand policies: whether to keep the missed expert (i, e) (``room``: it fits without evicting)."""
-        return True
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        """Demand policies: which resident expert to evict (never one in ``protect``)."""
+    def demand_step(self, t: int, need: np.ndarray) -> np.ndarray:
+        """Demand policies: after step ``t`` (activations ``need`` [L, E]), the residency kept: a
+        subset of the residency before it and ``need`` (only misses enter)."""
         raise NotImplementedError
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
@@ -224,59 +223,70 @@ class SpacHysteresisPolicy(Policy):
 
 
 class OursPolicy(Policy):
-    """Utility estimate -> integer program (``Balancer``) through a synchronous ``Replanner``.
+    """What the runtime tier does: its :class:`~spac_llamacpp.planning.placement.PlacementPlanner` (estimator ->
+    ``Balancer`` through the re-planner) built from the tier's
+    :class:`~spac_llamacpp.planning.placement_config.PlacementConfig`, planned synchronously.
 
-    ``estimator`` is any name of ``estimators.make_estimator`` (default ``decayed-counts``, half-life
-    ``half_life`` = 8 steps), with ``estimator_params``. A plan made after step t is applied ``1 + lag``
-    steps later (``lag`` models the background solve).
+    ``config`` defaults to the setup's (``setup.config``), else the tier's defaults; ``overrides`` change
+    single fields (``estimator``, ``estimator_params``, ``replan_every``, ``horizon``, ...). As in the
+    tier: a first residency from a uniform prior where the configuration plans one (flash; preloaded, not
+    timed), the first step planned at once, later ones when the re-planner says so. A plan made after
+    step t is applied ``1 + lag`` steps later (``lag`` models a background solve; 0: as the tier with
+    ``background=False``). ``plans`` lists ``(t, residency)`` of every plan made.
     """
 
     name = "ours"
 
-    def __init__(self, estimator: str = "decayed-counts", every: int = 1, drift: float = 0.3, horizon: float = 32.0,
-                 lag: int = 0, solver: str = "auto", time_limit: float = 0.25, **estimator_params: float) -> None:
-        if estimator == "decayed-counts":
-            estimator_params.setdefault("half_life", 8.0)
-        self.estimator, self.estimator_params = estimator, estimator_params
-        self.every, self.drift, self.horizon = every, drift, horizon
-        self.lag, self.solver, self.time_limit = lag, solver, time_limit
+    def __init__(self, config: PlacementConfig | None = None, lag: int = 0, **overrides: Any) -> None:
+        self.config, self.lag, self.overrides = config, int(lag), overrides
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        L, E = setup.shape
-        self.est = make_estimator(self.estimator, L, E, **self.estimator_params)
-        self.balancer = Balancer(setup.layout, setup.cost, setup.tier, setup.total_budget, horizon=self.horizon,
-                                 time_limit=self.time_limit, solver=self.solver, transfer_steps=self.every)
-        self.balancer.budget = setup.budget
+        base = self.config or setup.config or PlacementConfig.for_tier(setup.tier)
+        if base.tier != setup.tier:
+            raise SpacError(f"a {base.tier} placement configuration cannot plan the {setup.tier} tier")
+        cfg = base.replace(**self.overrides, background=False)
         self._resident = np.zeros(setup.shape, bool)
+        self.planner = PlacementPlanner(cfg, setup.layout, setup.cost, setup.budget,
+                                        resident=lambda: self._resident.copy())
+        self._queue: list[tuple[int, np.ndarray]] = []
+        self.plans: list[tuple[int, np.ndarray]] = []
+        first = self.planner.first_plan(None)
+        if first is not None:
+            self._resident = self._fit(first[0].x, first[1])
+            self.plans.append((-1, self._resident.copy()))
+        return self._resident.copy()
 
-        def plan_fn(u: np.ndarray, resident: np.ndarray | None) -> Plan:
-            self.balancer.tokens_per_step = self.est.tokens_per_step
-            return self.balancer.plan(u, self._resident)
-
-        self.replanner = Replanner(plan_fn, every=self.every, drift=self.drift, background=False)
-        self._queue: list[tuple[int, Plan]] = []
-        return np.zeros(setup.shape, bool)
+    def _fit(self, x: np.ndarray, utility: np.ndarray) -> np.ndarray:
+        """vram: each layer group's planned experts within its slots, as the tier keeps them."""
+        s = self.setup
+        if s.n_slots is None or s.group_of_row is None:
+            return np.asarray(x, bool).copy()
+        return fit_groups(x, utility, s.n_slots, np.asarray(s.group_of_row))[0]
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         self._resident = resident  # the residency the next plan starts from
-        ready = [p for due, p in self._queue if due <= t]
+        ready = [x for due, x in self._queue if due <= t]
         if not ready:
             return None
-        self._queue = [(due, p) for due, p in self._queue if due > t]
-        x = ready[-1].x.copy()
-        self._resident = x  # what the next plan starts from
-        return x
+        self._queue = [(due, x) for due, x in self._queue if due > t]
+        self._resident = ready[-1].copy()
+        return ready[-1].copy()
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        self.est.update(Observation(counts, n_tokens))
-        if self.replanner.submit(self.est.utility(), t):
-            plan = self.replanner.take()
-            if plan is not None:
-                self._queue.append((t + 1 + self.lag, plan))
+        self.planner.demand.update(Observation(counts, n_tokens))
+        plan = self.planner.after_step(t + 1)
+        if plan is not None:
+            x = self._fit(plan.x, self.planner.demand.utility())
+            self._queue.append((t + 1 + self.lag, x))
+            self.plans.append((t, x.copy()))
+
+    def describe(self) -> str:
+        c = self.planner.config if hasattr(self, "planner") else (self.config or "tier defaults")
+        return f"{self.name} ({c})"
 
     def stats(self) -> dict:
-        s = self.replanner.stats
+        s = self.planner.replanner.stats
         return {"solves": s.solves, "methods": dict(s.methods),
                 "solve_ms_mean": 1e3 * float(np.mean(s.wall)) if s.wall else 0.0}
 
@@ -285,172 +295,93 @@ class OursPolicy(Policy):
 # Demand caches
 
 
-class LRUPolicy(Policy):
-    """Least recently used, global over all layers; every miss is admitted."""
+def layer_capacities(size: np.ndarray, budget: int) -> np.ndarray:
+    """Experts per layer of a per-layer demand cache within ``budget`` bytes: the budget split evenly
+    over the layers in whole experts (``size`` ``[L, E]``, equal within a layer), the bytes left over
+    handed out one expert at a time in layer order."""
+    L, E = size.shape
+    per = size.max(axis=1).astype(np.int64)
+    cap = np.minimum(np.where(per > 0, (int(budget) // max(L, 1)) // np.maximum(per, 1), E), E)
+    left = int(budget) - int((cap * per).sum())
+    changed = True
+    while changed:
+        changed = False
+        for i in range(L):
+            if cap[i] < E and per[i] <= left:
+                cap[i] += 1
+                left -= int(per[i])
+                changed = True
+    return cap
+
+
+class DemandPolicy(Policy):
+    """A per-layer demand cache of ``planning/reference_caches.py`` (the same LRU, LFU and MIN as
+    ``spac eval-utility`` and ``trace_stats``): empty at the start, every step's misses may enter, each
+    layer holds what :func:`layer_capacities` gives it out of the byte budget."""
+
+    demand = True
+
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        raise NotImplementedError
+
+    def reset(self, setup: SimSetup) -> np.ndarray:
+        super().reset(setup)
+        self.capacity = layer_capacities(setup.size, setup.budget)
+        self.cache = self.make_cache(setup, self.capacity)
+        return self.cache.resident.copy()
+
+    def demand_step(self, t: int, need: np.ndarray) -> np.ndarray:
+        """After step ``t`` (activations ``need`` [L, E]): the residency the cache keeps."""
+        self.cache.step(need)
+        return self.cache.resident
+
+    def describe(self) -> str:
+        return f"{self.name} (per layer: {'/'.join(map(str, sorted(set(self.capacity.tolist()))))} experts)"
+
+
+class LRUPolicy(DemandPolicy):
+    """Least recently used (``reference_caches.LRUCache``), per layer."""
 
     name = "lru"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
-        return np.zeros(setup.shape, bool)
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        for e in experts.tolist():
-            key = (i, e)
-            self.order[key] = None
-            self.order.move_to_end(key)
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        for key in self.order:
-            if resident[key] and key not in protect:
-                del self.order[key]
-                return key
-        return None
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return LRUCache(*setup.shape, capacity)
 
 
-class LFUPolicy(Policy):
-    """Least frequently used (cumulative activations; ties: least recent); every miss is admitted."""
+class LFUPolicy(DemandPolicy):
+    """Least frequently used (``reference_caches.LFUCache``: steps that used it; ties: least recent), per layer."""
 
     name = "lfu"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        self.freq = np.zeros(setup.shape, np.int64)
-        self.last = np.full(setup.shape, -1, np.int64)
-        self.heap: list[tuple[int, int, int, int]] = []
-        self._clock = 0
-        return np.zeros(setup.shape, bool)
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        for e in experts.tolist():
-            self._clock += 1
-            self.freq[i, e] += 1
-            self.last[i, e] = self._clock
-            heapq.heappush(self.heap, (int(self.freq[i, e]), self._clock, i, e))
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        skipped = []
-        found = None
-        while self.heap:
-            f, c, i, e = heapq.heappop(self.heap)
-            if not resident[i, e] or f != self.freq[i, e] or c != self.last[i, e]:
-                continue  # stale entry
-            if (i, e) in protect:
-                skipped.append((f, c, i, e))
-                continue
-            found = (i, e)
-            break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return LFUCache(*setup.shape, capacity)
 
 
-class MinPolicy(Policy):
-    """Belady's MIN for a demand cache (clairvoyant eviction): evict the expert used furthest in the
-    future, and do not admit a miss used later than every resident expert (bypass). It starts with
-    the experts first used, up to the budget. No demand cache gets more hits (equal expert sizes)."""
+class MinPolicy(DemandPolicy):
+    """Belady's MIN for a demand cache (``reference_caches.MinCache``: clairvoyant eviction and bypass),
+    per layer, starting empty: no demand cache of the same capacities gets more hits."""
 
     name = "min"
-    demand = True
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        T, L, E = setup.counts.shape
-        # access clock: (t, i) -> t * L + i; future[(i, e)] = clocks of its uses, next one last
-        self.L = L
-        self.future: dict[tuple[int, int], list[int]] = {}
-        for t, i, e in np.argwhere(setup.counts > 0).tolist():  # sorted by t, i, e
-            self.future.setdefault((i, e), []).append(t * L + i)
-        for v in self.future.values():
-            v.reverse()
-        self.next_use = np.full(setup.shape, _NEVER, np.int64)
-        for (i, e), v in self.future.items():
-            self.next_use[i, e] = v[-1]
-        self.heap: list[tuple[int, int, int]] = []
-        first = sorted((v[-1], i, e) for (i, e), v in self.future.items())
-        x = np.zeros(setup.shape, bool)
-        used = 0
-        for _, i, e in first:
-            s = int(setup.size[i, e])
-            if used + s <= setup.budget:
-                x[i, e] = True
-                used += s
-                heapq.heappush(self.heap, (-int(self.next_use[i, e]), i, e))
-        return x
-
-    def _next_after(self, i: int, e: int, now: int) -> int:
-        fut = self.future.get((i, e), [])
-        for k in range(len(fut) - 1, -1, -1):
-            if fut[k] > now:
-                return fut[k]
-        return _NEVER
-
-    def on_access(self, t: int, i: int, experts: np.ndarray, hits: np.ndarray) -> None:
-        now = t * self.L + i
-        for e in experts.tolist():
-            fut = self.future[(i, e)]
-            while fut and fut[-1] <= now:
-                fut.pop()
-            nxt = fut[-1] if fut else _NEVER
-            self.next_use[i, e] = nxt
-            heapq.heappush(self.heap, (-int(nxt), i, e))
-
-    def _top(self, resident: np.ndarray, protect: set[tuple[int, int]], pop: bool) -> tuple[int, int] | None:
-        skipped = []
-        found = None
-        while self.heap:
-            nn, i, e = self.heap[0]
-            if not resident[i, e] or -nn != self.next_use[i, e]:
-                heapq.heappop(self.heap)  # stale entry
-                continue
-            if (i, e) in protect:
-                skipped.append(heapq.heappop(self.heap))
-                continue
-            found = (i, e)
-            if pop:
-                heapq.heappop(self.heap)
-            break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
-
-    def admit(self, t: int, i: int, e: int, resident: np.ndarray, protect: set[tuple[int, int]], room: bool) -> bool:
-        if room:
-            return True
-        v = self._top(resident, protect, pop=False)
-        return v is not None and self._next_after(i, e, t * self.L + i) < self.next_use[v]
-
-    def victim(self, resident: np.ndarray, protect: set[tuple[int, int]]) -> tuple[int, int] | None:
-        return self._top(resident, protect, pop=True)
+    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
+        return MinCache(setup.counts > 0, capacity)
 
 
 class BeladyPolicy(Policy):
     """Clairvoyant prefetching oracle: just before each step it loads the step's experts that are not
-    resident, evicting those whose next use is furthest away (Belady's rule), and it starts with the
-    experts first used. Every step's experts are resident whenever they fit, so with equal expert
-    sizes no policy gets more hits, and it moves as few bytes as Belady's MIN; transfers are planned
-    (background) ones."""
+    resident, evicting those whose next use is furthest away (Belady's rule, the next uses of
+    ``reference_caches.NextUse``), and it starts with the experts first used. Every step's experts are
+    resident whenever they fit, so with equal expert sizes no policy gets more hits (planned ones
+    included); transfers are planned (background) ones. Global over the layers (one byte budget)."""
 
     name = "belady"
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        T, L, E = setup.counts.shape
-        self.L = L
-        self.uses: dict[tuple[int, int], list[int]] = {}
-        for t, i, e in np.argwhere(setup.counts > 0).tolist():
-            self.uses.setdefault((i, e), []).append(t * L + i)
-        for v in self.uses.values():
-            v.reverse()
-        self.next_use = np.full(setup.shape, _NEVER, np.int64)
-        for (i, e), v in self.uses.items():
-            self.next_use[i, e] = v[-1]
-        nu = self.next_use.ravel()
+        self.next = NextUse(setup.counts > 0)
+        nu = self.next.now.ravel()
         order = np.argsort(nu, kind="stable")
-        return _fill(order[nu[order] < _NEVER], setup.size, setup.budget)
+        return _fill(order[nu[order] < NEVER], setup.size, setup.budget)
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         need = self.setup.counts[t] > 0
@@ -459,12 +390,13 @@ class BeladyPolicy(Policy):
         size, budget = self.setup.size, self.setup.budget
         x = resident.copy()
         used = int(size[x].sum())
+        next_use = self.next.now  # step t's own experts have next use t: never candidates below
         # needed experts in order of use (layer order); evict the furthest-used of the others
         for flat in np.flatnonzero(need.ravel() & ~resident.ravel()):
             i, e = divmod(int(flat), need.shape[1])
             s = int(size[i, e])
             while used + s > budget:
-                cand = np.where(x & ~need, self.next_use, -1)
+                cand = np.where(x & ~need, next_use, -1)
                 v = int(np.argmax(cand))
                 if cand.flat[v] < 0:
                     break
@@ -476,10 +408,7 @@ class BeladyPolicy(Policy):
         return x
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        for i, e in np.argwhere(counts > 0).tolist():
-            fut = self.uses[(i, e)]
-            fut.pop()
-            self.next_use[i, e] = fut[-1] if fut else _NEVER
+        self.next.advance()
 
 
 def make_policy(name: str, **kw: object) -> Policy:

@@ -13,10 +13,14 @@ order: the experts the step's tokens used are *hits* when resident in the fast t
 
 The non-expert part of the model (attention, embeddings, shared experts) is the same for every
 policy and not included: times are the MoE expert part per token.
+
+Expert sizes and weight types come from the model's GGUF header, or, for a trace replayed without its
+model file (an imported public trace), from the layout the trace records (:func:`recorded_layout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +31,23 @@ import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
-from spac_llamacpp.gguf.info import inspect_model
-from spac_llamacpp.observe.trace import RoutingTrace
-from spac_llamacpp.planning.balancer import expert_budget
+from spac_llamacpp.gguf.info import GGML_TYPES, MoEModelInfo, inspect_model
+from spac_llamacpp.observe.trace import RoutingTrace, TraceLayout
+from spac_llamacpp.planning import budgets
 from spac_llamacpp.planning.calibration import load_cached
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
+from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.reference_caches import count_hits, hit_rate
 from spac_llamacpp.sim.policies import POLICIES, Policy, SimSetup, make_policy
 
 log = logging.getLogger(__name__)
+
+# A trace replayed without its model file records one expert's bytes per MoE layer, not its tensors:
+# the bytes are split over this many tensors (gate, up, down: the contiguous reads of one expert) ...
+RECORDED_TENSORS = 3
+# ... of this weight type unless told (the CPU cost model's fallback; the sources record none)
+DEFAULT_WEIGHT_TYPE = "F16"
+WEIGHT_TYPES = tuple(name for name, _, _ in GGML_TYPES.values())
 
 
 @dataclass
@@ -45,8 +58,8 @@ class SimResult:
     expert_budget: int
     steps: int
     tokens: int
-    activations: int
-    hits: int
+    activations: int  # distinct (step, MoE layer, expert) used (docs/hit_rate.md)
+    hits: int  # ... resident in the fast tier when the layer ran
     bytes_moved: int  # after the start: on-demand reads (flash) and placements/admissions (both tiers)
     preload_bytes: int  # initial contents (static, belady), not timed
     seconds: float  # modelled expert time of the whole trace
@@ -56,7 +69,8 @@ class SimResult:
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / self.activations if self.activations else 0.0
+        """The project's hit rate (``reference_caches.hit_rate``: activations served from the fast tier)."""
+        return hit_rate(self.hits, self.activations) or 0.0
 
     @property
     def ms_per_token(self) -> float:
@@ -107,10 +121,98 @@ def check_layout(trace: RoutingTrace, layout: ExpertLayout) -> None:
         )
 
 
-def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, layout: ExpertLayout) -> SimSetup:
+def weight_type_name(name: str) -> str:
+    """``name`` as a ggml type name (``q4_k`` -> ``Q4_K``); a one-line error for an unknown one."""
+    up = name.strip().upper()
+    if up not in WEIGHT_TYPES:
+        raise SpacError(f"unknown weight type {name!r}; use a ggml type such as F16, Q8_0, Q4_K, Q6_K")
+    return up
+
+
+def recorded_layout(trace: RoutingTrace, expert_bytes: int | None = None, weight_type: str | None = None,
+                    name: str = "the trace") -> ExpertLayout:
+    """The expert layout of ``trace`` replayed without its model file, from what the trace records.
+
+    Per MoE layer: the trace's top-k, one expert of ``expert_bytes`` (else the recorded size) split over
+    :data:`RECORDED_TENSORS` tensors (the reads of one expert) of ``weight_type`` (else
+    :data:`DEFAULT_WEIGHT_TYPE`); ``non_expert_bytes`` as recorded, else 0. A trace without a recorded
+    layout (one recorded by ``spac trace``) needs ``expert_bytes``; its top-k is its ids' width.
+    """
+    rec = trace.layout
+    if rec is None:
+        k = int(trace.meta.get("n_expert_used") or trace.ids.shape[2])
+        rec = TraceLayout(trace.n_expert, k)
+    n_layer = len(trace.moe_layers)
+    if expert_bytes is not None:
+        if int(expert_bytes) <= 0:
+            raise SpacError(f"--expert-bytes must be positive, not {expert_bytes}")
+        sizes: tuple[int, ...] = (int(expert_bytes),) * n_layer
+    elif rec.expert_bytes is None:
+        fmt = (trace.meta.get("imported") or {}).get("format")
+        src = f" (its source format, {fmt}, has none)" if fmt else ""
+        raise SpacError(f"{name} records no expert sizes{src}; pass --expert-bytes SIZE (the bytes of one expert, "
+                        f"e.g. 94.5MiB), or re-import it with `spac trace import ... --expert-bytes SIZE`")
+    else:
+        sizes = tuple(int(b) for b in rec.expert_bytes)
+        zero = [int(il) for il, b in zip(trace.moe_layers, sizes, strict=True) if b <= 0]
+        if zero:
+            raise SpacError(f"{name} records 0 bytes per expert for MoE layer {zero[0]}; pass --expert-bytes SIZE "
+                            f"or re-import it with `spac trace import ... --expert-bytes SIZE`")
+    wt = weight_type_name(weight_type) if weight_type is not None else DEFAULT_WEIGHT_TYPE
+    n = RECORDED_TENSORS
+    tensors = tuple(tuple((wt, b // n + (b % n if j == 0 else 0)) for j in range(n)) for b in sizes)
+    return ExpertLayout(tuple(int(il) for il in trace.moe_layers), int(trace.n_expert), tensors,
+                        (int(rec.n_expert_used),) * n_layer, int(rec.non_expert_bytes or 0),
+                        model=f"recorded in {name}")
+
+
+def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, info: MoEModelInfo | ExpertLayout, *,
+               config: PlacementConfig | None = None, lookahead: bool = True, n_ctx: int = budgets.DEFAULT_N_CTX,
+               compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE, kv_bytes: int | None = None) -> SimSetup:
+    """What a replay of ``trace`` knows, with ``budget`` meaning what the tier's budget means
+    (``planning.budgets``): flash, RAM for routed experts (the plan gets it less the staging and, with
+    ``lookahead``, lookahead reserves; sizes in whole pages); vram, GPU memory for the model (the pool gets
+    it less the non-expert weights, the KV cache of ``n_ctx`` tokens, estimated from the GGUF header unless
+    ``kv_bytes`` is given, and ``compute_reserve``, in whole slots per layer group). ``config``: the tier's
+    placement configuration for ``ours`` (default: its defaults).
+
+    ``info`` is the model's header, or without a model file the trace's recorded layout
+    (:func:`recorded_layout`). Then the budget counts routed expert bytes only, at the recorded sizes (no
+    page rounding: the file's offsets are unknown): flash, the plan gets it less the same staging and
+    lookahead reserves, computed from the recorded sizes and top-k; vram, the pool gets it all, in whole
+    slots (nothing is known of the non-expert weights' or the KV cache's GPU memory; ``n_ctx``,
+    ``compute_reserve`` and ``kv_bytes`` do not apply)."""
+    if tier not in budgets.TIERS:
+        raise SpacError(f"unknown tier {tier!r}; choose one of {', '.join(budgets.TIERS)}")
+    model_path: Path | None = None  # None: the trace's recorded layout
+    if isinstance(info, ExpertLayout):
+        layout = dataclasses.replace(info, non_expert_bytes=0)
+        name = info.model.removeprefix("recorded in ") or "the trace"
+        non_expert = 0
+    else:
+        layout = budgets.tier_layout(tier, info)
+        model_path, name, non_expert = info.path, info.path.name, info.non_expert_bytes
     check_layout(trace, layout)
     counts, tokens, _ = trace_arrays(trace)
-    return SimSetup(tier, layout, cost, int(budget), expert_budget(tier, budget, layout), counts, tokens)
+    n_slots = group_of_row = None
+    if tier == "flash":
+        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, name=name).plan_bytes
+    else:
+        groups, group_of_row = budgets.pool_groups(layout)
+        if model_path is None:
+            smallest = min(g.slot_bytes for g in groups)
+            if int(budget) < smallest:
+                raise SpacError(
+                    f"vram budget {format_size(int(budget))} is too small for {name}: without a model the budget is "
+                    f"the expert pool, and one slot needs {format_size(smallest)} ({smallest} bytes)")
+            kv_bytes, compute_reserve = 0, 0
+        elif kv_bytes is None:
+            kv_bytes = budgets.kv_cache_bytes(n_ctx, *budgets.kv_dims_of_gguf(model_path))
+        split = budgets.vram_budget(budget, groups, non_expert_bytes=non_expert, kv_bytes=kv_bytes,
+                                    compute_reserve=compute_reserve, name=name)
+        plan_bytes, n_slots = split.pool_bytes, split.slots
+    return SimSetup(tier, layout, cost, int(budget), int(plan_bytes), counts, tokens,
+                    config=config or PlacementConfig.for_tier(tier), n_slots=n_slots, group_of_row=group_of_row)
 
 
 def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimResult:
@@ -172,14 +274,16 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
             res = want.copy()
             used = new_used
         compute = sync = gpu_sum = 0.0
+        need = counts[t] > 0
+        step_hits, step_activations = count_hits(need, res)
+        hits_total += step_hits
+        acts_total += step_activations
         for i in range(L):
             row = counts[t, i]
             active = np.flatnonzero(row)
             if not len(active):
                 continue
             hits = res[i, active]
-            acts_total += len(active)
-            hits_total += int(hits.sum())
             layer_cpu = layer_gpu = 0.0
             for e, h in zip(active.tolist(), hits.tolist(), strict=True):
                 c = int(row[e])
@@ -194,26 +298,18 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
                     layer_cpu += cpu(i, c)
             if tier == "vram":
                 gpu_sum += max(layer_gpu, layer_cpu)
-            if pol.demand and not hits.all():
-                protect = {(i, int(e)) for e in active.tolist()}
-                for e in active[~hits].tolist():
-                    s = int(size[i, e])
-                    if s > budget or not pol.admit(t, i, e, res, protect, used + s <= budget):
-                        continue
-                    while used + s > budget:
-                        v = pol.victim(res, protect)
-                        if v is None:
-                            break
-                        res[v] = False
-                        used -= int(size[v])
-                    if used + s > budget:
-                        continue
-                    res[i, e] = True
-                    used += s
-                    if tier == "vram":
-                        bg += load_t[i]
-                        moved += s
-            pol.on_access(t, i, active, hits)
+        if pol.demand:
+            # the step's misses that the cache keeps are admitted (a copy in vram; in flash the
+            # on-demand read already brought them in); evictions are free
+            kept = np.asarray(pol.demand_step(t, need), bool)
+            if (kept & ~(res | need)).any():
+                raise RuntimeError(f"demand policy {pol.name} admitted an expert step {t} did not use")
+            for i, _ in np.argwhere(kept & ~res).tolist():
+                if tier == "vram":
+                    bg += load_t[i]
+                    moved += int(nbytes[i])
+            res = kept.copy()
+            used = int(size[res].sum())
         step_s = sync + max(compute, bg) if tier == "flash" else max(gpu_sum, bg)
         work = compute if tier == "flash" else gpu_sum
         if bg > work:
@@ -302,24 +398,46 @@ def load_inputs(
     trace_path: str | Path,
     model: str | Path | None = None,
     calibration: str | Path | None = None,
-    measure: Callable[[str | Path], CostModel] | None = None,
-) -> tuple[RoutingTrace, ExpertLayout, CostModel]:
-    """The trace, its model's expert layout (from the GGUF header) and the cost model.
+    measure: Callable[[str | Path | None], CostModel] | None = None,
+    *,
+    expert_bytes: int | None = None,
+    weight_type: str | None = None,
+) -> tuple[RoutingTrace, MoEModelInfo | ExpertLayout, CostModel]:
+    """The trace, its model's header (or its recorded layout) and the cost model.
+
+    The layout: ``model``'s header if given; else, unless ``expert_bytes`` or ``weight_type`` is given, that
+    of the model the trace names when that file is here; else the trace's recorded layout
+    (:func:`recorded_layout`: an imported trace, or any trace with ``expert_bytes``).
 
     The cost model is ``calibration`` if given, else this machine's cached calibration (for the model,
-    else the generic one), else ``measure(model)`` when given (the CLI measures and caches it), else
-    nominal costs (logged).
+    else the generic one; without a model the generic one), else ``measure(model or None)`` when given
+    (the CLI measures and caches it), else nominal costs (logged).
     """
 
     trace = RoutingTrace.load(trace_path)
-    model_path = model or trace.meta.get("model")
-    if not model_path:
-        raise SpacError(f"{trace_path} does not name the model it was recorded from; pass --model MODEL.gguf")
-    if not Path(model_path).is_file():
-        src = "--model" if model else "the trace"
-        raise SpacError(f"model {model_path} (from {src}) not found; pass --model MODEL.gguf")
-    layout = ExpertLayout.from_info(inspect_model(model_path))
-    check_layout(trace, layout)
+    name = Path(trace_path).name
+    by_layout = expert_bytes is not None or weight_type is not None
+    if model and by_layout:
+        raise SpacError("--expert-bytes and --weight-type describe a trace replayed without its model; with --model "
+                        "the expert sizes and types come from the model's header")
+    named = trace.meta.get("model")
+    model_path = model or (None if by_layout else named)
+    info: MoEModelInfo | ExpertLayout
+    if model_path and Path(model_path).is_file():
+        info = inspect_model(model_path)
+        check_layout(trace, ExpertLayout.from_info(info))
+    elif model:
+        raise SpacError(f"model {model} (from --model) not found")
+    elif trace.layout is not None or by_layout:
+        if named and not by_layout:
+            log.info("model %s (from the trace) is not here: using the layout the trace records", named)
+        info = recorded_layout(trace, expert_bytes, weight_type, name=name)
+        model_path = None
+    elif not named:
+        raise SpacError(f"{trace_path} does not name the model it was recorded from and records no layout; "
+                        "pass --model MODEL.gguf or --expert-bytes SIZE")
+    else:
+        raise SpacError(f"model {named} (from the trace) not found; pass --model MODEL.gguf or --expert-bytes SIZE")
     if calibration is not None:
         cost = CostModel.load(calibration)
     else:
@@ -330,4 +448,4 @@ def load_inputs(
             log.warning("no calibration cached for this machine: simulating with nominal costs (run `spac calibrate`)")
             cached = CostModel.nominal()
         cost = cached
-    return trace, layout, cost
+    return trace, info, cost

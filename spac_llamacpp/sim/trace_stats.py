@@ -4,35 +4,40 @@ What an expert cache sees of a model's routing:
 
 - **popularity skew** per MoE layer: how unevenly the expert selections spread over the experts
   (normalized entropy, share of the hottest quarter of experts, hottest/mean ratio);
-- **LRU hit rate** per layer for a cache of ``c`` experts per layer, replaying the selections in
-  token order (each token touches its ``k`` experts; a touch is a hit if the expert is cached, and
-  then becomes the most recent; a miss loads it, evicting the least recently used);
+- **LRU hit rate** per layer for a cache of ``c`` experts per layer: the shared reference LRU of
+  ``planning/reference_caches.py`` (per layer, empty at the start, demand admission, step by step)
+  and the project's one hit rate (activations: distinct (step, layer, expert); ``docs/hit_rate.md``);
 - **reuse**: the fraction of a token's experts that the previous token also used (temporal locality).
 
-A uniform random router gives hit rate ~ ``c / n_expert`` and reuse ~ ``k / n_expert``;
+A uniform random router gives hit rate ~ ``c / n_expert`` on one-token steps and reuse ~ ``k / n_expert``;
 :func:`uniform_ids` draws such a trace for the same shape, to put a number next to a model's.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from spac_llamacpp.observe.trace import RoutingTrace
+from spac_llamacpp.planning.reference_caches import lru, need_from_ids
 
 
 def layer_ids(trace: RoutingTrace, decode_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids [n_tokens, n_moe_layers, k], counted [n_tokens] bool)`` of the MoE layers.
+    """``(ids [n_tokens, n_moe_layers, k], counted [n_steps] bool)`` of the MoE layers.
 
-    ``counted`` marks the tokens whose touches count towards hit rates: all tokens, or with
-    ``decode_only`` the tokens of one-token steps (generation), after the prompt warmed the cache.
+    ``counted`` marks the steps whose activations count towards hit rates: all steps, or with
+    ``decode_only`` the one-token steps (generation), after the prompt warmed the cache.
     """
     ids = trace.ids[:, trace.moe_layers, :] if len(trace.moe_layers) else trace.ids[:, :0, :]
-    counted = trace.step_n_tokens[trace.token_step] == 1 if decode_only else np.ones(trace.n_tokens, dtype=bool)
+    counted = trace.step_n_tokens == 1 if decode_only else np.ones(trace.n_steps, dtype=bool)
     return ids, counted
+
+
+def step_need(ids: np.ndarray, token_step: np.ndarray, n_steps: int, n_expert: int) -> np.ndarray:
+    """Activations ``[n_steps, n_layers, n_expert]`` of per-token ``ids`` (``reference_caches`` input)."""
+    return need_from_ids(ids, token_step, n_steps, n_expert)
 
 
 @dataclass(frozen=True)
@@ -62,38 +67,18 @@ def popularity(ids: np.ndarray, n_expert: int) -> Popularity:
     return Popularity(counts, ent, top, counts.max(1) / mean)
 
 
-def lru_hits(seq: Iterable[Sequence[int]], counted: Iterable[bool], capacity: int) -> tuple[int, int]:
-    """``(hits, touches)`` of an LRU cache of ``capacity`` experts replaying per-token expert sets.
-
-    Every token's touches update the cache; only tokens with ``counted`` true are tallied.
-    """
-    cache: OrderedDict[int, None] = OrderedDict()
-    hits = touches = 0
-    for experts, count in zip(seq, counted, strict=True):
-        for e in experts:
-            if e < 0:
-                continue
-            hit = e in cache
-            if hit:
-                cache.move_to_end(e)
-            else:
-                cache[e] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
-            if count:
-                hits += hit
-                touches += 1
-    return hits, touches
-
-
-def lru_curve(ids: np.ndarray, counted: np.ndarray, capacities: Sequence[int]) -> np.ndarray:
-    """Hit rates [len(capacities), n_layers]: one LRU cache per layer, as a fraction of touches."""
-    out = np.zeros((len(capacities), ids.shape[1]))
+def lru_curve(need: np.ndarray, counted: np.ndarray, capacities: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Hit rates of the shared per-layer LRU (``reference_caches.lru``) over activations ``need``
+    [n_steps, n_layers, n_expert], counting the steps with ``counted``: ``(per layer [len(capacities),
+    n_layers], all layers together [len(capacities)])`` (NaN where nothing was counted)."""
+    per_layer = np.zeros((len(capacities), need.shape[1]))
+    pooled = np.zeros(len(capacities))
     for i, c in enumerate(capacities):
-        for layer in range(ids.shape[1]):
-            hits, touches = lru_hits(ids[:, layer, :].tolist(), counted.tolist(), c)
-            out[i, layer] = hits / touches if touches else float("nan")
-    return out
+        r = lru(need, c, counted)
+        per_layer[i] = r.per_layer_hit_rate()
+        rate = r.hit_rate
+        pooled[i] = np.nan if rate is None else rate
+    return per_layer, pooled
 
 
 def reuse_rate(ids: np.ndarray) -> np.ndarray:
@@ -121,22 +106,25 @@ class RealismReport:
     """Summary over layers (means) of one trace, with the uniform-router reference."""
 
     n_tokens: int
-    n_counted: int
+    n_counted: int  # tokens of the counted steps
+    n_counted_steps: int
     n_layers: int
     n_expert: int
     k: int
     popularity: Popularity
     capacities: tuple[int, ...]
-    hit_rate: np.ndarray  # [len(capacities), n_layers]
-    uniform_hit_rate: np.ndarray  # [len(capacities)] mean over layers, uniform random router
+    hit_rate: np.ndarray  # [len(capacities), n_layers] per layer
+    pooled_hit_rate: np.ndarray  # [len(capacities)] all layers together (hits / activations)
+    uniform_hit_rate: np.ndarray  # [len(capacities)] all layers together, uniform random router
     reuse: np.ndarray  # [n_layers]
 
     def to_json(self) -> dict[str, object]:
-        """Plain numbers: means over layers plus the per-layer arrays."""
+        """Plain numbers: LRU hit rates of all layers together (hits / activations), per-layer arrays."""
         p = self.popularity
         return {
             "tokens": self.n_tokens,
             "counted_tokens": self.n_counted,
+            "counted_steps": self.n_counted_steps,
             "moe_layers": self.n_layers,
             "n_expert": self.n_expert,
             "k": self.k,
@@ -146,7 +134,7 @@ class RealismReport:
             "reuse": _rounded(self.reuse),
             "reuse_uniform": round(self.k / self.n_expert, 4),
             "lru": {
-                str(c): {"hit_rate": round(float(np.nanmean(self.hit_rate[i])), 4),
+                str(c): {"hit_rate": round(float(self.pooled_hit_rate[i]), 4),
                          "per_layer": _rounded(self.hit_rate[i]),
                          "uniform": round(float(self.uniform_hit_rate[i]), 4)}
                 for i, c in enumerate(self.capacities)
@@ -166,15 +154,19 @@ def realism_report(trace: RoutingTrace, capacities: Sequence[int] | None = None,
     k = ids.shape[2]
     caps = tuple(capacities) if capacities is not None else tuple(range(1, n_expert))
     uni = uniform_ids(len(ids), ids.shape[1], k, n_expert, seed)
+    per_layer, pooled = lru_curve(step_need(ids, trace.token_step, trace.n_steps, n_expert), counted, caps)
+    _, uniform = lru_curve(step_need(uni, trace.token_step, trace.n_steps, n_expert), counted, caps)
     return RealismReport(
         n_tokens=len(ids),
-        n_counted=int(counted.sum()),
+        n_counted=int(trace.step_n_tokens[counted].sum()),
+        n_counted_steps=int(counted.sum()),
         n_layers=ids.shape[1],
         n_expert=n_expert,
         k=k,
         popularity=popularity(ids, n_expert),
         capacities=caps,
-        hit_rate=lru_curve(ids, counted, caps),
-        uniform_hit_rate=np.nanmean(lru_curve(uni, counted, caps), axis=1),
+        hit_rate=per_layer,
+        pooled_hit_rate=pooled,
+        uniform_hit_rate=uniform,
         reuse=reuse_rate(ids),
     )

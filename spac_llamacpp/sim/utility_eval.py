@@ -3,15 +3,16 @@
 Policy under test: before each step, keep the top-N experts of every MoE layer by the estimator's
 utility (built from the steps before). Metrics, over all steps after the first:
 
-- ``hit_rate``: share of the step's token-expert selections whose expert was kept;
-- ``loads_per_step``: distinct (layer, expert) pairs used by the step but not kept (each one is a
-  transfer or a slow-path expert);
+- ``hit_rate``: the project's one hit rate (``planning/reference_caches.py``, ``docs/hit_rate.md``):
+  the share of the step's activations (distinct layer-expert pairs the step's tokens used) whose expert
+  was kept;
+- ``loads_per_step``: activations not kept (each one is a transfer or a slow-path expert);
 - ``moves_per_step``: experts entering the kept set between steps (prefetch traffic, i.e. churn).
 
-Reference points: ``lru`` (the N most recently used experts, token by token), ``belady`` (a demand
-cache of N slots per layer that evicts the expert whose next use is farthest: the clairvoyant optimum
-for caching) and ``oracle`` (the N experts the next step will use most: the clairvoyant bound for
-any top-N prefetch policy).
+Reference points: ``lru`` and ``min`` (Belady's MIN), the shared per-layer demand caches of N experts
+(``reference_caches``: they start empty and admit only on a miss; MIN evicts the expert needed again
+farthest ahead, the clairvoyant optimum for demand caching), and ``oracle`` (the N experts the next
+step will use most: the clairvoyant bound for any top-N prefetch policy).
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning.estimators import ESTIMATORS, Observation, UtilityEstimator, make_estimator
+from spac_llamacpp.planning.reference_caches import (
+    RankedCache,
+    belady_min,
+    count_hits,
+    hit_rate,
+    lru,
+    need_from_counts,
+    replay,
+)
 from spac_llamacpp.planning.utility import top_n_mask
 
-REFERENCES = ("lru", "belady", "oracle")
+REFERENCES = ("lru", "min", "oracle")
 
 
 @dataclass
@@ -39,6 +49,8 @@ class PolicyScore:
     loads_per_step: float
     moves_per_step: float
     steps: int
+    hits: int = 0
+    activations: int = 0
 
     def to_json(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -63,24 +75,30 @@ def _histogram(ids: np.ndarray, n_layer: int, n_expert: int) -> np.ndarray:
     return out
 
 
+def trace_need(trace: RoutingTrace) -> np.ndarray:
+    """The trace's activations ``[n_steps, n_moe_layers, n_expert]`` (``reference_caches`` input)."""
+    return need_from_counts(trace.counts[:, trace.moe_layers])
+
+
 def _score(policy: str, budget: int, trace: RoutingTrace, kept_before: Iterable[np.ndarray]) -> PolicyScore:
     """Score a sequence of kept masks (kept_before[t] is the set held when step t+1 starts)."""
     layers = trace.moe_layers
+    need = trace_need(trace)
     hits = total = loads = moves = 0
     prev = None
     steps = 0
     for t, kept in enumerate(kept_before, start=1):
-        demand = trace.counts[t][layers]
-        k = kept[layers]
-        hits += int((demand * k).sum())
-        total += int(demand.sum())
-        loads += int(((demand > 0) & ~k).sum())
+        k = np.asarray(kept, dtype=bool)[layers]
+        h, a = count_hits(need[t], k)
+        hits += h
+        total += a
+        loads += a - h
         if prev is not None:
             moves += int((k & ~prev).sum())
         prev = k
         steps += 1
-    return PolicyScore(policy, budget, hits / total if total else 0.0, loads / max(steps, 1),
-                       moves / max(steps - 1, 1), steps)
+    return PolicyScore(policy, budget, hit_rate(hits, total) or 0.0, loads / max(steps, 1),
+                       moves / max(steps - 1, 1), steps, hits, total)
 
 
 def estimator_kept(trace: RoutingTrace, estimator: UtilityEstimator, budget: int) -> Iterator[np.ndarray]:
@@ -97,57 +115,52 @@ def score_estimator(trace: RoutingTrace, estimator: UtilityEstimator, budget: in
 
 
 def step_hit_rates(trace: RoutingTrace, kept_before: Iterable[np.ndarray]) -> np.ndarray:
-    """Per step t >= 1, the share of its expert selections found in ``kept_before[t-1]`` (NaN if none)."""
+    """Per step t >= 1, the hit rate of its activations against ``kept_before[t-1]`` (NaN if none)."""
+    need = trace_need(trace)
     out = []
     for t, kept in enumerate(kept_before, start=1):
-        demand = trace.counts[t][trace.moe_layers]
-        total = int(demand.sum())
-        out.append(float((demand * kept[trace.moe_layers]).sum()) / total if total else float("nan"))
+        r = hit_rate(*count_hits(need[t], np.asarray(kept, dtype=bool)[trace.moe_layers]))
+        out.append(float("nan") if r is None else r)
     return np.array(out)
 
 
+def _all_layers(trace: RoutingTrace, held: np.ndarray) -> Iterator[np.ndarray]:
+    """Masks over all layers (the trace's ``counts`` rows) from MoE-layer masks ``[T, n_moe, E]``."""
+    full = np.zeros(trace.counts.shape[1:], dtype=bool)
+    for h in held:
+        full[trace.moe_layers] = h
+        yield full.copy()
+
+
 def lru_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
-    """The N most recently used experts per layer, access by access (token, then top-k slot), after each step."""
-    n_layer, n_expert = trace.counts.shape[1:]
-    k = trace.ids.shape[2]
-    last = np.full((n_layer, n_expert), -1.0)
-    starts = np.concatenate([[0], np.cumsum(trace.step_n_tokens)])
-    for s in range(trace.n_steps - 1):
-        block = trace.ids[starts[s]: starts[s + 1]]  # [tokens, layers, k]
-        for i in range(block.shape[0]):
-            clock = (starts[s] + i) * k + np.arange(k)
-            for layer in range(n_layer):
-                row = block[i, layer]
-                last[layer, row[row >= 0]] = clock[row >= 0]
-        yield top_n_mask(last, budget)
+    """What the shared per-layer LRU of ``budget`` experts holds when each step t >= 1 starts."""
+    return _all_layers(trace, lru(trace_need(trace), budget, keep_held=True).held[1:])
 
 
-def belady_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
-    """Demand caching with farthest-next-use eviction, per layer, at step granularity."""
-    n_layer, n_expert = trace.counts.shape[1:]
-    used = trace.counts > 0  # [steps, layers, experts]
-    big = trace.n_steps + 1
-    # next_use[t, l, e]: first step > t that uses (l, e)
-    next_use = np.full(used.shape, big, dtype=np.int64)
-    nxt = np.full((n_layer, n_expert), big, dtype=np.int64)
-    for t in range(trace.n_steps - 1, -1, -1):
-        next_use[t] = nxt
-        nxt = np.where(used[t], t, nxt)
-    cache = np.zeros((n_layer, n_expert), dtype=bool)
-    for t in range(trace.n_steps - 1):
-        cache |= used[t]
-        over = cache.sum(axis=1) - budget
-        for layer in np.nonzero(over > 0)[0]:
-            members = np.nonzero(cache[layer])[0]
-            far = members[np.argsort(-next_use[t, layer, members], kind="stable")[: over[layer]]]
-            cache[layer, far] = False
-        yield cache.copy()
+def min_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
+    """What Belady's MIN (the shared demand cache) of ``budget`` experts holds when each step t >= 1 starts."""
+    return _all_layers(trace, belady_min(trace_need(trace), budget, keep_held=True).held[1:])
+
+
+def estimator_demand_kept(trace: RoutingTrace, estimator: UtilityEstimator, budget: int) -> Iterator[np.ndarray]:
+    """The estimator as a demand cache (``reference_caches.RankedCache``): after each step it keeps the
+    ``budget`` experts with the highest utility among those it held and those the step used; no
+    prefetch. (Belady's MIN is the bound of this setting.)"""
+    need = trace_need(trace)
+    obs = iter(observations(trace))
+
+    def rank(t: int, step_need: np.ndarray) -> np.ndarray:
+        estimator.update(next(obs))
+        return np.asarray(estimator.utility(), dtype=np.float64)[trace.moe_layers]
+
+    cache = RankedCache(need.shape[1], need.shape[2], budget, name=estimator.name)
+    return _all_layers(trace, replay(cache, need, keep_held=True, ranks=rank).held[1:])
 
 
 def oracle_kept(trace: RoutingTrace, budget: int) -> Iterator[np.ndarray]:
-    """The experts the next step will use most (clairvoyant prefetch)."""
+    """The experts the next step will use most (clairvoyant prefetch; nothing it does not use)."""
     for t in range(1, trace.n_steps):
-        yield top_n_mask(trace.counts[t].astype(np.float64), budget)
+        yield top_n_mask(trace.counts[t].astype(np.float64), budget) & (trace.counts[t] > 0)
 
 
 def evaluate(trace: RoutingTrace, budget: int, estimators: Iterable[str] | None = None) -> list[PolicyScore]:
@@ -160,7 +173,7 @@ def evaluate(trace: RoutingTrace, budget: int, estimators: Iterable[str] | None 
     scores = [score_estimator(trace, make_estimator(name, n_layer, n_expert), budget)
               for name in (estimators or ESTIMATORS)]
     scores.append(_score("lru", budget, trace, lru_kept(trace, budget)))
-    scores.append(_score("belady", budget, trace, belady_kept(trace, budget)))
+    scores.append(_score("min", budget, trace, min_kept(trace, budget)))
     scores.append(_score("oracle", budget, trace, oracle_kept(trace, budget)))
     return scores
 
@@ -185,7 +198,7 @@ def plot_sweep(results: dict[int, list[PolicyScore]], path: str, title: str = ""
         style = "--" if p in REFERENCES else "-"
         ax.plot(budgets, rates, style, marker="o", markersize=3, label=p)
     ax.set_xlabel("experts kept per layer (budget)")
-    ax.set_ylabel("hit rate (token-expert selections)")
+    ax.set_ylabel("hit rate (activations: step x layer x expert)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -11,7 +11,8 @@ patch is needed.
 
 What "resident" means: with ``tier="flash"`` the experts the flash tier holds; otherwise a per-layer
 LRU cache of ``cache_experts`` experts simulated from the routing (what a device-side expert cache
-of that size would hold), which is also how ``spac eval-ppl`` measures miss rates.
+of that size would hold: the shared ``planning/reference_caches.LRUCache``), which is also how
+``spac eval-ppl`` measures miss rates (1 - the hit rate of docs/hit_rate.md, over decode steps).
 
 This changes the model's outputs (that is its point); with ``cache_prior`` unset nothing changes.
 """
@@ -27,7 +28,7 @@ from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native import module as native
 from spac_llamacpp.native.sensor import RoutingSensor
 from spac_llamacpp.observe.routing import RoutingStep
-from spac_llamacpp.planning.utility import top_n_mask
+from spac_llamacpp.planning.reference_caches import LRUCache, count_hits
 
 GATING_CODES = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}
 _UNSUPPORTED_ARCHS = ("llama4", "grovemoe")  # their selection does not read ffn_moe_probs
@@ -67,7 +68,7 @@ class CachePrior:
         self.max_rows = int(max_rows)
         self.resident = np.zeros((info.block_count, n_expert), dtype=np.uint8)
         self.range_avg = np.full(info.block_count, -1.0, dtype=np.float32)
-        self._last_used = np.full((len(self.rows), n_expert), -1, dtype=np.int64)
+        self._lru = LRUCache(len(self.rows), n_expert, self.cache_experts)
         self.fixed = None
         if resident is not None:
             self.fixed = np.asarray(resident, dtype=bool)
@@ -75,8 +76,8 @@ class CachePrior:
                 raise SpacError(f"resident has shape {self.fixed.shape}, expected {(len(self.rows), n_expert)}")
             self.resident[self.rows] = self.fixed
         self.steps = 0
-        self.selections = 0
-        self.misses = 0
+        self.selections = 0  # decode-step activations (docs/hit_rate.md)
+        self.misses = 0  # ... of experts not resident
         ffi = native.load().ffi
         c = ffi.new("spac_cache_prior *")
         c.__setattr__("lambda", self.lam)  # "lambda" is a Python keyword
@@ -95,15 +96,15 @@ class CachePrior:
             return
         counts = step.counts[self.rows]
         if step.n_tokens <= self.max_rows:  # decode: where the bias applies and misses cost
-            cur = self.resident[self.rows].astype(bool)
-            self.selections += int(counts.sum())
-            self.misses += int(counts[~cur].sum())
+            hits, activations = count_hits(counts > 0, self.resident[self.rows].astype(bool))
+            self.selections += activations
+            self.misses += activations - hits
         self.steps += 1
         if held is None and self.fixed is not None:
             held = self.fixed
         if held is None:
-            self._last_used[counts > 0] = self.steps
-            held = top_n_mask(self._last_used, self.cache_experts) & (self._last_used >= 0)
+            self._lru.step(counts > 0)
+            held = self._lru.resident
         self.resident[self.rows] = held
 
     def stats(self) -> dict[str, Any]:
@@ -113,7 +114,7 @@ class CachePrior:
             "top_j": self.top_j,
             "cache_experts": self.cache_experts,
             "miss_rate": self.misses / self.selections if self.selections else None,
-            "decode_selections": self.selections,
+            "decode_activations": self.selections,
             "rows_biased": int(c.n_rows),
             "changed_rate": int(c.n_changed) / int(c.n_selections) if int(c.n_selections) else None,
             "mean_logit_range": float(np.mean(self.range_avg[self.rows][self.range_avg[self.rows] >= 0]))

@@ -1,11 +1,11 @@
 """The flash tier: routed experts stream from the memory-mapped GGUF under a RAM budget.
 
-Per evaluation step, top to bottom:
+Per evaluation step, top to bottom (steps 1-2 are the shared loop of ``tiers/base.py``):
 
 1. routing (the sensor's step counts over the step's k+1 tokens) -> the utility estimator;
 2. utility -> the balancer (in the re-planner's background thread) -> a plan: which experts are
-   wanted resident, within ``budget`` minus a staging reserve;
-3. plan -> moves: newly unwanted experts are evicted, newly wanted ones prefetched (hottest first),
+   wanted resident, within ``budget`` minus the staging and lookahead reserves (``planning.budgets``);
+3. plan -> moves (this module): newly unwanted experts are evicted, newly wanted ones prefetched (hottest first),
    the hottest pinned (mlock, within ``pin_fraction`` of the budget);
 4. lookahead: experts this step used that the plan does not hold are prefetched for the next step
    (within a reserve of one layer's worth of experts) and dropped again if unused;
@@ -29,34 +29,15 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
 from spac_llamacpp.gguf.info import MoEModelInfo
-from spac_llamacpp.native.flash_engine import FlashEngine, covering_bytes, non_expert_ranges, page_size
-from spac_llamacpp.native.mapping import FileMapping
+from spac_llamacpp.native.flash_engine import FlashEngine, non_expert_ranges, page_size
+from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_bytes
 from spac_llamacpp.native.sensor import RoutingSensor
-from spac_llamacpp.observe.profile import Profile, expected_demand
-from spac_llamacpp.observe.routing import RoutingStep
-from spac_llamacpp.planning.balancer import Balancer, Plan, staging_bytes
-from spac_llamacpp.planning.calibration import machine_cost_model
-from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import Observation, make_estimator
-from spac_llamacpp.planning.replanner import Replanner
+from spac_llamacpp.planning.budgets import flash_budget, tier_layout
+from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.reference_caches import hit_rate
+from spac_llamacpp.tiers.base import LoopOptions, TierController, TierCounters
 
 log = logging.getLogger(__name__)
-
-
-def page_layout(info: MoEModelInfo) -> ExpertLayout:
-    """The model's expert layout with each tensor's share rounded out to whole pages (what residency costs).
-
-    Non-expert bytes are 0: the flash budget counts routed experts only.
-    """
-    cov = covering_bytes(info)
-    tensors = []
-    for il in info.moe_layers:
-        ts = [t for t in info.layer_tensors(il) if not t.is_chunk]
-        total = sum(t.bytes_per_expert for t in ts)
-        extra = int(cov[il].max()) - total  # page rounding of the whole expert, spread over its tensors
-        tensors.append(tuple((t.ggml_type, t.bytes_per_expert + (extra if j == 0 else 0)) for j, t in enumerate(ts)))
-    return ExpertLayout(tuple(info.moe_layers), info.n_expert, tuple(tensors),
-                        tuple(info.n_expert_used[il] for il in info.moe_layers), 0, str(info.path))
 
 
 def read_bytes_so_far() -> int:
@@ -72,10 +53,7 @@ def read_bytes_so_far() -> int:
 
 
 @dataclass
-class FlashCounters:
-    steps: int = 0
-    tokens: int = 0
-    plans_applied: int = 0
+class FlashCounters(TierCounters):
     budget_checks: int = 0
     over_budget_checks: int = 0  # measured at a step boundary without waiting for queued evictions
     max_resident_at_check: int = 0
@@ -86,19 +64,15 @@ class FlashCounters:
     history: list[int] = field(default_factory=list)  # resident bytes at each check (bounded)
 
 
-class FlashTier:
+class FlashTier(TierController):
     """Keeps the routed experts resident in RAM within ``budget`` bytes, following the balancer.
 
     Args:
         info: model header.
         mapping: llama.cpp's mapping of the file.
         sensor: the model's routing sensor (the engine hooks into its callback).
-        budget: bytes of RAM for routed experts (non-expert weights are counted separately).
-        estimator: utility estimator name (see ``spac_llamacpp.planning.estimators.make_estimator``).
-        solver: balancer solver (``greedy`` / ``highs`` / ``cbc`` / ``auto``).
-        replan_every: steps between periodic re-plans; ``drift``: relative change of the utilities
-            that triggers an earlier one.
-        horizon: steps over which the balancer amortises a move (shorter: fewer swaps).
+        budget: bytes of RAM for routed experts (non-expert weights are counted separately); the plan gets
+            what ``planning.budgets.flash_budget`` leaves after the staging and lookahead reserves.
         threads: engine worker threads.
         pin_fraction: share of the budget locked with mlock for the hottest experts (0: no pinning).
         lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
@@ -112,11 +86,13 @@ class FlashTier:
         check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
             always measures). mincore over the expert tensors costs ~7 ms per 2 GiB of experts, 5-8% of a
             step at 8-10 tok/s, so not every step by default.
-        cost: cost model (default: this machine's cached calibration, else nominal costs).
-        background: plan in a background thread (False: synchronously, deterministic).
-        profile: a saved routing profile (``spac profile``, a path or :class:`~spac_llamacpp.observe.profile.Profile`)
-            to plan the first residency from, instead of from nothing and then the prompt.
+        loop: the shared loop's options (:class:`~spac_llamacpp.tiers.base.LoopOptions`): ``config`` (default
+            :meth:`PlacementConfig.flash`) or single fields of it (``estimator``, ``solver``, ``replan_every``,
+            ``drift``, ``horizon``, ``background``, ...), ``cost``, ``profile`` (plan the first residency from
+            it instead of from a uniform prior and then the prompt), ``record``.
     """
+
+    name = "flash"
 
     def __init__(
         self,
@@ -125,59 +101,36 @@ class FlashTier:
         sensor: RoutingSensor,
         budget: int,
         *,
-        estimator: str = "spac",
-        solver: str = "greedy",
-        replan_every: int = 16,
-        drift: float = 0.5,
-        horizon: float = 8.0,
         threads: int = 2,
         pin_fraction: float = 0.0,
         lock_non_experts: bool = True,
         lookahead: bool = True,
         layer_ahead: bool = False,
         check_every: int = 4,
-        cost: CostModel | None = None,
-        background: bool = True,
-        profile: str | os.PathLike[str] | Profile | None = None,
+        **loop: Any,
     ) -> None:
+        options = LoopOptions.parse(PlacementConfig.flash(), **loop)
         self.info = info
         self.budget = int(budget)
-        self.layout = page_layout(info)
-        self.staging = staging_bytes(self.layout)
-        self.lookahead_reserve = self.staging if lookahead else 0
-        smallest = int(self.layout.expert_bytes.min())
-        need = self.staging + self.lookahead_reserve + smallest
-        if self.budget < need:
-            raise SpacError(
-                f"budget {format_size(self.budget)} is too small for the flash tier of {info.path.name}: it needs "
-                f"{format_size(self.staging)} for one layer's on-demand experts"
-                + (f", {format_size(self.lookahead_reserve)} for lookahead" if lookahead else "")
-                + f" and {format_size(smallest)} for one resident expert; give at least {format_size(need)} "
-                f"({need} bytes)"
-            )
-        if cost is None:
-            cost = machine_cost_model(info.path)
-        log.info("flash tier: budget %s, cost model %s", format_size(self.budget), cost.source or "given")
-        # a short amortisation horizon makes the plan keep residents unless a swap clearly pays: each
-        # move is a read that competes with the demand loads of the next steps
-        self.balancer = Balancer(self.layout, cost, "flash", self.budget - self.lookahead_reserve, solver=solver,
-                                 time_limit=1.0, horizon=horizon)
-        self.rows = np.asarray(info.moe_layers, dtype=np.int64)
-        shape = (len(self.rows), info.n_expert)
-        self.sizes = self.layout.bytes_matrix
-        self.demand = make_estimator(estimator, shape[0], shape[1])
+        layout = tier_layout("flash", info)
+        self.budget_split = flash_budget(self.budget, layout, lookahead=lookahead, name=info.path.name)
+        self.staging = self.budget_split.staging
+        self.lookahead_reserve = self.budget_split.lookahead
+        shape = (layout.n_layer, layout.n_expert)
         self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
         self.pinned = np.zeros(shape, bool)
         self.look = np.zeros(shape, bool)
         self._just_dropped = np.zeros(shape, bool)  # evictions queued since the last budget check
-        self.pin_budget = int(max(0.0, min(1.0, pin_fraction)) * self.balancer.budget)
+        self.pin_budget = int(max(0.0, min(1.0, pin_fraction)) * self.budget_split.plan_bytes)
         self.lookahead = lookahead
         self.check_every = int(check_every)
         self.counters = FlashCounters()
         # a tensor's edge pages are shared with other data and never evicted: not a stray
-        n_tensors = np.array([len(ts) for ts in self.layout.tensors], dtype=np.int64)[:, None]
+        n_tensors = np.array([len(ts) for ts in layout.tensors], dtype=np.int64)[:, None]
         self._stray_slack = 2 * page_size() * n_tensors
         self.read_bytes_at_start = read_bytes_so_far()
+        self.mapping = mapping
+        self._warned_other_mappings = False
 
         self.engine = FlashEngine(info, mapping, threads=threads)
         self.non_expert_locked = 0
@@ -187,23 +140,21 @@ class FlashTier:
             self.engine.attach(sensor)
             if layer_ahead:
                 self._set_predictors()
-            # llama.cpp populated the whole file at load: trim to an initial plan (from the profile, else
-            # uniform; the prompt's routing then replaces the latter at once)
-            self.warm = profile is not None
-            first = self.balancer.plan(expected_demand(profile, info, self.layout.n_expert_used))
-            self._apply(first, initial=True)
-            self.replanner = Replanner(self.balancer.plan, every=replan_every, drift=drift,
-                                       resident=lambda: self.wanted.copy(), background=background)
+            # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
+            # uniform prior; the prompt's routing then replaces the latter at once)
+            self._start(info, layout, self.budget_split.plan_bytes, options)
+            if not self.counters.plans_applied:
+                self._move(self.wanted, np.zeros(shape), initial=True)  # no first plan: trim everything
+            log.info("flash tier: budget %s (%s for the plan), cost model %s", format_size(self.budget),
+                     format_size(self.budget_split.plan_bytes), self.cost.source or "given")
         except BaseException:
-            self.engine.close()
+            self.close()
             raise
 
     def _lock_non_experts(self) -> None:
         for offset, length in non_expert_ranges(self.info):
             rc = self.engine.lock_range(offset, length)
             if rc != 0:
-                import os
-
                 log.warning("flash tier: could not mlock the non-expert weights (%s); the kernel may evict them "
                             "under memory pressure (run as root or raise `ulimit -l`)", os.strerror(-rc))
                 for done_off, done_len in non_expert_ranges(self.info):
@@ -228,64 +179,45 @@ class FlashTier:
             r = routers.routers[block]
             self.engine.set_predictor(block - 1, block, r.weight, r.norm, r.bias, r.sigmoid, r.k, routers.eps)
 
-    # --- the per-step data path -------------------------------------------------------------------
-    def on_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
-        """After an evaluation step: release in-use experts, learn, re-plan, move, measure.
+    # --- the per-step data path (the loop is TierController.on_step) --------------------------------
+    def _step_begins(self) -> None:
+        self.engine.end_step()  # release the experts the step had in use
 
-        ``accepted_counts`` (``[block, expert]``, a verification step): the selections of the step's tokens
-        on the true path (``estimators.Observation``); ``Llama`` calls this once the target has sampled them.
-        """
-        self.engine.end_step()
-        if step is None:
-            return
-        c = self.counters
-        c.steps += 1
-        c.tokens += step.n_tokens
-        counts = step.counts[self.rows]
+    def _observe(self, counts: np.ndarray) -> None:
         if self.look.any():
-            c.lookahead_used += int((self.look & (counts > 0)).sum())
-        accepted = None if accepted_counts is None else accepted_counts[self.rows]
-        self.demand.update(Observation(counts, step.n_tokens, accepted))
-        if c.steps == 1 and not self.warm:
-            # the first step (usually the prompt) replaces the uninformed initial plan at once
-            plan = self.balancer.plan(self.demand.utility(), self.wanted)
-        else:
-            self.replanner.submit(self.demand.utility(), c.steps)
-            plan = self.replanner.take()
-        if plan is not None:
-            self._apply(plan)
+            self.counters.lookahead_used += int((self.look & (counts > 0)).sum())
+
+    def _step_ends(self, counts: np.ndarray) -> None:
         if self.lookahead:
             self._prefetch_next(counts)
-        if self.check_every and c.steps % self.check_every == 0:
+        if self.check_every and self.counters.steps % self.check_every == 0:
             self._check_budget(used=counts > 0)
 
-    def _apply(self, plan: Plan, initial: bool = False) -> None:
-        x = np.asarray(plan.x, bool)
+    def _move(self, x: np.ndarray, utility: np.ndarray, initial: bool) -> np.ndarray:
+        """Evict what the plan dropped, prefetch what it added (hottest first), re-pin."""
         drop = (self.wanted | initial) & ~x & ~self.look
         add = x & ~self.wanted
-        u = self.demand.utility()
         for i, e in zip(*np.nonzero(drop), strict=True):
             self.engine.set_wanted(self.rows[i], e, False)
             self._submit("evict", i, e)
         self._just_dropped |= drop
         self.pinned &= x
-        order = np.argsort(-u[add], kind="stable")
+        order = np.argsort(-utility[add], kind="stable")
         for i, e in np.transpose(np.nonzero(add))[order]:
             self.engine.set_wanted(self.rows[i], e, True)
             self._submit("prefetch", i, e)
-        self.wanted = x
         self.look &= ~x
-        self.counters.plans_applied += 1
         if self.pin_budget > 0:
-            self._repin(u)
+            self._repin(x, utility)
+        return x
 
-    def _repin(self, u: np.ndarray) -> None:
-        idx = np.argsort(-np.where(self.wanted, u, -np.inf), axis=None, kind="stable")
+    def _repin(self, x: np.ndarray, u: np.ndarray) -> None:
+        idx = np.argsort(-np.where(x, u, -np.inf), axis=None, kind="stable")
         sizes = self.sizes.ravel()[idx]
-        keep = idx[(np.cumsum(sizes) <= self.pin_budget) & self.wanted.ravel()[idx]]
-        target = np.zeros(self.wanted.size, bool)
+        keep = idx[(np.cumsum(sizes) <= self.pin_budget) & x.ravel()[idx]]
+        target = np.zeros(x.size, bool)
         target[keep] = True
-        target = target.reshape(self.wanted.shape)
+        target = target.reshape(x.shape)
         for i, e in zip(*np.nonzero(target & ~self.pinned), strict=True):
             self._submit("pin", i, e)
         for i, e in zip(*np.nonzero(self.pinned & ~target), strict=True):
@@ -348,32 +280,25 @@ class FlashTier:
         assert frac is not None
         return total, frac[self.rows]
 
-    def stats(self, settle: float = 0.0) -> dict[str, Any]:
-        """Budget, measured residency and counters; ``settle`` seconds to wait for queued moves first."""
-        if settle > 0:
-            self.engine.wait_idle(settle)
+    def _settle(self, seconds: float) -> None:
+        self.engine.wait_idle(float(seconds))
+
+    def _tier_stats(self) -> dict[str, Any]:
         resident, frac = self.residency()
         eng = self.engine.stats()
         c = self.counters
         looked = eng["demand_hits"] + eng["demand_misses"]
         rb = read_bytes_so_far()
+        others, notes = self._other_mappings()
         return {
-            "tier": "flash",
             "budget_bytes": self.budget,
             "resident_expert_bytes": resident,
             "resident_experts": int((frac > 0.5).sum()),
-            "planned_experts": int(self.wanted.sum()),
-            "planned_bytes": int(self.sizes[self.wanted].sum()),
             "pinned_experts": int(self.pinned.sum()),
-            "expert_bytes_total": int(self.layout.total_expert_bytes),
-            "non_expert_bytes": int(self.info.non_expert_bytes),
             "non_expert_locked_bytes": self.non_expert_locked,
             "staging_bytes": self.staging,
             "lookahead_reserve_bytes": self.lookahead_reserve,
-            "hit_rate": eng["demand_hits"] / looked if looked else None,
-            "steps": c.steps,
-            "tokens": c.tokens,
-            "plans_applied": c.plans_applied,
+            "hit_rate": hit_rate(eng["demand_hits"], looked),  # per layer evaluation: docs/hit_rate.md
             "budget_checks": c.budget_checks,
             "over_budget_checks": c.over_budget_checks,
             "max_resident_at_check": c.max_resident_at_check,
@@ -384,12 +309,28 @@ class FlashTier:
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
             "engine": eng,
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
-            "replanner": {"solves": self.replanner.stats.solves, "failures": self.replanner.stats.failures},
+            "other_mappings": others,
+            "notes": notes,
         }
 
-    def close(self) -> None:
-        """Stop the re-planner and the engine's threads (idempotent)."""
-        replanner = getattr(self, "replanner", None)
-        if replanner is not None:
-            replanner.close()
-        self.engine.close()
+    def _other_mappings(self) -> tuple[dict[str, int], list[str]]:
+        """Other mappings of the GGUF in this process: pages they map stay in RAM whatever the engine evicts,
+        and mincore (``resident_expert_bytes``) counts them (docs/flash.md, "Other mappings of the file")."""
+        found = other_mappings(self.info.path, self.mapping)
+        rss = resident_bytes(found)
+        out = {"count": len(found), "bytes": sum(m.size for m in found), "rss_bytes": rss}
+        if not found:
+            return out, []
+        note = (f"{len(found)} other mapping(s) of {self.info.path.name} in this process (another Llama of the "
+                f"same file, a self-draft, a reader) hold {format_size(rss)} of it in RAM: the flash tier cannot "
+                "evict pages another mapping holds, so resident_expert_bytes counts them and can exceed the budget "
+                f"of {format_size(self.budget)}; load the file once per process (docs/flash.md)")
+        if not self._warned_other_mappings:
+            self._warned_other_mappings = True
+            log.warning("flash tier: %s", note)
+        return out, [note]
+
+    def _release(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

@@ -1,4 +1,4 @@
-"""Pieces the benchmark scripts share (``scripts/bench_*.py``): prompts, timed generation, fresh-process runs."""
+"""What the benchmark scripts share (``scripts/bench_*.py``): prompts, budgets, timed generation, fresh processes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from spac_llamacpp.gguf.info import MoEModelInfo
+from spac_llamacpp.planning import budgets
 from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
 # a mix of code and prose, as the benchmark-scale model was made from a coder model
@@ -17,6 +19,20 @@ PROMPTS = (
     "import numpy as np\n\ndef softmax(x):",
     "Once upon a time, in a village by the sea, there lived",
 )
+
+
+def vram_fixed_bytes(info: MoEModelInfo, n_ctx: int, compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE) -> int:
+    """What the VRAM tier's budget holds besides the pool (non-expert weights, KV cache of ``n_ctx`` tokens
+    estimated from the header, compute reserve)."""
+    return budgets.vram_budget_for_pool(0, **budgets.vram_fixed_parts(info, n_ctx, compute_reserve))
+
+
+def budget_arg(text: str, tier: str, info: MoEModelInfo, *, n_ctx: int = budgets.DEFAULT_N_CTX,
+               compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE) -> int:
+    """A bench script's ``--budget`` as the tier's budget: :func:`spac_llamacpp.planning.budgets.parse_budget`
+    (a size, or a share of the routed expert bytes given to experts, ``50%``), refused here if the tier would
+    refuse it, before any run."""
+    return budgets.parse_budget(text, tier, info, n_ctx=n_ctx, compute_reserve=compute_reserve)
 
 
 def timed_generation(llm: Any, prompts: Sequence[str], n_predict: int) -> tuple[int, float, float]:

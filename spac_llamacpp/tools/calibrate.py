@@ -221,6 +221,21 @@ def _fit_affine(sizes: Sequence[int], seconds: Sequence[float]) -> ReadCost:
     return ReadCost(bandwidth=float(1.0 / slope), latency_s=max(float(icept), 0.0))
 
 
+def flash_test_dir(model: str | os.PathLike[str] | None = None) -> Path:
+    """Where the flash measurement writes its test file: the model's directory (the device its experts are read
+    from) when it is writable, else the calibration cache, else the system's temporary directory (an installed,
+    read-only package, a read-only mount)."""
+    cache = cache_dir("calibration", "SPAC_CALIBRATION_CACHE")
+    candidates = [Path(model).resolve().parent] if model is not None else []
+    for d in [*candidates, cache, Path(tempfile.gettempdir())]:
+        if d == cache:
+            with contextlib.suppress(OSError):
+                d.mkdir(parents=True, exist_ok=True)
+        if d.is_dir() and os.access(d, os.W_OK | os.X_OK):
+            return d
+    raise SpacError("no writable directory for the flash measurement's test file; pass --flash-dir DIR")
+
+
 def measure_flash(
     directory: str | os.PathLike[str] | None = None,
     sizes: Sequence[int] = (256 << 10, 1 << 20, 4 << 20),
@@ -342,7 +357,10 @@ def calibrate(
         model_meta = {"path": str(Path(model).resolve()), "size": info.file_size, "expert_types": model_types,
                       "key": model_key(model)}
         if flash_dir is None:
-            flash_dir = Path(model).resolve().parent
+            flash_dir = flash_test_dir(model)
+            if flash_dir != Path(model).resolve().parent and progress:
+                progress(f"flash: {Path(model).resolve().parent} is not writable; measuring in {flash_dir} "
+                         "(pass --flash-dir for a directory on the model's device)")
     threads = threads or default_threads()
     kernels, cpu_raw = measure_cpu(want, batches, threads, progress=progress, **(cpu_kw or {}))
     miss, pre, flash_raw = measure_flash(flash_dir, read_sizes, file_bytes=flash_bytes, progress=progress)

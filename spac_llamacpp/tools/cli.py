@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except SpacError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted")
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         except (ValueError, RuntimeError, OSError) as exc:  # llama_cpp's load/decode failures
             _fail(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
@@ -66,10 +68,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Manage expert placement: 'flash' keeps at most --budget of routed experts in RAM and "
                           "streams the rest from the GGUF; 'vram' (patched llama.cpp) puts non-expert weights on "
                           "the GPU and the hottest experts in a GPU pool sized from --vram-budget."),
-        click.option("--budget", default=None, help="RAM for routed experts with --tier flash, e.g. 6GiB."),
+        click.option("--budget", default=None,
+                     help="RAM for routed experts with --tier flash, e.g. 6GiB, or 50% of the model's routed "
+                          "expert bytes."),
         click.option("--vram-budget", default=None,
                      help="GPU memory for the model with --tier vram (non-expert weights, KV cache, compute "
-                          "reserve; the rest is the expert pool), e.g. 6GiB."),
+                          "reserve; the rest is the expert pool), e.g. 6GiB; 50%: a pool of half the routed expert "
+                          "bytes plus the rest."),
         click.option("--pool-on-host", is_flag=True,
                      help="With --tier vram: put the expert pool in host memory (testing without a GPU)."),
         click.option("--flash-threads", type=int, default=2, show_default=True,
@@ -83,6 +88,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --cache-prior and no tier: simulated LRU cache size per layer (default: half)."),
         click.option("--warm-profile", default=None, type=click.Path(dir_okay=False, exists=True),
                      help="Start the flash or vram tier's residency from a saved profile (`spac profile`) or trace."),
+        click.option("--replay", "replay", default=None, type=click.Path(dir_okay=False),
+                     help="Force every MoE layer's expert selection to this routing trace's (.npz; token t of the "
+                          "context takes token t of the trace): real routing on any model of the same shape. "
+                          "Output text is meaningless, timings are real."),
+        click.option("--replay-end", type=click.Choice(["cycle", "stop"]), default="cycle", show_default=True,
+                     help="With --replay, past the trace's end: cycle over its tokens after the prompt step, or "
+                          "stop generating."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -108,7 +120,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
           flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024,
-          speculation_history: int | None = 256):
+          speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle"):
     from spac_llamacpp.llama import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
 
@@ -134,12 +146,14 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--pool-on-host needs --tier vram")
     if warm_profile and tier not in ("flash", "vram"):
         raise SpacError("--warm-profile needs --tier flash or --tier vram")
+    if replay is not None and cache_prior is not None:
+        raise SpacError("--replay and --cache-prior both rewrite the router probabilities; use one")
     flash = vram = None
     if tier == "flash":
         flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
     if tier == "vram":
         vram = {"on_host": pool_on_host, "profile": warm_profile}
-    return Llama(
+    llm = Llama(
         model,
         draft_model_path=draft,
         draft_model=PromptLookupDraft(n_draft) if lookup else None,
@@ -162,7 +176,12 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         cache_prior=cache_prior,
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
         self_draft=(self_draft_experts or True) if self_draft else False,
+        routing_replay=replay,
+        replay_end=replay_end,
     )
+    if replay is not None:
+        click.echo(f"routing replayed from {replay}: output text is meaningless", err=True)
+    return llm
 
 
 def _vram_line(st: dict[str, Any]) -> str:
@@ -173,6 +192,13 @@ def _vram_line(st: dict[str, Any]) -> str:
     return (f"vram tier: expert pool {format_size(st['pool_bytes'])} in {where} ({'+'.join(map(str, st['slots']))} "
             f"slots, {st['resident_experts']} experts resident) of a {format_size(st['vram_budget_bytes'])} budget; "
             f"pool hit rate {hit}; {st['copies_done']} copies ({format_size(st['bytes_copied'])})")
+
+
+def _replay_line(rp: dict[str, Any]) -> str:
+    end = f"cycled from token {rp['cycle_start']}" if rp["end"] == "cycle" else "stop"
+    return (f"routing replay: {rp['rows_forced']} (token, layer) rows forced from {rp['trace']} "
+            f"({rp['trace_tokens']} tokens; past its end: {end}; {rp['rows_wrapped']} rows past it, "
+            f"{rp['rows_free']} left to the model, {rp['mismatched_rows']} mismatched); {rp['note']}")
 
 
 def _routing_lines(summary: dict[str, Any]) -> list[str]:
@@ -226,21 +252,75 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
     from spac_llamacpp.models.default import DEFAULT_LABEL, default_model_path
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
+    notes: list[str] = []  # stderr lines; with --stats json they go into the JSON, so that stderr is JSON
+
+    def note(line: str) -> None:
+        if stats == "json":
+            notes.append(line)
+        else:
+            click.echo(line, err=True)
+
     if model is None:
-        click.echo(f"spac-run: no model given; using the {DEFAULT_LABEL}", err=True)
+        note(f"spac-run: no model given; using the {DEFAULT_LABEL}")
         model = str(default_model_path())
     if n_predict < 1:
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
-    t_load = time.perf_counter()
-    llm = _load(model, seed=seed, **load_kw)
-    load_seconds = time.perf_counter() - t_load
+    with _warnings_into(notes if stats == "json" else None):
+        t_load = time.perf_counter()
+        llm = _load(model, seed=seed, **load_kw)
+        load_seconds = time.perf_counter() - t_load
 
-    gen = GenerationStats()
-    click.echo(prompt, nl=False)
-    for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
-        click.echo(piece, nl=False)
-    click.echo()
+        gen = GenerationStats()
+        click.echo(prompt, nl=False)
+        try:
+            for piece in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed, stats=gen):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say what it was, exit 130
+            gen.stop_reason = "interrupted"
+        click.echo()
+        if llm.replay is not None and llm.replay.ended:
+            gen.stop_reason = "trace end"
+        if gen.stop_reason == "context":
+            trained = llm.moe_info.context_length
+            note(f"spac-run: stopped after {gen.generated_tokens} of {n_predict} tokens: the context window "
+                 f"({llm.n_ctx()} tokens, the prompt's {gen.prompt_tokens} included) is full; pass --ctx to raise "
+                 "it" + (f" (the model was trained on {trained})" if trained else ""))
+        if gen.stop_reason == "interrupted":
+            note(f"spac-run: interrupted: {gen.generated_tokens} tokens generated in "
+                 f"{gen.prompt_seconds + gen.decode_seconds:.2f} s after a {gen.prompt_tokens}-token prompt")
+        _report(llm, model, load_seconds, gen, stats, stats_file, notes)
+    llm.close()
+    if gen.stop_reason == "interrupted":
+        sys.exit(130)
 
+
+class _NoteHandler(logging.Handler):
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _warnings_into(notes: list[str] | None) -> Iterator[None]:
+    """Log warnings go into ``notes`` (not to stderr) while the block runs; nothing changes for None."""
+    if notes is None:
+        yield
+        return
+    handler = _NoteHandler(notes)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def _report(llm: Any, model: str, load_seconds: float, gen: Any, stats: str | None, stats_file: str | None,
+            notes: list[str]) -> None:
+    """spac-run's stats: stderr (text or JSON) and ``--stats-file``."""
     report: dict[str, Any] = {"model": model, "load_seconds": round(load_seconds, 3), **gen.to_json()}
     if llm.routing is not None:
         report["routing"] = llm.routing.summary()
@@ -252,6 +332,9 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         report["vram"] = llm.stats(settle=1.0)
     if llm.cache_prior is not None:
         report["cache_prior"] = llm.cache_prior.stats()
+    if llm.replay is not None:
+        report["replay"] = llm.replay.stats()
+    report["notes"] = notes
     if stats == "json":
         click.echo(json.dumps(report), err=True)
     elif stats == "text":
@@ -276,6 +359,8 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             changed = "n/a" if cp["changed_rate"] is None else f"{100 * cp['changed_rate']:.1f}%"
             click.echo(f"cache-aware routing: lambda {cp['lambda']}, expert miss rate {miss}, "
                        f"selections changed {changed}", err=True)
+        if "replay" in report:
+            click.echo(_replay_line(report["replay"]), err=True)
         if "routing" in report:
             for line in _routing_lines(report["routing"]):
                 click.echo(line, err=True)
@@ -283,7 +368,6 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
             click.echo("routing: model has no routed experts", err=True)
     if stats_file:
         Path(stats_file).write_text(json.dumps(report, indent=2) + "\n")
-    llm.close()
 
 
 @click.group()
@@ -369,14 +453,22 @@ def trace_cmd(model: str, prompts: tuple[str, ...], prompt_file: str | None, n_p
         first_step = llm.routing.n_steps
         for _ in stream_generate(llm, prompt, n_predict, temperature=temp, seed=seed + i, stats=gen):
             pass
+        if llm.replay is not None and llm.replay.ended:
+            gen.stop_reason, llm.replay.ended = "trace end", False
         runs.append({"prompt": prompt, "first_step": first_step, **gen.to_json()})
     meta = {"model": str(Path(model).resolve()), "architecture": llm.moe_info.architecture, "runs": runs}
+    if llm.replay is not None:  # the routing is the input trace's, the text meaningless
+        meta["replay"] = llm.replay.stats()
     if llm.speculation is not None:
         meta["speculation"] = llm.speculation.summary()
     if llm.moe_info.expert_order:  # a `spac patch`ed model: ids are positions; this maps them back
         meta["expert_order"] = {str(b): list(o) for b, o in llm.moe_info.expert_order.items()}
     trace = RoutingTrace.from_log(llm.routing, meta, llm.speculation)
     trace.save(output)
+    full = sum(r["stop_reason"] == "context" for r in runs)
+    if full:
+        click.echo(f"spac trace: {full} of {len(runs)} prompts stopped before -n {n_predict}: the context window "
+                   f"({llm.n_ctx()} tokens, prompt included) is full; pass --ctx to raise it", err=True)
     click.echo(f"wrote {output}: {trace.n_tokens} tokens, {trace.n_steps} steps, "
                f"{len(trace.moe_layers)} MoE layers x {trace.n_expert} experts", err=True)
     llm.close()
@@ -502,15 +594,26 @@ spac.add_command(spac_run, name="run")
 # --- balancer: calibrate, simulate (issue 5) -------------------------------------------------------
 
 
-def _measure_and_cache(model: str | Path) -> Any:
-    """Calibrate this machine for ``model`` now and cache it (``spac simulate`` without a calibration)."""
+def _measure_and_cache(model: str | Path | None, types: list[str] | None = None) -> Any:
+    """Calibrate this machine for ``model`` (None: the generic calibration) now and cache it (``spac simulate``
+    without a calibration); ``types``: weight types to measure besides the defaults."""
     from spac_llamacpp.planning.calibration import calibration_path
-    from spac_llamacpp.tools.calibrate import calibrate
+    from spac_llamacpp.tools.calibrate import DEFAULT_TYPES, calibratable_types, calibrate
 
+    want = [*DEFAULT_TYPES, *(t for t in types or [] if t not in DEFAULT_TYPES and t in calibratable_types())]
     click.echo("calibrate: no calibration cached for this machine; measuring it now (about 20 s)", err=True)
-    cm = calibrate(model, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
+    cm = calibrate(model, types=want if types else None, progress=lambda m: click.echo(f"calibrate: {m}", err=True))
     cm.source = str(cm.save(calibration_path(model)))
     return cm
+
+
+def _nominal_costs(model: str | Path) -> Any:
+    """``spac simulate`` without a calibration and without ``--calibrate``: nominal costs, said on stderr."""
+    from spac_llamacpp.planning.costmodel import CostModel
+
+    click.echo("spac simulate: no calibration cached for this machine; simulating with nominal costs (pass "
+               "--calibrate to measure this machine first, about 20 s, or run `spac calibrate`)", err=True)
+    return CostModel.nominal()
 
 
 @spac.command(name="calibrate")
@@ -551,43 +654,94 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @spac.command(name="simulate")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
 @click.option("--budget", required=True,
-              help="Fast-tier memory incl. non-expert weights: 123456, 512KiB, 6GiB (unlike `spac-run --tier flash "
-                   "--budget`, which counts routed experts only).")
+              help="The tier's budget, as the tier means it (123456, 512KiB, 6GiB): flash, RAM for routed experts "
+                   "(`spac-run --tier flash --budget`; the plan gets it less the staging and lookahead reserves); "
+                   "vram, GPU memory for the model (`--vram-budget`; the pool gets it less the non-expert weights, "
+                   "the KV cache of --n-ctx tokens and --compute-reserve). Without a model file (the trace's "
+                   "recorded layout) it counts routed expert bytes only, at the recorded sizes: flash, less the same "
+                   "reserves; vram, all of it for the pool.")
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
-              help="none, static, lru, lfu, pin, spac, ours, belady.")
+              help="none, static, lru, lfu, pin, spac, ours, min, belady.")
 @click.option("--compare", is_flag=True, help="Run every policy, print them side by side and write a PNG.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
-              help="GGUF the trace was recorded from (default: the path in the trace).")
+              help="GGUF the trace was recorded from (default: the path in the trace when that file is here, "
+                   "else the layout the trace records).")
+@click.option("--expert-bytes", default=None,
+              help="No model file: the size of one expert (every MoE layer, e.g. 94.5MiB), replacing the sizes the "
+                   "trace records (needed when it records none).")
+@click.option("--weight-type", default=None,
+              help="No model file: the experts' ggml weight type for the CPU cost model (e.g. Q4_K; default "
+                   "F16, the cost model's fallback).")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
-              help="Calibration JSON (default: this machine's cached one, measured now if there is none).")
+              help="Calibration JSON (default: this machine's cached one, else nominal costs; without a model the "
+                   "generic one).")
+@click.option("--calibrate", "calibrate_now", is_flag=True,
+              help="Without a cached calibration, measure this machine now (about 20 s) and cache it.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False),
               help="Chart of --compare (default: TRACE's name with -compare-TIER.png).")
+@click.option("--n-ctx", default=512, show_default=True, type=int,
+              help="vram: the context length whose KV cache the budget holds (as the model would be loaded; needs the "
+                   "model file).")
+@click.option("--compute-reserve", default="256MiB", show_default=True,
+              help="vram: GPU memory kept for llama.cpp's compute buffers (vram_options compute_reserve; needs the "
+                   "model file).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON results.")
 @friendly_errors
 def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: bool, model: str | None,
-                 calibration: str | None, png: str | None, as_json: bool) -> None:
-    """Replay a routing TRACE through placement policies under the measured cost model."""
+                 expert_bytes: str | None, weight_type: str | None, calibration: str | None, calibrate_now: bool,
+                 png: str | None, n_ctx: int, compute_reserve: str, as_json: bool) -> None:
+    """Replay a routing TRACE through placement policies under the measured cost model.
+
+    `ours` is the tier's own planning loop with the tier's placement configuration, and the budget means what
+    the tier's budget means, so its result is what the tier would do on this trace.
+
+    Without the model file (an imported public trace, `spac trace import`), expert sizes and top-k come from the
+    layout the trace records (--expert-bytes where it records none): each expert is 3 tensors (gate, up,
+    down) of --weight-type, and the budget counts routed expert bytes only."""
+    from click.core import ParameterSource
+
     from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.planning.costmodel import ExpertLayout
     from spac_llamacpp.sim.policies import POLICIES
     from spac_llamacpp.sim.simulator import compare as run_compare
-    from spac_llamacpp.sim.simulator import format_table, load_inputs, make_setup, plot, simulate
+    from spac_llamacpp.sim.simulator import format_table, load_inputs, make_setup, plot, simulate, weight_type_name
 
     if not compare and policy not in POLICIES:
         raise SpacError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     size = parse_size(budget)
-    trace, layout, cost = load_inputs(trace_path, model, calibration, measure=_measure_and_cache)
-    setup = make_setup(trace, tier, size, cost, layout)
+    per_expert = parse_size(expert_bytes) if expert_bytes is not None else None
+    wtype = weight_type_name(weight_type) if weight_type is not None else None
+    def measure(m: str | Path | None) -> Any:
+        return _measure_and_cache(m, [wtype] if wtype else None) if calibrate_now else _nominal_costs(m)
+
+    trace, info, cost = load_inputs(trace_path, model, calibration, measure=measure,
+                                    expert_bytes=per_expert, weight_type=wtype)
+    recorded = isinstance(info, ExpertLayout)
+    if recorded and tier == "vram":
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_', '-')}" for p in ("n_ctx", "compute_reserve")
+                 if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
+        if given:
+            raise SpacError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} the model file (its KV "
+                            "cache and non-expert weights); without one the vram budget is the expert pool's bytes")
+    setup = make_setup(trace, tier, size, cost, info, n_ctx=n_ctx, compute_reserve=parse_size(compute_reserve))
+    layout = setup.layout
     results = run_compare(trace, setup) if compare else [simulate(trace, policy, setup)]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
     else:
+        source = ""
+        if recorded:
+            types = sorted({ty for ts in layout.tensors for ty, _ in ts})
+            source = (f"; layout {layout.model} (no model file: {layout.n_ranges(0)} tensors per expert, "
+                      f"{'/'.join(types)}{'' if wtype else ' assumed'}; the budget counts routed expert bytes only)")
         click.echo(f"{trace_path}: {trace.n_tokens} tokens, {trace.n_steps} steps, {layout.n_layer} MoE layers x "
                    f"{layout.n_expert} experts ({format_size(layout.total_expert_bytes)} of experts); tier {tier}, "
-                   f"budget {format_size(size)} ({format_size(setup.budget)} for experts); cost model "
+                   f"budget {format_size(size)} ({format_size(setup.budget)} for planned experts); cost model "
                    f"{cost.source or 'measured now'}" + ("" if tier == "flash" or cost.gpu.measured else
-                                                        "; GPU not measured: assumed GPU numbers"))
+                                                        "; GPU not measured: assumed GPU numbers") + source)
         click.echo(format_table(results))
     if compare:
         out = Path(png) if png else Path(trace_path).with_name(f"{Path(trace_path).stem}-compare-{tier}.png")

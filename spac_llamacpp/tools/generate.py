@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from spac_llamacpp.base.errors import SpacError
+
 
 @dataclass
 class GenerationStats:
@@ -24,6 +26,8 @@ class GenerationStats:
     decode_seconds: float = 0.0
     """Time from the first to the last generated token."""
     stop_reason: str = "length"
+    """``length`` (``max_tokens``), ``eos``, ``context`` (the context window is full; fewer than ``max_tokens``)
+    or ``interrupted`` (set by the caller)."""
     token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -60,13 +64,21 @@ def stream_generate(
 ) -> Iterator[str]:
     """Yield the generated text piece by piece (whole UTF-8 characters), filling ``stats``.
 
-    ``temperature <= 0`` is greedy decoding. Stops at an end-of-generation token or ``max_tokens``.
+    ``temperature <= 0`` is greedy decoding. Stops at an end-of-generation token, ``max_tokens`` or when the
+    context window is full (``stop_reason`` ``context``); a prompt the window cannot hold is a one-line
+    :class:`SpacError`.
     """
     stats = stats if stats is not None else GenerationStats()
     if seed is not None:
         llm.set_seed(seed)
     tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     stats.prompt_tokens = len(tokens)
+    n_ctx = llm.n_ctx()
+    if len(tokens) >= n_ctx:
+        raise SpacError(f"the prompt is {len(tokens)} tokens and the context window {n_ctx}, with no room to "
+                        "generate: shorten the prompt or raise the context window (--ctx, n_ctx=)")
+    room = n_ctx - len(tokens)  # prompt and generated tokens together fill at most the window
+    limit = min(max_tokens, room)
     llm.reset()
 
     pending = b""
@@ -90,7 +102,9 @@ def stream_generate(
         text, pending = _split_complete_utf8(pending)
         if text:
             yield text
-        if stats.generated_tokens >= max_tokens:
+        if stats.generated_tokens >= limit:
+            if limit < max_tokens:
+                stats.stop_reason = "context"
             break
     if pending:
         yield pending.decode("utf-8", errors="replace")

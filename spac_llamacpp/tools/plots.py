@@ -41,14 +41,16 @@ def plot_heatmap(profile: Profile, path: str | os.PathLike[str], title: str = ""
 
 def plot_hit_rate(trace: RoutingTrace, path: str | os.PathLike[str], budget: int | None = None,
                   estimator: str = "spac", window: int = 16, title: str = "") -> Path:
-    """Per-step hit rate of caches holding ``budget`` experts per layer: LRU and ``estimator``'s top set."""
+    """Per-step hit rate (docs/hit_rate.md) of ``budget`` experts per layer: the shared reference LRU
+    (``planning/reference_caches.py``, empty at the start) and ``estimator``'s top set, from step 1 on."""
     from spac_llamacpp.planning.estimators import make_estimator
-    from spac_llamacpp.sim.utility_eval import estimator_kept, lru_kept, step_hit_rates
+    from spac_llamacpp.planning.reference_caches import lru
+    from spac_llamacpp.sim.utility_eval import estimator_kept, step_hit_rates, trace_need
 
     plt = _pyplot()
     n_layer, n_expert = trace.counts.shape[1:]
     budget = budget or max(1, n_expert // 2)
-    series = {"LRU": step_hit_rates(trace, lru_kept(trace, budget)),
+    series = {"LRU": lru(trace_need(trace), budget).per_step_hit_rate()[1:],
               estimator: step_hit_rates(trace, estimator_kept(trace, make_estimator(estimator, n_layer, n_expert),
                                                               budget))}
     window = max(1, min(window, trace.n_steps - 1))  # "same" convolution returns the longer input's length

@@ -1,0 +1,101 @@
+"""How a tier plans, as one object: the runtime tiers and ``spac simulate --policy ours`` build from it.
+
+A :class:`PlacementConfig` names the utility estimator, the balancer's solver and amortisation horizon,
+when the re-planner re-plans, what it takes as tokens per step and whether a residency is planned before
+the first step. :meth:`PlacementConfig.flash` and :meth:`PlacementConfig.vram` are the tiers' defaults
+(``flash_options`` / ``vram_options`` override single fields); the simulator replays a trace with the
+same configuration, so what it reports for ``ours`` is what the tier would do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spac_llamacpp.base.errors import SpacError
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Estimator -> balancer -> re-planner settings of one tier.
+
+    Attributes:
+        tier: ``"flash"`` or ``"vram"``: the balancer's cost model (serial read-then-compute, or GPU and CPU
+            in parallel).
+        estimator: utility estimator name (``spac_llamacpp.planning.estimators.make_estimator``), with
+            ``estimator_params`` (e.g. ``{"half_life": 8}`` for ``decayed-counts``).
+        solver: balancer solver (``greedy`` / ``highs`` / ``cbc`` / ``auto``), ``time_limit`` seconds per plan.
+        horizon: steps over which the balancer amortises a move (shorter: fewer swaps).
+        replan_every: steps between periodic re-plans; ``drift``: relative L1 change of the utilities that
+            triggers an earlier one.
+        tokens_per_step: the balancer's tokens per step (for each expert's activation probability): None
+            takes the estimator's running mean (k+1 with speculative decoding), a number fixes it.
+        transfer_steps: vram only: copies of one plan must hide under this many steps of compute (None: no cap).
+        initial_plan: plan a residency before the first step (from a profile when given, else from a uniform
+            prior); the first step's routing then replaces an uninformed one at once. Without a profile and
+            with this off, the first plan follows the first step.
+        background: solve in the re-planner's background thread (False: synchronously, deterministic; the
+            simulator always plans synchronously).
+    """
+
+    tier: str
+    estimator: str = "spac"
+    estimator_params: Mapping[str, float] = field(default_factory=dict)
+    solver: str = "greedy"
+    time_limit: float = 1.0
+    horizon: float = 8.0
+    replan_every: int = 16
+    drift: float = 0.5
+    tokens_per_step: float | None = None
+    transfer_steps: float | None = None
+    initial_plan: bool = True
+    background: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tier not in ("flash", "vram"):
+            raise SpacError(f"unknown tier {self.tier!r}; choose 'flash' or 'vram'")
+        if int(self.replan_every) < 1:
+            raise SpacError(f"replan_every must be >= 1, not {self.replan_every}")
+        if self.horizon <= 0:
+            raise SpacError(f"horizon must be positive, not {self.horizon}")
+        object.__setattr__(self, "estimator_params", dict(self.estimator_params))
+
+    @classmethod
+    def flash(cls, **overrides: Any) -> PlacementConfig:
+        """The flash tier's defaults. A short amortisation horizon (8 steps) keeps residents unless a swap
+        clearly pays: each move is a read that competes with the demand loads of the next steps. The mapping
+        holds the whole file at load, so a first residency is planned at once (and trimmed to)."""
+        return cls(tier="flash", horizon=8.0, initial_plan=True).replace(**overrides)
+
+    @classmethod
+    def vram(cls, **overrides: Any) -> PlacementConfig:
+        """The VRAM tier's defaults: a long horizon (a copy runs on the copy engine, beside the compute); the
+        pool starts empty and the prompt's routing fills it."""
+        return cls(tier="vram", horizon=64.0, initial_plan=False).replace(**overrides)
+
+    @classmethod
+    def for_tier(cls, tier: str, **overrides: Any) -> PlacementConfig:
+        """The defaults of ``tier`` with ``overrides``."""
+        if tier == "flash":
+            return cls.flash(**overrides)
+        if tier == "vram":
+            return cls.vram(**overrides)
+        raise SpacError(f"unknown tier {tier!r}; choose 'flash' or 'vram'")
+
+    def replace(self, **overrides: Any) -> PlacementConfig:
+        """A copy with some fields changed; an unknown field is a one-line SpacError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise SpacError(f"unknown placement option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                            f"choose from {', '.join(sorted(names - {'tier'}))}")
+        if "tier" in overrides and overrides["tier"] != self.tier:
+            raise SpacError(f"a {self.tier} configuration cannot become a {overrides['tier']} one")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["estimator_params"] = dict(self.estimator_params)
+        return out
