@@ -151,11 +151,33 @@ if [ "$MODE" = prepare ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$CARRY/wheels" gguf==0.19.0 cffi==2.1.1 pycparser==3.12 diskcache==5.6.3 2>&1 | grep -v "^WARNING: Location" || true
   if [ -n "$TRACE" ]; then
+    # a routing trace for the bench's replay, cut to the model's first --layers blocks (replay needs the
+    # same MoE layers, experts and top-k: e.g. a Mixtral-8x7B trace with --preset mixtral-8x7b)
     case "$TRACE" in
-      *.npz) cp "$TRACE" "$CARRY/trace.npz" ;;
+      *.npz) cp "$TRACE" "$TMP/full.npz" ;;
       *) "$PY" -c 'import sys; from spac_llamacpp.tools.cli import spac; sys.argv[0] = "spac"; spac()' \
-           trace import "$TRACE" -o "$CARRY/trace.npz" ;;
+           trace import "$TRACE" -o "$TMP/full.npz" ;;
     esac
+    "$PY" - "$TMP/full.npz" "$CARRY/trace.npz" "$LAYERS" "$TRACE" <<'EOF'
+import dataclasses, sys
+sys.path.insert(0, ".")
+from spac_llamacpp.observe.trace import RoutingTrace
+src, dst, n, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+t = RoutingTrace.load(src)
+keep = [i for i, b in enumerate(t.moe_layers) if b < n]
+if t.ids.shape[1] > n:
+    meta = dict(t.meta)
+    if isinstance(meta.get("layout"), dict) and meta["layout"].get("expert_bytes") is not None:
+        meta["layout"] = {**meta["layout"], "expert_bytes": [meta["layout"]["expert_bytes"][i] for i in keep]}
+    meta["gpu_check"] = f"first {n} blocks of {t.ids.shape[1]}"
+    t = dataclasses.replace(t, ids=t.ids[:, :n].copy(), counts=t.counts[:, :n].copy(),
+                            moe_layers=t.moe_layers[keep].copy(), meta=meta)
+t.meta["source_file"] = name
+t.check()
+t.save(dst)
+print(f"gpu_check: trace {name}: {t.n_tokens} tokens, {len(t.moe_layers)} MoE layers x {t.n_expert} experts, "
+      f"top-{t.ids.shape[2]} -> {dst}")
+EOF
   fi
   {
     echo "made by scripts/gpu_check.sh --prepare on $(date -u +%FT%TZ) at commit $(git rev-parse --short HEAD 2>/dev/null)"
@@ -262,8 +284,12 @@ MODEL=$WORK/$PRESET-${LAYERS}L-$QTYPE.gguf
 # the bench's replay option (routing replay is being added to the bench scripts and spac-run)
 SPAC=("$PY" -c 'import sys; from spac_llamacpp.tools.cli import spac; sys.argv[0] = "spac"; spac()')
 REPLAY=no
+RUN_REPLAY=no
 if PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" scripts/bench_vram.py --help 2>/dev/null | grep -q -- '--replay'; then
   REPLAY=yes
+fi
+if PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "${SPAC[@]}" run --help 2>/dev/null | grep -q -- '--replay'; then
+  RUN_REPLAY=yes
 fi
 
 echo "gpu_check: plan (budget ${BUDGET_S} s on $CORES cores; work dir $WORK; outputs in ${OUT:-./gpu_check_out})"
@@ -274,10 +300,11 @@ echo "  4 native+synth ${T_NATIVE}+${T_SYNTH}s  spac build-native; spac synth $P
 echo "  5 tests        ${T_TESTS}s  SPAC_REQUIRE_PATCHED=1 SPAC_REQUIRE_GPU=1 SPAC_SYNTH_MODEL=$MODEL pytest ${TESTS[*]} --junitxml=\$OUT/tests.xml"
 echo "  6 bench        the rest  for B in ${BUDGETS[*]}: scripts/bench_vram.py $MODEL --budget B -n $NPRED$([ "$REPLAY" = yes ] && echo " --replay TRACE")"
 echo "  7 report       \$OUT/gpu_check.json, \$OUT/gpu_check.log"
-if [ "$REPLAY" = yes ]; then
-  echo "  replay: bench_vram.py has --replay: trace $([ -f "$CARRY/trace.npz" ] && echo "$CARRY/trace.npz (carried)" || echo "recorded on the spot with spac trace")"
+echo "  replay: spac-run --replay: $RUN_REPLAY; bench_vram.py --replay: $REPLAY; carried trace: $([ -f "$CARRY/trace.npz" ] && echo "$CARRY/trace.npz" || echo none)"
+if [ "$REPLAY" = yes ] && [ -f "$CARRY/trace.npz" ]; then
+  echo "          the bench replays $CARRY/trace.npz (its MoE layers, experts and top-k must match the model)"
 else
-  echo "  replay: bench_vram.py has no --replay yet: the bench runs on the synthesized model's own routing"
+  echo "          the bench runs on the synthesized model's own (random-weight) routing"
 fi
 if "$PY" - "$PRESET" "$LAYERS" "$QTYPE" "${BUDGETS[@]}" <<'EOF' 2>/dev/null
 import sys
@@ -382,13 +409,24 @@ tests() {
     T "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" -o junit_family=xunit1 \
       --junitxml="$OUT/tests.xml" -rfEs
 }
-trace_for_replay() {
-  if [ -f "$CARRY/trace.npz" ]; then
-    cp "$CARRY/trace.npz" "$WORK/trace.npz" && echo "carried $CARRY/trace.npz" > "$WORK/trace.txt"
-  else
-    T "${SPAC[@]}" trace "$MODEL" -p "Once upon a time" -p "def merge_sort(items):" -n "$NPRED" -o "$WORK/trace.npz" \
-      && echo "recorded on the spot from the synthesized model (its own random-weight routing)" > "$WORK/trace.txt"
-  fi
+trace_for_replay() {  # the carried trace, checked against the model (the replay refuses other shapes)
+  cp "$CARRY/trace.npz" "$WORK/trace.npz" || return 1
+  T "$PY" - "$WORK/trace.npz" "$MODEL" > "$WORK/trace.txt" <<'EOF'
+import sys
+from spac_llamacpp.gguf.info import read_model_header
+from spac_llamacpp.observe.trace import RoutingTrace
+t, m = RoutingTrace.load(sys.argv[1]), read_model_header(sys.argv[2])
+shape = (len(t.moe_layers), t.n_expert, t.ids.shape[2])
+want = (len(m.moe_layers), m.n_expert, m.n_expert_used if isinstance(m.n_expert_used, int) else max(m.n_expert_used))
+src = t.meta.get("source_file", "carried")
+print(f"{src}: {t.n_tokens} tokens, {shape[0]} MoE layers x {shape[1]} experts, top-{shape[2]}"
+      + ("" if shape == want else f"; the model has {want[0]} x {want[1]}, top-{want[2]}: not replayed"))
+sys.exit(0 if shape == want else 1)
+EOF
+  local rc=$?
+  cat "$WORK/trace.txt"
+  [ "$rc" = 0 ] || rm -f "$WORK/trace.npz"
+  return "$rc"
 }
 bench() {  # bench BUDGET: one budget; its JSON line appended to $OUT/bench.json
   local args=("$MODEL" -n "$NPRED" --budget "$1" "${BENCH_EXTRA[@]}")
@@ -406,10 +444,12 @@ if [ ${#PROBLEMS[@]} -eq 0 ]; then
   if step build "$T_BUILD" build; then
     if step native "$T_NATIVE" native && step synth "$T_SYNTH" synth; then
       step tests "$T_TESTS" tests || NOTES+=("tests failed or timed out: see tests.xml and the log")
-      if [ "$REPLAY" = yes ]; then
-        step trace 60 trace_for_replay || NOTES+=("no trace for the replay: bench ran without")
+      if [ "$REPLAY" = yes ] && [ -f "$CARRY/trace.npz" ]; then
+        step trace 30 trace_for_replay || NOTES+=("the carried trace does not fit the model: the bench ran without replay")
+      elif [ "$REPLAY" = yes ]; then
+        NOTES+=("no trace carried (scripts/gpu_check.sh --prepare --trace FILE): the bench ran on the synthesized model's own random-weight routing")
       else
-        NOTES+=("bench_vram.py has no --replay yet (routing replay not merged): the bench ran on the synthesized model's own random-weight routing")
+        NOTES+=("bench_vram.py has no --replay yet (spac-run --replay: $RUN_REPLAY): the bench ran on the synthesized model's own random-weight routing")
       fi
       : > "$OUT/bench.json"
       : > "$OUT/bench.log"
@@ -429,11 +469,11 @@ fi
 # ---------------------------------------------------------------------------------------------------
 # the report
 printf '%s\n' "${NOTES[@]}" > "$WORK/notes.txt"
-"$PY" - "$OUT" "$WORK" "$T0" "$BUDGET_S" "$CMAKE_FLAGS" "$PRESET" "$LAYERS" "$QTYPE" "$MODEL" "$REPLAY" "$FA" <<'EOF'
+"$PY" - "$OUT" "$WORK" "$T0" "$BUDGET_S" "$CMAKE_FLAGS" "$PRESET" "$LAYERS" "$QTYPE" "$MODEL" "$REPLAY" "$FA" "$RUN_REPLAY" <<'EOF'
 import json, os, sys, time
 import xml.etree.ElementTree as ET
 
-out, work, t0, budget, flags, preset, layers, qtype, model, replay, fa = sys.argv[1:]
+out, work, t0, budget, flags, preset, layers, qtype, model, replay, fa, run_replay = sys.argv[1:]
 def read(p, default=""):
     try:
         return open(p).read()
@@ -488,8 +528,9 @@ report = {
                                                        "expert_bytes", "non_expert_bytes", "file_size")} if isinstance(inspect, dict) else None},
     "steps": steps,
     "tests": tests,
-    "replay": {"bench_supports_replay": replay == "yes",
-               "trace": read(os.path.join(work, "trace.txt")).strip() or None},
+    "replay": {"bench_supports_replay": replay == "yes", "spac_run_supports_replay": run_replay == "yes",
+               "trace": read(os.path.join(work, "trace.txt")).strip() or None,
+               "replayed": os.path.exists(os.path.join(work, "trace.npz"))},
     "bench": bench,
     "notes": [n for n in read(os.path.join(work, "notes.txt")).splitlines() if n],
 }
