@@ -486,7 +486,7 @@ def test_simulate_calibrates_only_when_asked(flash_model, recorded_trace, monkey
 
     measured = []
 
-    def fake_measure(model):
+    def fake_measure(model, types=None):
         measured.append(model)
         cm = CostModel.nominal()
         cm.source = "measured (test)"

@@ -119,7 +119,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
           budget: str | None = None, vram_budget: str | None = None, pool_on_host: bool = False,
           flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
-          seed: int = 0, routing_history: int | None = 1024,
+          seed: int = 0, routing_history: int | None = 1024, note: Callable[[str], None] | None = None,
           speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle"):
     from spac_llamacpp.llama import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
@@ -180,7 +180,11 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         replay_end=replay_end,
     )
     if replay is not None:
-        click.echo(f"routing replayed from {replay}: output text is meaningless", err=True)
+        line = f"routing replayed from {replay}: output text is meaningless"
+        if note is not None:
+            note(line)  # spac-run --stats json: into the JSON's notes
+        else:
+            click.echo(line, err=True)
     return llm
 
 
@@ -267,7 +271,7 @@ def spac_run(model: str | None, prompt: str, n_predict: int, seed: int, temp: fl
         raise SpacError(f"--n-predict must be at least 1, not {n_predict}")
     with _warnings_into(notes if stats == "json" else None):
         t_load = time.perf_counter()
-        llm = _load(model, seed=seed, **load_kw)
+        llm = _load(model, seed=seed, note=note, **load_kw)
         load_seconds = time.perf_counter() - t_load
 
         gen = GenerationStats()
