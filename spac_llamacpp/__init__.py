@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "SpacError", "__version__", "patched_llama_available"]
+__all__ = ["Llama", "SpacError", "__version__", "add_rpc_servers", "patched_llama_available"]
 
 from spac_llamacpp.base.errors import SpacError
 
@@ -20,6 +20,17 @@ def patched_llama_available(level: int = 1) -> bool:
     from spac_llamacpp.native.libs import spac_patch_level
 
     return spac_patch_level() >= level
+
+
+def add_rpc_servers(servers: str | list[str]) -> list[str]:
+    """Register llama.cpp RPC servers (``"host:port,host:port"``) for this process: models loaded afterwards
+    with ``n_gpu_layers`` spread their layers over the servers' devices (``RPC0``, ...), and the VRAM tier
+    puts its expert pool on the first of them (llama.cpp lists RPC devices before local GPUs). Returns the
+    device names.
+    See ``spac_llamacpp.native.rpc`` (llama-cpp-python 0.3.36 has no ``rpc_servers`` argument)."""
+    from spac_llamacpp.native.rpc import add_rpc_servers as add
+
+    return add(servers)
 
 
 def __getattr__(name: str):
