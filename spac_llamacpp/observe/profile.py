@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spac_llamacpp.base.atomic import atomic_output
 from spac_llamacpp.base.errors import SpacError
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class Profile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        with atomic_output(path) as tmp:  # whole or not at all (base/atomic.py)
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
         return path
 
     def check_model(self, moe_layers: tuple[int, ...], n_expert: int, what: str) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spac_llamacpp.base.atomic import atomic_output
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.observe.routing import RoutingLog
 
@@ -230,7 +231,7 @@ class RoutingTrace:
         optional = {}
         if self.step_n_draft is not None and self.step_accepted is not None:
             optional = {"step_n_draft": self.step_n_draft, "step_accepted": self.step_accepted}
-        with path.open("wb") as fh:
+        with atomic_output(path) as tmp, tmp.open("wb") as fh:  # whole or not at all (base/atomic.py)
             np.savez_compressed(
                 fh,
                 **optional,
