@@ -104,6 +104,7 @@ def test_trace_load_bad_zip_member(tmp_path):
      "malformed"),
     (json.dumps({"format": "spac-profile", "moe_layers": [0], "n_expert": 2, "counts": [[1, 2]],
                  "utility": [[0.5, float("nan")]]}), "non-finite"),
+    (json.dumps({"format": "spac-profile", "moe_layers": [0], "n_expert": 2, "counts": [[1, -2]]}), "negative counts"),
 ])
 def test_profile_load_damaged(tmp_path, text, words):
     path = tmp_path / "p.json"

@@ -109,8 +109,9 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     if n_expert < 1 or min(layers, default=0) < 0 or len(set(layers)) != len(layers):
         raise SpacError(f"{path}: the profile's layers {list(layers)[:8]} or n_expert {n_expert} are not a model's; "
                         "re-create it with `spac profile`")
-    if (counts < 0).any() or (utility is not None and not (np.isfinite(utility).all() and (utility >= 0).all())):
-        raise SpacError(f"{path}: the profile has negative or non-finite demand; re-create it with `spac profile`")
+    if (counts < 0).any() or (utility is not None and not np.isfinite(utility).all()):
+        raise SpacError(f"{path}: the profile has negative counts or non-finite utilities; re-create it with "
+                        "`spac profile`")
     known = {"format", "version", "model", "n_expert", "moe_layers", "counts", "utility", "tokens", "steps"}
     return Profile(layers, n_expert, counts, utility, tokens, steps,
                    str(d.get("model", "")), {k: v for k, v in d.items() if k not in known})
