@@ -319,12 +319,14 @@ static void bus_handler(int sig, siginfo_t *si, void *uc) {
             }
         }
     }
-    /* not ours: what would have happened without us */
-    if (g_prev_bus.sa_flags & SA_SIGINFO) {
-        g_prev_bus.sa_sigaction(sig, si, uc);
-    } else if (g_prev_bus.sa_handler != SIG_DFL && g_prev_bus.sa_handler != SIG_IGN) {
-        g_prev_bus.sa_handler(sig);
-    } else {
+    /* not ours: what would have happened without us (sa_handler and sa_sigaction share storage) */
+    if (g_prev_bus.sa_handler != SIG_DFL && g_prev_bus.sa_handler != SIG_IGN) {
+        if (g_prev_bus.sa_flags & SA_SIGINFO) {
+            g_prev_bus.sa_sigaction(sig, si, uc);
+        } else {
+            g_prev_bus.sa_handler(sig);
+        }
+    } else { /* default (a synchronous SIGBUS cannot be ignored): die of it, as without us */
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;

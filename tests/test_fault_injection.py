@@ -178,12 +178,17 @@ OTHER_MAPPING = textwrap.dedent("""
 """)
 
 
-def test_sigbus_handler_answers_only_the_guarded_mapping(models, tmp_path):
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_sigbus_handler_answers_only_the_guarded_mapping(models, tmp_path, faulthandler):
+    """A read past the end of a truncated guarded mapping gets a zero page; a SIGBUS anywhere else goes to
+    the handler there was before (Python's faulthandler when enabled at start-up, else the default)."""
     path, _ = models
-    proc = subprocess.run([sys.executable, "-c", OTHER_MAPPING, str(path), str(tmp_path / "victim")],
+    flags = ["-X", "faulthandler"] if faulthandler else []
+    proc = subprocess.run([sys.executable, *flags, "-c", OTHER_MAPPING, str(path), str(tmp_path / "victim")],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert "GUARDED shrunk" in proc.stdout or "GUARDED sigbus" in proc.stdout, proc.stdout + proc.stderr
     assert "READ" not in proc.stdout and proc.returncode == -signal.SIGBUS, proc.stdout + proc.stderr
+    assert ("Fatal Python error: Bus error" in proc.stderr) == faulthandler, proc.stderr
 
 
 def test_guard_costs_nothing_when_the_file_is_intact(tiny_model):
