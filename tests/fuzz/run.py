@@ -1,6 +1,6 @@
 """Run the fuzz targets (``targets.py``) with atheris, a coverage-guided fuzzer (libFuzzer for Python).
 
-    python tests/fuzz/run.py gguf_header --runs 100000        # one target
+    python tests/fuzz/run.py gguf_header --runs 100000        # one target (or several)
     python tests/fuzz/run.py --all --runs 12000 --jobs 2      # every target (CI), two at a time
 
 Each target runs in a process of its own (libFuzzer exits when done): the corpus directory starts from
@@ -156,7 +156,7 @@ def _summary(target: str, rc: int, log: Path, seconds: float, runs_wanted: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("target", nargs="?", choices=TARGET_NAMES)
+    ap.add_argument("target", nargs="*", help=f"targets: {', '.join(TARGET_NAMES)}")
     ap.add_argument("--all", action="store_true", help="every target")
     ap.add_argument("--runs", type=int, default=10_000, help="inputs per target")
     ap.add_argument("--max-time", type=float, default=3600, help="seconds per target at most")
@@ -170,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain", action="store_true", help="the plain mutator even when atheris is installed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    unknown = [t for t in args.target if t not in TARGET_NAMES]
+    if unknown:
+        ap.error(f"unknown target {unknown[0]!r}; choose from {', '.join(TARGET_NAMES)}")
     if args.worker:
+        args.target = args.target[0]
         return _worker(args)
-    names = list(TARGET_NAMES) if args.all else [args.target] if args.target else []
+    names = list(TARGET_NAMES) if args.all else list(args.target)
     if not names:
         ap.error("name a target or pass --all")
     work = Path(tempfile.mkdtemp(prefix="spac-fuzz-run-"))
