@@ -6,9 +6,11 @@
 #include <math.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,6 +73,14 @@ struct spac_engine {
     size_t mc_cap;
     unsigned char *hit_mc; /* hit checks (decoding thread) */
     size_t hit_cap;
+
+    /* file guard (spac_engine_guard_file; see the header): the identity recorded at the start */
+    int32_t guard_slot; /* index into g_guards, -1: unguarded */
+    int64_t size0;
+    struct timespec mtime0;
+    int32_t fault;      /* SPAC_FILE_*, sticky (atomic) */
+    int64_t size_now;   /* atomic */
+    int64_t read_faults; /* atomic */
 
     /* layer-ahead prediction (decoding thread only) */
     predictor_t *pred;  /* [n_layer] by source layer; target < 0: none */
@@ -163,6 +173,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->cap_deferred = queue_capacity;
     e->n_threads = n_threads;
     e->cur_layer = -1;
+    e->guard_slot = -1;
     e->tensors = (tensor_t *)calloc((size_t)n_layer * max_tensors_per_layer, sizeof(tensor_t));
     e->n_tensors = (int32_t *)calloc((size_t)n_layer, sizeof(int32_t));
     e->latest = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
@@ -234,6 +245,225 @@ static void signal_idle_locked(spac_engine *e) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * file guard (see the header). The table is read by the SIGBUS handler, so its fields are only
+ * accessed with atomic loads and stores; slots are taken and freed under g_guard_mu. */
+
+enum { SPAC_MAX_GUARDS = 64 };
+
+typedef struct {
+    uintptr_t lo, hi;   /* guarded addresses [lo, hi); lo == hi: a free slot */
+    uintptr_t base;     /* address of file offset 0 */
+    uintptr_t fenced;   /* the lowest address backed by zero pages (hi: none) */
+    int64_t caught;     /* SIGBUS answered */
+    int fd;
+} guard_t;
+
+static guard_t g_guards[SPAC_MAX_GUARDS];
+static pthread_mutex_t g_guard_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction g_prev_bus;
+static int g_bus_installed;
+static uintptr_t g_page;
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+
+/* Replace the guarded pages from `from` (rounded down to a page, at least lo) up to what is already
+ * fenced by anonymous zero pages. Async-signal-safe (mmap and atomics only). Returns 0, or -1 when
+ * mmap failed. */
+static int fence_from(guard_t *g, uintptr_t from) {
+    uintptr_t lo = LOAD(g->lo), hi = LOAD(g->hi);
+    from -= from % g_page;
+    if (from < lo) {
+        from = lo;
+    }
+    for (;;) {
+        uintptr_t fenced = LOAD(g->fenced);
+        if (from >= fenced || from >= hi) {
+            return 0;
+        }
+        void *p = mmap((void *)from, fenced - from, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        if (p == MAP_FAILED) {
+            return -1;
+        }
+        if (__atomic_compare_exchange_n(&g->fenced, &fenced, from, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            return 0;
+        }
+    }
+}
+
+/* The first page the file cannot back any more: the page after its end (a partial last page reads as
+ * zeros past the end, it does not fault). */
+static uintptr_t end_page(const guard_t *g, int64_t size) {
+    uintptr_t end = LOAD(g->base) + (uintptr_t)size;
+    return end + (end % g_page ? g_page - end % g_page : 0);
+}
+
+static void bus_handler(int sig, siginfo_t *si, void *uc) {
+    int saved = errno;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    if (si->si_code == BUS_ADRERR) { /* a page of a file mapping past the end of its file */
+        for (int i = 0; i < SPAC_MAX_GUARDS; i++) {
+            guard_t *g = &g_guards[i];
+            uintptr_t lo = LOAD(g->lo), hi = LOAD(g->hi);
+            if (lo < hi && a >= lo && a < hi) {
+                uintptr_t from = a;
+                struct stat st;
+                if (fstat(LOAD(g->fd), &st) == 0 && end_page(g, st.st_size) < from) {
+                    from = end_page(g, st.st_size); /* every page past the end, not only this one */
+                }
+                if (fence_from(g, from) == 0) {
+                    __atomic_add_fetch(&g->caught, 1, __ATOMIC_ACQ_REL);
+                    errno = saved;
+                    return; /* the access is retried and reads a zero page */
+                }
+            }
+        }
+    }
+    /* not ours: what would have happened without us (sa_handler and sa_sigaction share storage) */
+    if (g_prev_bus.sa_handler != SIG_DFL && g_prev_bus.sa_handler != SIG_IGN) {
+        if (g_prev_bus.sa_flags & SA_SIGINFO) {
+            g_prev_bus.sa_sigaction(sig, si, uc);
+        } else {
+            g_prev_bus.sa_handler(sig);
+        }
+    } else { /* default (a synchronous SIGBUS cannot be ignored): die of it, as without us */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigaction(sig, &dfl, NULL);
+        raise(sig); /* delivered on return (blocked in the handler): the default action */
+    }
+    errno = saved;
+}
+
+static int faulted(spac_engine *e) {
+    return LOAD(e->fault) != SPAC_FILE_OK || (e->guard_slot >= 0 && LOAD(g_guards[e->guard_slot].caught) > 0);
+}
+
+static void set_fault(spac_engine *e, int32_t fault) {
+    int32_t none = SPAC_FILE_OK;
+    __atomic_compare_exchange_n(&e->fault, &none, fault, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* fstat the file, record a fault, fence a shrunk file's tail. Any thread. Returns the fault. */
+static int32_t check_file_now(spac_engine *e) {
+    if (e->guard_slot < 0) {
+        return SPAC_FILE_OK;
+    }
+    guard_t *g = &g_guards[e->guard_slot];
+    struct stat st;
+    if (fstat(e->fd, &st) != 0) {
+        STORE(e->size_now, (int64_t)-1);
+    } else {
+        STORE(e->size_now, (int64_t)st.st_size);
+        if ((int64_t)st.st_size < e->size0) {
+            set_fault(e, SPAC_FILE_SHRUNK);
+            fence_from(g, end_page(g, st.st_size));
+        } else if ((int64_t)st.st_size != e->size0 || st.st_mtim.tv_sec != e->mtime0.tv_sec ||
+                   st.st_mtim.tv_nsec != e->mtime0.tv_nsec) {
+            set_fault(e, SPAC_FILE_MODIFIED);
+        }
+    }
+    if (LOAD(g->caught) > 0) {
+        set_fault(e, SPAC_FILE_SIGBUS);
+    }
+    return LOAD(e->fault);
+}
+
+/* A read that waits returned EFAULT: the file may have shrunk under it. */
+static void on_read_fault(spac_engine *e) {
+    __atomic_add_fetch(&e->read_faults, 1, __ATOMIC_ACQ_REL);
+    if (check_file_now(e) == SPAC_FILE_OK) {
+        set_fault(e, SPAC_FILE_READ_FAULT);
+    }
+}
+
+int32_t spac_engine_guard_file(spac_engine *e, uint64_t map_lo, uint64_t map_hi) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (e == NULL || e->fd < 0 || e->guard_slot >= 0 || page <= 0 || map_lo >= map_hi || map_hi > e->size ||
+        map_lo % (uint64_t)page) {
+        return -EINVAL;
+    }
+    map_hi += map_hi % (uint64_t)page ? (uint64_t)page - map_hi % (uint64_t)page : 0; /* the mapping's last page */
+    struct stat st;
+    if (fstat(e->fd, &st) != 0) {
+        return -errno;
+    }
+    pthread_mutex_lock(&g_guard_mu);
+    if (!g_bus_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = bus_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        g_page = (uintptr_t)page;
+        if (sigaction(SIGBUS, &sa, &g_prev_bus) != 0) {
+            int err = errno;
+            pthread_mutex_unlock(&g_guard_mu);
+            return -err;
+        }
+        g_bus_installed = 1;
+    }
+    int slot = -1;
+    for (int i = 0; i < SPAC_MAX_GUARDS && slot < 0; i++) {
+        if (LOAD(g_guards[i].lo) == LOAD(g_guards[i].hi)) {
+            slot = i;
+        }
+    }
+    if (slot >= 0) {
+        guard_t *g = &g_guards[slot];
+        uintptr_t base = (uintptr_t)e->base;
+        STORE(g->lo, (uintptr_t)0); /* stays free (lo == hi) until every field is set */
+        STORE(g->hi, (uintptr_t)0);
+        STORE(g->base, base);
+        STORE(g->fd, e->fd);
+        STORE(g->caught, (int64_t)0);
+        STORE(g->fenced, base + (uintptr_t)map_hi);
+        STORE(g->hi, base + (uintptr_t)map_hi);
+        STORE(g->lo, base + (uintptr_t)map_lo);
+        e->size0 = (int64_t)st.st_size;
+        e->mtime0 = st.st_mtim;
+        STORE(e->size_now, (int64_t)st.st_size);
+        e->guard_slot = slot;
+    }
+    pthread_mutex_unlock(&g_guard_mu);
+    return slot >= 0 ? 0 : -ENOSPC;
+}
+
+int32_t spac_engine_check_file(spac_engine *e, spac_file_status *out) {
+    if (e == NULL) {
+        return SPAC_FILE_OK;
+    }
+    int32_t fault = check_file_now(e);
+    if (out != NULL) {
+        memset(out, 0, sizeof *out);
+        out->guarded = e->guard_slot >= 0;
+        out->fault = fault;
+        out->size_at_start = e->guard_slot >= 0 ? e->size0 : -1;
+        out->size_now = LOAD(e->size_now);
+        out->read_faults = LOAD(e->read_faults);
+        if (e->guard_slot >= 0) {
+            const guard_t *g = &g_guards[e->guard_slot];
+            out->sigbus_caught = LOAD(g->caught);
+            out->fenced_bytes = (int64_t)(LOAD(g->hi) - LOAD(g->fenced));
+        }
+    }
+    return fault;
+}
+
+static void unguard(spac_engine *e) {
+    if (e->guard_slot < 0) {
+        return;
+    }
+    pthread_mutex_lock(&g_guard_mu);
+    guard_t *g = &g_guards[e->guard_slot];
+    STORE(g->lo, (uintptr_t)0);
+    STORE(g->hi, (uintptr_t)0);
+    e->guard_slot = -1;
+    pthread_mutex_unlock(&g_guard_mu);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * the moves themselves (workers; no lock held during system calls) */
 
 typedef struct {
@@ -258,7 +488,11 @@ static void advise_expert(spac_engine *e, int32_t layer, int32_t expert, int adv
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
         if (r.hi > r.lo && madvise(e->base + r.lo, r.hi - r.lo, advice) != 0 &&
             !(advice == MADV_POPULATE_READ && errno == EINVAL)) {
-            keep_first(errs, SPAC_ERR_DEMAND, errno);
+            int err = errno;
+            keep_first(errs, SPAC_ERR_DEMAND, err);
+            if (advice == MADV_POPULATE_READ && err == EFAULT) {
+                on_read_fault(e); /* fences a shrunk file's tail before the matmul reads it */
+            }
         }
     }
 }
@@ -284,14 +518,20 @@ static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *
             keep_first(errs, SPAC_ERR_PREFETCH, errno);
         }
         if (madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) != 0) {
-            if (errno != EINVAL) {
-                keep_first(errs, SPAC_ERR_PREFETCH, errno);
+            int err = errno;
+            if (err != EINVAL) { /* a read failed (EFAULT: the file may have shrunk): never touch the pages */
+                keep_first(errs, SPAC_ERR_PREFETCH, err);
+                if (err == EFAULT) {
+                    on_read_fault(e);
+                    return;
+                }
+            } else if (check_file_now(e) == SPAC_FILE_OK) {
+                volatile uint8_t sink = 0; /* old kernel (no POPULATE_READ, Linux < 5.14): touch every page */
+                for (uint64_t p = r.lo; p < r.hi; p += e->page) {
+                    sink ^= e->base[p];
+                }
+                (void)sink;
             }
-            volatile uint8_t sink = 0; /* old kernel: touch every page */
-            for (uint64_t p = r.lo; p < r.hi; p += e->page) {
-                sink ^= e->base[p];
-            }
-            (void)sink;
         }
         *bytes += (int64_t)(r.hi - r.lo);
     }
@@ -459,7 +699,7 @@ static void *worker(void *arg) {
         pthread_mutex_unlock(&e->mu);
 
         int64_t bytes = 0;
-        switch (m.op) {
+        switch (faulted(e) ? 0 : m.op) { /* a changed file: no more page moves */
         case SPAC_OP_PREFETCH:
             do_prefetch(e, m.layer, m.expert, &bytes, errs);
             break;
@@ -686,6 +926,10 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     }
     pthread_mutex_unlock(&e->mu);
 
+    /* the file guard: a file shrunk since the last look gets its tail fenced now, before this layer's
+     * matmuls read it (one fstat) */
+    const int file_ok = e->guard_slot < 0 || check_file_now(e) == SPAC_FILE_OK;
+
     /* rule 3: nothing can drop these experts' pages now; what is not resident is a miss */
     int errs[SPAC_ERR_KINDS] = {0};
     int64_t hits = 0, useful = 0;
@@ -702,7 +946,7 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
      * each page would be read on its own (expert tensors are MADV_RANDOM: no read-around). */
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (int pass = 0; pass < 2 && n_miss > 0; pass++) {
+    for (int pass = 0; pass < 2 && n_miss > 0 && file_ok; pass++) {
         for (int32_t m = 0; m < n_miss; m++) {
             advise_expert(e, layer, misses[m], pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ, errs);
         }
@@ -979,6 +1223,7 @@ void spac_engine_free(spac_engine *e) {
         return;
     }
     spac_engine_stop(e);
+    unguard(e);
     free(e->tensors);
     free(e->n_tensors);
     free(e->latest);

@@ -44,6 +44,25 @@
  * Errors. Failed system calls are counted per kind (SPAC_ERR_*), with the errno of the first
  * failure of each kind (spac_engine_error_name names the kinds); the Python side logs each kind
  * once and reports them in stats().
+ *
+ * File guard (spac_engine_guard_file). The mapping is of a file that someone may truncate or
+ * rewrite while it is in use; a read of a page past the new end of the file raises SIGBUS, which
+ * would kill the process. With the guard on:
+ *   - the file's identity (size, mtime) is recorded from our fd; spac_engine_check_file (the tier,
+ *     before and after every evaluation), the layer hook (before the layer's experts are used) and
+ *     any failed read compare it with fstat now;
+ *   - reads that wait (MADV_POPULATE_READ: prefetches and demand loads) report a page that cannot be
+ *     read as EFAULT instead of faulting; the worker's page-touching fallback runs only on kernels
+ *     without POPULATE_READ (EINVAL), never on a failed read;
+ *   - once the file is found shorter than mapped, the mapped pages past its end are replaced by
+ *     anonymous zero pages (mmap MAP_FIXED over llama.cpp's mapping, "the fence"), so that the
+ *     matmuls that read them compute on zeros instead of faulting; a SIGBUS handler (BUS_ADRERR in a
+ *     guarded mapping: process-wide, installed once, other faults go to the previous handler) does the
+ *     same for reads that race the truncation (llama.cpp's own threads included);
+ *   - the fault is sticky: the tier refuses the evaluation that saw it and every later one (the
+ *     model's output would no longer be the model's), and the workers stop moving pages.
+ * Limits: only this mapping is guarded (not a second mapping of the file, nor other files); a
+ * rewrite that keeps both size and mtime is not seen; see docs/robustness.md.
  */
 #ifndef SPAC_ENGINE_H
 #define SPAC_ENGINE_H
@@ -92,6 +111,25 @@ typedef struct spac_engine_stats {
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
+
+/* Faults of the guarded file (spac_file_status.fault), the first one seen; later ones keep it. */
+enum {
+    SPAC_FILE_OK = 0,
+    SPAC_FILE_SHRUNK = 1,     /* the file is shorter than when the guard started (truncated) */
+    SPAC_FILE_MODIFIED = 2,   /* same file, but its size grew or its mtime changed (rewritten in place) */
+    SPAC_FILE_READ_FAULT = 3, /* a read of the mapping failed (EFAULT: I/O error, or truncated) */
+    SPAC_FILE_SIGBUS = 4      /* a thread faulted on the mapping and was answered with zero pages */
+};
+
+typedef struct spac_file_status {
+    int32_t guarded;         /* spac_engine_guard_file succeeded */
+    int32_t fault;           /* SPAC_FILE_* */
+    int64_t size_at_start;   /* bytes, at spac_engine_guard_file */
+    int64_t size_now;        /* bytes, fstat at the latest check (-1: fstat failed) */
+    int64_t read_faults;     /* POPULATE_READ reads that returned EFAULT */
+    int64_t sigbus_caught;   /* SIGBUS in the guarded mapping answered by the handler */
+    int64_t fenced_bytes;    /* bytes of the mapping now backed by zero pages */
+} spac_file_status;
 
 /* map_base: the address of file offset 0 in llama.cpp's mapping (which may start at a later page:
  * only offsets of registered tensors are ever touched); map_size: file offset where the mapping ends;
@@ -151,6 +189,16 @@ const char *spac_engine_error_name(int32_t kind);
 
 /* Whether every page of the expert is resident now (mincore): 1, 0, or -1 on bad arguments. */
 int32_t spac_engine_expert_resident(spac_engine *e, int32_t layer, int32_t expert);
+
+/* Guard the mapping [map_lo, map_hi) (file offsets: exactly llama.cpp's mapping; map_lo page-aligned,
+ * map_hi at most map_size, rounded up to the mapping's last page) against
+ * the file changing under it (see the file guard above). Records the file's identity from fd now.
+ * Returns 0, or -errno (fstat / sigaction failed, -ENOSPC: too many guarded engines, -EINVAL). */
+int32_t spac_engine_guard_file(spac_engine *e, uint64_t map_lo, uint64_t map_hi);
+
+/* fstat the file now and compare it with the recorded identity (fences a shrunk file's tail); fills out
+ * (may be NULL) and returns its fault (SPAC_FILE_*; 0 when unguarded). Any thread. */
+int32_t spac_engine_check_file(spac_engine *e, spac_file_status *out);
 
 /* Stop and join the workers (queued moves are dropped); idempotent. */
 void spac_engine_stop(spac_engine *e);

@@ -318,8 +318,12 @@ class Llama(llama_cpp.Llama):
                 self.replay.begin(self.n_tokens)  # rows map to trace tokens by context position
             position = self.n_tokens
             step = None
+            if self._tier is not None:
+                self._tier.check_source()  # e.g. the GGUF truncated under the flash tier: one line, not SIGBUS
             try:
                 super().eval(tokens)
+                if self._tier is not None:
+                    self._tier.check_source()  # it changed during this evaluation: the logits are not the model's
             finally:
                 if self.routing is not None:
                     step = self.routing.end_step()

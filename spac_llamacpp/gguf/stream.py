@@ -2,7 +2,8 @@
 
 Shared by the MoEfication writer (``moefy/writer.py``) and ``spac patch`` (``gguf_patch.py``). A
 rewrite is a list of :class:`Entry` (name, shape, type, and a function producing the bytes when the
-writer gets there); the file is written under a temporary name and renamed when complete.
+writer gets there); the file is written under a temporary name and renamed when complete
+(:func:`~spac_llamacpp.base.atomic.atomic_output`: a failed write leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from spac_llamacpp.base.atomic import atomic_output, close_quietly
 from spac_llamacpp.base.errors import SpacError
 
 
@@ -75,30 +77,26 @@ def write_entries(dst: str | os.PathLike[str], arch: str, entries: Sequence[Entr
                   add_metadata: Callable[[gguf.GGUFWriter], None], *, progress: bool = True) -> Path:
     """Write ``entries`` (in order) with the metadata ``add_metadata`` adds; return the path."""
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")  # beside dst, so that os.replace is atomic
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        add_metadata(writer)
-        for e in entries:
-            writer.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        # bytes, not tensors: a 20 GB model's tensors differ in size by 1000x; only on a terminal
-        with tqdm(total=sum(e.nbytes for e in entries), desc=f"write {dst.name}", unit="B", unit_scale=True,
-                  unit_divisor=1024, disable=None if progress else True, leave=False) as bar:
+    with atomic_output(dst) as tmp:  # a full disk or an interrupt leaves no partial file (base/atomic.py)
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            add_metadata(writer)
             for e in entries:
-                arr = e.produce()
-                if arr.nbytes != e.nbytes:
-                    raise SpacError(f"{e.name}: produced {arr.nbytes} bytes, expected {e.nbytes}")
-                writer.write_tensor_data(arr)
-                bar.update(e.nbytes)
-        writer.close()
-        os.replace(tmp, dst)
-    except OSError as exc:  # an unwritable place, a full disk: name what the user asked for, not our temporary
-        raise SpacError(f"cannot write {dst}: {exc.strerror or exc}; choose an output in a writable directory "
-                        "with room for the model") from exc
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+                writer.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            # bytes, not tensors: a 20 GB model's tensors differ in size by 1000x; only on a terminal
+            with tqdm(total=sum(e.nbytes for e in entries), desc=f"write {dst.name}", unit="B", unit_scale=True,
+                      unit_divisor=1024, disable=None if progress else True, leave=False) as bar:
+                for e in entries:
+                    arr = e.produce()
+                    if arr.nbytes != e.nbytes:
+                        raise SpacError(f"{e.name}: produced {arr.nbytes} bytes, expected {e.nbytes}")
+                    writer.write_tensor_data(arr)
+                    bar.update(e.nbytes)
+            writer.close()  # the last flush: its failure is a failed write too
+        except BaseException:
+            close_quietly(writer)
+            raise
     return dst

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import weakref
 from typing import Any
 
@@ -29,6 +30,7 @@ from spac_llamacpp.native.sensor import RoutingSensor
 log = logging.getLogger(__name__)
 
 OPS = {"prefetch": 1, "evict": 2, "pin": 3, "unpin": 4}
+FILE_FAULTS = {0: None, 1: "shrunk", 2: "modified", 3: "read_fault", 4: "sigbus"}  # SPAC_FILE_* (spac_engine.h)
 _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
@@ -111,7 +113,8 @@ class FlashEngine:
         queue: capacity of the move queue.
     """
 
-    def __init__(self, info: MoEModelInfo, mapping: FileMapping, threads: int = 2, queue: int = 65536) -> None:
+    def __init__(self, info: MoEModelInfo, mapping: FileMapping, threads: int = 2, queue: int = 65536,
+                 guard: bool = True) -> None:
         if info.n_expert <= 0:
             raise SpacError(f"{info.path} has no routed experts; the flash tier needs an MoE model")
         if mapping.offset > info.data_offset or mapping.offset + mapping.size < info.file_size:
@@ -132,12 +135,16 @@ class FlashEngine:
             raise SpacError(f"could not create the flash engine (layers={self.n_layer}, experts={self.n_expert}, "
                             f"threads={threads}, queue={queue})")
         self._handle = handle
+        self._sensor: RoutingSensor | None = None
         self._hooked: list = []
         self._finalizer = weakref.finalize(self, _release, self._lib, self._ffi, handle, fd, self._hooked)
         for t in tensors:
             if self._lib.spac_engine_add_tensor(handle, t.layer, t.file_offset, t.bytes_per_expert) != 0:
                 self.close()
                 raise SpacError(f"expert tensor {t.name} lies outside the mapped file {info.path}; the GGUF is corrupt")
+        self.guarded = False
+        if guard:
+            self._guard(mapping, fd)
         rc = self._lib.spac_engine_start(handle)
         if rc != 0:
             self.close()
@@ -145,11 +152,37 @@ class FlashEngine:
         self.covering = covering_bytes(info)
         self._mask = np.zeros(self.n_expert, dtype=np.uint8)
         self._keep: list[np.ndarray] = []  # predictor arrays the engine points into
-        self._sensor: RoutingSensor | None = None
         self._error_names = [self._ffi.string(self._lib.spac_engine_error_name(i)).decode()
                              for i in range(self._lib.SPAC_ERR_KINDS)]
         self._logged: set[str] = set()
         self.errors()  # setup failures (fdatasync, madvise RANDOM) are logged now
+
+    def _guard(self, mapping: FileMapping, fd: int) -> None:
+        """The file guard (native/spac_engine.h): the mapped file changing under the model is detected, and
+        reads of pages it no longer backs get zero pages instead of SIGBUS."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.debug("flash engine: fd %d is not a regular file: no file guard", fd)
+            return
+        if mapping.inode and st.st_ino != mapping.inode:
+            self.close()
+            raise SpacError(f"{self.info.path} was replaced while the model loaded; load it again")
+        rc = self._lib.spac_engine_guard_file(self._handle, mapping.offset, mapping.offset + mapping.size)
+        if rc != 0:
+            log.warning("flash engine: no guard against %s changing while mapped (%s)", self.info.path,
+                        os.strerror(-rc))
+            return
+        self.guarded = True
+
+    def check_file(self) -> dict[str, Any]:
+        """The mapped file now against the file at load (fstat): ``{"fault": None | "shrunk" | "modified" |
+        "read_fault" | "sigbus", "size_at_start", "size_now", "read_faults", "sigbus_caught", "fenced_bytes"}``."""
+        st = self._ffi.new("spac_file_status *")
+        self._lib.spac_engine_check_file(self._live(), st)
+        return {"guarded": bool(st.guarded), "fault": FILE_FAULTS.get(int(st.fault), str(int(st.fault))),
+                "size_at_start": int(st.size_at_start), "size_now": int(st.size_now),
+                "read_faults": int(st.read_faults), "sigbus_caught": int(st.sigbus_caught),
+                "fenced_bytes": int(st.fenced_bytes)}
 
     # --- moves -------------------------------------------------------------------------------------
     @property

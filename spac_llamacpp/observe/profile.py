@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spac_llamacpp.base.atomic import atomic_output
 from spac_llamacpp.base.errors import SpacError
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class Profile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        with atomic_output(path) as tmp:  # whole or not at all (base/atomic.py)
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
         return path
 
     def check_model(self, moe_layers: tuple[int, ...], n_expert: int, what: str) -> None:
@@ -85,24 +87,41 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
                        str(trace.meta.get("model", "")))
     try:
         d = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpacError(f"{path} is not a profile (JSON from `spac profile`) or a trace (.npz): {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpacError(f"{path} is not a profile (JSON from `spac profile`) or a trace (.npz): {what}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise SpacError(f"{path} is not a spac profile; make one with `spac profile MODEL -o {path.name}`")
     try:
-        layers = tuple(int(x) for x in d["moe_layers"])
-        n_expert = int(d["n_expert"])
+        if not isinstance(d["moe_layers"], list):
+            raise TypeError("moe_layers is not a list")
+        layers = tuple(_integer(x) for x in d["moe_layers"])
+        n_expert = _integer(d["n_expert"])
         counts = np.asarray(d["counts"], dtype=np.int64)
         utility = np.asarray(d["utility"], dtype=np.float64) if "utility" in d else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpacError(f"{path}: malformed profile ({exc}); re-create it with `spac profile`") from None
+        tokens, steps = _integer(d.get("tokens", 0)), _integer(d.get("steps", 0))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise SpacError(f"{path}: malformed profile ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "re-create it with `spac profile`") from None
     shape = (len(layers), n_expert)
     if counts.shape != shape or (utility is not None and utility.shape != shape):
         raise SpacError(f"{path}: profile arrays do not have the shape {shape}; re-create it with `spac profile`")
+    if n_expert < 1 or min(layers, default=0) < 0 or len(set(layers)) != len(layers):
+        raise SpacError(f"{path}: the profile's layers {list(layers)[:8]} or n_expert {n_expert} are not a model's; "
+                        "re-create it with `spac profile`")
+    if (counts < 0).any() or (utility is not None and not np.isfinite(utility).all()):
+        raise SpacError(f"{path}: the profile has negative counts or non-finite utilities; re-create it with "
+                        "`spac profile`")
     known = {"format", "version", "model", "n_expert", "moe_layers", "counts", "utility", "tokens", "steps"}
-    return Profile(layers, n_expert, counts, utility, int(d.get("tokens", 0)), int(d.get("steps", 0)),
+    return Profile(layers, n_expert, counts, utility, tokens, steps,
                    str(d.get("model", "")), {k: v for k, v in d.items() if k not in known})
 
+
+def _integer(v: Any) -> int:
+    """An integer field of a profile (not a boolean, a string or a fraction)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+        raise TypeError(f"{json.dumps(v)[:40]} is not an integer")
+    return int(v)
 
 def expected_demand(profile: str | os.PathLike[str] | Profile | None, info: MoEModelInfo,
                     n_expert_used: Sequence[int]) -> np.ndarray:

@@ -8,12 +8,16 @@ evaluated token ids and the per-step (layer, expert) counts.
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spac_llamacpp.base.atomic import atomic_output
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.observe.routing import RoutingLog
 
@@ -21,6 +25,9 @@ if TYPE_CHECKING:
     from spac_llamacpp.speculation.tracker import SpeculationTracker
 
 TRACE_VERSION = 1
+MAX_TRACE_EXPERTS = int(np.iinfo(np.int16).max)  # expert ids are int16
+_ARRAYS = (("ids", 3), ("token_step", 1), ("step_n_tokens", 1), ("counts", 3), ("moe_layers", 1))
+_DRAFT_ARRAYS = ("step_n_draft", "step_accepted")
 
 
 @dataclass(frozen=True)
@@ -50,17 +57,32 @@ class TraceLayout:
         try:
             eb = d.get("expert_bytes")
             neb = d.get("non_expert_bytes")
+            if eb is not None and not isinstance(eb, list):
+                raise TypeError(f"expert_bytes is a {type(eb).__name__}, not a list")
             layout = cls(
-                n_expert=int(d["n_expert"]),
-                n_expert_used=int(d["n_expert_used"]),
-                expert_bytes=None if eb is None else tuple(int(b) for b in eb),
-                non_expert_bytes=None if neb is None else int(neb),
+                n_expert=_count(d["n_expert"]),
+                n_expert_used=_count(d["n_expert_used"]),
+                expert_bytes=None if eb is None else tuple(_count(b) for b in eb),
+                non_expert_bytes=None if neb is None else _count(neb),
             )
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise SpacError(f"the trace's recorded layout is damaged ({type(exc).__name__}: {exc})") from exc
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise SpacError(f"the trace's recorded layout is damaged ({type(exc).__name__}: {str(exc)[:80]})") from exc
         if layout.expert_bytes is not None and any(b < 0 for b in layout.expert_bytes):
             raise SpacError("the trace's recorded layout has a negative expert size")
+        if layout.non_expert_bytes is not None and layout.non_expert_bytes < 0:
+            raise SpacError("the trace's recorded layout has a negative non-expert size")
+        if not 1 <= layout.n_expert_used <= max(layout.n_expert, 1):
+            raise SpacError(f"the trace's recorded layout routes {layout.n_expert_used} of {layout.n_expert} experts")
         return layout
+
+
+def _count(v: Any) -> int:
+    """An integer field of a recorded layout (integers and integral floats; not booleans or strings)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"{json.dumps(v)[:40]} is not a number")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{v} is not an integer")
+    return int(v)
 
 
 @dataclass
@@ -103,8 +125,18 @@ class RoutingTrace:
         return layout
 
     def check(self) -> None:
-        """Raise a one-line SpacError unless the arrays are consistent (shapes, steps, ids, counts)."""
+        """Raise a one-line SpacError unless the arrays are consistent (shapes, steps, ids, counts, meta)."""
+        for name, ndim in _ARRAYS:
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != ndim or a.dtype.kind not in "iu":
+                what = f"a {a.ndim}-D {a.dtype} array" if isinstance(a, np.ndarray) else type(a).__name__
+                raise SpacError(f"trace: {name} is {what}, expected a {ndim}-D integer array")
+        if isinstance(self.n_expert, bool) or not isinstance(self.n_expert, int | np.integer) \
+                or not 1 <= self.n_expert <= MAX_TRACE_EXPERTS:
+            raise SpacError(f"trace: n_expert is {self.n_expert!r}, not an expert count in 1..{MAX_TRACE_EXPERTS}")
         n_tok, n_layer, _ = self.ids.shape
+        if self.step_n_tokens.size and int(self.step_n_tokens.min()) < 0:
+            raise SpacError("trace: a step has a negative number of tokens")
         if self.token_step.shape != (n_tok,) or int(self.step_n_tokens.sum()) != n_tok:
             raise SpacError(f"trace: {n_tok} tokens but {self.token_step.shape[0]} token steps and "
                             f"{int(self.step_n_tokens.sum())} tokens counted per step")
@@ -117,9 +149,39 @@ class RoutingTrace:
             raise SpacError(f"trace: expert ids outside -1..{self.n_expert - 1}")
         if len(self.moe_layers) and not (int(self.moe_layers.min()) >= 0 and int(self.moe_layers.max()) < n_layer):
             raise SpacError(f"trace: MoE layers outside 0..{n_layer - 1}")
+        if len(np.unique(self.moe_layers)) != len(self.moe_layers):
+            raise SpacError("trace: a MoE layer is listed twice")
         if not np.array_equal(step_counts(self.ids, self.token_step, self.n_steps, self.n_expert), self.counts):
             raise SpacError("trace: per-step counts are not the histogram of the steps' ids")
+        self._check_drafts()
+        self._check_meta()
         _ = self.layout  # validates the recorded layout, if any
+
+    def _check_drafts(self) -> None:
+        if (self.step_n_draft is None) != (self.step_accepted is None):
+            raise SpacError("trace: step_n_draft and step_accepted come together")
+        if self.step_n_draft is None or self.step_accepted is None:
+            return
+        for name, a in (("step_n_draft", self.step_n_draft), ("step_accepted", self.step_accepted)):
+            if not isinstance(a, np.ndarray) or a.shape != (self.n_steps,) or a.dtype.kind not in "iu":
+                raise SpacError(f"trace: {name} is not one integer per step ({self.n_steps} steps)")
+        n_draft, accepted = self.step_n_draft.astype(np.int64), self.step_accepted.astype(np.int64)
+        if self.n_steps and (int(n_draft.min()) < 0 or int((accepted < -1).sum()) or int((accepted > n_draft).sum())):
+            raise SpacError("trace: a step's draft length is negative or fewer than its accepted drafts")
+
+    def _check_meta(self) -> None:
+        if not isinstance(self.meta, dict):
+            raise SpacError(f"trace: meta is a {type(self.meta).__name__}, not a JSON object")
+        runs = self.meta.get("runs")
+        if runs is None:
+            return
+        if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+            raise SpacError("trace: meta 'runs' is not a list of objects")
+        for r in runs:
+            for key in ("first_step", "start_step"):
+                v = r.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= self.n_steps):
+                    raise SpacError(f"trace: a run's {key} is {json.dumps(v)[:40]}, not a step of the trace")
 
     @classmethod
     def from_log(cls, log: RoutingLog, meta: dict[str, Any] | None = None,
@@ -169,7 +231,7 @@ class RoutingTrace:
         optional = {}
         if self.step_n_draft is not None and self.step_accepted is not None:
             optional = {"step_n_draft": self.step_n_draft, "step_accepted": self.step_accepted}
-        with path.open("wb") as fh:
+        with atomic_output(path) as tmp, tmp.open("wb") as fh:  # whole or not at all (base/atomic.py)
             np.savez_compressed(
                 fh,
                 **optional,
@@ -184,30 +246,53 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
-        """Read a trace written by :meth:`save`; a wrong or damaged file is a one-line SpacError."""
+        """Read a trace written by :meth:`save` and check it (:meth:`check`); a wrong or damaged file is a
+        one-line SpacError."""
         path = Path(path)
         if not path.is_file():
             raise SpacError(f"trace file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                trace = cls(
-                    ids=z["ids"],
-                    token_step=z["token_step"],
-                    step_n_tokens=z["step_n_tokens"],
-                    counts=z["counts"],
-                    moe_layers=z["moe_layers"],
-                    n_expert=int(meta.pop("n_expert")),
-                    meta=meta,
-                    step_n_draft=z["step_n_draft"] if "step_n_draft" in z.files else None,
-                    step_accepted=z["step_accepted"] if "step_accepted" in z.files else None,
-                )
-        except (OSError, KeyError, ValueError, EOFError) as exc:
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an archive of arrays")
+                files = set(z.files)
+                missing = [k for k in ("meta", *(name for name, _ in _ARRAYS)) if k not in files]
+                if missing:
+                    raise KeyError(", ".join(missing))
+                meta = json.loads(str(z["meta"][()]))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"meta is a {type(meta).__name__}, not a JSON object")
+                arrays = {name: z[name] for name in (*(n for n, _ in _ARRAYS), *_DRAFT_ARRAYS) if name in files}
+        except (OSError, EOFError, KeyError, ValueError, TypeError, IndexError, OverflowError, MemoryError,
+                NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error, struct.error) as exc:
+            # (what np.load, zipfile and the npy reader raise for a damaged archive, a member of an
+            # unsupported compression or encryption, or a header claiming impossible sizes)
             raise SpacError(
-                f"{path} is not a spac routing trace ({type(exc).__name__}); record one with `spac trace`"
-            ) from exc
-        if trace.meta.get("version") != TRACE_VERSION:
-            raise SpacError(f"{path}: trace version {trace.meta.get('version')} is not {TRACE_VERSION}; re-record it")
+                f"{path} is not a spac routing trace ({type(exc).__name__}: {str(exc)[:80]}); "
+                "record one with `spac trace`"
+            ) from None
+        if meta.get("version") != TRACE_VERSION:
+            raise SpacError(f"{path}: trace version {str(meta.get('version'))[:20]} is not {TRACE_VERSION}; "
+                            "re-record it")
+        n_expert = meta.pop("n_expert", None)
+        if isinstance(n_expert, bool) or not isinstance(n_expert, int):
+            raise SpacError(f"{path}: the trace's n_expert is {json.dumps(n_expert)[:40]}, not an integer; "
+                            "re-record it")
+        trace = cls(
+            ids=arrays["ids"],
+            token_step=arrays["token_step"],
+            step_n_tokens=arrays["step_n_tokens"],
+            counts=arrays["counts"],
+            moe_layers=arrays["moe_layers"],
+            n_expert=n_expert,
+            meta=meta,
+            step_n_draft=arrays.get("step_n_draft"),
+            step_accepted=arrays.get("step_accepted"),
+        )
+        try:
+            trace.check()
+        except SpacError as exc:
+            raise SpacError(f"{path} is a damaged routing trace ({exc}); re-record it") from None
         return trace
 
 

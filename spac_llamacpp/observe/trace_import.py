@@ -326,6 +326,8 @@ def _read_jsonl(path: Path, fh: Any) -> _Rows:
             obj = json.loads(raw.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             raise _bad(path, lineno, f"not JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise _bad(path, lineno, "JSON nested too deeply (a routing row is one flat object)") from None
         if not isinstance(obj, dict):
             raise _bad(path, lineno, f"not a JSON object but {type(obj).__name__}")
         layer = _json_int(obj, "layer", path, lineno)

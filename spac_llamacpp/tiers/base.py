@@ -163,6 +163,11 @@ class TierController(ABC):
         """Before anything else, also for a step without routing."""
         return None
 
+    def check_source(self) -> None:
+        """Raise a one-line SpacError when what the tier serves experts from has gone bad (the flash tier: the
+        GGUF changed under its mapping); ``Llama.eval`` asks before and after every evaluation."""
+        return None
+
     def _observe(self, counts: np.ndarray) -> None:
         """The step's counts, before the estimator and the plan see them."""
         return None

@@ -86,6 +86,9 @@ class FlashTier(TierController):
         check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
             always measures). mincore over the expert tensors costs ~7 ms per 2 GiB of experts, 5-8% of a
             step at 8-10 tok/s, so not every step by default.
+        guard_file: guard the mapping against the GGUF changing under it (truncated, rewritten): an
+            evaluation that sees it fails with one SpacError line (:meth:`check_source`) instead of the
+            process dying of SIGBUS (native/spac_engine.h, docs/robustness.md).
         loop: the shared loop's options (:class:`~spac_llamacpp.tiers.base.LoopOptions`): ``config`` (default
             :meth:`PlacementConfig.flash`) or single fields of it (``estimator``, ``solver``, ``replan_every``,
             ``drift``, ``horizon``, ``background``, ...), ``cost``, ``profile`` (plan the first residency from
@@ -107,6 +110,7 @@ class FlashTier(TierController):
         lookahead: bool = True,
         layer_ahead: bool = False,
         check_every: int = 4,
+        guard_file: bool = True,
         **loop: Any,
     ) -> None:
         options = LoopOptions.parse(PlacementConfig.flash(), **loop)
@@ -132,7 +136,7 @@ class FlashTier(TierController):
         self.mapping = mapping
         self._warned_other_mappings = False
 
-        self.engine = FlashEngine(info, mapping, threads=threads)
+        self.engine = FlashEngine(info, mapping, threads=threads, guard=guard_file)
         self.non_expert_locked = 0
         try:
             if lock_non_experts:
@@ -273,6 +277,30 @@ class FlashTier(TierController):
             c.history.append(resident)
         return resident
 
+    def check_source(self) -> None:
+        """Raise one SpacError line when the GGUF changed under the mapping since the model loaded.
+
+        ``Llama.eval`` asks before and after every evaluation: a change found after it means that
+        evaluation read pages the file no longer backs (zero pages) or other weights, so its output is
+        discarded; the fault is sticky, so every later evaluation fails the same way."""
+        st = self.engine.check_file()
+        fault = st["fault"]
+        if fault is None:
+            return
+        path = self.info.path
+        regrown = st["size_now"] >= st["size_at_start"]
+        what = {
+            "shrunk": "was rewritten in place (truncated, then written again)" if regrown else
+                      f"was truncated from {st['size_at_start']} to {st['size_now']} bytes",
+            "modified": "was modified in place (its size or modification time changed), so its weights may no "
+                        "longer be the ones loaded",
+            "read_fault": "could not be read (an I/O error, or the file shrank while it was read)",
+            "sigbus": "shrank while it was being read",
+        }.get(fault, f"failed ({fault})")
+        raise SpacError(f"{path} {what} while the model was running from it; the evaluation's output is "
+                        "discarded and this model cannot evaluate any more: restore the file and load the model "
+                        "again (never rewrite a GGUF that a model has open; write a new file and rename it)")
+
     # --- reporting --------------------------------------------------------------------------------
     def residency(self) -> tuple[int, np.ndarray]:
         """(resident expert bytes, ``[n_moe_layer, n_expert]`` resident fraction), measured now."""
@@ -311,6 +339,7 @@ class FlashTier(TierController):
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
             "other_mappings": others,
             "notes": notes,
+            "model_file": self.engine.check_file(),  # the file guard: {"fault": None, ...} while the GGUF is intact
         }
 
     def _other_mappings(self) -> tuple[dict[str, int], list[str]]:

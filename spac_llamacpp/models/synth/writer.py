@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from tqdm import tqdm
 
+from spac_llamacpp.base.atomic import atomic_output, close_quietly
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.models.bpe import TOKEN_CONTROL, BpeVocab, add_tokenizer
 from spac_llamacpp.models.factory import factory_vocab
@@ -329,33 +330,33 @@ def write_synth(
     data_bytes = sum(-(-t.nbytes // align) * align for t in tensors)
     check_disk(path, data_bytes + _metadata_bytes(vocab, len(tensors)))
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
-    try:
-        add_metadata(writer, p, spec, expert_type, vocab)
-        for t in tensors:
-            quantized = t.qtype not in (Q.F32, Q.F16)
-            dtype = np.uint8 if quantized else (np.float32 if t.qtype == Q.F32 else np.float16)
-            shape = t.byte_shape if quantized else tuple(reversed(t.ne))
-            writer.add_tensor_info(t.name, shape, np.dtype(dtype), t.nbytes, raw_dtype=t.qtype if quantized else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None and len(writer.fout) == 1
-        fout = writer.fout[0]
-        _pad(fout, align)
-        with tqdm(total=data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {p.name}",
-                  disable=None if progress is None else not progress, leave=False) as bar:
+    with atomic_output(path) as tmp:  # a full disk or an interrupt leaves no partial file (base/atomic.py)
+        writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        try:
+            add_metadata(writer, p, spec, expert_type, vocab)
             for t in tensors:
-                for chunk in _tensor_chunks(t, seed):
-                    fout.write(chunk)
-                    bar.update(chunk.nbytes)
-                bar.update(_pad(fout, align))
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+                quantized = t.qtype not in (Q.F32, Q.F16)
+                dtype = np.uint8 if quantized else (np.float32 if t.qtype == Q.F32 else np.float16)
+                shape = t.byte_shape if quantized else tuple(reversed(t.ne))
+                writer.add_tensor_info(t.name, shape, np.dtype(dtype), t.nbytes,
+                                       raw_dtype=t.qtype if quantized else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None and len(writer.fout) == 1
+            fout = writer.fout[0]
+            _pad(fout, align)
+            with tqdm(total=data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {p.name}",
+                      disable=None if progress is None else not progress, leave=False) as bar:
+                for t in tensors:
+                    for chunk in _tensor_chunks(t, seed):
+                        fout.write(chunk)
+                        bar.update(chunk.nbytes)
+                    bar.update(_pad(fout, align))
+            writer.close()  # the last flush: its failure is a failed write too
+        except BaseException:
+            close_quietly(writer)
+            raise
     exp = sorted({t.qtype.name for t in tensors if t.name.endswith("_exps.weight")})
     return SynthResult(path, p.name, spec.n_layer, "+".join(exp), path.stat().st_size, time.perf_counter() - t0)
 
