@@ -769,7 +769,11 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
 }
 
 int64_t spac_engine_residency(spac_engine *e, float *frac) {
-    if (e == NULL) {
+    return e == NULL ? -1 : spac_engine_residency_layers(e, 0, e->n_layer, frac, NULL);
+}
+
+int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident) {
+    if (e == NULL || l0 < 0 || l1 > e->n_layer || l0 > l1) {
         return -1;
     }
     pthread_mutex_lock(&e->mc_mu);
@@ -782,8 +786,9 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
             return -1;
         }
     }
-    for (int32_t l = 0; l < e->n_layer && total >= 0; l++) {
+    for (int32_t l = l0; l < l1 && total >= 0; l++) {
         uint64_t layer_bytes = 0;
+        int64_t before = total;
         if (per != NULL) {
             memset(per, 0, sizeof(int64_t) * (size_t)e->n_expert);
         }
@@ -826,6 +831,9 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
                     }
                 }
             }
+        }
+        if (resident != NULL && total >= 0) {
+            resident[l] = total - before;
         }
         if (per != NULL && total >= 0) {
             for (int32_t x = 0; x < e->n_expert; x++) {

@@ -127,6 +127,11 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
  * the resident fraction of its bytes, [n_layer][n_expert]. Returns -1 on error. */
 int64_t spac_engine_residency(spac_engine *e, float *frac);
 
+/* The same for the layers l0 <= l < l1 only (a partial sweep: its cost is that of their pages): frac
+ * rows and resident[l] (may be NULL; [n_layer], resident expert bytes per layer) are written for those
+ * layers only. Returns their resident expert bytes, -1 on error or a bad range. */
+int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident);
+
 /* Layer-ahead prediction: when layer `source` has produced its output x (spac_engine_on_hidden),
  * predict the experts of MoE block `target` as top-k of weight . (rmsnorm(x) * norm) (+ bias on the
  * selection scores, after a sigmoid if `sigmoid`), and start reads (MADV_WILLNEED, no wait) of the

@@ -245,6 +245,22 @@ class FlashEngine:
             raise SpacError("mincore failed on the model mapping")
         return total, frac
 
+    def residency_layers(self, lo: int, hi: int, frac: np.ndarray, layer_bytes: np.ndarray) -> int:
+        """Measure blocks ``lo <= l < hi`` only (a partial sweep costs what their pages cost): writes their rows of
+        ``frac`` (float32 ``[block_count, n_expert]``, resident fraction) and ``layer_bytes`` (int64
+        ``[block_count]``, resident expert bytes); returns their resident expert bytes."""
+        if frac.shape != (self.n_layer, self.n_expert) or frac.dtype != np.float32 or not frac.flags.c_contiguous:
+            raise SpacError(f"frac must be C-contiguous float32 {(self.n_layer, self.n_expert)}")
+        if layer_bytes.shape != (self.n_layer,) or layer_bytes.dtype != np.int64 or not layer_bytes.flags.c_contiguous:
+            raise SpacError(f"layer_bytes must be C-contiguous int64 ({self.n_layer},)")
+        ffi = self._ffi
+        total = int(self._lib.spac_engine_residency_layers(self._live(), int(lo), int(hi),
+                                                           ffi.cast("float *", ffi.from_buffer(frac)),
+                                                           ffi.cast("int64_t *", ffi.from_buffer(layer_bytes))))
+        if total < 0:
+            raise SpacError(f"mincore failed on the model mapping (or bad block range {lo}..{hi})")
+        return total
+
     def stats(self) -> dict[str, int]:
         st = self._ffi.new("spac_engine_stats *")
         self._lib.spac_engine_get_stats(self._live(), st)
