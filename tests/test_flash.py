@@ -14,7 +14,7 @@ from spac_llamacpp import Llama
 from spac_llamacpp.base.errors import NotMoEError, SpacError
 from spac_llamacpp.gguf.info import read_model_header
 from spac_llamacpp.models.factory import write_tiny_moe
-from spac_llamacpp.native.flash_engine import FlashEngine, page_size
+from spac_llamacpp.native.flash_engine import FlashEngine, page_size, readahead_chunk
 from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
 from spac_llamacpp.tiers.flash import sweep_chunks
 from spac_llamacpp.tools.generate import greedy_continuation
@@ -155,6 +155,12 @@ def test_evicted_experts_gone_prefetched_resident(flash_models):
         _, frac = engine.residency()
         assert frac[layer, 3] == pytest.approx(1.0)
         assert np.delete(frac[layer], 3).max() <= slack * 3 + 1e-6
+        # readahead in pieces of one page (the kernel reads at most its limit per MADV_WILLNEED call)
+        assert engine.readahead_chunk == readahead_chunk(path) and engine.readahead_chunk % page_size() == 0
+        engine._lib.spac_engine_set_readahead(engine._handle, 1)  # rounded up to one page
+        assert engine.submit("prefetch", layer, 5)
+        assert engine.wait_idle()
+        assert engine.residency()[1][layer, 5] == pytest.approx(1.0)
         assert engine.stats()["errors"] == 0
         with pytest.raises(SpacError, match="no such routed expert"):
             engine.submit("evict", layer, info.n_expert)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,22 @@ def covering_bytes(info: MoEModelInfo) -> np.ndarray:
         hi = -((-(starts + t.bytes_per_expert)) // pg) * pg
         out[t.layer, : t.n_expert] += hi - lo
     return out
+
+
+def readahead_chunk(path: str | os.PathLike[str], default: int = 128 << 10) -> int:
+    """Bytes one ``MADV_WILLNEED`` call may cover and still be read whole: the file's block device's
+    ``max_sectors_kb`` (the kernel reads at most max(that, the file's readahead window) per call and leaves
+    the rest to page faults); ``default`` (the kernel's default readahead window) when it cannot be found."""
+    try:
+        st = os.stat(path)
+        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+        for queue in (dev / "queue", dev.parent / "queue"):  # a partition's queue is its disk's
+            limit = queue / "max_sectors_kb"
+            if limit.is_file():
+                return max(int(limit.read_text().split()[0]) << 10, os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return default
 
 
 def non_expert_ranges(info: MoEModelInfo) -> list[tuple[int, int]]:
@@ -138,6 +155,8 @@ class FlashEngine:
             if self._lib.spac_engine_add_tensor(handle, t.layer, t.file_offset, t.bytes_per_expert) != 0:
                 self.close()
                 raise SpacError(f"expert tensor {t.name} lies outside the mapped file {info.path}; the GGUF is corrupt")
+        self.readahead_chunk = readahead_chunk(info.path)
+        self._lib.spac_engine_set_readahead(handle, self.readahead_chunk)
         rc = self._lib.spac_engine_start(handle)
         if rc != 0:
             self.close()
