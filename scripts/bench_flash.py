@@ -104,6 +104,7 @@ def _child(cfg: dict) -> dict:
     seconds = decode_s + prompt_s
     read = read_bytes_so_far() - read0
     out = {"kind": cfg["kind"], "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load_s,
+           "prompt_seconds": prompt_s, "decode_seconds": decode_s,
            "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": _rss_anon(),
            "replay": replay_stats(llm)}
     if cfg["kind"] == "spac":
