@@ -116,16 +116,19 @@ def synthetic_steps(n_layer: int, n_expert: int, k: int, steps: int, prompt: int
 
 def loop_costs(tier: FlashTier, info, k: int, args: argparse.Namespace) -> dict:
     n_layer = info.block_count
-    walls = []
+    walls, cpus = [], []
     for step in synthetic_steps(n_layer, info.n_expert, k, args.steps, args.prompt_tokens, args.seed):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         tier.on_step(step)
+        cpus.append(time.thread_time() - c0)
         walls.append(time.perf_counter() - t0)
         time.sleep(args.step_gap)  # let the workers move experts, as during a model's evaluation
     st = tier.stats(settle=30.0)
     per = {name: 1e3 * s / args.steps for name, s in st["loop_seconds"].items()}
     checks = max(st["checks"], 1)
     return {"steps": args.steps, "on_step_ms_median": 1e3 * statistics.median(walls[1:]),
+            "on_step_cpu_ms_median": 1e3 * statistics.median(cpus[1:]),
+            "on_step_cpu_ms_mean": 1e3 * statistics.fmean(cpus[1:]),
             "on_step_ms_first": 1e3 * walls[0], "on_step_ms_max_later": 1e3 * max(walls[1:]),
             "phase_ms_per_step": per, "checks": st["checks"], "check_layers": st["check_layers"],
             "check_ms_per_check": 1e3 * st["check_seconds"] / checks,
@@ -234,7 +237,8 @@ def main() -> int:
         print(f"mincore, cold: whole model {fmt(r['whole_model'])}; one check ({r['check_layers']} layers) "
               f"{fmt(r['one_check'])}; one token's hook checks {fmt(r['hook_one_token'])}", flush=True)
         report["loop"] = lp = loop_costs(tier, info, k, args)
-        print(f"loop, {lp['steps']} steps: on_step median {lp['on_step_ms_median']:.2f} ms (first "
+        print(f"loop, {lp['steps']} steps: on_step median {lp['on_step_ms_median']:.2f} ms wall, CPU median "
+              f"{lp['on_step_cpu_ms_median']:.2f} ms, mean {lp['on_step_cpu_ms_mean']:.2f} ms (first "
               f"{lp['on_step_ms_first']:.1f} ms, later max {lp['on_step_ms_max_later']:.1f} ms); per step "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in lp["phase_ms_per_step"].items())
               + f"; a check {lp['check_ms_per_check']:.2f} ms wall, {lp['check_cpu_ms_per_check']:.2f} ms CPU "
