@@ -69,6 +69,7 @@ struct spac_engine {
     spac_engine_stats st;
 
     pthread_mutex_t mc_mu; /* residency scratch */
+    uint64_t ra_chunk; /* bytes per MADV_WILLNEED call (spac_engine_set_readahead) */
     unsigned char *mc;
     size_t mc_cap;
     unsigned char *hit_mc; /* hit checks (decoding thread) */
@@ -169,6 +170,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->size = map_size;
     e->fd = fd;
     e->page = (uint64_t)page;
+    e->ra_chunk = SPAC_DEFAULT_RA_CHUNK;
     e->cap = queue_capacity;
     e->cap_deferred = queue_capacity;
     e->n_threads = n_threads;
@@ -483,11 +485,29 @@ static range_t covering(const spac_engine *e, const tensor_t *t, int32_t expert)
 /* madvise every page the expert touches, tensor by tensor (decoding thread: demand and lookahead).
  * Failures go to errs[SPAC_ERR_DEMAND] (EINVAL of POPULATE_READ: an old kernel, the matmul faults the
  * pages in instead). */
+/* MADV_WILLNEED over [lo, hi) in pieces of at most ra_chunk bytes. One call reads at most the device's
+ * readahead limit, max(read_ahead_kb, max_sectors_kb) (the kernel's force_page_cache_ra caps it, silently):
+ * what lies beyond would be left to MADV_POPULATE_READ, i.e. to page faults, which read one page at a time
+ * in a MADV_RANDOM mapping (a 32 MiB Mixtral expert tensor: 9 MiB/s instead of 730 MiB/s). */
+static int willneed(const spac_engine *e, uint64_t lo, uint64_t hi) {
+    int rc = 0;
+    for (uint64_t a = lo; a < hi; a += e->ra_chunk) {
+        uint64_t b = hi - a < e->ra_chunk ? hi : a + e->ra_chunk;
+        if (madvise(e->base + a, b - a, MADV_WILLNEED) != 0) {
+            rc = -1;
+        }
+    }
+    return rc;
+}
+
 static void advise_expert(spac_engine *e, int32_t layer, int32_t expert, int advice, int *errs) {
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
-        if (r.hi > r.lo && madvise(e->base + r.lo, r.hi - r.lo, advice) != 0 &&
-            !(advice == MADV_POPULATE_READ && errno == EINVAL)) {
+        if (r.hi <= r.lo) {
+            continue;
+        }
+        int rc = advice == MADV_WILLNEED ? willneed(e, r.lo, r.hi) : madvise(e->base + r.lo, r.hi - r.lo, advice);
+        if (rc != 0 && !(advice == MADV_POPULATE_READ && errno == EINVAL)) {
             int err = errno;
             keep_first(errs, SPAC_ERR_DEMAND, err);
             if (advice == MADV_POPULATE_READ && err == EFAULT) {
@@ -514,7 +534,7 @@ static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *
             continue;
         }
         /* readahead of exactly this range, then wait for it (and map it) */
-        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_WILLNEED) != 0) {
+        if (willneed(e, r.lo, r.hi) != 0) {
             keep_first(errs, SPAC_ERR_PREFETCH, errno);
         }
         if (madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) != 0) {
@@ -1012,8 +1032,19 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
     return idle;
 }
 
+void spac_engine_set_readahead(spac_engine *e, uint64_t chunk_bytes) {
+    if (e != NULL) {
+        uint64_t c = floor_pg(e, chunk_bytes);
+        e->ra_chunk = c < e->page ? e->page : c;
+    }
+}
+
 int64_t spac_engine_residency(spac_engine *e, float *frac) {
-    if (e == NULL) {
+    return e == NULL ? -1 : spac_engine_residency_layers(e, 0, e->n_layer, frac, NULL);
+}
+
+int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident) {
+    if (e == NULL || l0 < 0 || l1 > e->n_layer || l0 > l1) {
         return -1;
     }
     pthread_mutex_lock(&e->mc_mu);
@@ -1026,8 +1057,9 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
             return -1;
         }
     }
-    for (int32_t l = 0; l < e->n_layer && total >= 0; l++) {
+    for (int32_t l = l0; l < l1 && total >= 0; l++) {
         uint64_t layer_bytes = 0;
+        int64_t before = total;
         if (per != NULL) {
             memset(per, 0, sizeof(int64_t) * (size_t)e->n_expert);
         }
@@ -1070,6 +1102,9 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
                     }
                 }
             }
+        }
+        if (resident != NULL && total >= 0) {
+            resident[l] = total - before;
         }
         if (per != NULL && total >= 0) {
             for (int32_t x = 0; x < e->n_expert; x++) {

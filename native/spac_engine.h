@@ -161,9 +161,20 @@ void spac_engine_end_step(spac_engine *e);
 /* Wait until no move is queued or running. Returns 1 when idle, 0 on timeout. */
 int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms);
 
+/* Bytes per MADV_WILLNEED call (rounded down to pages, at least one page; default
+ * SPAC_DEFAULT_RA_CHUNK): at most the device's readahead limit, max(read_ahead_kb, max_sectors_kb), since
+ * the kernel reads no more than that per call and leaves the rest of a larger range to page faults. */
+#define SPAC_DEFAULT_RA_CHUNK (128 * 1024)
+void spac_engine_set_readahead(spac_engine *e, uint64_t chunk_bytes);
+
 /* Resident expert bytes (mincore, each byte counted once); frac (may be NULL) receives per expert
  * the resident fraction of its bytes, [n_layer][n_expert]. Returns -1 on error. */
 int64_t spac_engine_residency(spac_engine *e, float *frac);
+
+/* The same for the layers l0 <= l < l1 only (a partial sweep: its cost is that of their pages): frac
+ * rows and resident[l] (may be NULL; [n_layer], resident expert bytes per layer) are written for those
+ * layers only. Returns their resident expert bytes, -1 on error or a bad range. */
+int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident);
 
 /* Layer-ahead prediction: when layer `source` has produced its output x (spac_engine_on_hidden),
  * predict the experts of MoE block `target` as top-k of weight . (rmsnorm(x) * norm) (+ bias on the

@@ -13,13 +13,22 @@ dropped from the page cache first:
 * spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``.
 
 Both get the same prompts, token counts and draft settings. Before the limited runs, stock runs once
-with the whole model in RAM (the physical ceiling). Printed: decode tokens/s, ratio, expert hit rate,
-bytes read from disk per token (``/proc/<pid>/io``), resident bytes; the last line is one JSON object.
+with the whole model in RAM (the physical ceiling; ``--ceiling auto`` skips it when the file does not fit
+in the memory available, and then measures the runtime overhead with one short stock run). Printed:
+decode tokens/s, ratio, expert hit rate, bytes read from disk per token (``/proc/<pid>/io``), resident
+bytes; the last line is one JSON object.
+
+``--replay TRACE`` forces every run's routing to a trace's (``docs/replay.md``; e.g. a public trace imported
+with ``spac trace import`` onto a ``spac synth`` model of its shape). Stock llama-cpp-python cannot replay,
+so the stock runs are then ``spac_llamacpp.Llama`` with no tier: llama.cpp's own placement on the same
+mmap, the same forced routing, and the routing sensor's graph callback on both sides.
 
 Example::
 
     M=~/.cache/spac-llamacpp/models/qwen2.5-coder-1.5b-moe-e64x128-s768-k8-routernorm-f16.gguf
     python scripts/bench_flash.py $M --budget 50% --budget 25% -n 48
+    spac trace import mixtral.jsonl -o mixtral.npz --format jsonl && spac synth mixtral-8x7b -o mixtral.gguf
+    python scripts/bench_flash.py mixtral.gguf --budget 50% --replay mixtral.npz -n 16 --max-seconds 600
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.tools.benchmarks import PROMPTS, run_child, timed_generation
+from spac_llamacpp.tools.benchmarks import PROMPTS, add_replay_options, run_child, timed_generation
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +58,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-draft", type=int, default=4)
     p.add_argument("--overhead", default=None, help="RAM for everything but the weights (default: measured + 25%%)")
     p.add_argument("--no-limit", action="store_true", help="skip the memory limit (only to debug the script)")
+    p.add_argument("--ceiling", choices=("auto", "yes", "no"), default="auto",
+                   help="measure the all-in-RAM ceiling (auto: when the file fits in the memory available); without "
+                        "it the runtime overhead is measured by one short unlimited stock run")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop a run's generation after this many seconds (its rate is then measured on the tokens "
+                        "generated so far)")
+    add_replay_options(p)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -58,9 +74,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def _child(cfg: dict) -> dict:
-    import llama_cpp
-
     from spac_llamacpp.tiers.flash import read_bytes_so_far
+    from spac_llamacpp.tools.benchmarks import replay_kwargs, replay_stats, stock_llama
+
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0}
     draft = None
@@ -73,30 +89,29 @@ def _child(cfg: dict) -> dict:
 
         draft = GGUFDraftModel(cfg["draft"], cfg["n_draft"], cfg["ctx"], n_threads=cfg["threads"])
     t0 = time.perf_counter()
+    spec = {"n_draft": cfg["n_draft"], "adaptive_draft": False} if draft is not None else {}
     if cfg["kind"] == "spac":
         from spac_llamacpp import Llama
 
-        llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], draft_model=draft, n_draft=cfg["n_draft"],
-                    adaptive_draft=False, **kw)
-    else:
-        from spac_llamacpp.native.params import patched_default_params
-
-        def no_repack(p) -> None:  # the same CPU kernels as the flash tier (which must not repack)
-            p.use_extra_bufts = False
-
-        with patched_default_params(no_repack, lambda p: None):
-            llm = llama_cpp.Llama(cfg["model"], draft_model=draft, **kw)
+        llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], draft_model=draft, **spec,
+                    **replay_kwargs(cfg), **kw)
+    else:  # the same CPU kernels as the flash tier (which must not repack)
+        llm = stock_llama(cfg["model"], cfg, use_extra_bufts=False, draft_model=draft,
+                          **(spec if cfg.get("replay") else {}), **kw)
     load_s = time.perf_counter() - t0
     read0 = read_bytes_so_far()
-    tokens, decode_s, prompt_s = timed_generation(llm, cfg["prompts"], cfg["n_predict"])
+    tokens, decode_s, prompt_s = timed_generation(llm, cfg["prompts"], cfg["n_predict"], cfg.get("max_seconds"))
     seconds = decode_s + prompt_s
     read = read_bytes_so_far() - read0
     out = {"kind": cfg["kind"], "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load_s,
-           "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": _rss_anon()}
+           "prompt_seconds": prompt_s, "decode_seconds": decode_s,
+           "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": _rss_anon(),
+           "replay": replay_stats(llm)}
     if cfg["kind"] == "spac":
         st = llm.stats(settle=5.0)
         out.update({k: st[k] for k in ("hit_rate", "resident_expert_bytes", "max_resident_at_check",
-                                       "over_budget_checks", "budget_checks", "budget_bytes")})
+                                       "over_budget_checks", "budget_checks", "budget_bytes", "loop_seconds",
+                                       "checks", "check_seconds", "check_cpu_seconds", "steps")})
     llm.close()
     return out
 
@@ -127,27 +142,38 @@ def main() -> int:
 
     from spac_llamacpp.base.sizes import format_size, parse_size
     from spac_llamacpp.gguf.info import read_model_header
-    from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache
-    from spac_llamacpp.tools.benchmarks import budget_arg
+    from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache, mem_available
+    from spac_llamacpp.tools.benchmarks import budget_arg, check_replay
 
     info = read_model_header(args.model)
     prompts = (args.prompts.read_text().splitlines() if args.prompts else list(PROMPTS))
     prompts = [p.replace("\\n", "\n") for p in prompts if p.strip()]
     base = {"model": str(Path(args.model).resolve()), "prompts": prompts, "n_predict": args.n_predict,
             "threads": args.threads, "ctx": args.ctx, "draft": args.draft, "lookup": args.lookup,
-            "n_draft": args.n_draft}
+            "n_draft": args.n_draft, "replay": check_replay(args.replay, info), "replay_end": args.replay_end,
+            "max_seconds": args.max_seconds}
 
     budgets = [budget_arg(b, "flash", info) for b in (args.budget or ["50%"])]
     print(f"model {info.path.name}: {format_size(info.expert_bytes)} routed experts, "
           f"{format_size(info.non_expert_bytes)} other weights; prompts {len(prompts)} x {args.n_predict} tokens; "
-          f"draft: {args.draft or ('prompt lookup' if args.lookup else 'none')}", flush=True)
+          f"draft: {args.draft or ('prompt lookup' if args.lookup else 'none')}; routing: "
+          f"{'replayed from ' + args.replay + ' (both sides)' if args.replay else 'the model' + chr(39) + 's own'}",
+          flush=True)
 
     # the physical ceiling: stock with the whole file in the page cache (warm)
-    _run_child({**base, "kind": "stock"})  # warms the cache
-    ceiling = _run_child({**base, "kind": "stock"})
-    print(f"all in RAM (stock, warm): {ceiling['tps']:.2f} tok/s; runtime anon memory "
-          f"{format_size(ceiling['rss_anon'])}", flush=True)
-    overhead = parse_size(args.overhead) if args.overhead else int(ceiling["rss_anon"] * 1.25) + (64 << 20)
+    fits = info.file_size + (1 << 30) < mem_available()
+    ceiling = None
+    if args.ceiling == "yes" or (args.ceiling == "auto" and fits):
+        _run_child({**base, "kind": "stock"})  # warms the cache
+        ceiling = _run_child({**base, "kind": "stock"})
+        anon = ceiling["rss_anon"]
+        print(f"all in RAM (stock, warm): {ceiling['tps']:.2f} tok/s; runtime anon memory {format_size(anon)}",
+              flush=True)
+    else:  # the runtime's anonymous memory from one prompt and one token (KV cache, compute buffers)
+        anon = _run_child({**base, "kind": "stock", "prompts": prompts[:1], "n_predict": 1})["rss_anon"]
+        print(f"no ceiling run ({format_size(info.file_size)} file, {format_size(mem_available())} available); "
+              f"runtime anon memory {format_size(anon)}", flush=True)
+    overhead = parse_size(args.overhead) if args.overhead else int(anon * 1.25) + (64 << 20)
 
     results = []
     draft_bytes = Path(args.draft).stat().st_size if args.draft else 0  # its weights need RAM in both runs
@@ -169,12 +195,15 @@ def main() -> int:
               f"  spac  {k['tps']:7.2f} tok/s, read {format_size(k['read_per_token'])}/token, expert hit rate "
               f"{100 * (k['hit_rate'] or 0):.1f}%, resident {format_size(k['resident_expert_bytes'])} "
               f"(max at a step boundary {format_size(k['max_resident_at_check'])})\n"
-              f"  ratio spac/stock {row['ratio']:.2f}x; ceiling/stock {ceiling['tps'] / s['tps']:.2f}x", flush=True)
+              f"  ratio spac/stock {row['ratio']:.2f}x"
+              + (f"; ceiling/stock {ceiling['tps'] / s['tps']:.2f}x" if ceiling else ""), flush=True)
 
     main_row = results[0]
     print(json.dumps({"model": info.path.name, "stock_tps": main_row["stock"]["tps"],
                       "spac_tps": main_row["spac"]["tps"], "ratio": main_row["ratio"],
-                      "budget_bytes": main_row["budget_bytes"], "ceiling_tps": ceiling["tps"], "runs": results}))
+                      "budget_bytes": main_row["budget_bytes"], "ceiling_tps": ceiling["tps"] if ceiling else None,
+                      "ceiling": ceiling, "replay": args.replay, "prompts": prompts, "n_predict": args.n_predict,
+                      "runs": results}))
     return 0
 
 

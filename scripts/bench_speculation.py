@@ -6,7 +6,9 @@ produces the text of the run without speculation (it can differ where llama.cpp'
 verification rounds differently from one-token decoding and a near-tie flips; stock
 llama-cpp-python's own prompt-lookup decoding does the same), and prints acceptance, tokens/s and
 the ratio to no speculation; the last line is one JSON object. With ``--budget`` every run uses the flash
-tier at that expert budget (no RAM limit is imposed here: see bench_flash.py for that).
+tier at that expert budget (no RAM limit is imposed here: see bench_flash.py for that). ``--replay TRACE``
+forces the target's routing in every run to a trace's (docs/replay.md: a verification batch's tokens take
+the trace's tokens at their positions); texts are then meaningless, but "identical" still compares them.
 
 Example::
 
@@ -22,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.tools.benchmarks import PROMPTS
+from spac_llamacpp.tools.benchmarks import PROMPTS, add_replay_options, check_replay, replay_kwargs
 
 
 def main() -> int:
@@ -45,7 +47,10 @@ def main() -> int:
                         "dropped from the page cache before each run")
     p.add_argument("--no-repack", action="store_true", help="use_extra_bufts=False (K-quant non-expert weights)")
     p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    add_replay_options(p)
     args = p.parse_args()
+    if args.replay and args.cache_prior:
+        raise SystemExit("error: --replay and --cache-prior both rewrite the router probabilities; use one")
 
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else list(PROMPTS)
     prompts = [x.replace("\\n", "\n") for x in prompts if x.strip()]
@@ -67,6 +72,11 @@ def main() -> int:
     if args.no_repack or args.budget:
         base["use_extra_bufts"] = False
         base["draft_kwargs"] = {"use_extra_bufts": False}
+    if args.replay:  # every run, the draft sources' included: the target's routing is the trace's
+        from spac_llamacpp.gguf.info import read_model_header
+
+        base.update(replay_kwargs({"replay": check_replay(args.replay, read_model_header(args.model)),
+                                   "replay_end": args.replay_end}))
 
     from spac_llamacpp.base.sizes import parse_size
     from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache
@@ -76,7 +86,7 @@ def main() -> int:
     with limit:
         _run_all(args, configs, base, prompts, rows, drop_file_cache if args.limit else None)
     print(json.dumps({"model": args.model, "budget": args.budget, "limit": args.limit, "n_predict": args.n_predict,
-                      "prompts": len(prompts), "rows": rows}))
+                      "prompts": len(prompts), "replay": args.replay, "rows": rows}))
     return 0
 
 

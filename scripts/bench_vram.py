@@ -17,7 +17,8 @@ copies repacked experts from the GGUF file); ``--no-repack`` turns it off everyw
 development VM, whose AMX kernels crash on K-quant weights when non-expert weights stay on the CPU).
 Printed: decode tokens/s, spac's pool hit rate, ratios; the last line is JSON.
 ``--pool-on-host`` runs the spac side with the pool in host memory (a smoke test without a GPU: its
-speed means nothing).
+speed means nothing). ``--replay TRACE`` forces every run's routing to a trace's (docs/replay.md); the
+stock runs are then ``spac_llamacpp.Llama`` with no tier (the same overrides, the same forced routing).
 
 Example::
 
@@ -34,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.tools.benchmarks import PROMPTS, run_child, timed_generation
+from spac_llamacpp.tools.benchmarks import PROMPTS, add_replay_options, run_child, timed_generation
 
 EXPS = r"\.ffn_(gate|up|down|gate_up)_exps\.weight$"
 
@@ -51,13 +52,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pool-on-host", action="store_true", help="spac's pool in host memory (smoke test, no GPU)")
     p.add_argument("--skip-n-cpu-moe", action="store_true", help="only compare with exps=CPU")
     p.add_argument("--no-repack", action="store_true", help="CPU weight repacking off in every run")
+    add_replay_options(p)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def _child(cfg: dict) -> dict:
-    import llama_cpp
-
+    from spac_llamacpp.tools.benchmarks import replay_kwargs, replay_stats, stock_llama
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0, "n_gpu_layers": -1}
     t0 = time.perf_counter()
@@ -65,25 +66,16 @@ def _child(cfg: dict) -> dict:
         from spac_llamacpp import Llama
 
         llm = Llama(cfg["model"], tier="vram", vram_budget=cfg["budget"], vram_options={"on_host": cfg["pool_on_host"]},
-                    use_extra_bufts=None if cfg["repack"] else False, **kw)
+                    use_extra_bufts=None if cfg["repack"] else False, **replay_kwargs(cfg), **kw)
     else:
-        from spac_llamacpp.native.params import TensorBuftOverrides, patched_default_params
-
         n_cpu = cfg.get("n_cpu_moe")
         pattern = EXPS if n_cpu is None else rf"^blk\.({'|'.join(map(str, range(n_cpu)))})\.ffn_.*_exps\.weight$"
-        overrides = TensorBuftOverrides([(pattern, "CPU")]) if n_cpu != 0 else None
-
-        def model_params(p) -> None:
-            p.use_extra_bufts = cfg["repack"]
-            if overrides is not None:
-                p.tensor_buft_overrides = overrides.address
-
-        with patched_default_params(model_params, lambda p: None):
-            llm = llama_cpp.Llama(cfg["model"], **kw)
+        llm = stock_llama(cfg["model"], cfg, use_extra_bufts=cfg["repack"],
+                          overrides=[(pattern, "CPU")] if n_cpu != 0 else None, **kw)
     load_s = time.perf_counter() - t0
     tokens, seconds, _ = timed_generation(llm, cfg["prompts"], cfg["n_predict"])
     out = {"kind": cfg["kind"], "n_cpu_moe": cfg.get("n_cpu_moe"), "tokens": tokens, "seconds": seconds,
-           "tps": tokens / seconds if seconds > 0 else 0.0, "load_s": load_s}
+           "tps": tokens / seconds if seconds > 0 else 0.0, "load_s": load_s, "replay": replay_stats(llm)}
     if cfg["kind"] == "spac":
         st = llm.stats(settle=2.0)
         out.update({k: st[k] for k in ("hit_rate", "pool_bytes", "slots", "copies_done", "bytes_copied",
@@ -108,13 +100,14 @@ def main() -> int:
 
     from spac_llamacpp.base.sizes import format_size
     from spac_llamacpp.gguf.info import read_model_header
-    from spac_llamacpp.tools.benchmarks import budget_arg, vram_fixed_bytes
+    from spac_llamacpp.tools.benchmarks import budget_arg, check_replay, vram_fixed_bytes
 
     info = read_model_header(args.model)
     per_layer = {il: sum(t.nbytes for t in info.layer_tensors(il) if re.search(EXPS, t.name))
                  for il in info.moe_layers}
     base = {"model": str(Path(args.model).resolve()), "prompts": list(PROMPTS), "n_predict": args.n_predict,
-            "threads": args.threads, "ctx": args.ctx, "pool_on_host": args.pool_on_host, "repack": not args.no_repack}
+            "threads": args.threads, "ctx": args.ctx, "pool_on_host": args.pool_on_host, "repack": not args.no_repack,
+            "replay": check_replay(args.replay, info), "replay_end": args.replay_end}
 
     # the tier's budget arithmetic (planning.budgets), the KV cache estimated from the header
     fixed = vram_fixed_bytes(info, args.ctx)
@@ -155,7 +148,7 @@ def main() -> int:
                 row["ratio_vs_n_cpu_moe"] = k["tps"] / b["tps"]
                 print(f"  ratio spac / best n-cpu-moe {row['ratio_vs_n_cpu_moe']:.2f}x")
     print(json.dumps({"model": info.path.name, "pool_on_host": args.pool_on_host, "repack": not args.no_repack,
-                      "runs": results}))
+                      "replay": args.replay, "runs": results}))
     return 0
 
 

@@ -14,8 +14,9 @@ from spac_llamacpp import Llama
 from spac_llamacpp.base.errors import NotMoEError, SpacError
 from spac_llamacpp.gguf.info import read_model_header
 from spac_llamacpp.models.factory import write_tiny_moe
-from spac_llamacpp.native.flash_engine import FlashEngine, page_size
+from spac_llamacpp.native.flash_engine import FlashEngine, page_size, readahead_chunk
 from spac_llamacpp.native.mapping import file_mappings, new_whole_file_mapping
+from spac_llamacpp.tiers.flash import sweep_chunks
 from spac_llamacpp.tools.generate import greedy_continuation
 
 # experts of several pages each, so page-granular residency is meaningful
@@ -96,6 +97,39 @@ def test_budget_respected_after_each_step(flash_models):
         llm.close()
 
 
+def test_sweep_chunks():
+    assert sweep_chunks(np.array([3, 3, 3, 3, 3]), 6) == [(0, 2), (2, 4), (4, 5)]
+    assert sweep_chunks(np.array([3, 3, 3]), 1) == [(0, 1), (1, 2), (2, 3)]
+    assert sweep_chunks(np.array([3, 3, 3]), 0) == [(0, 3)]
+    assert sweep_chunks(np.array([3, 3, 3]), 100) == [(0, 3)]
+
+
+def test_partial_residency_sweeps(flash_models):
+    """check_bytes=1: each check measures one MoE layer; a sweep of all of them is one budget check, and the
+    per-layer measurement equals the whole-model one."""
+    path = flash_models["deepseek2"]  # block 0 is dense: the sweep covers the MoE blocks only
+    llm = _flash(path, check_every=1, check_bytes=1)
+    try:
+        tier = llm.flash
+        n_moe = len(tier.rows)
+        assert tier._sweep == [(i, i + 1) for i in range(n_moe)]
+        tokens = llm.tokenize(PROMPT.encode())
+        for step in range(2 * n_moe):
+            llm.eval(tokens if step == 0 else [int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        st = llm.stats(settle=5.0)
+        assert st["checks"] == 2 * n_moe and st["budget_checks"] == 2 and st["check_layers"] == 1
+        assert st["check_seconds"] > 0 and set(st["loop_seconds"]) == {"observe", "learn", "plan", "move",
+                                                                       "step_ends"}
+        total, frac = tier.engine.residency()
+        part, by_layer = np.zeros_like(frac), np.zeros(frac.shape[0], np.int64)
+        got = sum(tier.engine.residency_layers(int(b), int(b) + 1, part, by_layer) for b in tier.rows)
+        assert got == total == by_layer.sum() and np.array_equal(part, frac)
+        with pytest.raises(SpacError, match="bad block range"):
+            tier.engine.residency_layers(1, 0, part, by_layer)
+    finally:
+        llm.close()
+
+
 def test_evicted_experts_gone_prefetched_resident(flash_models):
     path = flash_models["llama"]
     before = file_mappings(path)
@@ -121,6 +155,12 @@ def test_evicted_experts_gone_prefetched_resident(flash_models):
         _, frac = engine.residency()
         assert frac[layer, 3] == pytest.approx(1.0)
         assert np.delete(frac[layer], 3).max() <= slack * 3 + 1e-6
+        # readahead in pieces of one page (the kernel reads at most its limit per MADV_WILLNEED call)
+        assert engine.readahead_chunk == readahead_chunk(path) and engine.readahead_chunk % page_size() == 0
+        engine._lib.spac_engine_set_readahead(engine._handle, 1)  # rounded up to one page
+        assert engine.submit("prefetch", layer, 5)
+        assert engine.wait_idle()
+        assert engine.residency()[1][layer, 5] == pytest.approx(1.0)
         assert engine.stats()["errors"] == 0
         with pytest.raises(SpacError, match="no such routed expert"):
             engine.submit("evict", layer, info.n_expert)

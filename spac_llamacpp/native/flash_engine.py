@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,22 @@ def covering_bytes(info: MoEModelInfo) -> np.ndarray:
         hi = -((-(starts + t.bytes_per_expert)) // pg) * pg
         out[t.layer, : t.n_expert] += hi - lo
     return out
+
+
+def readahead_chunk(path: str | os.PathLike[str], default: int = 128 << 10) -> int:
+    """Bytes one ``MADV_WILLNEED`` call may cover and still be read whole: the file's block device's
+    ``max_sectors_kb`` (the kernel reads at most max(that, the file's readahead window) per call and leaves
+    the rest to page faults); ``default`` (the kernel's default readahead window) when it cannot be found."""
+    try:
+        st = os.stat(path)
+        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+        for queue in (dev / "queue", dev.parent / "queue"):  # a partition's queue is its disk's
+            limit = queue / "max_sectors_kb"
+            if limit.is_file():
+                return max(int(limit.read_text().split()[0]) << 10, os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return default
 
 
 def non_expert_ranges(info: MoEModelInfo) -> list[tuple[int, int]]:
@@ -142,6 +159,8 @@ class FlashEngine:
             if self._lib.spac_engine_add_tensor(handle, t.layer, t.file_offset, t.bytes_per_expert) != 0:
                 self.close()
                 raise SpacError(f"expert tensor {t.name} lies outside the mapped file {info.path}; the GGUF is corrupt")
+        self.readahead_chunk = readahead_chunk(info.path)
+        self._lib.spac_engine_set_readahead(handle, self.readahead_chunk)
         self.guarded = False
         if guard:
             self._guard(mapping, fd)
@@ -277,6 +296,22 @@ class FlashEngine:
         if total < 0:
             raise SpacError("mincore failed on the model mapping")
         return total, frac
+
+    def residency_layers(self, lo: int, hi: int, frac: np.ndarray, layer_bytes: np.ndarray) -> int:
+        """Measure blocks ``lo <= l < hi`` only (a partial sweep costs what their pages cost): writes their rows of
+        ``frac`` (float32 ``[block_count, n_expert]``, resident fraction) and ``layer_bytes`` (int64
+        ``[block_count]``, resident expert bytes); returns their resident expert bytes."""
+        if frac.shape != (self.n_layer, self.n_expert) or frac.dtype != np.float32 or not frac.flags.c_contiguous:
+            raise SpacError(f"frac must be C-contiguous float32 {(self.n_layer, self.n_expert)}")
+        if layer_bytes.shape != (self.n_layer,) or layer_bytes.dtype != np.int64 or not layer_bytes.flags.c_contiguous:
+            raise SpacError(f"layer_bytes must be C-contiguous int64 ({self.n_layer},)")
+        ffi = self._ffi
+        total = int(self._lib.spac_engine_residency_layers(self._live(), int(lo), int(hi),
+                                                           ffi.cast("float *", ffi.from_buffer(frac)),
+                                                           ffi.cast("int64_t *", ffi.from_buffer(layer_bytes))))
+        if total < 0:
+            raise SpacError(f"mincore failed on the model mapping (or bad block range {lo}..{hi})")
+        return total
 
     def stats(self) -> dict[str, int]:
         st = self._ffi.new("spac_engine_stats *")

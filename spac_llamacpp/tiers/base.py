@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,11 +43,16 @@ log = logging.getLogger(__name__)
 ProfileArg = str | os.PathLike[str] | Profile | None
 
 
+LOOP_PHASES = ("observe", "learn", "plan", "move", "step_ends")
+
+
 @dataclass
 class TierCounters:
     steps: int = 0
     tokens: int = 0
     plans_applied: int = 0
+    # decoding-thread seconds spent in each phase of on_step (LOOP_PHASES), summed over the steps
+    loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
 
 
 @dataclass(frozen=True)
@@ -136,14 +142,23 @@ class TierController(ABC):
         c = self.counters
         c.steps += 1
         c.tokens += step.n_tokens
+        clock, spent = time.perf_counter, c.loop_seconds
+        t0 = clock()
         counts = step.counts[self.rows]
         self._observe(counts)
+        t1 = clock()
         accepted = None if accepted_counts is None else accepted_counts[self.rows]
         self.demand.update(Observation(counts, step.n_tokens, accepted))  # the one place a tier feeds its estimator
+        t2 = clock()
         plan = self.planner.after_step(c.steps)
+        t3 = clock()
         if plan is not None:
             self._place(plan, self.demand.utility())
+        t4 = clock()
         self._step_ends(counts)
+        t5 = clock()
+        for name, dt in zip(LOOP_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            spent[name] += dt
         if self.records is not None:
             self.records.append(StepRecord(c.steps, counts.copy(), int(step.n_tokens),
                                            None if plan is None else np.asarray(plan.x, bool).copy(),
@@ -192,6 +207,7 @@ class TierController(ABC):
             "steps": c.steps,
             "tokens": c.tokens,
             "plans_applied": c.plans_applied,
+            "loop_seconds": dict(c.loop_seconds),  # decoding-thread time per phase of the loop, all steps
             "replanner": self.planner.stats(),
             "placement": self.config.to_json(),
         }

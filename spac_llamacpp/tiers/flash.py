@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,26 @@ def read_bytes_so_far() -> int:
     return -1
 
 
+DEFAULT_CHECK_BYTES = 1 << 30  # expert bytes one residency check measures (FlashTier check_bytes)
+
+
+def sweep_chunks(layer_bytes: np.ndarray, check_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive MoE-layer ranges ``[i0, i1)`` of at least ``check_bytes`` expert bytes each (one layer at the
+    least, the last range what is left; ``check_bytes <= 0``: one range of every layer)."""
+    n = len(layer_bytes)
+    if check_bytes <= 0 or n == 0:
+        return [(0, max(n, 1))]
+    out, i0, acc = [], 0, 0
+    for i, b in enumerate(layer_bytes):
+        acc += int(b)
+        if acc >= check_bytes:
+            out.append((i0, i + 1))
+            i0, acc = i + 1, 0
+    if i0 < n:
+        out.append((i0, n))
+    return out
+
+
 @dataclass
 class FlashCounters(TierCounters):
     budget_checks: int = 0
@@ -59,6 +80,9 @@ class FlashCounters(TierCounters):
     max_resident_at_check: int = 0
     refused_moves: int = 0  # queue full
     strays_evicted: int = 0
+    checks: int = 0  # partial sweeps (budget_checks: complete ones)
+    check_seconds: float = 0.0  # decoding-thread time in residency checks (mincore, strays)
+    check_cpu_seconds: float = 0.0  # of which the thread ran (system time included): wall less waiting for a core
     lookahead_prefetches: int = 0
     lookahead_used: int = 0
     history: list[int] = field(default_factory=list)  # resident bytes at each check (bounded)
@@ -84,8 +108,12 @@ class FlashTier(TierController):
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
             cost 5% decode speed overall (docs/flash.md).
         check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
-            always measures). mincore over the expert tensors costs ~7 ms per 2 GiB of experts, 5-8% of a
-            step at 8-10 tok/s, so not every step by default.
+            always measures). mincore costs 14-60 ns per page (less for pages this process has mapped), ~50-
+            250 ms over the 15 GiB of experts of Qwen3-30B-A3B, so not every step, and not all layers at once:
+        check_bytes: each check measures the next MoE layers in turn, at least this many expert bytes of them
+            (one layer at the least), so its cost does not grow with the model; a full sweep of the model
+            spans ``ceil(expert bytes / check_bytes)`` checks, and the budget is compared with the sum of one
+            sweep (``budget_checks``, ``max_resident_at_check``). 0: every check sweeps the whole model.
         guard_file: guard the mapping against the GGUF changing under it (truncated, rewritten): an
             evaluation that sees it fails with one SpacError line (:meth:`check_source`) instead of the
             process dying of SIGBUS (native/spac_engine.h, docs/robustness.md).
@@ -111,6 +139,7 @@ class FlashTier(TierController):
         layer_ahead: bool = False,
         check_every: int = 4,
         guard_file: bool = True,
+        check_bytes: int = DEFAULT_CHECK_BYTES,
         **loop: Any,
     ) -> None:
         options = LoopOptions.parse(PlacementConfig.flash(), **loop)
@@ -132,6 +161,10 @@ class FlashTier(TierController):
         # a tensor's edge pages are shared with other data and never evicted: not a stray
         n_tensors = np.array([len(ts) for ts in layout.tensors], dtype=np.int64)[:, None]
         self._stray_slack = 2 * page_size() * n_tensors
+        self._sweep = sweep_chunks(layout.bytes_matrix.sum(axis=1), int(check_bytes))
+        self._sweep_next, self._sweep_sum = 0, 0
+        self._frac_all = np.zeros((info.block_count, max(info.n_expert, 1)), np.float32)  # engine rows (blocks)
+        self._layer_bytes = np.zeros(info.block_count, np.int64)
         self.read_bytes_at_start = read_bytes_so_far()
         self.mapping = mapping
         self._warned_other_mappings = False
@@ -252,29 +285,44 @@ class FlashTier(TierController):
         if not self.engine.submit(op, int(self.rows[i]), int(e)):
             self.counters.refused_moves += 1
 
-    def _check_budget(self, used: np.ndarray | None = None) -> int:
-        """Measure residency; evict strays (resident, yet neither planned nor looked ahead).
+    def _check_budget(self, used: np.ndarray | None = None) -> int | None:
+        """Measure the next chunk of MoE layers of the sweep; evict their strays (resident, yet neither planned
+        nor looked ahead). Returns the sweep's resident bytes when this check completed a sweep, else None.
 
         Strays come from races the engine cannot see (a plan's eviction running just before a layer
         faults the expert back in) and from pages the kernel read on its own.
         """
-        resident, frac = self.residency()
         c = self.counters
-        # not strays (yet): experts whose eviction was queued since the last check, by the plan or (for
-        # the experts this step used) by the engine after their layer
-        stray = (frac * self.sizes > self._stray_slack) & ~self.wanted & ~self.look & ~self._just_dropped
+        t0, c0 = time.perf_counter(), time.thread_time()
+        i0, i1 = self._sweep[self._sweep_next]
+        self._sweep_next = (self._sweep_next + 1) % len(self._sweep)
+        rows = self.rows[i0:i1]
+        self._sweep_sum += self.engine.residency_layers(int(rows[0]), int(rows[-1]) + 1, self._frac_all,
+                                                        self._layer_bytes)
+        frac = self._frac_all[rows]
+        part = slice(i0, i1)
+        # not strays (yet): experts whose eviction was queued since their layers' last check, by the plan or
+        # (for the experts this step used) by the engine after their layer
+        stray = ((frac * self.sizes[part] > self._stray_slack[part]) & ~self.wanted[part] & ~self.look[part]
+                 & ~self._just_dropped[part])
         if used is not None:
-            stray &= ~used
+            stray &= ~used[part]
         for i, e in zip(*np.nonzero(stray), strict=True):
-            self._submit("evict", i, e)
+            self._submit("evict", i0 + i, e)
         c.strays_evicted += int(stray.sum())
-        self._just_dropped[:] = False
-        c.budget_checks += 1
-        c.max_resident_at_check = max(c.max_resident_at_check, resident)
-        if resident > self.budget:
-            c.over_budget_checks += 1
-        if len(c.history) < 100_000:
-            c.history.append(resident)
+        self._just_dropped[part] = False
+        resident = None
+        if self._sweep_next == 0:  # a sweep of every MoE layer is complete
+            resident, self._sweep_sum = self._sweep_sum, 0
+            c.budget_checks += 1
+            c.max_resident_at_check = max(c.max_resident_at_check, resident)
+            if resident > self.budget:
+                c.over_budget_checks += 1
+            if len(c.history) < 100_000:
+                c.history.append(resident)
+        c.checks += 1
+        c.check_seconds += time.perf_counter() - t0
+        c.check_cpu_seconds += time.thread_time() - c0
         return resident
 
     def check_source(self) -> None:
@@ -334,6 +382,10 @@ class FlashTier(TierController):
             "lookahead_used": c.lookahead_used,
             "refused_moves": c.refused_moves,
             "strays_evicted": c.strays_evicted,
+            "checks": c.checks,
+            "check_seconds": c.check_seconds,
+            "check_cpu_seconds": c.check_cpu_seconds,
+            "check_layers": max(i1 - i0 for i0, i1 in self._sweep),  # MoE layers per check at most
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
             "engine": eng,
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once

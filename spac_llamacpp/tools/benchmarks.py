@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from spac_llamacpp.gguf.info import MoEModelInfo
+from spac_llamacpp.observe.replay import REPLAY_ENDS, check_shape
+from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning import budgets
 from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
@@ -35,19 +40,93 @@ def budget_arg(text: str, tier: str, info: MoEModelInfo, *, n_ctx: int = budgets
     return budgets.parse_budget(text, tier, info, n_ctx=n_ctx, compute_reserve=compute_reserve)
 
 
-def timed_generation(llm: Any, prompts: Sequence[str], n_predict: int) -> tuple[int, float, float]:
+def timed_generation(llm: Any, prompts: Sequence[str], n_predict: int,
+                     max_seconds: float | None = None) -> tuple[int, float, float]:
     """Greedy generation of ``n_predict`` tokens after each prompt (the context reset in between):
-    ``(generated tokens, decode seconds, prompt seconds)`` summed over the prompts."""
+    ``(generated tokens, decode seconds, prompt seconds)`` summed over the prompts. With ``max_seconds``,
+    generation stops after the first token that ends past that many seconds (the counts and times are
+    then those of the tokens generated so far: a rate, measured on fewer tokens)."""
     tokens, decode, prompt_s = 0, 0.0, 0.0
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     for prompt in prompts:
         llm.reset()
         st = GenerationStats()
         for _ in stream_generate(llm, prompt, n_predict, temperature=0.0, seed=0, stats=st):
-            pass
+            if deadline is not None and time.perf_counter() > deadline:
+                break
         tokens += st.generated_tokens
         decode += st.decode_seconds
         prompt_s += st.prompt_seconds
+        if deadline is not None and time.perf_counter() > deadline:
+            break
     return tokens, decode, prompt_s
+
+
+# --- routing replay in the benchmarks (--replay TRACE) ---------------------------------------------
+
+
+def add_replay_options(p: argparse.ArgumentParser) -> None:
+    """``--replay TRACE`` and ``--replay-end``, passed to every run of a benchmark (stock runs included)."""
+    p.add_argument("--replay", default=None, metavar="TRACE",
+                   help="force every run's expert selection to this routing trace's (docs/replay.md; same MoE "
+                        "layers, experts and top-k as the model). The stock runs then use spac_llamacpp.Llama with "
+                        "no tier: stock llama.cpp placement with the same forced routing")
+    p.add_argument("--replay-end", choices=REPLAY_ENDS, default="cycle",
+                   help="past the trace's end: cycle over its decode tokens (default), or stop generating")
+
+
+def check_replay(trace: str | None, info: MoEModelInfo) -> str | None:
+    """The trace's absolute path after checking that it fits the model (one-line SpacError), before any run."""
+    if trace is None:
+        return None
+    check_shape(RoutingTrace.load(trace), info, max(info.n_expert_used), trace)
+    return str(Path(trace).resolve())
+
+
+def replay_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``spac_llamacpp.Llama`` keywords for a run configuration's replay (none without ``cfg["replay"]``)."""
+    if not cfg.get("replay"):
+        return {}
+    return {"routing_replay": cfg["replay"], "replay_end": cfg.get("replay_end", "cycle")}
+
+
+def stock_llama(model: str, cfg: dict[str, Any], *, use_extra_bufts: bool | None = None,
+                overrides: Sequence[tuple[str, str]] | None = None, **kw: Any) -> Any:
+    """The stock side of a comparison: ``llama_cpp.Llama`` with llama.cpp's placement, CPU repacking
+    (``use_extra_bufts``) and tensor overrides set through its default model params. With a replay in
+    ``cfg``, stock llama-cpp-python cannot force routing, so this is ``spac_llamacpp.Llama`` with no tier
+    and the replay: the same placement and mmap, the same forced routing as the spac side (plus the
+    routing sensor's graph callback, which both sides then run)."""
+    if cfg.get("replay"):
+        from spac_llamacpp import Llama
+
+        return Llama(model, use_extra_bufts=use_extra_bufts, tensor_buft_overrides=list(overrides or []) or None,
+                     **replay_kwargs(cfg), **kw)
+    import llama_cpp
+
+    from spac_llamacpp.native.params import TensorBuftOverrides, patched_default_params
+
+    held = TensorBuftOverrides(list(overrides)) if overrides else None
+
+    def model_params(p: Any) -> None:
+        if use_extra_bufts is not None:
+            p.use_extra_bufts = use_extra_bufts
+        if held is not None:
+            p.tensor_buft_overrides = held.address
+
+    with patched_default_params(model_params, lambda p: None):
+        llm = llama_cpp.Llama(model, **kw)
+    llm._spac_bench_overrides = held  # the override array lives as long as the model
+    return llm
+
+
+def replay_stats(llm: Any) -> dict[str, Any] | None:
+    """What the replay forced in a run (None without one)."""
+    replay = getattr(llm, "replay", None)
+    if replay is None:
+        return None
+    st = replay.stats()
+    return {k: st[k] for k in ("trace", "rows_forced", "rows_free", "rows_wrapped", "mismatched_rows")}
 
 
 def run_child(script: str, model: str, cfg: dict) -> tuple[dict | None, str]:
