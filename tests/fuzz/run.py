@@ -33,7 +33,6 @@ TARGET_NAMES = ("gguf_header", "trace_load", "trace_import", "profile_load")
 INSTRUMENTED = ("spac_llamacpp.base", "spac_llamacpp.gguf", "spac_llamacpp.observe", "spac_llamacpp.planning.budgets",
                 "spac_llamacpp.sim.simulator")
 DONE = re.compile(r"Done (\d+) runs in (\d+) second")
-SCRATCH: list[Path] = []  # the workers' scratch directories (removed at the end)
 
 
 def _fill_corpus(target: str, corpus: Path) -> None:
@@ -136,11 +135,7 @@ def _spawn(target: str, args: argparse.Namespace, work: Path) -> tuple[subproces
            "--artifacts", str(args.artifacts or work / "artifacts")]
     if args.plain:
         cmd.append("--plain")
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else work
-    scratch = Path(tempfile.mkdtemp(prefix=f"spac-fuzz-{target}-", dir=base))  # the inputs, as files
-    SCRATCH.append(scratch)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               SPAC_FUZZ_SCRATCH=str(scratch))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     fh = log.open("w")
     return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), log
 
@@ -204,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                 ok_all = False
                 print(log.read_text(errors="replace")[-6000:], file=sys.stderr)
                 print(f"failing inputs: {args.artifacts or work / 'artifacts'}", file=sys.stderr)
-    for scratch in SCRATCH:
-        shutil.rmtree(scratch, ignore_errors=True)
     if ok_all:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok_all else 1

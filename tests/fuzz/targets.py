@@ -29,12 +29,10 @@ Targets:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -56,16 +54,8 @@ PAD = 1 << 20  # sparse bytes after a GGUF head: room for the tensor data its ta
 
 
 def _work_dir() -> Path:
-    """Where the inputs are written: ``$SPAC_FUZZ_SCRATCH`` (run.py's, removed by it), else a temporary
-    directory removed at exit (libFuzzer leaves without running atexit handlers: hence run.py's)."""
-    given = os.environ.get("SPAC_FUZZ_SCRATCH")
-    if given:
-        Path(given).mkdir(parents=True, exist_ok=True)
-        return Path(given)
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="spac-fuzz-", dir=base))
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    return Path(tempfile.mkdtemp(prefix="spac-fuzz-", dir=base))
 
 
 WORK = _work_dir()
