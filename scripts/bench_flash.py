@@ -191,11 +191,12 @@ def main() -> int:
         s, k = row["stock"], row["spac"]
         print(f"budget {format_size(budget)} ({100 * budget / info.expert_bytes:.0f}% of experts), RAM limit "
               f"{format_size(limit)}:\n"
-              f"  stock {s['tps']:7.2f} tok/s, read {format_size(s['read_per_token'])}/token\n"
-              f"  spac  {k['tps']:7.2f} tok/s, read {format_size(k['read_per_token'])}/token, expert hit rate "
+              f"  stock {s['tps']:7.3f} tok/s, read {format_size(s['read_per_token'])}/token\n"
+              f"  spac  {k['tps']:7.3f} tok/s, read {format_size(k['read_per_token'])}/token, expert hit rate "
               f"{100 * (k['hit_rate'] or 0):.1f}%, resident {format_size(k['resident_expert_bytes'])} "
-              f"(max at a step boundary {format_size(k['max_resident_at_check'])})\n"
-              f"  ratio spac/stock {row['ratio']:.2f}x"
+              + (f"(max at a step boundary {format_size(k['max_resident_at_check'])})\n" if k["budget_checks"]
+                 else "(no complete residency sweep at a step boundary)\n")
+              + f"  ratio spac/stock {row['ratio']:.2f}x"
               + (f"; ceiling/stock {ceiling['tps'] / s['tps']:.2f}x" if ceiling else ""), flush=True)
 
     main_row = results[0]
