@@ -109,8 +109,10 @@ def check_layers(cfg: dict) -> dict:
 def check_pool(cfg: dict) -> dict:
     """The expert pool in the RPC device's memory (a real non-host buffer: copies through a backend of the
     pool's own, fences, id maps): logits equal to stock with the same placement under any residency."""
+    from _pool_churn import churn_hook  # tests/ is sys.path[0]: this file runs as a script
+
     from spac_llamacpp import Llama
-    from spac_llamacpp.native.expert_pool import FREE, READY, RESIDENT, ExpertPool
+    from spac_llamacpp.native.expert_pool import READY, RESIDENT, ExpertPool
     from spac_llamacpp.native.rpc import add_rpc_servers
 
     add_rpc_servers(cfg["endpoint"])
@@ -137,21 +139,7 @@ def check_pool(cfg: dict) -> dict:
                     pool.load(il, e, s)
                 pool.fence(wait_loads=True)
                 assert all(pool.slot(0, s)[0] == READY for s in range(len(chosen)))
-            held: list[tuple[int, int]] = []
-
-            def churn(step: int, pool=pool, held=held, everything=everything) -> None:
-                for _ in range(min(2, len(held))):
-                    il, e = held.pop(int(rng.integers(len(held))))
-                    pool.evict(il, e)
-                pool.fence()
-                free = [s for s in range(pool.n_slots[0]) if pool.slot(0, s)[0] == FREE]
-                for il, e in [everything[i] for i in rng.permutation(len(everything))]:
-                    if not free or len(held) >= 4:
-                        break
-                    if pool.slot_of(il, e) < 0:
-                        pool.load(il, e, free.pop())
-                        held.append((il, e))
-
+            churn = churn_hook(pool, everything, rng)
             got = _logits(llm, churn if pattern == "changing" else None)
             assert np.array_equal(got, ref), f"{arch}, {pattern} pool on RPC0: max |diff| {np.abs(got - ref).max()}"
             pool.fence(wait_loads=True)

@@ -15,6 +15,7 @@ import sys
 import llama_cpp
 import numpy as np
 import pytest
+from _pool_churn import churn_hook
 
 from spac_llamacpp import Llama, patched_llama_available
 from spac_llamacpp.base.errors import NotMoEError, SpacError
@@ -97,23 +98,7 @@ def _experts(pool: ExpertPool) -> list[tuple[int, int]]:
 
 def _churn(pool: ExpertPool, rng: np.random.Generator):
     """A ``between`` hook: evict two held experts, load others; copies may still run when the next step starts."""
-    everything = _experts(pool)
-    held: list[tuple[int, int]] = []
-
-    def change(step: int) -> None:
-        for _ in range(min(2, len(held))):
-            il, e = held.pop(int(rng.integers(len(held))))
-            pool.evict(il, e)
-        pool.fence()
-        free = [s for s in range(pool.n_slots[0]) if pool.slot(0, s)[0] == FREE]
-        for il, e in [everything[i] for i in rng.permutation(len(everything))]:
-            if not free or len(held) >= 4:
-                break
-            if pool.slot_of(il, e) < 0:
-                pool.load(il, e, free.pop())
-                held.append((il, e))
-
-    return change
+    return churn_hook(pool, _experts(pool), rng)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
