@@ -137,7 +137,8 @@ class StaticPolicy(Policy):
 class RulePolicy(Policy):
     """A baseline rule of ``planning/policies.py`` (the one implementation the runtime tiers run too) as a
     planned policy: it learns each step after it ran (:meth:`after_step`), and what it then wants is loaded
-    (background transfers) before the next step (:meth:`before_step`); its misses are not admitted."""
+    (background transfers) before the next step (:meth:`before_step`); its misses are not admitted.
+    ``plans`` lists ``(t, residency)`` after every step."""
 
     rule_name = ""
 
@@ -147,6 +148,7 @@ class RulePolicy(Policy):
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
         self.rule = make_rule(self.rule_name, setup.size, setup.budget, **self.params)
+        self.plans: list[tuple[int, np.ndarray]] = []  # (t, the residency wanted after step t)
         first = self.rule.initial(None)
         return np.zeros(setup.shape, bool) if first is None else first
 
@@ -155,6 +157,7 @@ class RulePolicy(Policy):
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
         self.rule.update(Observation(counts, n_tokens))
+        self.plans.append((t, self.rule.resident.copy()))
 
     def describe(self) -> str:
         return self.rule.describe() if hasattr(self, "rule") else self.name
