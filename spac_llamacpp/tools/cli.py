@@ -729,7 +729,8 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
-              help="none, static, lru, lfu, pin, spac, ours, min, belady.")
+              help="none, static, lru, lfu, pin, hysteresis (MoE-SpAc's rule), ours (also spac: the tier's own), "
+                   "min, belady.")
 @click.option("--compare", is_flag=True, help="Run every policy, print them side by side and write a PNG.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
               help="GGUF the trace was recorded from (default: the path in the trace when that file is here, "
