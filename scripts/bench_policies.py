@@ -17,7 +17,8 @@ PR #27861's design), ``lfu``, ``pin`` (a static hot set from the first 16 steps)
 rule). Every policy plans in the tier's one budget (``planning/budgets.py``). Printed per policy: tok/s
 (prompt and decode; decode alone too), expert hit rate, bytes read from disk per generated token
 (``/proc/<pid>/io``), the wait for demand loads per token (flash: the engine's ``demand_wait_ns``), pool
-copies per token (vram) and the tok/s ratio to LRU; the last line is one JSON object.
+copies per token (vram) and the tok/s ratios to LRU (prompt and decode, and decode alone); the last line is
+one JSON object.
 
 ``--replay TRACE`` forces every run's routing to a trace's (docs/replay.md), e.g. a public trace on a
 ``spac synth`` model of its shape.
@@ -166,7 +167,7 @@ def _run_child(cfg: dict) -> dict | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _row(name: str, r: dict | None, lru_tps: float | None) -> str:
+def _row(name: str, r: dict | None, lru: dict | None) -> str:
     from spac_llamacpp.base.sizes import format_size
 
     if r is None:
@@ -174,7 +175,8 @@ def _row(name: str, r: dict | None, lru_tps: float | None) -> str:
     hit = "n/a" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
     wait = "-" if r["wait_ms_per_token"] is None else f"{r['wait_ms_per_token']:.1f} ms"
     extra = f", {r['copies_per_token']:.1f} copies/token" if "copies_per_token" in r else ""
-    ratio = f"{r['tps'] / lru_tps:.2f}x" if lru_tps else "-"
+    ratio = f"{r['tps'] / lru['tps']:.2f}x (decode {r['decode_tps'] / lru['decode_tps']:.2f}x)" \
+        if lru and lru["tps"] > 0 and lru["decode_tps"] > 0 else "-"
     return (f"  {name:<11} {r['tps']:8.3f} tok/s (decode {r['decode_tps']:8.3f})  hit rate {hit:>6}  read "
             f"{format_size(r['read_per_token']):>10}/token  miss wait {wait:>9}/token{extra}  vs lru {ratio}")
 
@@ -260,16 +262,19 @@ def _main(args: argparse.Namespace) -> int:
                     drop_file_cache(args.model)
                 results[policy] = _run_child({**base, "policy": policy, "budget": budget})
         lru = results.get("lru")
-        lru_tps = lru["tps"] if lru and lru["tps"] > 0 else None
+        if lru is not None and not (lru["tps"] > 0 and lru["decode_tps"] > 0):
+            lru = None
         row["results"] = results
-        row["ratio_to_lru"] = {p: (r["tps"] / lru_tps if r and lru_tps else None) for p, r in results.items()}
+        row["ratio_to_lru"] = {p: (r["tps"] / lru["tps"] if r and lru else None) for p, r in results.items()}
+        row["decode_ratio_to_lru"] = {p: (r["decode_tps"] / lru["decode_tps"] if r and lru else None)
+                                      for p, r in results.items()}
         runs.append(row)
         limit_text = f", RAM limit {format_size(row['limit_bytes'])}" if row["limit_bytes"] else \
             (", no RAM limit" if args.tier == "flash" else "")
         print(f"budget {format_size(budget)} ({share}){limit_text}:", flush=True)
         for policy in policies:
-            print(_row(policy, results[policy], lru_tps), flush=True)
-        if lru_tps is None:
+            print(_row(policy, results[policy], lru), flush=True)
+        if lru is None:
             print("  (no lru run: no ratios)", flush=True)
 
     print(json.dumps({"model": info.path.name, "tier": args.tier, "pool_on_host": on_host, "policies": policies,

@@ -70,7 +70,8 @@ def _check(proc: subprocess.CompletedProcess[str], policies: list[str]) -> dict:
         assert r["policy"] == p and r["tokens"] > 0 and r["tps"] > 0 and r["hit_rate"] is not None, r
         assert r["planned_bytes"] <= r["plan_budget_bytes"]
         assert any(line.strip().startswith(p + " ") and "tok/s" in line and "vs lru" in line for line in lines)
-    assert run["ratio_to_lru"]["lru"] == 1.0 and all(v > 0 for v in run["ratio_to_lru"].values())
+    for key in ("ratio_to_lru", "decode_ratio_to_lru"):
+        assert run[key]["lru"] == 1.0 and all(v > 0 for v in run[key].values()), run[key]
     return out
 
 
