@@ -31,6 +31,7 @@ Arrays are ``[n_moe_layer, n_expert]``; an expert is the pair (i, e), i indexing
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -444,9 +445,12 @@ class PolicyPlanner:
 
 
 def make_planner(policy: str, config: PlacementConfig, layout: ExpertLayout, cost: CostModel, budget: int, *,
-                 resident: Any, params: dict[str, Any] | None = None) -> PlacementPlanner | PolicyPlanner:
+                 resident: Callable[[], np.ndarray], params: dict[str, Any] | None = None,
+                 ) -> PlacementPlanner | PolicyPlanner:
     """The planner of ``policy`` for a tier: ours (``spac``, :class:`PlacementPlanner` from ``config``) or a
-    :class:`PolicyPlanner` around a baseline rule (``params``: its keyword arguments) with ``budget`` bytes."""
+    :class:`PolicyPlanner` around a baseline rule (``params``: its keyword arguments) with ``budget`` bytes.
+    ``resident``: the residency the tier holds (ours plans from it; a baseline rule keeps its own, which the
+    tier applies as made)."""
     check_policy(policy)
     if policy == DEFAULT_POLICY:
         if params:
