@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from spac_llamacpp.tools.benchmarks import PROMPTS, add_replay_options, run_child, timed_generation
+from spac_llamacpp.tools.benchmarks import add_draft_options, add_replay_options, run_child, timed_generation
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,9 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--draft", default=None, help="draft GGUF (same tokenizer) for both runs")
-    p.add_argument("--lookup", action="store_true", help="prompt-lookup drafts for both runs")
-    p.add_argument("--n-draft", type=int, default=4)
+    add_draft_options(p)
     p.add_argument("--overhead", default=None, help="RAM for everything but the weights (default: measured + 25%%)")
     p.add_argument("--no-limit", action="store_true", help="skip the memory limit (only to debug the script)")
     p.add_argument("--ceiling", choices=("auto", "yes", "no"), default="auto",
@@ -75,19 +73,10 @@ def parse_args() -> argparse.Namespace:
 
 def _child(cfg: dict) -> dict:
     from spac_llamacpp.tiers.flash import read_bytes_so_far
-    from spac_llamacpp.tools.benchmarks import replay_kwargs, replay_stats, stock_llama
-
+    from spac_llamacpp.tools.benchmarks import make_draft, replay_kwargs, replay_stats, rss_anon, stock_llama
 
     kw = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0}
-    draft = None
-    if cfg["lookup"]:
-        from spac_llamacpp.speculation.drafts import PromptLookupDraft
-
-        draft = PromptLookupDraft(cfg["n_draft"])
-    elif cfg["draft"]:
-        from spac_llamacpp.speculation.drafts import GGUFDraftModel
-
-        draft = GGUFDraftModel(cfg["draft"], cfg["n_draft"], cfg["ctx"], n_threads=cfg["threads"])
+    draft = make_draft(cfg)
     t0 = time.perf_counter()
     spec = {"n_draft": cfg["n_draft"], "adaptive_draft": False} if draft is not None else {}
     if cfg["kind"] == "spac":
@@ -105,7 +94,7 @@ def _child(cfg: dict) -> dict:
     read = read_bytes_so_far() - read0
     out = {"kind": cfg["kind"], "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load_s,
            "prompt_seconds": prompt_s, "decode_seconds": decode_s,
-           "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": _rss_anon(),
+           "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": rss_anon(),
            "replay": replay_stats(llm)}
     if cfg["kind"] == "spac":
         st = llm.stats(settle=5.0)
@@ -114,14 +103,6 @@ def _child(cfg: dict) -> dict:
                                        "checks", "check_seconds", "check_cpu_seconds", "steps")})
     llm.close()
     return out
-
-
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _run_child(cfg: dict) -> dict:
@@ -140,14 +121,13 @@ def main() -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
 
-    from spac_llamacpp.base.sizes import format_size, parse_size
+    from spac_llamacpp.base.sizes import format_size
     from spac_llamacpp.gguf.info import read_model_header
     from spac_llamacpp.native.memlimit import MemoryLimit, drop_file_cache, mem_available
-    from spac_llamacpp.tools.benchmarks import budget_arg, check_replay
+    from spac_llamacpp.tools.benchmarks import budget_arg, check_replay, flash_limit, read_prompts, runtime_overhead
 
     info = read_model_header(args.model)
-    prompts = (args.prompts.read_text().splitlines() if args.prompts else list(PROMPTS))
-    prompts = [p.replace("\\n", "\n") for p in prompts if p.strip()]
+    prompts = read_prompts(args.prompts)
     base = {"model": str(Path(args.model).resolve()), "prompts": prompts, "n_predict": args.n_predict,
             "threads": args.threads, "ctx": args.ctx, "draft": args.draft, "lookup": args.lookup,
             "n_draft": args.n_draft, "replay": check_replay(args.replay, info), "replay_end": args.replay_end,
@@ -173,12 +153,11 @@ def main() -> int:
         anon = _run_child({**base, "kind": "stock", "prompts": prompts[:1], "n_predict": 1})["rss_anon"]
         print(f"no ceiling run ({format_size(info.file_size)} file, {format_size(mem_available())} available); "
               f"runtime anon memory {format_size(anon)}", flush=True)
-    overhead = parse_size(args.overhead) if args.overhead else int(anon * 1.25) + (64 << 20)
+    overhead = runtime_overhead(anon, args.overhead)
 
     results = []
-    draft_bytes = Path(args.draft).stat().st_size if args.draft else 0  # its weights need RAM in both runs
     for budget in budgets:
-        limit = info.non_expert_bytes + budget + overhead + draft_bytes
+        limit = flash_limit(info, budget, overhead, args.draft)  # a draft's weights need RAM in both runs
         row = {"budget_bytes": budget, "limit_bytes": limit}
         ml = MemoryLimit(limit, min_limit=min(limit, 1 << 30)) if not args.no_limit else None
         with ml if ml is not None else contextlib.nullcontext():

@@ -30,6 +30,7 @@ from spac_llamacpp.native.sensor import RoutingSensor, UserCallback, callback_ad
 from spac_llamacpp.observe.replay import ReplayEnded, RoutingReplay, attach_replay
 from spac_llamacpp.observe.routing import RoutingLog, RoutingStep
 from spac_llamacpp.planning.budgets import DEFAULT_COMPUTE_RESERVE, DEFAULT_N_CTX, parse_budget
+from spac_llamacpp.planning.policies import check_policy
 from spac_llamacpp.speculation.build import build_draft, build_speculation
 from spac_llamacpp.speculation.drafts import check_same_vocabulary
 from spac_llamacpp.speculation.tracker import FrequencyMap, SpeculationTracker
@@ -120,6 +121,11 @@ class Llama(llama_cpp.Llama):
         flash_options: extra :class:`spac_llamacpp.tiers.flash.FlashTier` arguments (``threads``,
             ``pin_fraction``, ``lookahead``, ``check_every``, ``layer_ahead``, and the shared loop's as for
             ``vram_options``).
+        policy: who places the experts of the tier (flash or vram): ``"spac"`` (ours, the default: utility
+            estimate, balancer, re-planner), or a baseline on the same engine and budget
+            (:mod:`spac_llamacpp.planning.policies`): ``"lru"`` (per-layer LRU admission of demand, llama.cpp
+            PR #27861's design), ``"lfu"``, ``"pin"`` (a static hot set from the profile or the first 16 steps),
+            ``"hysteresis"`` (MoE-SpAc's rule). Needs a tier.
         cache_prior: opt-in cache-aware routing with this lambda (e.g. 0.15): decode steps prefer
             resident experts (:mod:`spac_llamacpp.tiers.cache_prior`; changes outputs). None: exact routing.
         cache_prior_options: extra :class:`spac_llamacpp.tiers.cache_prior.CachePrior` arguments
@@ -160,6 +166,7 @@ class Llama(llama_cpp.Llama):
         flash_options: dict[str, Any] | None = None,
         vram_budget: int | str | None = None,
         vram_options: dict[str, Any] | None = None,
+        policy: str | None = None,
         cache_prior: float | None = None,
         cache_prior_options: dict[str, Any] | None = None,
         self_draft: bool | int = False,
@@ -186,6 +193,7 @@ class Llama(llama_cpp.Llama):
             "flash_options": flash_options,
             "vram_budget": vram_budget,
             "vram_options": vram_options,
+            "policy": policy,
             "cache_prior": cache_prior,
             "cache_prior_options": cache_prior_options,
             "self_draft": self_draft,
@@ -203,7 +211,9 @@ class Llama(llama_cpp.Llama):
         self._tier: TierController | None = None
         budget_bytes = _check_tier(self.moe_info, tier, budget, vram_budget, routing, use_extra_bufts, kwargs,
                                    vram_options)
-        builder = tier_builder(tier, self.moe_info, budget_bytes, flash_options if tier == "flash" else vram_options)
+        tier_options = _with_policy(policy, tier, flash_options if tier == "flash" else vram_options,
+                                    auto=self.fit is not None)
+        builder = tier_builder(tier, self.moe_info, budget_bytes, tier_options)
         tensor_buft_overrides, use_extra_bufts = builder.load_arguments(tensor_buft_overrides, use_extra_bufts, kwargs)
         self._buft_overrides = TensorBuftOverrides(tensor_buft_overrides) if tensor_buft_overrides else None
         self._install_routing(model_path, routing, routing_history, routing_capacity, cb_eval, cb_eval_user_data,
@@ -536,6 +546,23 @@ def _check_vram(info: MoEModelInfo, budget: int | str | None, vram_budget: int |
     if not routing:
         raise SpacError("tier='vram' needs routing=True: the pool follows the routing sensor")
     return parse_budget(vram_budget, "vram", info, n_ctx=n_ctx, compute_reserve=compute_reserve, check=False)
+
+
+def _with_policy(policy: str | None, tier: str | None, options: dict[str, Any] | None,
+                 auto: bool = False) -> dict[str, Any] | None:
+    """The tier's options with ``policy`` (checked: a known name, and a tier to apply it)."""
+    if policy is None:
+        return options
+    check_policy(policy)
+    if tier is None:
+        why = "tier='auto' chose none (the model fits in memory)" if auto else "without one llama.cpp places experts"
+        raise SpacError(f"policy={policy!r} needs a tier: pass tier='flash' with budget= or tier='vram' with "
+                        f"vram_budget= ({why})")
+    out = dict(options or {})
+    if out.get("policy", policy) != policy:
+        raise SpacError(f"policy={policy!r} and {tier}_options policy={out['policy']!r} disagree; give one")
+    out["policy"] = policy
+    return out
 
 
 def _max_expert_used(info: MoEModelInfo, kv_overrides: dict[str, Any] | None) -> int:

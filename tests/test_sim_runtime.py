@@ -1,10 +1,11 @@
-"""The simulator's ``ours`` is what the tiers run: the same steps replayed give the same plans.
+"""The simulator's ``ours`` and baselines are what the tiers run: the same steps replayed give the same plans.
 
 A tier with ``record=True`` and the re-planner synchronous keeps, per evaluation step, the routing
 counts it saw and the plan it made. The routing log of the same run, as ``spac trace`` saves it, is
 replayed through ``spac simulate``'s setup (the tier's budget function, the tier's placement
 configuration) and its ``ours`` policy: every plan, the first included, must hold the same experts
-after the same step.
+after the same step. The baseline policies (``policy="lru"`` etc., ``planning/policies.py``) likewise: the
+residency the tier holds after each step is the simulator's.
 """
 
 from __future__ import annotations
@@ -137,5 +138,65 @@ def test_vram_tier_plans_are_the_simulated_plans(model, tokens, name):
         assert setup.budget == llm.vram.pool.pool_bytes and setup.n_slots == (6,)
         plans = _compare(llm, llm.vram, setup)
         assert len(plans) >= 2 and any(p.any() for p in plans.values())
+    finally:
+        llm.close()
+
+
+BASELINES = ("lru", "lfu", "pin", "hysteresis")
+
+
+def _compare_residency(llm: Llama, tier, setup, policy: str) -> list[np.ndarray]:
+    """The residency the tier held after each step equals the simulated policy's after the same step."""
+    trace = RoutingTrace.from_log(llm.routing)
+    pol = make_policy(policy)
+    simulate(trace, pol, setup)
+    sim = dict(pol.plans)
+    assert len(tier.records) == trace.n_steps == len(sim) and tier.initial_plan is None
+    for t, r in enumerate(tier.records):
+        assert np.array_equal(sim[t], r.wanted), f"{policy}, after step {t}: simulator " \
+            f"{np.argwhere(sim[t]).tolist()} vs tier {np.argwhere(r.wanted).tolist()}"
+    return [r.wanted for r in tier.records]
+
+
+@pytest.mark.parametrize("policy", BASELINES)
+def test_flash_tier_baselines_are_the_simulated_ones(model, tokens, policy):
+    cost = CostModel.nominal()
+    info = read_model_header(model)
+    layout = budgets.tier_layout("flash", info)
+    budget = budgets.staging_bytes(layout) + 7 * int(layout.expert_bytes.max())  # 7 of 24 experts (2 a layer)
+    llm = Llama(model, n_ctx=N_CTX, verbose=False, seed=0, tier="flash", budget=budget, routing_history=None,
+                policy=policy, flash_options={"cost": cost, "record": True})
+    try:
+        _drive(llm, tokens)
+        # a baseline has no lookahead: its plan gets the budget less the staging
+        setup = make_setup(RoutingTrace.from_log(llm.routing), "flash", budget, cost, info, lookahead=False)
+        assert setup.budget == llm.flash.planner.budget == 7 * int(layout.expert_bytes.max())
+        held = _compare_residency(llm, llm.flash, setup, policy)
+        assert any(x.any() for x in held)
+        if policy in ("lru", "lfu"):
+            assert len({x.tobytes() for x in held}) >= 3  # admitted and evicted along the way
+    finally:
+        llm.close()
+
+
+@pytest.mark.skipif(not patched_llama_available(3) and not os.environ.get("SPAC_REQUIRE_PATCHED"),
+                    reason="the installed llama.cpp lacks the expert pool (run scripts/build_llama.sh)")
+@pytest.mark.parametrize("policy", ["lru", "hysteresis"])
+def test_vram_tier_baselines_are_the_simulated_ones(model, tokens, policy):
+    cost = CostModel.nominal()
+    info = read_model_header(model)
+    groups, _ = budgets.pool_groups(budgets.tier_layout("vram", info))
+    kv = budgets.kv_cache_bytes(N_CTX, *budgets.kv_dims_of_gguf(model))
+    budget = budgets.vram_budget_for_pool(6 * groups[0].slot_bytes + 100, non_expert_bytes=info.non_expert_bytes,
+                                          kv_bytes=kv, compute_reserve=0)
+    llm = Llama(model, n_ctx=N_CTX, verbose=False, seed=0, tier="vram", vram_budget=budget, routing_history=None,
+                policy=policy, vram_options={"on_host": True, "compute_reserve": 0, "cost": cost, "record": True})
+    try:
+        _drive(llm, tokens, after_step=lambda: llm.vram.pool.fence(wait_loads=True))
+        setup = make_setup(RoutingTrace.from_log(llm.routing), "vram", budget, cost, info, n_ctx=N_CTX,
+                           compute_reserve=0)
+        assert setup.budget == llm.vram.pool.pool_bytes and setup.n_slots == (6,)
+        held = _compare_residency(llm, llm.vram, setup, policy)
+        assert any(x.any() for x in held)
     finally:
         llm.close()

@@ -158,8 +158,8 @@ def test_vram_tier_times_and_transfers():
     assert none.seconds == pytest.approx(3 * cpu) and none.bytes_moved == 0
 
 
-def test_spac_hysteresis_rule():
-    pol = make_policy("spac", window=1)
+def test_hysteresis_rule():
+    pol = make_policy("hysteresis", window=1)
     trace, setup = hand_setup([[0]] * 3, 2, 1)
     pol.reset(setup)
     c = np.zeros((1, 2), np.int64)
@@ -176,7 +176,7 @@ def test_spac_hysteresis_rule():
 
 def test_cli_simulate_policy(recorded):
     trace_path, model, cal = recorded
-    for tier, policy in (("flash", "lru"), ("vram", "ours"), ("flash", "spac"), ("flash", "ours")):
+    for tier, policy in (("flash", "lru"), ("vram", "ours"), ("flash", "hysteresis"), ("flash", "ours")):
         budget = str(budgets(model, tier)[1])
         proc = run_spac("simulate", str(trace_path), "--tier", tier, "--budget", budget, "--policy", policy,
                         "--calibration", str(cal), "--compute-reserve", "0")

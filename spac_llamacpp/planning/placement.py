@@ -43,6 +43,9 @@ class PlacementPlanner:
         resident: the residency the next plan starts from (the tier's applied plan).
     """
 
+    name = "spac"  # the policy name (``planning/policies.py`` has the baselines behind the same interface)
+    admits_demand = False  # a miss enters only when a plan places it
+
     def __init__(self, config: PlacementConfig, layout: ExpertLayout, cost: CostModel, budget: int, *,
                  resident: Callable[[], np.ndarray]) -> None:
         self.config = config

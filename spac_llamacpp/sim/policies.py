@@ -4,12 +4,15 @@ Two kinds:
 
 - *planned* policies choose the fast-tier set before each step (:meth:`Policy.before_step`); what they
   add is a background transfer, misses are served from the slow tier and not admitted:
-  ``none``, ``static`` (profile), ``pin`` (pin-hot-by-count), ``spac`` (MoE-SpAc hysteresis), ``ours``
-  (utility estimate -> integer program);
+  ``none``, ``static`` (profile), ``pin`` (a hot set fixed after 16 steps), ``hysteresis`` (MoE-SpAc's
+  rule), ``ours`` (utility estimate -> integer program; also called ``spac``, its runtime name);
 - *demand* caches (:class:`DemandPolicy`) are the per-layer reference caches of
   ``planning/reference_caches.py``, the same as ``spac eval-utility``'s: empty at the start, a step's
   misses may enter after it, each keeps by its rule (:meth:`DemandPolicy.demand_step`): ``lru``,
   ``lfu``, ``min`` (Belady's MIN: clairvoyant eviction and bypass);
+
+``lru``, ``lfu``, ``pin`` and ``hysteresis`` are the rules of ``planning/policies.py``, which the runtime
+tiers run (``Llama(policy=...)``); ``ours`` is the tiers' ``PlacementPlanner``.
 - ``belady``: the clairvoyant prefetching oracle (experts needed soonest are resident): the hit-rate bound.
 
 Arrays are ``[n_moe_layer, n_expert]``; an expert id is the pair (i, e), i indexing MoE layers.
@@ -27,14 +30,17 @@ from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.planning.balancer import Problem, solve, tier_costs
 from spac_llamacpp.planning.budgets import fit_groups
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import HysteresisEstimator, Observation
+from spac_llamacpp.planning.estimators import Observation
 from spac_llamacpp.planning.placement import PlacementPlanner
 from spac_llamacpp.planning.placement_config import PlacementConfig
-from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, LFUCache, LRUCache, MinCache, NextUse
+from spac_llamacpp.planning.policies import DemandCachePolicy, fill, layer_capacities, make_rule
+from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, MinCache, NextUse
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("none", "static", "lru", "lfu", "pin", "spac", "ours", "min", "belady")
+POLICIES = ("none", "static", "lru", "lfu", "pin", "hysteresis", "ours", "min", "belady")
+ALIASES = {"spac": "ours"}
+"""Other accepted names: ``spac`` is the runtime's name of ours (``Llama(policy="spac")``)."""
 
 
 @dataclass
@@ -91,19 +97,6 @@ class Policy:
         return {}
 
 
-def _fill(order: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
-    """Residency taking flat indices in ``order`` while they fit the budget."""
-    x = np.zeros(size.shape, bool)
-    used = 0
-    flat_size = size.ravel()
-    for k in order:
-        s = int(flat_size[k])
-        if used + s <= budget:
-            x.flat[k] = True
-            used += s
-    return x
-
-
 # --------------------------------------------------------------------------------------------------
 # Planned policies
 
@@ -141,85 +134,54 @@ class StaticPolicy(Policy):
         return self.plan.x.copy()
 
 
-class PinHotPolicy(Policy):
-    """Pin the experts with the highest cumulative counts so far (per byte), re-ranked every ``every`` steps."""
+class RulePolicy(Policy):
+    """A baseline rule of ``planning/policies.py`` (the one implementation the runtime tiers run too) as a
+    planned policy: it learns each step after it ran (:meth:`after_step`), and what it then wants is loaded
+    (background transfers) before the next step (:meth:`before_step`); its misses are not admitted.
+    ``plans`` lists ``(t, residency)`` after every step."""
 
-    name = "pin"
+    rule_name = ""
 
-    def __init__(self, every: int = 1) -> None:
-        self.every = max(1, int(every))
+    def __init__(self, **params: Any) -> None:
+        self.params = params
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        self.total = np.zeros(setup.shape, np.float64)
-        self._t = 0
-        return np.zeros(setup.shape, bool)
+        self.rule = make_rule(self.rule_name, setup.size, setup.budget, **self.params)
+        self.plans: list[tuple[int, np.ndarray]] = []  # (t, the residency wanted after step t)
+        first = self.rule.initial(None)
+        return np.zeros(setup.shape, bool) if first is None else first
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
-        if t == 0 or t % self.every:
-            return None
-        density = self.total / np.maximum(self.setup.size, 1)
-        # ties (and zero counts) keep what is resident: no churn among equals
-        key = density.ravel() + 1e-12 * resident.ravel()
-        order = np.argsort(-key, kind="stable")
-        order = order[self.total.ravel()[order] > 0]
-        return _fill(order, self.setup.size, self.setup.budget)
+        return self.rule.take()
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        self.total += counts
+        self.rule.update(Observation(counts, n_tokens))
+        self.plans.append((t, self.rule.resident.copy()))
+
+    def describe(self) -> str:
+        return self.rule.describe() if hasattr(self, "rule") else self.name
+
+    def stats(self) -> dict:
+        return self.rule.stats() if hasattr(self, "rule") else {}
 
 
-class SpacHysteresisPolicy(Policy):
-    """MoE-SpAc's released rule: an integer state s in 0..5 per expert, updated from each window's counts c.
+class PinHotPolicy(RulePolicy):
+    """``planning.policies.PinPolicy``: the experts with the most counts per byte in the first 16 steps
+    (``warmup_steps``), fixed from then on."""
 
-    ``c >= s + up`` raises s by one (up = 5), ``c < s`` lowers it by one. Experts with s above
-    ``threshold`` are fetched; resident experts stay until the space is needed (lowest state evicted
-    first, as MoE-SpAc's slot scores). MoE-SpAc counts over a verification batch of K+1 = 9 tokens, so
-    steps are aggregated until ``window_tokens`` tokens were seen (or over ``window`` steps). The state
-    machine is ``estimators.HysteresisEstimator``.
-    """
+    name = rule_name = "pin"
 
-    name = "spac"
 
-    def __init__(self, top: int = 5, up: int = 5, threshold: int = 0, window_tokens: int = 9,
-                 window: int | None = None) -> None:
-        self.top, self.up, self.threshold = top, up, threshold
-        self.window_tokens = window_tokens
-        self.window = window
+class HysteresisPolicy(RulePolicy):
+    """``planning.policies.HysteresisPolicy``: MoE-SpAc's released rule (integer state 0..5 per expert,
+    windows of 9 tokens, admission into free space or over state-0 residents only)."""
 
-    def reset(self, setup: SimSetup) -> np.ndarray:
-        super().reset(setup)
-        self.hysteresis = HysteresisEstimator(*setup.shape, max_state=self.top, up_margin=self.up)
-        self.acc = np.zeros(setup.shape, np.int64)
-        self.acc_tokens = 0
-        self._changed = False
-        return np.zeros(setup.shape, bool)
-
-    def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
-        self.acc += counts
-        self.acc_tokens += n_tokens
-        full = self.acc_tokens >= self.window_tokens if self.window is None else (t + 1) % self.window == 0
-        if not full:
-            return
-        self.hysteresis.update(Observation(self.acc, self.acc_tokens))
-        self.acc = np.zeros_like(self.acc)
-        self.acc_tokens = 0
-        self._changed = True
+    name = rule_name = "hysteresis"
 
     @property
     def state(self) -> np.ndarray:
-        return self.hysteresis.state
-
-    def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
-        if not self._changed:
-            return None
-        self._changed = False
-        want = (self.state > self.threshold) | resident
-        # rank: state, then already resident (no churn), then id
-        key = self.state.ravel() * 2.0 + resident.ravel()
-        order = np.argsort(-key, kind="stable")
-        order = order[want.ravel()[order]]
-        return _fill(order, self.setup.size, self.setup.budget)
+        return self.rule.state  # type: ignore[attr-defined]
 
 
 class OursPolicy(Policy):
@@ -295,66 +257,58 @@ class OursPolicy(Policy):
 # Demand caches
 
 
-def layer_capacities(size: np.ndarray, budget: int) -> np.ndarray:
-    """Experts per layer of a per-layer demand cache within ``budget`` bytes: the budget split evenly
-    over the layers in whole experts (``size`` ``[L, E]``, equal within a layer), the bytes left over
-    handed out one expert at a time in layer order."""
-    L, E = size.shape
-    per = size.max(axis=1).astype(np.int64)
-    cap = np.minimum(np.where(per > 0, (int(budget) // max(L, 1)) // np.maximum(per, 1), E), E)
-    left = int(budget) - int((cap * per).sum())
-    changed = True
-    while changed:
-        changed = False
-        for i in range(L):
-            if cap[i] < E and per[i] <= left:
-                cap[i] += 1
-                left -= int(per[i])
-                changed = True
-    return cap
-
-
 class DemandPolicy(Policy):
-    """A per-layer demand cache of ``planning/reference_caches.py`` (the same LRU, LFU and MIN as
-    ``spac eval-utility`` and ``trace_stats``): empty at the start, every step's misses may enter, each
-    layer holds what :func:`layer_capacities` gives it out of the byte budget."""
+    """A per-layer demand rule of ``planning/policies.py`` (``DemandCachePolicy``: the reference caches of
+    ``planning/reference_caches.py``, the same as ``spac eval-utility``'s and the runtime tiers'): empty at the
+    start, every step's misses may enter, each layer holds what :func:`layer_capacities` gives it out of the
+    byte budget. ``plans`` lists ``(t, residency)`` after every step."""
 
     demand = True
 
-    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
-        raise NotImplementedError
+    def new_rule(self, setup: SimSetup) -> DemandCachePolicy:
+        rule = make_rule(self.name, setup.size, setup.budget)
+        assert isinstance(rule, DemandCachePolicy)
+        return rule
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
-        self.capacity = layer_capacities(setup.size, setup.budget)
-        self.cache = self.make_cache(setup, self.capacity)
-        return self.cache.resident.copy()
+        self.rule = self.new_rule(setup)
+        self.capacity = self.rule.capacity
+        self.plans: list[tuple[int, np.ndarray]] = []
+        return self.rule.resident.copy()
 
     def demand_step(self, t: int, need: np.ndarray) -> np.ndarray:
         """After step ``t`` (activations ``need`` [L, E]): the residency the cache keeps."""
-        self.cache.step(need)
-        return self.cache.resident
+        self.rule.update(Observation(np.asarray(need, np.int64), int(self.setup.step_tokens[t])))
+        self.plans.append((t, self.rule.resident.copy()))
+        return self.rule.resident
 
     def describe(self) -> str:
-        return f"{self.name} (per layer: {'/'.join(map(str, sorted(set(self.capacity.tolist()))))} experts)"
+        return self.rule.describe() if hasattr(self, "rule") else self.name
 
 
 class LRUPolicy(DemandPolicy):
-    """Least recently used (``reference_caches.LRUCache``), per layer."""
+    """Least recently used (``planning.policies.LRUPolicy``: ``reference_caches.LRUCache``), per layer."""
 
     name = "lru"
 
-    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
-        return LRUCache(*setup.shape, capacity)
-
 
 class LFUPolicy(DemandPolicy):
-    """Least frequently used (``reference_caches.LFUCache``: steps that used it; ties: least recent), per layer."""
+    """Least frequently used (``planning.policies.LFUPolicy``: ``reference_caches.LFUCache``: steps that used
+    it; ties: the more recent), per layer."""
 
     name = "lfu"
 
-    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
-        return LFUCache(*setup.shape, capacity)
+
+class _MinRule(DemandCachePolicy):
+    name = "min"
+
+    def __init__(self, size: np.ndarray, budget: int, need: np.ndarray) -> None:
+        self._need = need
+        super().__init__(size, budget)
+
+    def make_cache(self, capacity: np.ndarray) -> DemandCache:
+        return MinCache(self._need, capacity)
 
 
 class MinPolicy(DemandPolicy):
@@ -363,8 +317,8 @@ class MinPolicy(DemandPolicy):
 
     name = "min"
 
-    def make_cache(self, setup: SimSetup, capacity: np.ndarray) -> DemandCache:
-        return MinCache(setup.counts > 0, capacity)
+    def new_rule(self, setup: SimSetup) -> DemandCachePolicy:
+        return _MinRule(setup.size, setup.budget, setup.counts > 0)
 
 
 class BeladyPolicy(Policy):
@@ -381,7 +335,7 @@ class BeladyPolicy(Policy):
         self.next = NextUse(setup.counts > 0)
         nu = self.next.now.ravel()
         order = np.argsort(nu, kind="stable")
-        return _fill(order[nu[order] < NEVER], setup.size, setup.budget)
+        return fill(order[nu[order] < NEVER], setup.size, setup.budget)
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
         need = self.setup.counts[t] > 0
@@ -412,21 +366,22 @@ class BeladyPolicy(Policy):
 
 
 def make_policy(name: str, **kw: object) -> Policy:
-    """A fresh policy by name (see :data:`POLICIES`)."""
+    """A fresh policy by name (see :data:`POLICIES` and :data:`ALIASES`)."""
     classes = {
         "none": NonePolicy,
         "static": StaticPolicy,
         "lru": LRUPolicy,
         "lfu": LFUPolicy,
         "pin": PinHotPolicy,
-        "spac": SpacHysteresisPolicy,
+        "hysteresis": HysteresisPolicy,
         "ours": OursPolicy,
         "min": MinPolicy,
         "belady": BeladyPolicy,
     }
+    name = ALIASES.get(name, name)
     if name not in classes:
-        raise SpacError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        raise SpacError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)} (or spac: ours)")
     return classes[name](**kw)  # type: ignore[arg-type]
 
 
-__all__ = ["POLICIES", "Policy", "SimSetup", "make_policy"]
+__all__ = ["ALIASES", "POLICIES", "Policy", "SimSetup", "layer_capacities", "make_policy"]

@@ -5,16 +5,20 @@ Per evaluation step (:meth:`TierController.on_step`, called from ``Llama.eval``)
     step begins        tier hook (flash: release the experts the step had in use)
     observe            tier hook: what the step's routing says about the current residency (hits)
     learn              the step's counts -> the utility estimator       (the one place a tier feeds it)
-    plan               PlacementPlanner.after_step: at once after the first step, else the re-planner
+    plan               the planner's after_step: ours (PlacementPlanner: at once after the first step, else the
+                       re-planner) or a baseline policy's (planning/policies.py: lru, lfu, pin, hysteresis)
     move               the tier's moves from the old plan to the new one (abstract: flash reads and
                        evictions, vram slot copies and evictions)
     step ends          tier hook (flash: lookahead prefetch, residency check)
 
 What is shared: the cost model (this machine's calibration unless given), the planner built from one
 :class:`~spac_llamacpp.planning.placement_config.PlacementConfig` (estimator, balancer, re-planner: the
-simulator's ``ours`` policy builds the same one), the first plan (synchronous, from a profile or a
-uniform prior), the common statistics, shutdown, and an optional per-step record of what the tier
-saw and planned (``record=True``: the simulator-equals-runtime test replays it).
+simulator's ``ours`` policy builds the same one) or, with ``policy=`` another than ``spac``, a baseline rule
+of ``planning/policies.py`` behind the same interface (the simulator runs the same rules), the first plan
+(synchronous, from a profile or a uniform prior), the common statistics, shutdown, and an optional per-step
+record of what the tier saw and planned (``record=True``: the simulator-equals-runtime test replays it).
+Every policy plans in the same bytes (the tier's budget, ``planning/budgets.py``) and its plans become
+moves through the same :meth:`TierController._move`.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from spac_llamacpp.planning.balancer import Plan
 from spac_llamacpp.planning.calibration import machine_cost_model
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import Observation
-from spac_llamacpp.planning.placement import PlacementPlanner
 from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.policies import DEFAULT_POLICY, check_policy, make_planner
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +68,26 @@ class LoopOptions:
     ``replan_every``, ``drift``, ``horizon``, ``background``, ...) and overrides it. ``cost``: the cost
     model (default: this machine's cached calibration, else nominal costs). ``profile``: a saved routing
     profile (``spac profile``; a path or :class:`~spac_llamacpp.observe.profile.Profile`) to plan the
-    first residency from. ``record``: keep a :class:`StepRecord` per step in ``records``.
+    first residency from. ``record``: keep a :class:`StepRecord` per step in ``records``. ``policy``: who
+    plans (``planning.policies.POLICIES``: ``spac``, ours, the default, or a baseline: ``lru``, ``lfu``,
+    ``pin``, ``hysteresis``), ``policy_params`` a baseline rule's keyword arguments.
     """
 
     config: PlacementConfig
     cost: CostModel | None = None
     profile: ProfileArg = None
     record: bool = False
+    policy: str = DEFAULT_POLICY
+    policy_params: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, default: PlacementConfig, config: PlacementConfig | None = None, cost: CostModel | None = None,
-              profile: ProfileArg = None, record: bool = False, **placement: Any) -> LoopOptions:
+              profile: ProfileArg = None, record: bool = False, policy: str | None = None,
+              policy_params: dict[str, Any] | None = None, **placement: Any) -> LoopOptions:
         """Unknown names are a one-line SpacError (checked before the tier sets anything up)."""
-        return cls((config or default).replace(**placement), cost, profile, bool(record))
+        name = check_policy(DEFAULT_POLICY if policy is None else policy)
+        return cls((config or default).replace(**placement), cost, profile, bool(record), name,
+                   dict(policy_params) if policy_params else None)
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,11 @@ class TierController(ABC):
             self.wanted = np.zeros((layout.n_layer, layout.n_expert), bool)
         self.cost = options.cost if options.cost is not None else machine_cost_model(info.path)
         self.records: list[StepRecord] | None = [] if options.record else None
-        self.planner = PlacementPlanner(config, layout, self.cost, plan_budget, resident=lambda: self.wanted.copy())
+        self.policy = options.policy
+        self.planner = make_planner(options.policy, config, layout, self.cost, plan_budget,
+                                    resident=lambda: self.wanted.copy(), params=options.policy_params)
         self.demand = self.planner.demand
-        self.balancer = self.planner.balancer
+        self.balancer = self.planner.balancer  # None for a baseline policy
         self.replanner = self.planner.replanner
         profile = options.profile
         prior = expected_demand(profile, info, layout.n_expert_used) if profile is not None else None
@@ -199,6 +212,7 @@ class TierController(ABC):
         c = self.counters
         out: dict[str, Any] = {
             "tier": self.name,
+            "policy": self.policy,
             "plan_budget_bytes": int(self.planner.budget),
             "planned_experts": int(self.wanted.sum()),
             "planned_bytes": int(self.sizes[self.wanted].sum()),

@@ -15,6 +15,11 @@ During the step the native engine, called from the routing sensor's graph callba
 readahead for selected experts that are not resident and evicts them again once their layer has
 finished unless the plan wants them. The budget holds at step boundaries once queued evictions
 have run; within a step, demand loads may use the staging reserve.
+
+The plan comes from the tier's policy (``policy=``, ``planning/policies.py``): ours (``spac``, steps 1-2
+above, with the lookahead of step 4) or a baseline (``lru``, ``lfu``, ``pin``, ``hysteresis``: no lookahead
+by default, so its plan gets the lookahead reserve too). A policy that admits demand (lru, lfu) keeps
+what a step loaded: see :meth:`FlashTier._set_wanted`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_b
 from spac_llamacpp.native.sensor import RoutingSensor
 from spac_llamacpp.planning.budgets import flash_budget, tier_layout
 from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.policies import DEFAULT_POLICY
 from spac_llamacpp.planning.reference_caches import hit_rate
 from spac_llamacpp.tiers.base import LoopOptions, TierController, TierCounters
 
@@ -102,7 +108,8 @@ class FlashTier(TierController):
         lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
             embeddings), which every token reads: under memory pressure the kernel would otherwise
             evict them as readily as cold experts. Falls back (logged) when mlock is not permitted.
-        lookahead: prefetch this step's unplanned experts for the next step.
+        lookahead: prefetch this step's unplanned experts for the next step (None: on for ``policy="spac"``,
+            off for the baselines, whose plans then get its reserve).
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
@@ -120,7 +127,8 @@ class FlashTier(TierController):
         loop: the shared loop's options (:class:`~spac_llamacpp.tiers.base.LoopOptions`): ``config`` (default
             :meth:`PlacementConfig.flash`) or single fields of it (``estimator``, ``solver``, ``replan_every``,
             ``drift``, ``horizon``, ``background``, ...), ``cost``, ``profile`` (plan the first residency from
-            it instead of from a uniform prior and then the prompt), ``record``.
+            it instead of from a uniform prior and then the prompt), ``record``, ``policy`` (``spac``, ours, the
+            default; ``lru``, ``lfu``, ``pin``, ``hysteresis``: ``planning/policies.py``), ``policy_params``.
     """
 
     name = "flash"
@@ -135,7 +143,7 @@ class FlashTier(TierController):
         threads: int = 2,
         pin_fraction: float = 0.0,
         lock_non_experts: bool = True,
-        lookahead: bool = True,
+        lookahead: bool | None = None,
         layer_ahead: bool = False,
         check_every: int = 4,
         guard_file: bool = True,
@@ -143,6 +151,8 @@ class FlashTier(TierController):
         **loop: Any,
     ) -> None:
         options = LoopOptions.parse(PlacementConfig.flash(), **loop)
+        if lookahead is None:  # our mechanism; a baseline runs as published, its plan gets the reserve
+            lookahead = options.policy == DEFAULT_POLICY
         self.info = info
         self.budget = int(budget)
         layout = tier_layout("flash", info)
@@ -151,6 +161,7 @@ class FlashTier(TierController):
         self.lookahead_reserve = self.budget_split.lookahead
         shape = (layout.n_layer, layout.n_expert)
         self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
+        self.admits_demand = False  # set once the planner is built (_admit_all_demand)
         self.pinned = np.zeros(shape, bool)
         self.look = np.zeros(shape, bool)
         self._just_dropped = np.zeros(shape, bool)  # evictions queued since the last budget check
@@ -182,11 +193,41 @@ class FlashTier(TierController):
             self._start(info, layout, self.budget_split.plan_bytes, options)
             if not self.counters.plans_applied:
                 self._move(self.wanted, np.zeros(shape), initial=True)  # no first plan: trim everything
+            self.admits_demand = bool(self.planner.admits_demand)
+            if self.admits_demand:
+                self._admit_all_demand()
             log.info("flash tier: budget %s (%s for the plan), cost model %s", format_size(self.budget),
                      format_size(self.budget_split.plan_bytes), self.cost.source or "given")
         except BaseException:
             self.close()
             raise
+
+    def _admit_all_demand(self) -> None:
+        """For a policy that admits demand (lru, lfu): every expert is wanted as far as the engine knows.
+
+        Why: the engine evicts a demand-loaded expert after its layer unless it is wanted (``transient`` in
+        native/spac_engine.c). Under LRU every expert a step loads is admitted, so the step-end plan wants
+        it; with the plan's flags it would have been dropped after its layer and read again by the move
+        (twice the reads of the design). So the flags stay set for every expert, a step's demand loads stay,
+        and the plan's evictions (explicit ``evict`` moves of what the cache dropped) are the only ones.
+        Costs: within a step the demand loads of all layers are held until the step's plan evicts the
+        least recently used (more than the one layer of staging the budget reserves); an evicted expert's
+        boundary pages shared with a neighbour are kept (the neighbour counts as wanted), at most a page per
+        tensor between two experts, which the stray check allows for.
+        Once the engine keeps a step's demand loads until the step ends and lets the step-end move decide,
+        the plan's own flags are right for these policies too and this goes.
+        """
+        self.engine.wait_idle(30.0)  # the trim's evictions first, with the flags they were planned with
+        for row in self.rows:
+            for e in range(self.wanted.shape[1]):
+                self.engine.set_wanted(int(row), e, True)
+        log.info("flash tier: policy %s admits every demand load (engine flags all wanted)", self.policy)
+
+    def _set_wanted(self, i: int, e: int, wanted: bool) -> None:
+        """The engine's wanted flag of (MoE layer i, expert e), but never cleared under a policy that admits
+        demand (:meth:`_admit_all_demand`)."""
+        if wanted or not self.admits_demand:
+            self.engine.set_wanted(int(self.rows[i]), int(e), wanted)
 
     def _lock_non_experts(self) -> None:
         for offset, length in non_expert_ranges(self.info):
@@ -227,6 +268,8 @@ class FlashTier(TierController):
     def _step_ends(self, counts: np.ndarray) -> None:
         if self.lookahead:
             self._prefetch_next(counts)
+        if self.admits_demand:
+            self._drop_unadmitted(counts > 0)
         if self.check_every and self.counters.steps % self.check_every == 0:
             self._check_budget(used=counts > 0)
 
@@ -235,13 +278,13 @@ class FlashTier(TierController):
         drop = (self.wanted | initial) & ~x & ~self.look
         add = x & ~self.wanted
         for i, e in zip(*np.nonzero(drop), strict=True):
-            self.engine.set_wanted(self.rows[i], e, False)
+            self._set_wanted(i, e, False)
             self._submit("evict", i, e)
         self._just_dropped |= drop
         self.pinned &= x
         order = np.argsort(-utility[add], kind="stable")
         for i, e in np.transpose(np.nonzero(add))[order]:
-            self.engine.set_wanted(self.rows[i], e, True)
+            self._set_wanted(i, e, True)
             self._submit("prefetch", i, e)
         self.look &= ~x
         if self.pin_budget > 0:
@@ -272,14 +315,23 @@ class FlashTier(TierController):
         new = new.reshape(self.wanted.shape)
         gone = self.look & ~new & ~self.wanted
         for i, e in zip(*np.nonzero(gone), strict=True):
-            self.engine.set_wanted(self.rows[i], e, False)
+            self._set_wanted(i, e, False)
             self._submit("evict", i, e)
         self._just_dropped |= gone
         for i, e in zip(*np.nonzero(new & ~self.look), strict=True):
-            self.engine.set_wanted(self.rows[i], e, True)
+            self._set_wanted(i, e, True)
             self._submit("prefetch", i, e)
             self.counters.lookahead_prefetches += 1
         self.look = new
+
+    def _drop_unadmitted(self, used: np.ndarray) -> None:
+        """Evict what this step loaded on demand and the policy did not keep (an LFU that kept its more
+        frequent experts, a step that used more experts of a layer than the layer's share): with every engine
+        flag set (:meth:`_admit_all_demand`) the engine kept them."""
+        gone = used & ~self.wanted & ~self.look
+        for i, e in zip(*np.nonzero(gone), strict=True):
+            self._submit("evict", i, e)
+        self._just_dropped |= gone
 
     def _submit(self, op: str, i: int, e: int) -> None:
         if not self.engine.submit(op, int(self.rows[i]), int(e)):

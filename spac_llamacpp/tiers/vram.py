@@ -7,7 +7,8 @@ top to bottom (steps 1-2 are the shared loop of ``tiers/base.py``; the pool's si
 
 1. routing (the sensor's counts over the step's k+1 tokens) -> the utility estimator;
 2. utility -> the balancer (``vram``: GPU and CPU compute in parallel; background re-planner) -> a plan
-   of which experts sit in the pool, within the pool's bytes and each layer group's slots;
+   of which experts sit in the pool, within the pool's bytes and each layer group's slots (or a baseline
+   policy's plan, ``policy=``: ``planning/policies.py``);
 3. plan -> moves: unwanted experts are evicted (their slots return after a fence with the finished
    evaluation), wanted ones are copied in, hottest first, by llama.cpp's copy worker while the next
    steps compute. A copy is used from the first evaluation that starts after it finished.
@@ -85,7 +86,8 @@ class VramTier(TierController):
         compute_reserve: bytes kept for llama.cpp's compute buffers.
         non_expert_on_gpu: whether the non-expert weights (and KV cache) count against the budget.
         loop: the shared loop's options as in the flash tier (:class:`~spac_llamacpp.tiers.base.LoopOptions`;
-            default configuration :meth:`PlacementConfig.vram`).
+            default configuration :meth:`PlacementConfig.vram`), ``policy`` included: a baseline's plan is
+            applied by the same moves (lru, lfu: a step's CPU-computed experts are copied in after it).
     """
 
     name = "vram"

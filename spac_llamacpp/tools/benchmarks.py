@@ -26,6 +26,56 @@ PROMPTS = (
 )
 
 
+def read_prompts(path: str | Path | None) -> list[str]:
+    """The prompts of a bench script: one per line of ``path`` (``\\n`` in a line is a newline; blank lines
+    skipped), else :data:`PROMPTS`."""
+    lines = Path(path).read_text().splitlines() if path else list(PROMPTS)
+    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+
+
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    """``--draft D``, ``--lookup`` and ``--n-draft``: the same speculation in every run of a benchmark."""
+    p.add_argument("--draft", default=None, help="draft GGUF (same tokenizer) for every run")
+    p.add_argument("--lookup", action="store_true", help="prompt-lookup drafts for every run")
+    p.add_argument("--n-draft", type=int, default=4, help="draft tokens per step (fixed)")
+
+
+def make_draft(cfg: dict[str, Any]) -> Any | None:
+    """The draft of a run configuration (``lookup``, ``draft``, ``n_draft``, ``ctx``, ``threads``), or None."""
+    if cfg.get("lookup"):
+        from spac_llamacpp.speculation.drafts import PromptLookupDraft
+
+        return PromptLookupDraft(cfg["n_draft"])
+    if cfg.get("draft"):
+        from spac_llamacpp.speculation.drafts import GGUFDraftModel
+
+        return GGUFDraftModel(cfg["draft"], cfg["n_draft"], cfg["ctx"], n_threads=cfg.get("threads"))
+    return None
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident memory (``RssAnon``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def runtime_overhead(anon: int, given: str | None = None) -> int:
+    """RAM a limited run needs besides the weights: ``given`` (a size), else the anonymous memory ``anon`` a
+    short run measured (KV cache, compute buffers) plus 25% and 64 MiB."""
+    from spac_llamacpp.base.sizes import parse_size
+
+    return parse_size(given) if given else int(anon * 1.25) + (64 << 20)
+
+
+def flash_limit(info: MoEModelInfo, budget: int, overhead: int, draft: str | None = None) -> int:
+    """The RAM limit a flash-tier run of ``budget`` gets: the non-expert weights, the budget, the runtime
+    ``overhead`` and a draft model's file (its weights need RAM too)."""
+    return info.non_expert_bytes + int(budget) + int(overhead) + (Path(draft).stat().st_size if draft else 0)
+
+
 def vram_fixed_bytes(info: MoEModelInfo, n_ctx: int, compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE) -> int:
     """What the VRAM tier's budget holds besides the pool (non-expert weights, KV cache of ``n_ctx`` tokens
     estimated from the header, compute reserve)."""

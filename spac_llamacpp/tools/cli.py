@@ -80,6 +80,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "bytes plus the rest."),
         click.option("--pool-on-host", is_flag=True,
                      help="With --tier vram: put the expert pool in host memory (testing without a GPU)."),
+        click.option("--policy", default=None, metavar="NAME",
+                     help="Who places the experts of --tier flash or vram: spac (ours, the default), or a baseline "
+                          "on the same engine and budget: lru (per-layer LRU admission of demand, llama.cpp PR "
+                          "#27861), lfu, pin (a static hot set from --warm-profile or the first 16 steps), "
+                          "hysteresis (MoE-SpAc's rule)."),
         click.option("--flash-threads", type=int, default=2, show_default=True,
                      help="Flash-tier engine worker threads."),
         click.option("--pin-fraction", type=float, default=0.0, show_default=True,
@@ -120,7 +125,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
           no_repack: bool, verbose: bool, draft: str | None, lookup: bool, n_draft: int, fixed_draft: bool,
           self_draft: bool = False, self_draft_experts: int | None = None, tier: str | None = None,
           budget: str | None = None, vram_budget: str | None = None, pool_on_host: bool = False,
-          flash_threads: int = 2, pin_fraction: float = 0.0,
+          policy: str | None = None, flash_threads: int = 2, pin_fraction: float = 0.0,
           warm_profile: str | None = None, cache_prior: float | None = None, cache_experts: int | None = None,
           seed: int = 0, routing_history: int | None = 1024, note: Callable[[str], None] | None = None,
           speculation_history: int | None = 256, replay: str | None = None, replay_end: str = "cycle",
@@ -162,6 +167,14 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         raise SpacError("--warm-profile needs --tier flash or --tier vram")
     if replay is not None and cache_prior is not None:
         raise SpacError("--replay and --cache-prior both rewrite the router probabilities; use one")
+    if policy is not None:
+        from spac_llamacpp.planning.policies import check_policy
+
+        check_policy(policy)
+        if tier not in ("flash", "vram"):
+            why = "--tier auto chose none: the model fits in RAM" if fit is not None else "--tier none has none"
+            raise SpacError(f"--policy {policy} needs --tier flash (with --budget) or --tier vram (with "
+                            f"--vram-budget); {why}")
     flash = vram = None
     if tier == "flash":
         flash = {"threads": flash_threads, "pin_fraction": pin_fraction, "profile": warm_profile}
@@ -187,6 +200,7 @@ def _load(model: str, n_ctx: int | None, n_threads: int | None, n_gpu_layers: in
         flash_options=flash,
         vram_budget=vram_budget,
         vram_options=vram,
+        policy=policy,
         cache_prior=cache_prior,
         cache_prior_options={"cache_experts": cache_experts} if cache_experts is not None else None,
         self_draft=(self_draft_experts or True) if self_draft else False,
@@ -219,7 +233,13 @@ def _vram_line(st: dict[str, Any]) -> str:
     where = "host memory" if st["pool_on_host"] else "VRAM"
     return (f"vram tier: expert pool {format_size(st['pool_bytes'])} in {where} ({'+'.join(map(str, st['slots']))} "
             f"slots, {st['resident_experts']} experts resident) of a {format_size(st['vram_budget_bytes'])} budget; "
-            f"pool hit rate {hit}; {st['copies_done']} copies ({format_size(st['bytes_copied'])})")
+            f"pool hit rate {hit}; {st['copies_done']} copies ({format_size(st['bytes_copied'])}){_policy_note(st)}")
+
+
+def _policy_note(st: dict[str, Any]) -> str:
+    """``; policy NAME`` for a baseline policy (nothing for ours, the default)."""
+    policy = st.get("policy")
+    return f"; policy {policy}" if policy and policy != "spac" else ""
 
 
 def _replay_line(rp: dict[str, Any]) -> str:
@@ -256,7 +276,7 @@ def _flash_line(st: dict[str, Any], tokens: int) -> str:
             f"(budget {format_size(st['budget_bytes'])}, max at a step boundary "
             f"{format_size(st['max_resident_at_check'])}; {st['resident_experts']} experts; non-expert weights "
             f"{format_size(st['non_expert_bytes'])}); expert hit rate {hit}; read from disk "
-            f"{format_size(read or 0)}{per_token}")
+            f"{format_size(read or 0)}{per_token}{_policy_note(st)}")
 
 
 @click.command(name="spac-run")
@@ -709,7 +729,8 @@ def calibrate_cmd(show: bool, model: str | None, threads: int | None, types: str
 @click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True,
               help="flash: fast = resident RAM, slow = read from flash; vram: fast = GPU, slow = CPU compute.")
 @click.option("--policy", default="ours", show_default=True,
-              help="none, static, lru, lfu, pin, spac, ours, min, belady.")
+              help="none, static, lru, lfu, pin, hysteresis (MoE-SpAc's rule), ours (also spac: the tier's own), "
+                   "min, belady.")
 @click.option("--compare", is_flag=True, help="Run every policy, print them side by side and write a PNG.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
               help="GGUF the trace was recorded from (default: the path in the trace when that file is here, "
