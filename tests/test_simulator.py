@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import inspect_model
 from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning.budgets import kv_cache_bytes, kv_dims_of_gguf, staging_bytes, tier_layout
@@ -237,15 +238,33 @@ def test_cli_calibrate_show(tmp_path, monkeypatch):
 
 
 def test_ours_places_a_steady_working_set_once():
-    # the same two experts every step: after one step of misses, ours loads them once and keeps them
+    # the same two experts every step. Without admission: after one step of misses, ours loads them once
+    # (a planned read each) and keeps them
     trace, setup = hand_setup([[2, 3]] * 20, 4, 2)
-    r = simulate(trace, make_policy("ours", initial_plan=False), setup)
+    r = simulate(trace, make_policy("ours", initial_plan=False, admit_demand=False, replan_every=16, drift=0.5), setup)
     assert r.hits == 38 and r.bytes_moved == 2 * 3000 + 2 * 3000  # step-0 misses + one load each
     # as the flash tier: a first residency from a uniform prior (preloaded), replaced after the first step
+    # by the step's misses, which stay resident without a second read (admit_demand), re-planned every step
     pol = make_policy("ours")
     r = simulate(trace, pol, setup)
-    assert pol.planner.config == PlacementConfig.flash(background=False)
-    assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 4 * 3000
-    # re-plans: the re-planner's first request (step 2), then every 16 steps; they keep the working set
-    assert [t for t, _ in pol.plans] == [-1, 0, 1, 17]
+    assert pol.planner.config == PlacementConfig.flash(background=False) and pol.admits_demand
+    assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 2 * 3000  # the misses only
+    assert [t for t, _ in pol.plans] == [-1, *range(20)]
     assert all(x[0].tolist() == [False, False, True, True] for _, x in pol.plans[1:])
+
+
+def test_ours_admission_keeps_a_miss_only_through_a_plan():
+    # one slot; experts 0, 1, 2, 2: every miss is admitted and the next plan keeps it, so the last step hits
+    # and nothing is read twice
+    trace, setup = hand_setup([[0], [1], [2], [2]], 4, 1)
+    pol = make_policy("ours", initial_plan=False)
+    r = simulate(trace, pol, setup)
+    assert r.hits == 1 and r.bytes_moved == 3 * 3000
+    # re-planned every 3 steps (plans after steps 0 and 1, the re-planner's first request): step 2's miss has
+    # no plan after it, so it is dropped again and step 3 misses too
+    pol = make_policy("ours", initial_plan=False, replan_every=3)
+    r = simulate(trace, pol, setup)
+    assert [t for t, _ in pol.plans] == [0, 1] and r.hits == 0 and r.bytes_moved == 4 * 3000
+    # the vram tier admits nothing for free: the option is refused there
+    with pytest.raises(SpacError, match="flash-tier option"):
+        PlacementConfig.vram(admit_demand=True)

@@ -26,8 +26,10 @@ Implementations (names for :func:`make_estimator`, the one registry):
   former ``DecayedCounts``.
 - ``fw-lru`` (:class:`FrequencyWeightedLRU`): recency first, frequency to break ties (scores are
   ranks, not demand: a poor balancer input, kept for ``spac eval-utility``).
-- ``spac`` (:class:`SpacEstimator`, ours, the default): two time scales (a fast and a slow decayed
-  demand) plus the last step's routing, where tokens the target rejected count ``rejected_weight``.
+- ``spac`` (:class:`SpacEstimator`, ours, the default): what usually follows the last step's experts
+  (:class:`TransitionModel`, transitions between consecutive steps learnt online) plus short-memory
+  decayed demand (and optional slow demand and last-step terms), where tokens the target rejected count
+  ``rejected_weight``.
 
 All decayed quantities use :class:`DecayedMean`, the one decayed average.
 """
@@ -254,29 +256,100 @@ class FrequencyWeightedLRU(Estimator):
         return self.last_step + self.freq / (self.freq.sum(axis=1, keepdims=True) + 1.0)
 
 
-class SpacEstimator(Estimator):
-    """Ours: the last step's true-path demand plus fast and slow decayed demand.
+class TransitionModel:
+    """Which experts follow which, per layer: decayed counts of "expert e used in a step, f in the next".
 
-    ``scores = w_last * last + w_fast * fast + w_slow * slow`` where every term is per-token demand
-    with the selections of rejected draft tokens weighted by ``rejected_weight`` (their routing was
-    computed but is off the true path, :class:`Observation`): ``last`` of the last step, ``fast`` a
-    short-memory decayed average (beta_fast) and ``slow`` a long one (beta_slow) that keeps popular
-    experts resident through short gaps.
+    ``counts[l, e, f]`` is a decayed (``beta``) count of consecutive steps where layer l used e and then f;
+    :meth:`predict` turns the experts one step used into the next step's expected use of each expert:
+    ``sum over used e of P(f | e)``, each row ``P(. | e)`` the counts of row e smoothed towards uniform by
+    ``prior`` pseudo-counts. An expert that was never followed by a step has no row yet and predicts
+    nothing (the estimator's other terms decide). Routing is at step granularity, as the tier sees it:
+    with speculative decoding a step is the k+1-token verify batch and its successor the next batch.
+
+    Why: learnt routers make consecutive tokens' experts depend on each other beyond "the same expert
+    again" (Mixtral-8x7B, top-2 of 8: P(e reused) is 0.34-0.40, but the best next-step pair by these
+    counts covers 0.42-0.45 of the next token's experts). Decay is applied lazily (one scale factor), so
+    an update costs the k x k pairs of each layer, not the whole ``[L, E, E]``.
+    """
+
+    def __init__(self, n_layer: int, n_expert: int, beta: float = 0.99, prior: float = 0.5) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise SpacError(f"transition decay beta must be in [0, 1], got {beta}")
+        if prior <= 0:
+            raise SpacError(f"transition prior must be positive, not {prior}")
+        self.beta, self.prior = float(beta), float(prior)
+        self.shape = (int(n_layer), int(n_expert))
+        self._raw = np.zeros((n_layer, n_expert, n_expert), np.float64)  # counts / self._scale
+        self._rows = np.zeros((n_layer, n_expert), np.float64)  # row sums of _raw
+        self._scale = 1.0
+        self._prev: np.ndarray | None = None
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[L, E, E]`` the decayed transition counts (a fresh array)."""
+        return self._raw * self._scale
+
+    def update(self, used: np.ndarray) -> None:
+        """Learn from one step: ``used`` ``[L, E]`` (> 0: the step used the expert)."""
+        cur = np.asarray(used) > 0
+        if self._prev is not None:
+            self._scale *= self.beta
+            if self._scale < 1e-100:  # renormalise long before float underflow
+                self._raw *= self._scale
+                self._rows *= self._scale
+                self._scale = 1.0
+            inc = 1.0 / self._scale
+            for layer in range(self.shape[0]):
+                src, dst = np.flatnonzero(self._prev[layer]), np.flatnonzero(cur[layer])
+                if len(src) and len(dst):
+                    self._raw[layer, src[:, None], dst[None, :]] += inc
+                    self._rows[layer, src] += inc * len(dst)
+        self._prev = cur
+
+    def predict(self, used: np.ndarray | None = None) -> np.ndarray:
+        """``[L, E]``: expected use of each expert in the step after one that used ``used`` (default: the
+        last step learnt); zeros before any step."""
+        cur = self._prev if used is None else np.asarray(used) > 0
+        out = np.zeros(self.shape, np.float64)
+        if cur is None:
+            return out
+        n = self.shape[1]
+        for layer in range(self.shape[0]):
+            src = np.flatnonzero(cur[layer] & (self._rows[layer] > 0))  # an expert never followed: no opinion
+            if not len(src):
+                continue
+            rows = self._raw[layer, src] * self._scale + self.prior / n
+            out[layer] = (rows / (self._rows[layer, src, None] * self._scale + self.prior)).sum(axis=0)
+        return out
+
+
+class SpacEstimator(Estimator):
+    """Ours: what follows the last step (learnt transitions) plus fast and slow decayed demand.
+
+    ``scores = w_next * next + w_last * last + w_fast * fast + w_slow * slow`` where ``next`` is the
+    :class:`TransitionModel`'s prediction from the last step's experts (decay ``beta_next``, ``prior``) and
+    the other terms are per-token demand with the selections of rejected draft tokens weighted by
+    ``rejected_weight`` (their routing was computed but is off the true path, :class:`Observation`):
+    ``last`` of the last step, ``fast`` a short-memory decayed average (beta_fast) and ``slow`` a long one
+    (beta_slow) that keeps popular experts resident through short gaps.
     """
 
     name = "spac"
 
-    # defaults tuned on a trace of the embedded default model with its draft (docs/utility.md): the
-    # last-step term only adds churn, and rejected drafts' routing still predicts the next tokens
-    def __init__(self, n_layer: int, n_expert: int, w_last: float = 0.0, w_fast: float = 1.0,
-                 w_slow: float = 1.0, beta_fast: float = 0.8, beta_slow: float = 0.97,
-                 rejected_weight: float = 1.0) -> None:
+    # defaults tuned on the tuning traces of docs/utility.md ("Held-out evaluation": the default model's
+    # plain and drafted traces and Mixtral-8x7B HumanEval; reported on Mixtral-8x7B GSM8K and the benchmark
+    # model's traces): the transitions carry most of it; a little short-memory demand breaks their ties
+    def __init__(self, n_layer: int, n_expert: int, w_last: float = 0.0, w_fast: float = 0.25,
+                 w_slow: float = 0.0, beta_fast: float = 0.5, beta_slow: float = 0.97,
+                 rejected_weight: float = 1.0, w_next: float = 1.0, beta_next: float = 0.99,
+                 prior: float = 0.5) -> None:
         super().__init__(n_layer, n_expert)
-        self.w_last, self.w_fast, self.w_slow = w_last, w_fast, w_slow
+        self.w_last, self.w_fast, self.w_slow, self.w_next = w_last, w_fast, w_slow, w_next
         self.rejected_weight = float(rejected_weight)
         self.fast = DecayedMean(self.shape, beta_of(beta_fast))
         self.slow = DecayedMean(self.shape, beta_of(beta_slow))
         self.last = np.zeros(self.shape)
+        self.transitions = TransitionModel(*self.shape, beta=beta_next, prior=prior)
 
     def _learn(self, obs: Observation) -> None:
         true_path = np.asarray(obs.true_path_counts, np.float64)
@@ -285,9 +358,14 @@ class SpacEstimator(Estimator):
         self.fast.add(demand)
         self.slow.add(demand)
         self.last = demand
+        if self.w_next:
+            self.transitions.update(weighted)
 
     def scores(self) -> np.ndarray:
-        return self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
+        s = self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
+        if self.w_next:
+            s = s + self.w_next * self.transitions.predict()
+        return s
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {

@@ -10,6 +10,11 @@ utility estimator, the balancer and the re-planner. Its owner feeds the estimato
 - later steps: offered to the re-planner (periodic or on drift), which solves in its background thread
   (or synchronously, ``background=False``); the newest finished plan not taken before is returned.
 
+With ``config.admit_demand`` (flash) the owner passes the step's used experts (``after_step(step,
+used)``): the plan made after the step starts from the applied residency plus those (the misses were
+read on demand and are still in memory), so keeping one costs no read; the owner evicts the ones the
+plan leaves out, and all of them when no plan follows the step (:attr:`PlacementPlanner.admits_demand`).
+
 Nothing here moves an expert: the tier (or the simulator) applies the plan.
 """
 
@@ -53,14 +58,21 @@ class PlacementPlanner:
                                  time_limit=config.time_limit, horizon=config.horizon,
                                  transfer_steps=config.transfer_steps)
         self._resident = resident
+        self.admits_demand = bool(config.admit_demand)
+        self._admitted: np.ndarray | None = None  # the last step's used experts, while a plan from it is due
         self._tokens_per_step = 1.0
         self.warm = False  # a residency was planned from a profile before the first step
-        self.replanner = Replanner(self._plan, every=config.replan_every, drift=config.drift, resident=resident,
-                                   background=config.background)
+        self.replanner = Replanner(self._plan, every=config.replan_every, drift=config.drift,
+                                   resident=self._plan_resident, background=config.background)
 
     @property
     def budget(self) -> int:
         return self.balancer.budget
+
+    def _plan_resident(self) -> np.ndarray:
+        """The residency a plan starts from: the applied one, plus the admitted demand loads."""
+        r = np.asarray(self._resident(), bool)
+        return r | self._admitted if self._admitted is not None else r
 
     def _plan(self, utility: np.ndarray, resident: np.ndarray | None, time_limit: float | None = None) -> Plan:
         # tokens per step as of the request (read by the solver thread; a float, set on the decoding thread)
@@ -82,13 +94,16 @@ class PlacementPlanner:
         self._snapshot_tokens_per_step()
         return self._plan(demand, None), demand
 
-    def after_step(self, step: int) -> Plan | None:
-        """After the estimator saw step ``step`` (1-based): the plan to apply now, if any."""
+    def after_step(self, step: int, used: np.ndarray | None = None) -> Plan | None:
+        """After the estimator saw step ``step`` (1-based): the plan to apply now, if any. ``used``
+        (``[n_moe_layer, n_expert]``, > 0 where the step used the expert): with ``admits_demand``, these are in
+        memory now and the plan may keep them without a read."""
+        self._admitted = (np.asarray(used) > 0) if self.admits_demand and used is not None else None
         u = self.demand.utility()
         self._snapshot_tokens_per_step()
         if step == 1 and not self.warm:
             # the first step (usually the prompt) replaces the uninformed start at once
-            return self._plan(u, self._resident())
+            return self._plan(u, self._plan_resident())
         self.replanner.submit(u, step)
         return self.replanner.take()
 
