@@ -16,6 +16,9 @@ from typing import Any
 
 from spac_llamacpp.base.errors import SpacError
 
+VRAM_ESTIMATOR_PARAMS: Mapping[str, float] = {"w_next": 0.25, "w_fast": 1.0, "w_slow": 1.0, "beta_fast": 0.8}
+"""The ``spac`` estimator's weights in the vram tier (:meth:`PlacementConfig.vram`)."""
+
 
 @dataclass(frozen=True)
 class PlacementConfig:
@@ -86,8 +89,12 @@ class PlacementConfig:
     @classmethod
     def vram(cls, **overrides: Any) -> PlacementConfig:
         """The VRAM tier's defaults: a long horizon (a copy runs on the copy engine, beside the compute); the
-        pool starts empty and the prompt's routing fills it."""
-        return cls(tier="vram", horizon=64.0, initial_plan=False).replace(**overrides)
+        pool starts empty and the prompt's routing fills it. The estimator leans on smooth demand (fast and
+        slow decayed averages) with a quarter weight of the next-step transitions: a copy costs as much as
+        several CPU computations of a small expert, and the flash tier's sharp per-step prediction churns
+        the pool (docs/utility.md, "Held-out evaluation")."""
+        return cls(tier="vram", horizon=64.0, initial_plan=False,
+                   estimator_params=VRAM_ESTIMATOR_PARAMS).replace(**overrides)
 
     @classmethod
     def for_tier(cls, tier: str, **overrides: Any) -> PlacementConfig:
@@ -99,7 +106,8 @@ class PlacementConfig:
         raise SpacError(f"unknown tier {tier!r}; choose 'flash' or 'vram'")
 
     def replace(self, **overrides: Any) -> PlacementConfig:
-        """A copy with some fields changed; an unknown field is a one-line SpacError."""
+        """A copy with some fields changed; an unknown field is a one-line SpacError. Another ``estimator``
+        without ``estimator_params`` starts from that estimator's own defaults."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -107,6 +115,8 @@ class PlacementConfig:
                             f"choose from {', '.join(sorted(names - {'tier'}))}")
         if "tier" in overrides and overrides["tier"] != self.tier:
             raise SpacError(f"a {self.tier} configuration cannot become a {overrides['tier']} one")
+        if overrides.get("estimator", self.estimator) != self.estimator and "estimator_params" not in overrides:
+            overrides = {**overrides, "estimator_params": {}}  # parameters belong to the estimator they were for
         return dataclasses.replace(self, **overrides) if overrides else self
 
     def to_json(self) -> dict[str, Any]:
