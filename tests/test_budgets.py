@@ -79,7 +79,7 @@ def test_tier_layouts(tmp_path):
 
 def test_placement_config_defaults_and_overrides():
     f, v = PlacementConfig.flash(), PlacementConfig.vram()
-    assert (f.tier, f.horizon, f.initial_plan) == ("flash", 8.0, True)
+    assert (f.tier, f.horizon, f.initial_plan) == ("flash", 4.0, True)
     assert (v.tier, v.horizon, v.initial_plan) == ("vram", 64.0, False)
     assert (f.estimator, f.solver, f.replan_every, f.drift, f.tokens_per_step, f.admit_demand, f.estimator_params) \
         == ("spac", "greedy", 1, 0.0, None, True, {})
@@ -99,7 +99,7 @@ def test_placement_config_defaults_and_overrides():
         f.replace(tier="vram")
     with pytest.raises(SpacError, match="replan_every"):
         PlacementConfig.flash(replan_every=0)
-    assert PlacementConfig.flash().to_json()["horizon"] == 8.0
+    assert PlacementConfig.flash().to_json()["horizon"] == 4.0
 
 
 def test_bench_budget_arguments_are_tier_budgets(tmp_path):

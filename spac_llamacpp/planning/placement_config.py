@@ -80,10 +80,11 @@ class PlacementConfig:
         (``admit_demand``): the estimator's next-step prediction changes with every step, and keeping what a
         miss already read costs nothing, which is what makes LRU hard to beat (docs/utility.md, "Held-out
         evaluation": re-planning every 16 steps without admission was slower than LRU on Mixtral-8x7B's
-        routing). A short amortisation horizon (8 steps) keeps residents unless a swap clearly pays: each
-        read competes with the demand loads of the next steps. The mapping holds the whole file at load, so a
-        first residency is planned at once (and trimmed to)."""
-        return cls(tier="flash", horizon=8.0, initial_plan=True, replan_every=1, drift=0.0,
+        routing). A short amortisation horizon (4 steps): a prefetch is a read that competes with the demand
+        loads of the next steps, and the next-step prediction that asks for it often holds for a step or two
+        only. The mapping holds the whole file at load, so a first residency is planned at once (and trimmed
+        to)."""
+        return cls(tier="flash", horizon=4.0, initial_plan=True, replan_every=1, drift=0.0,
                    admit_demand=True).replace(**overrides)
 
     @classmethod
