@@ -268,3 +268,25 @@ def test_ours_admission_keeps_a_miss_only_through_a_plan():
     # the vram tier admits nothing for free: the option is refused there
     with pytest.raises(SpacError, match="flash-tier option"):
         PlacementConfig.vram(admit_demand=True)
+
+
+def test_planner_step_seconds_grow_with_the_tokens_of_a_step():
+    """The draft length controller's step cost: more tokens per step, more distinct experts, more misses."""
+    from spac_llamacpp.planning.estimators import Observation
+    from spac_llamacpp.planning.placement import PlacementPlanner
+
+    layout = ExpertLayout.synthetic(2, 8, 3_000_000, 2, ggml_type="F16")
+    resident = np.zeros((2, 8), bool)
+    planner = PlacementPlanner(PlacementConfig.flash(background=False), layout, cost_model(), 6_000_000,
+                               resident=lambda: resident.copy())
+    before = planner.step_seconds([1, 4])  # nothing learnt: uniform demand
+    assert before[1] > before[0] > 0
+    c = np.zeros((2, 8), np.int64)
+    c[:, :2] = 1
+    for _ in range(8):
+        planner.demand.update(Observation(c, 1))  # a steady pair of experts per layer
+    t1, t2, t9 = planner.step_seconds([1, 2, 9])
+    assert t1 < t2 < t9 and t9 < 9 * t1  # a batch shares its experts: far less than 9 single steps
+    resident[:, :2] = True  # the pair resident: no reads, only compute, and the cost falls
+    assert planner.step_seconds([1])[0] < t1 / 3
+    planner.close()

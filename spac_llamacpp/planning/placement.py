@@ -20,11 +20,11 @@ Nothing here moves an expert: the tier (or the simulator) applies the plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from spac_llamacpp.planning.balancer import Balancer, Plan
+from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, tier_costs
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import UtilityEstimator, make_estimator
 from spac_llamacpp.planning.placement_config import PlacementConfig
@@ -106,6 +106,25 @@ class PlacementPlanner:
             return self._plan(u, self._plan_resident())
         self.replanner.submit(u, step)
         return self.replanner.take()
+
+    def step_seconds(self, n_tokens: Sequence[int]) -> list[float]:
+        """Modelled expert seconds of one evaluation of each ``n`` in ``n_tokens`` tokens at the applied
+        residency: the estimator's per-token demand scaled to n tokens, each expert used with probability
+        ``1 - (1 - q)**n`` (tokens routed independently: an upper bound on the union of a verify batch, whose
+        tokens share experts more than that) and costed as the balancer costs it (flash: compute, plus the read
+        of a miss; vram: the per-layer max of GPU and CPU parts). The draft length controller's step cost
+        (``speculation.drafts.AdaptiveDraftLength``): more tokens per step bring more distinct experts."""
+        tps = max(float(self.demand.tokens_per_step), 1.0)
+        per_token = np.asarray(self.demand.utility(), np.float64) / tps
+        if not per_token.any():  # nothing learnt yet: every expert equally likely
+            per_token = uniform_demand(self.layout)
+        resident = np.asarray(self._resident(), bool)
+        out = []
+        for n in n_tokens:
+            n = max(int(n), 1)
+            costs = tier_costs(self.config.tier, self.balancer.cost, self.layout, per_token * n, n)
+            out.append(Problem.build(costs, self.layout, self.budget, resident).step_time(resident))
+        return out
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self.replanner.wait_idle(timeout)
