@@ -307,6 +307,10 @@ class Llama(llama_cpp.Llama):
             self.flash = self._tier
         elif isinstance(self._tier, VramTier):
             self.vram = self._tier
+        adaptive = self.speculation.adaptive if self.speculation is not None else None
+        if adaptive is not None and self._tier is not None:
+            # on a tier the draft length weighs the experts a longer verify pass brings in (k = 0: greedy)
+            adaptive.step_cost = self._tier.planner.step_seconds
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens (one routing step) and record the routing they took.

@@ -111,7 +111,8 @@ def model(tiny_model) -> str:
 
 
 def test_verification_steps_reach_the_tier_with_the_true_path(model):
-    llm, est, seen, out = _run(model, draft_model=PromptLookupDraft(n_draft=4))
+    # a fixed draft length: on a tier the adaptive one weighs measured step times, and may choose greedy
+    llm, est, seen, out = _run(model, draft_model=PromptLookupDraft(n_draft=4), adaptive_draft=False)
     try:
         spec, rows = llm.speculation, llm.flash.rows
         steps = list(llm.routing.steps)
@@ -145,7 +146,9 @@ def test_verification_steps_reach_the_tier_with_the_true_path(model):
 
 
 def test_rejected_weight_changes_the_runtime_utility(model):
-    draft = {"draft_model": PromptLookupDraft(n_draft=4)}
+    # a fixed draft length: the two runs must verify the same steps (the adaptive length on a tier follows
+    # measured step times)
+    draft = {"draft_model": PromptLookupDraft(n_draft=4), "adaptive_draft": False}
     a, est_a, seen_a, out_a = _run(model, 1.0, **draft)
     b, est_b, seen_b, out_b = _run(model, 0.25, **draft)
     try:

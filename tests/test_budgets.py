@@ -10,7 +10,7 @@ from spac_llamacpp.gguf.info import read_model_header
 from spac_llamacpp.models.factory import write_tiny_moe
 from spac_llamacpp.planning import budgets
 from spac_llamacpp.planning.costmodel import ExpertLayout
-from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.placement_config import VRAM_ESTIMATOR_PARAMS, PlacementConfig
 
 
 def test_flash_budget_takes_out_staging_and_lookahead():
@@ -79,11 +79,18 @@ def test_tier_layouts(tmp_path):
 
 def test_placement_config_defaults_and_overrides():
     f, v = PlacementConfig.flash(), PlacementConfig.vram()
-    assert (f.tier, f.horizon, f.initial_plan) == ("flash", 8.0, True)
+    assert (f.tier, f.horizon, f.initial_plan) == ("flash", 4.0, True)
     assert (v.tier, v.horizon, v.initial_plan) == ("vram", 64.0, False)
-    for c in (f, v):
-        assert (c.estimator, c.solver, c.replan_every, c.drift, c.tokens_per_step) == ("spac", "greedy", 16, 0.5, None)
+    assert (f.estimator, f.solver, f.replan_every, f.drift, f.tokens_per_step, f.admit_demand, f.estimator_params) \
+        == ("spac", "greedy", 1, 0.0, None, True, {})
+    assert (v.estimator, v.solver, v.replan_every, v.drift, v.tokens_per_step, v.admit_demand) == \
+        ("spac", "greedy", 16, 0.5, None, False)
+    assert v.estimator_params == VRAM_ESTIMATOR_PARAMS  # smooth demand: copies cost
     assert PlacementConfig.for_tier("vram", replan_every=1).replan_every == 1
+    # parameters belong to their estimator: another one named alone starts from its own defaults
+    assert v.replace(estimator="decayed").estimator_params == {} and v.replace(horizon=2.0).estimator_params
+    with pytest.raises(SpacError, match="flash-tier option"):
+        v.replace(admit_demand=True)
     assert f.replace(estimator="decayed-counts", estimator_params={"half_life": 4}).estimator_params == \
         {"half_life": 4}
     with pytest.raises(SpacError, match="unknown placement option"):
@@ -92,7 +99,7 @@ def test_placement_config_defaults_and_overrides():
         f.replace(tier="vram")
     with pytest.raises(SpacError, match="replan_every"):
         PlacementConfig.flash(replan_every=0)
-    assert PlacementConfig.flash().to_json()["horizon"] == 8.0
+    assert PlacementConfig.flash().to_json()["horizon"] == 4.0
 
 
 def test_bench_budget_arguments_are_tier_budgets(tmp_path):

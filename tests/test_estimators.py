@@ -21,6 +21,8 @@ from spac_llamacpp.planning.estimators import (
     HysteresisEstimator,
     Observation,
     SpacEstimator,
+    TransitionModel,
+    _pairs,
     make_estimator,
 )
 from spac_llamacpp.sim.utility_eval import evaluate, lru_kept, min_kept
@@ -201,3 +203,149 @@ def test_eval_utility_cli(tmp_path):
     bad = subprocess.run([str(BIN / "spac"), "eval-utility", str(path), "--budget-experts", "99"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+def _masks(rng, steps, n_layer, n_expert, k):
+    out = np.zeros((steps, n_layer, n_expert), bool)
+    for t in range(steps):
+        for layer in range(n_layer):
+            out[t, layer, rng.choice(n_expert, rng.integers(0, k + 1), replace=False)] = True
+    return out
+
+
+def test_transition_pairs_and_lazy_decay_match_a_direct_count():
+    rng = np.random.default_rng(1)
+    used = _masks(rng, 40, 3, 6, 3)
+    for prev, cur in zip(used[:-1], used[1:], strict=True):
+        got = sorted(zip(*(a.tolist() for a in _pairs(prev, cur)), strict=True))
+        want = [(i, e, f) for i in range(3) for e in np.flatnonzero(prev[i]) for f in np.flatnonzero(cur[i])]
+        assert got == sorted(want)
+    tm = TransitionModel(3, 6, beta=0.9, prior=2.0, beta_mix=None)
+    direct = np.zeros((3, 6, 6))
+    for t, u in enumerate(used):
+        tm.update(u)
+        if t:
+            direct = 0.9 * direct + (used[t - 1][:, :, None] & u[:, None, :])
+    np.testing.assert_allclose(tm.counts, direct, atol=1e-12)
+    # the prediction: for each used expert, its row smoothed towards the layer's pooled rule (reused at the
+    # layer's reuse rate, else where the layer's transitions go)
+    r = np.trace(direct, axis1=1, axis2=2) / direct.sum(axis=(1, 2))
+    np.testing.assert_allclose(tm.reuse_rate, r)
+    q = direct.sum(axis=1) / direct.sum(axis=(1, 2))[:, None]
+    want = np.zeros((3, 6))
+    for layer in range(3):
+        for e in np.flatnonzero(used[-1][layer]):
+            base = (1 - r[layer]) * q[layer] + r[layer] * (np.arange(6) == e)
+            want[layer] += (direct[layer, e] + 2.0 * base) / (direct[layer, e].sum() + 2.0)
+    np.testing.assert_allclose(tm.predict(), want, atol=1e-12)
+    fresh = TransitionModel(1, 4, beta=1.0)
+    fresh.update(np.array([[1, 0, 0, 0]]))
+    assert fresh.predict().tolist() == [[0, 0, 0, 0]]  # no transition seen yet: no opinion
+    fresh.update(np.array([[1, 0, 0, 0]]))
+    fresh.update(np.array([[0, 1, 0, 0]]))
+    # expert 1 never had a successor: the pooled rule predicts it (reuse rate 1/2, else where transitions went:
+    # experts 0 and 1 alike)
+    np.testing.assert_allclose(fresh.predict()[0], [0.25, 0.75, 0, 0])
+    with pytest.raises(SpacError):
+        TransitionModel(1, 4, prior=0.0)
+    with pytest.raises(SpacError):
+        fresh.update(np.zeros((2, 4)))
+
+
+def _cycle(n_steps: int, n_expert: int, stay: bool) -> list[np.ndarray]:
+    """One layer, one expert per step: always the same one (``stay``) or the next one round a cycle."""
+    out = []
+    for t in range(n_steps):
+        c = np.zeros((1, n_expert), np.int64)
+        c[0, 0 if stay else t % n_expert] = 1
+        out.append(c)
+    return out
+
+
+def test_mixture_weight_follows_the_better_predictor():
+    # successor maps (a cycle; the `markov` routing): the experts' own rows predict them, the pooled rule does
+    # not, and the weight goes to the rows; on recency (`lru`, `recency`) the pooled reuse rule predicts as
+    # well with less noise, and the weight stays low
+    tm = TransitionModel(1, 4)
+    for c in _cycle(40, 4, stay=False):
+        tm.update(c)
+    assert tm.mix[0] > 0.9
+    mix = {}
+    for kind in ("lru", "recency", "markov"):
+        t = structured_trace(kind)
+        tm = TransitionModel(3, 16)
+        for c in t.counts:
+            tm.update(c)
+        mix[kind] = tm.mix
+    assert (mix["markov"] > 0.9).all() and (mix["lru"] < 0.3).all() and (mix["recency"] < 0.3).all(), mix
+
+
+def test_transitions_predict_what_follows_not_what_was_used():
+    # one layer cycling 0 -> 1 -> 2 -> 3 -> 0: after a few rounds the successor of the last expert leads
+    est = SpacEstimator(1, 4)
+    for c in _cycle(40, 4, stay=False):
+        est.update(Observation(c, 1))
+    u = est.utility()[0]  # the last step used expert 3
+    assert int(np.argmax(u)) == 0 and u[0] > 0.7
+    np.testing.assert_allclose(u.sum(), 1.0)  # one selection per token, one token per step
+    # without the transition term it is the recency/frequency mix that keeps the last expert first
+    plain = SpacEstimator(1, 4, w_next=0.0, w_fast=1.0)
+    for c in _cycle(40, 4, stay=False):
+        plain.update(Observation(c, 1))
+    assert int(np.argmax(plain.utility()[0])) == 3
+
+
+def structured_trace(kind: str, steps: int = 240, n_layer: int = 3, n_expert: int = 16, k: int = 2,
+                     seed: int = 0) -> RoutingTrace:
+    """Generated routing with a known structure, one token per step, ``k`` experts per layer:
+
+    - ``lru``: each expert of the last step is used again with probability 0.6, else a uniformly random one:
+      pure recency, for which keeping the last step's experts (LRU) is the best prediction there is;
+    - ``recency``: the same with probability 0.5, else one drawn by a skewed popularity (Zipf, s = 1): what
+      learnt routers look like (recency and hot experts);
+    - ``markov``: each layer follows a fixed random successor map (expert e -> succ[e]) with probability 0.7,
+      else a uniformly random expert (what LRU cannot see)."""
+    rng = np.random.default_rng(seed)
+    succ = np.stack([rng.permutation(n_expert) for _ in range(n_layer)])
+    pop = 1.0 / np.arange(1, n_expert + 1)
+    pops = np.stack([rng.permutation(pop / pop.sum()) for _ in range(n_layer)])
+    stay_p = {"lru": 0.6, "recency": 0.5, "markov": 0.7}[kind]
+    ids = np.zeros((steps, n_layer, k), dtype=np.int16)
+    prev = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n_layer)])
+    for t in range(steps):
+        for layer in range(n_layer):
+            pick: list[int] = []
+            for e in prev[layer]:
+                if rng.random() < stay_p:
+                    cand = int(succ[layer, e] if kind == "markov" else e)
+                else:
+                    cand = int(rng.choice(n_expert, p=pops[layer]) if kind == "recency" else rng.integers(n_expert))
+                while cand in pick:
+                    cand = int(rng.integers(n_expert))
+                pick.append(cand)
+            ids[t, layer] = pick
+        prev = ids[t].astype(np.int64)
+    counts = np.zeros((steps, n_layer, n_expert), dtype=np.int32)
+    for t in range(steps):
+        for layer in range(n_layer):
+            counts[t, layer, ids[t, layer]] += 1
+    return RoutingTrace(ids=ids, token_step=np.arange(steps, dtype=np.int32), step_n_tokens=np.ones(steps, np.int32),
+                        counts=counts, moe_layers=np.arange(n_layer, dtype=np.int32), n_expert=n_expert)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["lru", "recency", "markov"])
+def test_spac_against_lru_on_structured_routing(kind, seed):
+    t = structured_trace(kind, seed=seed)
+    for budget in (2, 4, 8):  # 12.5%, 25%, 50% of 16 experts (2 = the experts a step uses)
+        scores = {s.policy: s.hit_rate for s in evaluate(t, budget, estimators=["spac"])}
+        if kind == "markov":  # the transitions see what recency cannot
+            assert scores["spac"] > scores["lru"] + 0.1, (budget, scores)
+        elif kind == "recency" and budget > 2:
+            assert scores["spac"] >= scores["lru"], (budget, scores)
+        else:
+            # pure recency (`lru`, every budget), and recency with hot experts at the budget of one step's
+            # experts: keeping the last step's experts is the best prediction there is, which is LRU; ours
+            # learns it and pays the noise of learning: measured up to 0.5 points on `lru`, 1-2.5 on `recency`
+            # (docs/utility.md, "Held-out evaluation")
+            assert scores["spac"] >= scores["lru"] - (0.01 if kind == "lru" else 0.03), (kind, budget, scores)

@@ -241,3 +241,31 @@ def test_errors_without_a_model(traces, tmp_path):
         assert r.exit_code == 0, r.output
     with pytest.raises(SpacError, match="records no expert sizes"):
         recorded_layout(RoutingTrace.load(jsonl_t), name="jsonl.npz")
+
+
+def test_cli_compare_policies_per_share(traces, tmp_path):
+    """`spac compare-policies`: per trace and share, eval-utility and simulated hit rates and time of ours, lru and
+    min, in the same bytes; the JSON carries the rows."""
+    from spac_llamacpp.sim.compare import parse_share, tier_budget_for_share
+
+    csv_t, jsonl_t, cal = traces
+    out = tmp_path / "rows.json"
+    r = run("compare-policies", str(csv_t), str(jsonl_t), "--expert-bytes", str(ONE), "--calibration", str(cal),
+            "--share", "25%", "--share", "50", "--json", str(out))
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["trace"], x["share"], x["experts_per_layer"]) for x in rows] == \
+        [("csv", 0.25, 2), ("csv", 0.5, 4), ("jsonl", 0.25, 2), ("jsonl", 0.5, 4)]
+    for x in rows:
+        assert set(x["ms_per_token"]) == {"ours", "lru", "min"} and x["ratio"] == pytest.approx(
+            x["ms_per_token"]["ours"] / x["ms_per_token"]["lru"])
+        assert x["eu_hit"]["min"] >= x["eu_hit"]["lru"] and x["sim_hit"]["min"] >= x["sim_hit"]["lru"]
+    # the plan holds the share of the expert bytes: the flash budget adds the staging and lookahead reserves
+    layout = recorded_layout(RoutingTrace.load(jsonl_t), ONE)
+    n_all = layout.n_layer * N_EXPERT
+    assert rows[2]["plan_bytes"] == n_all * ONE // 4 and rows[2]["budget"] == n_all * ONE // 4 + 2 * K * ONE
+    assert tier_budget_for_share("flash", 0.25, layout) == rows[2]["budget"]
+    assert "ours/lru" in r.stdout and "jsonl" in r.stdout
+    assert parse_share("12.5%") == parse_share("12.5") == parse_share(0.125) == 0.125
+    assert_one_line_error(run("compare-policies", str(csv_t), "--share", "150%"), "share")
+    assert_one_line_error(run("compare-policies", str(jsonl_t), "--calibration", str(cal)), "--expert-bytes")

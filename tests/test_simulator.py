@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import inspect_model
 from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.planning.budgets import kv_cache_bytes, kv_dims_of_gguf, staging_bytes, tier_layout
@@ -237,15 +238,55 @@ def test_cli_calibrate_show(tmp_path, monkeypatch):
 
 
 def test_ours_places_a_steady_working_set_once():
-    # the same two experts every step: after one step of misses, ours loads them once and keeps them
+    # the same two experts every step. Without admission: after one step of misses, ours loads them once
+    # (a planned read each) and keeps them
     trace, setup = hand_setup([[2, 3]] * 20, 4, 2)
-    r = simulate(trace, make_policy("ours", initial_plan=False), setup)
+    r = simulate(trace, make_policy("ours", initial_plan=False, admit_demand=False, replan_every=16, drift=0.5), setup)
     assert r.hits == 38 and r.bytes_moved == 2 * 3000 + 2 * 3000  # step-0 misses + one load each
     # as the flash tier: a first residency from a uniform prior (preloaded), replaced after the first step
+    # by the step's misses, which stay resident without a second read (admit_demand), re-planned every step
     pol = make_policy("ours")
     r = simulate(trace, pol, setup)
-    assert pol.planner.config == PlacementConfig.flash(background=False)
-    assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 4 * 3000
-    # re-plans: the re-planner's first request (step 2), then every 16 steps; they keep the working set
-    assert [t for t, _ in pol.plans] == [-1, 0, 1, 17]
+    assert pol.planner.config == PlacementConfig.flash(background=False) and pol.admits_demand
+    assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 2 * 3000  # the misses only
+    assert [t for t, _ in pol.plans] == [-1, *range(20)]
     assert all(x[0].tolist() == [False, False, True, True] for _, x in pol.plans[1:])
+
+
+def test_ours_admission_keeps_a_miss_only_through_a_plan():
+    # one slot; experts 0, 1, 2, 2: every miss is admitted and the next plan keeps it, so the last step hits
+    # and nothing is read twice
+    trace, setup = hand_setup([[0], [1], [2], [2]], 4, 1)
+    pol = make_policy("ours", initial_plan=False)
+    r = simulate(trace, pol, setup)
+    assert r.hits == 1 and r.bytes_moved == 3 * 3000
+    # re-planned every 3 steps (plans after steps 0 and 1, the re-planner's first request): step 2's miss has
+    # no plan after it, so it is dropped again and step 3 misses too
+    pol = make_policy("ours", initial_plan=False, replan_every=3)
+    r = simulate(trace, pol, setup)
+    assert [t for t, _ in pol.plans] == [0, 1] and r.hits == 0 and r.bytes_moved == 4 * 3000
+    # the vram tier admits nothing for free: the option is refused there
+    with pytest.raises(SpacError, match="flash-tier option"):
+        PlacementConfig.vram(admit_demand=True)
+
+
+def test_planner_step_seconds_grow_with_the_tokens_of_a_step():
+    """The draft length controller's step cost: more tokens per step, more distinct experts, more misses."""
+    from spac_llamacpp.planning.estimators import Observation
+    from spac_llamacpp.planning.placement import PlacementPlanner
+
+    layout = ExpertLayout.synthetic(2, 8, 3_000_000, 2, ggml_type="F16")
+    resident = np.zeros((2, 8), bool)
+    planner = PlacementPlanner(PlacementConfig.flash(background=False), layout, cost_model(), 6_000_000,
+                               resident=lambda: resident.copy())
+    before = planner.step_seconds([1, 4])  # nothing learnt: uniform demand
+    assert before[1] > before[0] > 0
+    c = np.zeros((2, 8), np.int64)
+    c[:, :2] = 1
+    for _ in range(8):
+        planner.demand.update(Observation(c, 1))  # a steady pair of experts per layer
+    t1, t2, t9 = planner.step_seconds([1, 2, 9])
+    assert t1 < t2 < t9 and t9 < 9 * t1  # a batch shares its experts: far less than 9 single steps
+    resident[:, :2] = True  # the pair resident: no reads, only compute, and the cost falls
+    assert planner.step_seconds([1])[0] < t1 / 3
+    planner.close()

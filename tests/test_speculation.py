@@ -156,3 +156,65 @@ def test_trace_records_drafts_and_acceptance(tiny_model, tmp_path):
     np.testing.assert_array_equal(t.step_n_tokens[verified], t.step_n_draft[verified] + 1)
     known = t.step_accepted >= 0
     assert (t.step_accepted[known & verified] == t.step_n_draft[known & verified]).all()  # perfect draft
+
+
+def _controller(acceptance: float, cost, **kw) -> AdaptiveDraftLength:
+    a = AdaptiveDraftLength(k_init=4, k_min=1, k_max=8, step_cost=lambda ns: [cost(n) for n in ns], **kw)
+    a.acceptance = acceptance
+    return a
+
+
+def test_draft_length_picks_greedy_when_reads_dominate():
+    # every token of a verify pass brings in experts that must be read: the step costs in proportion to its
+    # tokens, so even 60% acceptance yields fewer tokens per second than plain decoding
+    a = _controller(0.6, lambda n: 0.050 * n)
+    assert a.choose() == 0 and a.next_length() == 0
+    assert a.expected_tokens(0) / 0.050 > max(a.expected_tokens(k) / (0.050 * (k + 1)) for k in range(1, 9))
+    # the union grows with diminishing returns but the reads still dominate: greedy at low acceptance
+    assert _controller(0.3, lambda n: 0.010 + 0.050 * (1 - 0.8 ** n) / 0.2).choose() == 0
+
+
+def test_draft_length_drafts_when_acceptance_is_high():
+    # the step's cost is mostly fixed (the same experts, read once for every token of the batch): at 90%
+    # acceptance the longest draft pays
+    a = _controller(0.9, lambda n: 0.050 + 0.002 * n)
+    assert a.choose() == 8 and a.next_length() == 8
+    # in between (70% acceptance, each token adds a fifth of the fixed cost): a middle length, k = 3 by hand
+    # (tokens per second 20, 28.3, 31.3, 31.7, 30.8 for k = 0..4); a slow draft provider shortens it
+    mid = _controller(0.7, lambda n: 0.040 + 0.010 * n)
+    k = mid.choose()
+    assert k == 3
+    mid.observe_draft_time(0.010 * 4, 4)  # 10 ms per drafted token
+    assert mid.choose() < k
+
+
+def test_draft_length_probes_acceptance_while_greedy():
+    a = _controller(0.2, lambda n: 0.050 * n, probe_every=4)
+    lengths = [a.next_length() for _ in range(8)]
+    assert lengths == [0, 0, 0, 1, 0, 0, 0, 1] and a.probes == 2  # one verification of k_min per 4 steps
+    for _ in range(40):  # the probes found high acceptance, and the cost model now favours drafting
+        a.update(1, 1)
+    a.step_cost = lambda ns: [0.050 + 0.002 * n for n in ns]
+    assert a.next_length() == 8
+    with pytest.raises(SpacError):
+        AdaptiveDraftLength(probe_every=0)
+
+
+def test_draft_length_without_a_tier_is_the_acceptance_rule():
+    a = AdaptiveDraftLength(k_init=4, k_min=1, k_max=8)
+    assert a.next_length() == 4  # unchanged until a verification updates it
+    a.acceptance = 0.9
+    assert a.choose() == 8 and a.next_length() == 4  # next_length keeps the acceptance rule's last choice
+
+
+def test_draft_length_counts_the_measured_step_overhead():
+    # the expert model alone says reads dominate (greedy); measured steps take 0.2 s more than it (the
+    # non-expert layers, paid once per step): speculation amortises that, and drafting pays again
+    a = _controller(0.6, lambda n: 0.050 * n)
+    assert a.choose() == 0
+    for _ in range(10):
+        a.observe_step_time(1, 0.250)
+    assert a.overhead == pytest.approx(0.2, rel=0.05) and a.choose() > 0
+    no_tier = AdaptiveDraftLength()
+    no_tier.observe_step_time(1, 1.0)
+    assert no_tier.overhead == 0.0  # without a tier's cost model there is nothing to compare with

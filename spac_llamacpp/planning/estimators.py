@@ -26,8 +26,10 @@ Implementations (names for :func:`make_estimator`, the one registry):
   former ``DecayedCounts``.
 - ``fw-lru`` (:class:`FrequencyWeightedLRU`): recency first, frequency to break ties (scores are
   ranks, not demand: a poor balancer input, kept for ``spac eval-utility``).
-- ``spac`` (:class:`SpacEstimator`, ours, the default): two time scales (a fast and a slow decayed
-  demand) plus the last step's routing, where tokens the target rejected count ``rejected_weight``.
+- ``spac`` (:class:`SpacEstimator`, ours, the default): what usually follows the last step's experts
+  (:class:`TransitionModel`, transitions between consecutive steps learnt online) plus short-memory
+  decayed demand (and optional slow demand and last-step terms), where tokens the target rejected count
+  ``rejected_weight``.
 
 All decayed quantities use :class:`DecayedMean`, the one decayed average.
 """
@@ -254,29 +256,169 @@ class FrequencyWeightedLRU(Estimator):
         return self.last_step + self.freq / (self.freq.sum(axis=1, keepdims=True) + 1.0)
 
 
-class SpacEstimator(Estimator):
-    """Ours: the last step's true-path demand plus fast and slow decayed demand.
+class TransitionModel:
+    """Which experts follow which, per layer: decayed counts of "expert e used in a step, f in the next".
 
-    ``scores = w_last * last + w_fast * fast + w_slow * slow`` where every term is per-token demand
-    with the selections of rejected draft tokens weighted by ``rejected_weight`` (their routing was
-    computed but is off the true path, :class:`Observation`): ``last`` of the last step, ``fast`` a
-    short-memory decayed average (beta_fast) and ``slow`` a long one (beta_slow) that keeps popular
-    experts resident through short gaps.
+    ``counts[l, e, f]`` is a decayed (``beta``) count of consecutive steps where layer l used e and then f;
+    :meth:`predict` turns the experts one step used into the next step's expected use of each expert:
+    ``sum over used e of P(f | e)``. Each row is smoothed by ``prior`` pseudo-counts towards what the whole
+    layer does, which is learnt from every row at once: with the layer's reuse rate r (the share of its
+    transitions that stay on the same expert) and its marginal q (where its transitions go),
+    ``P(f | e) = (counts[e, f] + prior * (r [f == e] + (1 - r) q[f])) / (counts[e].sum() + prior)``. An
+    expert seen rarely is thus predicted like LRU would (used again at the layer's reuse rate) plus the
+    layer's frequencies, and its own successors take over as they are seen; before the layer's first
+    transition nothing is predicted. Routing is at step granularity, as the tier sees it: with
+    speculative decoding a step is the k+1-token verify batch and its successor the next batch.
+
+    Why: learnt routers make consecutive tokens' experts depend on each other beyond "the same expert
+    again" (Mixtral-8x7B, top-2 of 8: P(e reused) is 0.34-0.40, but the best next-step pair by these
+    counts covers 0.42-0.45 of the next token's experts). Decay is applied lazily (one scale factor), so
+    an update costs the k x k pairs of each layer, not the whole ``[L, E, E]``.
+    """
+
+    def __init__(self, n_layer: int, n_expert: int, beta: float = 0.99, prior: float = 2.0,
+                 beta_mix: float | None = 0.8) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise SpacError(f"transition decay beta must be in [0, 1], got {beta}")
+        if prior <= 0:
+            raise SpacError(f"transition prior must be positive, not {prior}")
+        self.beta, self.prior = float(beta), float(prior)
+        self.shape = (int(n_layer), int(n_expert))
+        # all decayed sums are stored divided by self._scale (the decay applied lazily)
+        self._raw = np.zeros((n_layer, n_expert, n_expert), np.float64)
+        self._rows = np.zeros((n_layer, n_expert), np.float64)  # row sums of _raw
+        self._cols = np.zeros((n_layer, n_expert), np.float64)  # column sums of _raw (the marginal q)
+        self._same = np.zeros(n_layer, np.float64)  # diagonal sums of _raw (the reuse rate r)
+        self._scale = 1.0
+        self._prev: np.ndarray | None = None
+        self.beta_mix = beta_mix
+        self.mix = np.full(n_layer, 0.5)  # per layer: weight of the experts' own rows against the layer's pooled rule
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (own, pooled) predictions for the coming step
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[L, E, E]`` the decayed transition counts (a fresh array)."""
+        return self._raw * self._scale
+
+    @property
+    def reuse_rate(self) -> np.ndarray:
+        """``[L]`` share of each layer's transitions that stay on the same expert (0 before any)."""
+        total = self._rows.sum(axis=1)
+        return np.divide(self._same, total, out=np.zeros_like(total), where=total > 0)
+
+    def update(self, used: np.ndarray) -> None:
+        """Learn from one step: ``used`` ``[L, E]`` (> 0: the step used the expert)."""
+        cur = np.asarray(used) > 0
+        if cur.shape != self.shape:
+            raise SpacError(f"transition update has shape {cur.shape}, expected {self.shape}")
+        if self.beta_mix is not None and self._last is not None:
+            self._learn_mix(cur, *self._last)
+        if self._prev is not None:
+            self._scale *= self.beta
+            if self._scale < 1e-100:  # renormalise long before float underflow
+                for arr in (self._raw, self._rows, self._cols, self._same):
+                    arr *= self._scale
+                self._scale = 1.0
+            layer, src, dst = _pairs(self._prev, cur)
+            if len(layer):
+                inc = 1.0 / self._scale
+                np.add.at(self._raw, (layer, src, dst), inc)
+                np.add.at(self._rows, (layer, src), inc)
+                np.add.at(self._cols, (layer, dst), inc)
+                np.add.at(self._same, layer[src == dst], inc)
+        self._prev = cur
+        self._last = self._components(cur) if self.beta_mix is not None else None
+
+    def _learn_mix(self, cur: np.ndarray, own: np.ndarray, pooled: np.ndarray) -> None:
+        """Online EM step of each layer's mixture weight: the mean responsibility of the own rows for the
+        experts the step used, under the prediction made before it (maximises the likelihood of the routing)."""
+        po = own / np.maximum(own.sum(axis=1, keepdims=True), 1e-300)
+        pp = pooled / np.maximum(pooled.sum(axis=1, keepdims=True), 1e-300)
+        lam = self.mix[:, None]
+        den = lam * po + (1 - lam) * pp
+        resp = np.divide(lam * po, den, out=np.full_like(den, 0.5), where=den > 0)
+        n = cur.sum(axis=1)
+        ok = (n > 0) & (own.sum(axis=1) > 0)
+        mean = np.where(ok, (resp * cur).sum(axis=1) / np.maximum(n, 1), self.mix)
+        b = float(self.beta_mix)  # type: ignore[arg-type]
+        self.mix = np.clip(b * self.mix + (1 - b) * mean, 0.02, 0.98)
+
+    def predict(self, used: np.ndarray | None = None) -> np.ndarray:
+        """``[L, E]``: expected use of each expert in the step after one that used ``used`` (default: the
+        last step learnt); zeros before any step."""
+        cur = self._prev if used is None else np.asarray(used) > 0
+        if cur is None:
+            return np.zeros(self.shape, np.float64)
+        own, pooled = self._components(cur) if used is not None or self._last is None else self._last
+        if self.beta_mix is None:
+            return own
+        lam = self.mix[:, None]
+        return lam * own + (1 - lam) * pooled
+
+    def _components(self, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The prediction from the experts' own (smoothed) rows and from the layer's pooled rule alone."""
+        own = np.zeros(self.shape, np.float64)
+        pooled = np.zeros(self.shape, np.float64)
+        total = self._rows.sum(axis=1)
+        layer, src = np.nonzero(cur & (total > 0)[:, None])  # a layer without transitions: no opinion yet
+        if not len(layer):
+            return own, pooled
+        r = self.reuse_rate[layer]
+        base = (1.0 - r)[:, None] * (self._cols[layer] / total[layer, None])
+        base[np.arange(len(layer)), src] += r  # the pooled rule: reused at the layer's rate, else its marginal
+        rows = (self._raw[layer, src] + self.prior / self._scale * base)
+        rows /= (self._rows[layer, src] + self.prior / self._scale)[:, None]
+        starts = np.flatnonzero(np.r_[True, layer[1:] != layer[:-1]])  # np.nonzero sorts by layer
+        own[layer[starts]] = np.add.reduceat(rows, starts, axis=0)
+        pooled[layer[starts]] = np.add.reduceat(base, starts, axis=0)
+        return own, pooled
+
+
+def _pairs(prev: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (layer, e, f) with ``prev[layer, e]`` and ``cur[layer, f]``: the k x k pairs of each layer, without
+    building the ``[L, E, E]`` product."""
+    pl, pe = np.nonzero(prev)
+    cl, cf = np.nonzero(cur)
+    n_cur = np.bincount(cl, minlength=prev.shape[0])
+    start = np.concatenate([[0], np.cumsum(n_cur)[:-1]])
+    reps = n_cur[pl]  # each source pairs with every expert its layer used next
+    total = int(reps.sum())
+    if not total:
+        return (np.zeros(0, np.int64),) * 3  # type: ignore[return-value]
+    first = np.repeat(np.cumsum(reps) - reps, reps)
+    offset = np.arange(total) - first  # 0..n_cur-1 within each source's run
+    dst = cf[np.repeat(start[pl], reps) + offset]
+    return np.repeat(pl, reps), np.repeat(pe, reps), dst
+
+
+class SpacEstimator(Estimator):
+    """Ours: what follows the last step (learnt transitions) plus fast and slow decayed demand.
+
+    ``scores = w_next * next + w_last * last + w_fast * fast + w_slow * slow`` where ``next`` is the
+    :class:`TransitionModel`'s prediction from the last step's experts (decay ``beta_next``, ``prior``) and
+    the other terms are per-token demand with the selections of rejected draft tokens weighted by
+    ``rejected_weight`` (their routing was computed but is off the true path, :class:`Observation`):
+    ``last`` of the last step, ``fast`` a short-memory decayed average (beta_fast) and ``slow`` a long one
+    (beta_slow) that keeps popular experts resident through short gaps.
     """
 
     name = "spac"
 
-    # defaults tuned on a trace of the embedded default model with its draft (docs/utility.md): the
-    # last-step term only adds churn, and rejected drafts' routing still predicts the next tokens
-    def __init__(self, n_layer: int, n_expert: int, w_last: float = 0.0, w_fast: float = 1.0,
-                 w_slow: float = 1.0, beta_fast: float = 0.8, beta_slow: float = 0.97,
-                 rejected_weight: float = 1.0) -> None:
+    # defaults tuned on the tuning traces of docs/utility.md ("Held-out evaluation": the default model's
+    # plain and drafted traces and Mixtral-8x7B HumanEval; reported on Mixtral-8x7B GSM8K and the benchmark
+    # model's traces): the transitions carry most of it; a little short-memory demand breaks their ties
+    def __init__(self, n_layer: int, n_expert: int, w_last: float = 0.0, w_fast: float = 0.1,
+                 w_slow: float = 0.0, beta_fast: float = 0.5, beta_slow: float = 0.97,
+                 rejected_weight: float = 1.0, w_next: float = 1.0, beta_next: float = 0.99,
+                 prior: float = 2.0, beta_mix: float | None = 0.8) -> None:
         super().__init__(n_layer, n_expert)
-        self.w_last, self.w_fast, self.w_slow = w_last, w_fast, w_slow
+        self.w_last, self.w_fast, self.w_slow, self.w_next = w_last, w_fast, w_slow, w_next
         self.rejected_weight = float(rejected_weight)
         self.fast = DecayedMean(self.shape, beta_of(beta_fast))
         self.slow = DecayedMean(self.shape, beta_of(beta_slow))
         self.last = np.zeros(self.shape)
+        self.transitions = TransitionModel(*self.shape, beta=beta_next, prior=prior, beta_mix=beta_mix)
+        self._scores: np.ndarray | None = None
 
     def _learn(self, obs: Observation) -> None:
         true_path = np.asarray(obs.true_path_counts, np.float64)
@@ -285,9 +427,17 @@ class SpacEstimator(Estimator):
         self.fast.add(demand)
         self.slow.add(demand)
         self.last = demand
+        if self.w_next:
+            self.transitions.update(weighted)
+        self._scores = None
 
     def scores(self) -> np.ndarray:
-        return self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
+        if self._scores is None:  # a tier reads them twice per step (the plan, then the order of its moves)
+            s = self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
+            if self.w_next:
+                s = s + self.w_next * self.transitions.predict()
+            self._scores = s
+        return self._scores.copy()
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {

@@ -10,16 +10,21 @@ utility estimator, the balancer and the re-planner. Its owner feeds the estimato
 - later steps: offered to the re-planner (periodic or on drift), which solves in its background thread
   (or synchronously, ``background=False``); the newest finished plan not taken before is returned.
 
+With ``config.admit_demand`` (flash) the owner passes the step's used experts (``after_step(step,
+used)``): the plan made after the step starts from the applied residency plus those (the misses were
+read on demand and are still in memory), so keeping one costs no read; the owner evicts the ones the
+plan leaves out, and all of them when no plan follows the step (:attr:`PlacementPlanner.admits_demand`).
+
 Nothing here moves an expert: the tier (or the simulator) applies the plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from spac_llamacpp.planning.balancer import Balancer, Plan
+from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, tier_costs
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import UtilityEstimator, make_estimator
 from spac_llamacpp.planning.placement_config import PlacementConfig
@@ -56,14 +61,21 @@ class PlacementPlanner:
                                  time_limit=config.time_limit, horizon=config.horizon,
                                  transfer_steps=config.transfer_steps)
         self._resident = resident
+        self.admits_demand = bool(config.admit_demand)
+        self._admitted: np.ndarray | None = None  # the last step's used experts, while a plan from it is due
         self._tokens_per_step = 1.0
         self.warm = False  # a residency was planned from a profile before the first step
-        self.replanner = Replanner(self._plan, every=config.replan_every, drift=config.drift, resident=resident,
-                                   background=config.background)
+        self.replanner = Replanner(self._plan, every=config.replan_every, drift=config.drift,
+                                   resident=self._plan_resident, background=config.background)
 
     @property
     def budget(self) -> int:
         return self.balancer.budget
+
+    def _plan_resident(self) -> np.ndarray:
+        """The residency a plan starts from: the applied one, plus the admitted demand loads."""
+        r = np.asarray(self._resident(), bool)
+        return r | self._admitted if self._admitted is not None else r
 
     def _plan(self, utility: np.ndarray, resident: np.ndarray | None, time_limit: float | None = None) -> Plan:
         # tokens per step as of the request (read by the solver thread; a float, set on the decoding thread)
@@ -85,15 +97,37 @@ class PlacementPlanner:
         self._snapshot_tokens_per_step()
         return self._plan(demand, None), demand
 
-    def after_step(self, step: int) -> Plan | None:
-        """After the estimator saw step ``step`` (1-based): the plan to apply now, if any."""
+    def after_step(self, step: int, used: np.ndarray | None = None) -> Plan | None:
+        """After the estimator saw step ``step`` (1-based): the plan to apply now, if any. ``used``
+        (``[n_moe_layer, n_expert]``, > 0 where the step used the expert): with ``admits_demand``, these are in
+        memory now and the plan may keep them without a read."""
+        self._admitted = (np.asarray(used) > 0) if self.admits_demand and used is not None else None
         u = self.demand.utility()
         self._snapshot_tokens_per_step()
         if step == 1 and not self.warm:
             # the first step (usually the prompt) replaces the uninformed start at once
-            return self._plan(u, self._resident())
+            return self._plan(u, self._plan_resident())
         self.replanner.submit(u, step)
         return self.replanner.take()
+
+    def step_seconds(self, n_tokens: Sequence[int]) -> list[float]:
+        """Modelled expert seconds of one evaluation of each ``n`` in ``n_tokens`` tokens at the applied
+        residency: the estimator's per-token demand scaled to n tokens, each expert used with probability
+        ``1 - (1 - q)**n`` (tokens routed independently: an upper bound on the union of a verify batch, whose
+        tokens share experts more than that) and costed as the balancer costs it (flash: compute, plus the read
+        of a miss; vram: the per-layer max of GPU and CPU parts). The draft length controller's step cost
+        (``speculation.drafts.AdaptiveDraftLength``): more tokens per step bring more distinct experts."""
+        tps = max(float(self.demand.tokens_per_step), 1.0)
+        per_token = np.asarray(self.demand.utility(), np.float64) / tps
+        if not per_token.any():  # nothing learnt yet: every expert equally likely
+            per_token = uniform_demand(self.layout)
+        resident = np.asarray(self._resident(), bool)
+        out = []
+        for n in n_tokens:
+            n = max(int(n), 1)
+            costs = tier_costs(self.config.tier, self.balancer.cost, self.layout, per_token * n, n)
+            out.append(Problem.build(costs, self.layout, self.budget, resident).step_time(resident))
+        return out
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self.replanner.wait_idle(timeout)

@@ -16,6 +16,9 @@ from typing import Any
 
 from spac_llamacpp.base.errors import SpacError
 
+VRAM_ESTIMATOR_PARAMS: Mapping[str, float] = {"w_next": 0.25, "w_fast": 1.0, "w_slow": 1.0, "beta_fast": 0.8}
+"""The ``spac`` estimator's weights in the vram tier (:meth:`PlacementConfig.vram`)."""
+
 
 @dataclass(frozen=True)
 class PlacementConfig:
@@ -36,6 +39,11 @@ class PlacementConfig:
         initial_plan: plan a residency before the first step (from a profile when given, else from a uniform
             prior); the first step's routing then replaces an uninformed one at once. Without a profile and
             with this off, the first plan follows the first step.
+        admit_demand: flash only: the experts a step read on demand (its misses) stay resident until the plan
+            made after that step says which of them to keep, so the plan keeps any of them without a read
+            (LRU's free admission); the ones it drops, and all of them when no plan follows the step, are
+            evicted. The balancer sees them as resident (no load cost). In the vram tier a miss is computed on
+            the CPU and brings nothing into the pool, so there is nothing to admit for free.
         background: solve in the re-planner's background thread (False: synchronously, deterministic; the
             simulator always plans synchronously).
     """
@@ -51,6 +59,7 @@ class PlacementConfig:
     tokens_per_step: float | None = None
     transfer_steps: float | None = None
     initial_plan: bool = True
+    admit_demand: bool = False
     background: bool = True
 
     def __post_init__(self) -> None:
@@ -60,20 +69,33 @@ class PlacementConfig:
             raise SpacError(f"replan_every must be >= 1, not {self.replan_every}")
         if self.horizon <= 0:
             raise SpacError(f"horizon must be positive, not {self.horizon}")
+        if self.admit_demand and self.tier != "flash":
+            raise SpacError("admit_demand is a flash-tier option: a vram miss is computed on the CPU and loads nothing "
+                            "into the pool")
         object.__setattr__(self, "estimator_params", dict(self.estimator_params))
 
     @classmethod
     def flash(cls, **overrides: Any) -> PlacementConfig:
-        """The flash tier's defaults. A short amortisation horizon (8 steps) keeps residents unless a swap
-        clearly pays: each move is a read that competes with the demand loads of the next steps. The mapping
-        holds the whole file at load, so a first residency is planned at once (and trimmed to)."""
-        return cls(tier="flash", horizon=8.0, initial_plan=True).replace(**overrides)
+        """The flash tier's defaults. Re-planned after every step with the step's misses admitted
+        (``admit_demand``): the estimator's next-step prediction changes with every step, and keeping what a
+        miss already read costs nothing, which is what makes LRU hard to beat (docs/utility.md, "Held-out
+        evaluation": re-planning every 16 steps without admission was slower than LRU on Mixtral-8x7B's
+        routing). A short amortisation horizon (4 steps): a prefetch is a read that competes with the demand
+        loads of the next steps, and the next-step prediction that asks for it often holds for a step or two
+        only. The mapping holds the whole file at load, so a first residency is planned at once (and trimmed
+        to)."""
+        return cls(tier="flash", horizon=4.0, initial_plan=True, replan_every=1, drift=0.0,
+                   admit_demand=True).replace(**overrides)
 
     @classmethod
     def vram(cls, **overrides: Any) -> PlacementConfig:
         """The VRAM tier's defaults: a long horizon (a copy runs on the copy engine, beside the compute); the
-        pool starts empty and the prompt's routing fills it."""
-        return cls(tier="vram", horizon=64.0, initial_plan=False).replace(**overrides)
+        pool starts empty and the prompt's routing fills it. The estimator leans on smooth demand (fast and
+        slow decayed averages) with a quarter weight of the next-step transitions: a copy costs as much as
+        several CPU computations of a small expert, and the flash tier's sharp per-step prediction churns
+        the pool (docs/utility.md, "Held-out evaluation")."""
+        return cls(tier="vram", horizon=64.0, initial_plan=False,
+                   estimator_params=VRAM_ESTIMATOR_PARAMS).replace(**overrides)
 
     @classmethod
     def for_tier(cls, tier: str, **overrides: Any) -> PlacementConfig:
@@ -85,7 +107,8 @@ class PlacementConfig:
         raise SpacError(f"unknown tier {tier!r}; choose 'flash' or 'vram'")
 
     def replace(self, **overrides: Any) -> PlacementConfig:
-        """A copy with some fields changed; an unknown field is a one-line SpacError."""
+        """A copy with some fields changed; an unknown field is a one-line SpacError. Another ``estimator``
+        without ``estimator_params`` starts from that estimator's own defaults."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -93,6 +116,8 @@ class PlacementConfig:
                             f"choose from {', '.join(sorted(names - {'tier'}))}")
         if "tier" in overrides and overrides["tier"] != self.tier:
             raise SpacError(f"a {self.tier} configuration cannot become a {overrides['tier']} one")
+        if overrides.get("estimator", self.estimator) != self.estimator and "estimator_params" not in overrides:
+            overrides = {**overrides, "estimator_params": {}}  # parameters belong to the estimator they were for
         return dataclasses.replace(self, **overrides) if overrides else self
 
     def to_json(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Policy:
 
     name = "base"
     demand = False  # True: a demand cache (``demand_step`` after each step)
+    admits_demand = False  # planned policies: a step's misses stay resident until the next plan (flash)
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         """Start a replay; returns the initial residency (loaded before the first step, not timed)."""
@@ -194,7 +195,9 @@ class OursPolicy(Policy):
     tier: a first residency from a uniform prior where the configuration plans one (flash; preloaded, not
     timed), the first step planned at once, later ones when the re-planner says so. A plan made after
     step t is applied ``1 + lag`` steps later (``lag`` models a background solve; 0: as the tier with
-    ``background=False``). ``plans`` lists ``(t, residency)`` of every plan made.
+    ``background=False``). ``plans`` lists ``(t, residency)`` of every plan made. With the configuration's
+    ``admit_demand`` (:attr:`admits_demand`, flash) a step's misses stay resident until the next plan
+    (the simulator keeps them without a charge: their read was the miss) and the plan starts from them.
     """
 
     name = "ours"
@@ -211,6 +214,7 @@ class OursPolicy(Policy):
         self._resident = np.zeros(setup.shape, bool)
         self.planner = PlacementPlanner(cfg, setup.layout, setup.cost, setup.budget,
                                         resident=lambda: self._resident.copy())
+        self.admits_demand = self.planner.admits_demand
         self._queue: list[tuple[int, np.ndarray]] = []
         self.plans: list[tuple[int, np.ndarray]] = []
         first = self.planner.first_plan(None)
@@ -227,7 +231,8 @@ class OursPolicy(Policy):
         return fit_groups(x, utility, s.n_slots, np.asarray(s.group_of_row))[0]
 
     def before_step(self, t: int, resident: np.ndarray) -> np.ndarray | None:
-        self._resident = resident  # the residency the next plan starts from
+        # the residency the next plan starts from is the plan applied last (``resident`` may also hold the
+        # previous step's admitted misses, which the simulator drops when no plan keeps them)
         ready = [x for due, x in self._queue if due <= t]
         if not ready:
             return None
@@ -237,7 +242,7 @@ class OursPolicy(Policy):
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
         self.planner.demand.update(Observation(counts, n_tokens))
-        plan = self.planner.after_step(t + 1)
+        plan = self.planner.after_step(t + 1, counts > 0)
         if plan is not None:
             x = self._fit(plan.x, self.planner.demand.utility())
             self._queue.append((t + 1 + self.lag, x))

@@ -259,9 +259,14 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
     decode_tokens = 0
     transfer_bound = 0  # steps whose background transfers outlasted their compute
     stall_s = 0.0
+    admits = pol.admits_demand and not pol.demand and tier == "flash"
+    transient = np.zeros((L, E), bool)  # admitted demand loads that no plan has kept yet
     for t in range(T):
         bg = 0.0
         want = pol.before_step(t, res)
+        if want is None and transient.any():
+            want = res & ~transient  # no plan since the step that loaded them: dropped again
+        transient[:] = False
         if want is not None:
             want = np.asarray(want, bool)
             new_used = int(size[want].sum())
@@ -319,6 +324,11 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
         if not prompt[t]:
             decode_s += step_s
             decode_tokens += int(tokens[t])
+        if admits:
+            # the step's misses were read on demand and stay until the next plan says which to keep (no
+            # charge: their read is the miss); a residency the plan does not name is dropped again
+            transient = need & ~res
+            res = res | need
         pol.after_step(t, counts[t], int(tokens[t]))
         if used > budget:
             raise RuntimeError(f"policy {pol.name} exceeded the budget at step {t}")

@@ -9,6 +9,7 @@ call, so :class:`AdaptiveDraftLength` (driven by :mod:`speculation`) can change 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,22 +149,49 @@ class PromptLookupDraft(LlamaDraftModel):
         return np.array([], dtype=np.intc)
 
 
-class AdaptiveDraftLength:
-    """Choose the draft length from the running per-token acceptance rate.
+StepCost = Callable[[Sequence[int]], Sequence[float]]
+"""Modelled seconds of one target evaluation of each given number of tokens (``k + 1`` for k drafts), at the
+tier's current residency and miss rate (``PlacementPlanner.step_seconds``)."""
 
-    With per-token acceptance probability ``a``, a draft of k tokens is accepted whole with
-    probability ``a**k``; we draft the longest k whose whole-draft probability stays above
-    ``p_min`` (clamped to ``[k_min, k_max]``). ``a`` is an exponential moving average over drafted
-    tokens, so a run of rejections shortens drafts quickly and a run of acceptances lengthens them.
+
+class AdaptiveDraftLength:
+    """Choose the draft length from the running per-token acceptance rate, and, on a tier, from its cost.
+
+    ``a`` is an exponential moving average of the per-token acceptance over drafted tokens, so a run of
+    rejections shortens drafts quickly and a run of acceptances lengthens them.
+
+    Without ``step_cost``: with acceptance ``a`` a draft of k tokens is accepted whole with probability
+    ``a**k``; we draft the longest k whose whole-draft probability stays above ``p_min`` (clamped to
+    ``[k_min, k_max]``).
+
+    With ``step_cost`` (a tier's model of a verification's time, :data:`StepCost`): we draft the k in
+    ``{0} U [k_min, k_max]`` with the most tokens per second, ``E[tokens | k] / (step_cost(k + 1) + k *
+    draft_seconds + overhead)``, where ``E[tokens | k] = 1 + a + ... + a**k`` (the accepted prefix and the
+    correction or bonus token). k = 0 is plain (greedy) decoding: chosen when the experts that more tokens per
+    step bring in (more distinct experts per verify pass: more reads at the tier's miss rate) cost more than
+    the accepted drafts save, so speculation on a tier does not run slower than greedy by this model. At
+    k = 0 nothing is verified and acceptance is not observed: every ``probe_every`` steps one step drafts
+    ``k_min`` tokens to measure it again. ``draft_seconds`` is the time the draft provider takes per token
+    and ``overhead`` what a step takes beyond the modelled expert time (the non-expert layers, sampling:
+    paid once per step whatever its length, which is what speculation amortises); the tracker measures both
+    (:meth:`observe_draft_time`, :meth:`observe_step_time`; 0 until then).
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
-                 smoothing: float = 0.1) -> None:
+                 smoothing: float = 0.1, step_cost: StepCost | None = None, probe_every: int = 16) -> None:
         if not 1 <= k_min <= k_init <= k_max:
             raise SpacError(f"draft lengths must satisfy 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
+        if probe_every < 1:
+            raise SpacError(f"probe_every must be >= 1, not {probe_every}")
         self.k, self.k_min, self.k_max = k_init, k_min, k_max
         self.p_min, self.smoothing = p_min, smoothing
         self.acceptance = p_min ** (1.0 / k_init)  # neutral start: k_init is exactly the chosen length
+        self.step_cost = step_cost
+        self.probe_every = int(probe_every)
+        self.draft_seconds = 0.0  # per drafted token, measured
+        self.overhead = 0.0  # seconds per step beyond the modelled expert time, measured
+        self.greedy_steps = 0  # steps at k = 0 since the last probe
+        self.probes = 0
 
     def update(self, n_draft: int, n_accepted: int) -> int:
         """Record a verification of ``n_draft`` tokens of which ``n_accepted`` were accepted; return next k."""
@@ -172,6 +200,55 @@ class AdaptiveDraftLength:
         if trials:
             weight = 1 - (1 - self.smoothing) ** trials  # one EMA step per token tried
             self.acceptance += weight * (n_accepted / trials - self.acceptance)
-        a = min(max(self.acceptance, 1e-6), 1 - 1e-6)
-        self.k = int(min(self.k_max, max(self.k_min, math.floor(math.log(self.p_min) / math.log(a)))))
+        self.k = self.choose()
         return self.k
+
+    def observe_draft_time(self, seconds: float, n_tokens: int) -> None:
+        """The draft provider took ``seconds`` for ``n_tokens`` drafts (an EMA per token)."""
+        if n_tokens > 0 and seconds >= 0:
+            per = seconds / n_tokens
+            self.draft_seconds = per if not self.draft_seconds else 0.8 * self.draft_seconds + 0.2 * per
+
+    def observe_step_time(self, n_tokens: int, seconds: float) -> None:
+        """A decode or verification step of ``n_tokens`` took ``seconds``: what it took beyond the modelled
+        expert time is the per-step overhead (an EMA, never below 0)."""
+        if self.step_cost is None or n_tokens < 1 or seconds < 0:
+            return
+        resid = max(0.0, seconds - float(self.step_cost([n_tokens])[0]))
+        self.overhead = resid if not self.overhead else 0.8 * self.overhead + 0.2 * resid
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a verification of k drafts yields on average: ``1 + a + ... + a**k``."""
+        a = min(max(self.acceptance, 0.0), 1.0)
+        return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def choose(self) -> int:
+        """The draft length by the rule of the class docstring (with the current costs)."""
+        a = min(max(self.acceptance, 1e-6), 1 - 1e-6)
+        if self.step_cost is None:
+            return int(min(self.k_max, max(self.k_min, math.floor(math.log(self.p_min) / math.log(a)))))
+        ks = [0, *range(self.k_min, self.k_max + 1)]
+        costs = list(self.step_cost([k + 1 for k in ks]))
+        best, best_rate = 0, -1.0
+        for k, c in zip(ks, costs, strict=True):
+            seconds = float(c) + k * self.draft_seconds + self.overhead
+            rate = self.expected_tokens(k) / seconds if seconds > 0 else math.inf
+            if rate > best_rate * (1 + 1e-9):  # ties: the shorter draft
+                best, best_rate = k, rate
+        return best
+
+    def next_length(self) -> int:
+        """The draft length of the step about to be drafted (the tracker asks before each draft): the
+        current choice, re-made with the tier's current costs, or a probe of ``k_min`` after
+        ``probe_every`` steps at k = 0."""
+        if self.step_cost is not None:
+            self.k = self.choose()
+        if self.k > 0:
+            self.greedy_steps = 0
+            return self.k
+        self.greedy_steps += 1
+        if self.greedy_steps >= self.probe_every:
+            self.greedy_steps = 0
+            self.probes += 1
+            return self.k_min
+        return 0

@@ -18,6 +18,7 @@ drafts confirmed so far, and it stays out of the acceptance statistics (``accept
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class SpeculationTracker(LlamaDraftModel):
         self.n_accepted = 0
         self._pending = np.zeros(0, dtype=np.intc)  # the draft handed out, not yet evaluated
         self._open: FrequencyMap | None = None  # evaluated, acceptance not yet known
+        self._asked: float | None = None  # when the last draft was handed out (its step's evaluation began)
         if adaptive is not None:
             self._set_inner_length(adaptive.k)
 
@@ -128,14 +130,21 @@ class SpeculationTracker(LlamaDraftModel):
         if fmap is not None:  # not resolved by samples (a caller that bypassed Llama.sample)
             # Llama.generate truncated n_tokens to the verified prefix before asking for the next draft
             self._resolve(fmap, int(np.clip(self.llm.n_tokens - fmap.position - 1, 0, fmap.n_draft)))
-        drafts = np.asarray(self.inner(input_ids, **kwargs), dtype=np.intc)
+        k = None
         if self.adaptive is not None:
-            drafts = drafts[: self.adaptive.k]
+            k = self.adaptive.next_length()  # 0: a plain (greedy) step; the provider is not asked
+            self._set_inner_length(k)
+        t0 = time.perf_counter()
+        drafts = np.asarray(self.inner(input_ids, **kwargs) if k != 0 else [], dtype=np.intc)
+        if self.adaptive is not None and k:
+            self.adaptive.observe_draft_time(time.perf_counter() - t0, min(len(drafts), k))
+            drafts = drafts[:k]
         # a draft id outside the target's vocabulary would make llama_decode fail: never propose one
         bad = np.nonzero((drafts < 0) | (drafts >= self.llm.n_vocab()))[0]
         if len(bad):
             drafts = drafts[: bad[0]]
         self._pending = drafts
+        self._asked = time.perf_counter()  # the evaluation of [last token, drafts] starts now
         return drafts
 
     def on_step(self, step: RoutingStep | None, position: int, tokens: Sequence[int]) -> FrequencyMap | None:
@@ -144,6 +153,9 @@ class SpeculationTracker(LlamaDraftModel):
         self.finish_open()
         n_tokens = len(tokens)
         drafts, self._pending = self._pending, np.zeros(0, dtype=np.intc)
+        asked, self._asked = self._asked, None
+        if asked is not None and self.adaptive is not None and n_tokens == 1 + len(drafts):
+            self.adaptive.observe_step_time(n_tokens, time.perf_counter() - asked)  # a decode or verify step
         # a verification: the last sampled token, then (a prefix of, when the context is full) the draft
         n_draft = n_tokens - 1 if 0 < n_tokens - 1 <= len(drafts) and np.array_equal(
             np.asarray(tokens[1:], dtype=np.int64), drafts[: n_tokens - 1].astype(np.int64)) else 0

@@ -163,7 +163,7 @@ class TierController(ABC):
         accepted = None if accepted_counts is None else accepted_counts[self.rows]
         self.demand.update(Observation(counts, step.n_tokens, accepted))  # the one place a tier feeds its estimator
         t2 = clock()
-        plan = self.planner.after_step(c.steps)
+        plan = self.planner.after_step(c.steps, counts > 0)  # the step's experts: admitted where the config says
         t3 = clock()
         if plan is not None:
             self._place(plan, self.demand.utility())

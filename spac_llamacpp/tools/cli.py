@@ -819,6 +819,49 @@ def simulate_cmd(trace_path: str, budget: str, tier: str, policy: str, compare: 
 # --- profiles, patched layout, plots (issue 8) -------------------------------------------------------
 
 
+@spac.command(name="compare-policies")
+@click.argument("traces", metavar="TRACE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--share", "shares", multiple=True,
+              help="Share of the routed experts (repeatable; default 12.5%, 25%, 50%): eval-utility keeps that share "
+                   "of each layer's experts, the simulated plan holds that share of the expert bytes.")
+@click.option("--tier", type=click.Choice(["flash", "vram"]), default="flash", show_default=True)
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="GGUF the traces were recorded from (default: the path in each trace, else its recorded layout).")
+@click.option("--expert-bytes", default=None, help="No model file: the size of one expert (as `spac simulate`).")
+@click.option("--weight-type", default=None, help="No model file: the experts' ggml weight type (as `spac simulate`).")
+@click.option("--calibration", default=None, type=click.Path(dir_okay=False),
+              help="Calibration JSON (default: this machine's cached one, else nominal costs).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+@friendly_errors
+def compare_policies_cmd(traces: tuple[str, ...], shares: tuple[str, ...], tier: str, model: str | None,
+                         expert_bytes: str | None, weight_type: str | None, calibration: str | None,
+                         json_out: str | None) -> None:
+    """Ours next to LRU and MIN per TRACE and share of the experts: eval-utility hit rate and simulated time.
+
+    Per share s: the eval-utility hit rate of keeping round(s x experts) per layer (the spac estimator's top-N
+    against the LRU and MIN demand caches of N), and `spac simulate`'s hit rate and modelled ms/token of ours (the
+    tier's own loop and defaults), lru and min when the plan holds s of the expert bytes (flash: the budget is s
+    plus the staging and lookahead reserves). ours/lru below 1 is faster than LRU."""
+    from spac_llamacpp.base.sizes import parse_size
+    from spac_llamacpp.sim.compare import DEFAULT_SHARES, compare_shares, format_rows, parse_share
+    from spac_llamacpp.sim.simulator import load_inputs, weight_type_name
+
+    share_list = [parse_share(s) for s in shares] or list(DEFAULT_SHARES)
+    per_expert = parse_size(expert_bytes) if expert_bytes is not None else None
+    wtype = weight_type_name(weight_type) if weight_type is not None else None
+    rows = []
+    for path in traces:
+        trace, info, cost = load_inputs(path, model, calibration, measure=_nominal_costs, expert_bytes=per_expert,
+                                        weight_type=wtype)
+        click.echo(f"{path}: {trace.n_steps} steps, {trace.n_tokens} tokens, {len(trace.moe_layers)} MoE layers x "
+                   f"{trace.n_expert} experts; cost model {cost.source or 'given'}", err=True)
+        rows += compare_shares(trace, info, cost, tier=tier, shares=share_list, name=Path(path).stem)
+    click.echo(format_rows(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"tier": tier, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
 @spac.command(name="profile")
 @click.argument("model")
 @prompt_options
