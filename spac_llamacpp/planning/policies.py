@@ -430,7 +430,8 @@ class PolicyPlanner:
         self.warm = prior is not None
         return self._plan(x, 0), self.rule.utility()
 
-    def after_step(self, step: int) -> Plan | None:
+    def after_step(self, step: int, used: np.ndarray | None = None) -> Plan | None:
+        # ``used`` (the step's experts) is already in the rule's state: it saw the step's counts
         x = self.rule.take()
         return None if x is None else self._plan(x, step)
 
