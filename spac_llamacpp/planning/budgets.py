@@ -141,30 +141,33 @@ class FlashBudget:
         return self.budget - self.staging - self.keep
 
 
-def smallest_flash_budget(layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True) -> int:
+def smallest_flash_budget(layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
+                          edge_pages: bool = True) -> int:
     """The smallest budget :func:`flash_budget` accepts: its reserves and one resident expert."""
     staging = staging_bytes(layout)
     smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
-    return staging * (1 + int(lookahead) + int(keep)) + edge_bytes(layout) + smallest
+    return staging * (1 + int(lookahead) + int(keep)) + (edge_bytes(layout) if edge_pages else 0) + smallest
 
 
 def flash_budget(budget: int, layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
-                 name: str = "") -> FlashBudget:
+                 edge_pages: bool = True, name: str = "") -> FlashBudget:
     """Split a flash budget (RAM for routed experts); ``layout`` in whole pages (:func:`tier_layout`).
-    ``keep``: reserve room for a step's demand loads kept until the step ends."""
+    ``keep``: reserve room for a step's demand loads kept until the step ends; ``edge_pages``: reserve the
+    tensors' edge pages (a model file's layout; not a trace's recorded sizes, which have no file offsets)."""
     staging = staging_bytes(layout)
     ahead = staging if lookahead else 0
     kept = staging if keep else 0
-    edges = edge_bytes(layout)
+    edges = edge_bytes(layout) if edge_pages else 0
     smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
-    need = smallest_flash_budget(layout, lookahead=lookahead, keep=keep)
+    need = smallest_flash_budget(layout, lookahead=lookahead, keep=keep, edge_pages=edge_pages)
     if int(budget) < need:
         raise SpacError(
             f"budget {format_size(int(budget))} is too small for the flash tier{' of ' + name if name else ''}: it "
             f"needs {format_size(staging)} for one layer's on-demand experts"
             + (f", {format_size(kept)} for the demand loads a step keeps" if keep else "")
             + (f", {format_size(ahead)} for lookahead" if lookahead else "")
-            + f", {format_size(edges)} for tensor edge pages and {format_size(smallest)} for one resident expert; "
+            + (f", {format_size(edges)} for tensor edge pages" if edge_pages else "")
+            + f" and {format_size(smallest)} for one resident expert; "
             f"give at least {format_size(need)} ({need} bytes)"
         )
     return FlashBudget(int(budget), staging, ahead, kept, edges)
