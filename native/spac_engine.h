@@ -205,7 +205,8 @@ int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms);
  * n_expert entries). Marks them in use, waits for running evictions of them, loads the misses. */
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
 
-/* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued. */
+/* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued; staged
+ * demand loads stay (the tier decides about them, then clears SPAC_FLAG_STAGED); prompt keep turns off. */
 void spac_engine_end_step(spac_engine *e);
 
 /* Wait until no move is queued or running. Returns 1 when idle, 0 on timeout. */
