@@ -32,6 +32,10 @@ typedef struct {
 } move_t;
 
 typedef struct {
+    uint64_t lo, hi; /* file offsets, page-aligned */
+} range_t;
+
+typedef struct {
     int32_t target, k, n_embd, sigmoid, max_rows;
     float eps;
     const float *weight, *norm, *bias;
@@ -52,9 +56,19 @@ struct spac_engine {
     uint8_t *wanted, *pinned, *transient;
     uint8_t *in_use;     /* the layer's matmuls may read the expert */
     uint16_t *evicting;  /* running evictions that drop pages of the expert */
+    uint8_t *staged;     /* demand-loaded this step and kept until the tier decides (spac_engine_flags) */
+    uint8_t *loading;    /* a prefetch of the expert is running (its eviction waits) */
+    uint8_t *pending;    /* op of the newest accepted move while it is queued, deferred or running (0: none) */
+    uint8_t *flag_touched, *flag_kept, *flag_released; /* SPAC_FLAG_* for the tier */
+    uint64_t stage_cap, staged_bytes; /* bytes (covering pages) */
+    const int32_t *counts; /* the sensor's step counts, for prompt keep */
+    int32_t prompt_keep;
 
-    move_t *q;
+    move_t *q;                 /* prefetches, pins, unpins */
     int32_t cap, head, count, running;
+    move_t *qe;                /* evictions, served first */
+    int32_t head_e, count_e, running_evict;
+    range_t *drain_ranges;     /* [max_t], for evictions run by spac_engine_drain_evictions */
     move_t *deferred;
     int32_t n_deferred, cap_deferred;
     uint64_t seq;
@@ -184,6 +198,14 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->transient = (uint8_t *)calloc((size_t)n, 1);
     e->in_use = (uint8_t *)calloc((size_t)n, 1);
     e->evicting = (uint16_t *)calloc((size_t)n, sizeof(uint16_t));
+    e->staged = (uint8_t *)calloc((size_t)n, 1);
+    e->loading = (uint8_t *)calloc((size_t)n, 1);
+    e->pending = (uint8_t *)calloc((size_t)n, 1);
+    e->flag_touched = (uint8_t *)calloc((size_t)n, 1);
+    e->flag_kept = (uint8_t *)calloc((size_t)n, 1);
+    e->flag_released = (uint8_t *)calloc((size_t)n, 1);
+    e->qe = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
+    e->drain_ranges = (range_t *)calloc((size_t)max_tensors_per_layer, sizeof(range_t));
     e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->deferred = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->threads = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
@@ -191,7 +213,9 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->issued = (uint8_t *)calloc((size_t)n, 1);
     e->scratch_s = (float *)calloc((size_t)n_expert, sizeof(float));
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
-        !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s) {
+        !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s ||
+        !e->staged || !e->loading || !e->pending || !e->flag_touched || !e->flag_kept || !e->flag_released ||
+        !e->qe || !e->drain_ranges) {
         spac_engine_free(e);
         return NULL;
     }
@@ -219,14 +243,38 @@ int32_t spac_engine_add_tensor(spac_engine *e, int32_t layer, uint64_t file_offs
 /* ---------------------------------------------------------------------------------------------
  * queue (callers hold mu) */
 
+/* Evictions go to their own queue, which the workers serve first. */
 static int32_t push_locked(spac_engine *e, move_t m) {
-    if (e->count >= e->cap) {
+    const int evict = m.op == SPAC_OP_EVICT;
+    int32_t *count = evict ? &e->count_e : &e->count;
+    if (*count >= e->cap) {
         e->st.queue_full++;
         return -2;
     }
-    e->q[(e->head + e->count) % e->cap] = m;
-    e->count++;
+    if (evict) {
+        e->qe[(e->head_e + e->count_e) % e->cap] = m;
+    } else {
+        e->q[(e->head + e->count) % e->cap] = m;
+    }
+    (*count)++;
     pthread_cond_signal(&e->cv_work);
+    return 0;
+}
+
+/* The next move: an eviction when one is queued, else (unless evictions_only) a prefetch, pin or unpin. */
+static int pop_locked(spac_engine *e, int evictions_only, move_t *out) {
+    if (e->count_e > 0) {
+        *out = e->qe[e->head_e];
+        e->head_e = (e->head_e + 1) % e->cap;
+        e->count_e--;
+        return 1;
+    }
+    if (!evictions_only && e->count > 0) {
+        *out = e->q[e->head];
+        e->head = (e->head + 1) % e->cap;
+        e->count--;
+        return 1;
+    }
     return 0;
 }
 
@@ -236,12 +284,20 @@ static int32_t submit_locked(spac_engine *e, int32_t op, int32_t layer, int32_t 
     if (rc == 0) {
         e->seq++;
         e->latest[idx(e, layer, expert)] = m.seq;
+        e->pending[idx(e, layer, expert)] = (uint8_t)op;
     }
     return rc;
 }
 
+/* Drop every queued or deferred move of an expert (they become stale): the hook keeps it itself. */
+static void supersede_locked(spac_engine *e, int32_t layer, int32_t expert) {
+    e->seq++;
+    e->latest[idx(e, layer, expert)] = e->seq;
+    e->pending[idx(e, layer, expert)] = 0;
+}
+
 static void signal_idle_locked(spac_engine *e) {
-    if (e->count == 0 && e->running == 0) {
+    if (e->count == 0 && e->count_e == 0 && e->running == 0) {
         pthread_cond_broadcast(&e->cv_idle);
     }
 }
@@ -468,10 +524,6 @@ static void unguard(spac_engine *e) {
 /* ---------------------------------------------------------------------------------------------
  * the moves themselves (workers; no lock held during system calls) */
 
-typedef struct {
-    uint64_t lo, hi; /* file offsets, page-aligned */
-} range_t;
-
 /* Pages that an expert touches in tensor t. */
 static range_t covering(const spac_engine *e, const tensor_t *t, int32_t expert) {
     uint64_t s = t->off + (uint64_t)expert * t->bpe;
@@ -571,7 +623,7 @@ static void do_pin(spac_engine *e, int32_t layer, int32_t expert, int pin, int *
 }
 
 /* Eviction range of an expert in tensor t: its inner pages plus each boundary page whose other
- * expert is neither wanted nor in use (flags read by the caller under the lock). */
+ * expert is neither wanted, in use nor staged (flags read by the caller under the lock). */
 static range_t evict_range(const spac_engine *e, const tensor_t *t, int32_t expert, int left_free, int right_free) {
     range_t in = inner(e, t, expert);
     range_t cov = covering(e, t, expert);
@@ -609,7 +661,7 @@ static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t laye
             continue;
         }
         int64_t j = idx(e, layer, x);
-        if (e->wanted[j] || e->in_use[j]) {
+        if (e->wanted[j] || e->in_use[j] || e->staged[j]) {
             return 0;
         }
     }
@@ -663,113 +715,152 @@ static void evicted_span(const spac_engine *e, int32_t layer, int32_t expert, co
     }
 }
 
+/* Move deferred moves whose expert is free again (neither in use nor being prefetched) back to their
+ * queue; stale ones are dropped. Caller holds mu. */
+static void requeue_deferred_locked(spac_engine *e) {
+    int32_t keep = 0;
+    for (int32_t i = 0; i < e->n_deferred; i++) {
+        move_t m = e->deferred[i];
+        int64_t j = idx(e, m.layer, m.expert);
+        if (m.seq != e->latest[j]) {
+            e->st.superseded++;
+        } else if (e->in_use[j] || e->loading[j] || e->stopping || push_locked(e, m) != 0) {
+            e->deferred[keep++] = m;
+        }
+    }
+    e->n_deferred = keep;
+}
+
+/* Run one move that was just taken from a queue (caller holds mu; it is released during the system
+ * calls): stale moves are dropped, an eviction of an expert in use or being prefetched is deferred. */
+static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
+    const int64_t j = idx(e, m.layer, m.expert);
+    if (m.seq != e->latest[j]) {
+        e->st.superseded++;
+        signal_idle_locked(e);
+        return;
+    }
+    /* protocol, rule 1: an in-use expert is not evicted; the move waits for its release. Nor is one whose
+     * prefetch is running: its POPULATE_READ would read the pages back after the eviction. */
+    if (m.op == SPAC_OP_EVICT && (e->in_use[j] || e->loading[j])) {
+        if (e->n_deferred < e->cap_deferred) {
+            e->deferred[e->n_deferred++] = m;
+            e->st.deferred++;
+            e->st.loading_defers += !e->in_use[j];
+        } else {
+            note_error_locked(e, SPAC_ERR_DEFER, ENOSPC);
+            e->pending[j] = 0;
+        }
+        signal_idle_locked(e);
+        return;
+    }
+    int errs[SPAC_ERR_KINDS] = {0};
+    int32_t nr = 0, span_lo = 0, span_hi = -1;
+    int unpin = 0;
+    if (m.op == SPAC_OP_EVICT && ranges != NULL) {
+        for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
+            const tensor_t *t = &e->tensors[(int64_t)m.layer * e->max_t + i];
+            ranges[nr++] = evict_range(e, t, m.expert, neighbours_free(e, t, m.layer, m.expert, 0),
+                                       neighbours_free(e, t, m.layer, m.expert, 1));
+        }
+        unpin = e->pinned[j];
+        e->pinned[j] = 0;
+        e->transient[j] = 0;
+        /* still under the lock that checked in_use: from here until the system calls have returned,
+         * the hook sees these experts as evicting */
+        evicted_span(e, m.layer, m.expert, ranges, nr, &span_lo, &span_hi);
+        for (int32_t x = span_lo; x <= span_hi; x++) {
+            int64_t k = idx(e, m.layer, x);
+            e->st.evict_in_use += e->in_use[k]; /* cannot happen: checked above / by neighbours_free */
+            e->evicting[k]++;
+        }
+        e->running_evict++;
+    }
+    if (m.op == SPAC_OP_PREFETCH) {
+        e->loading[j] = 1;
+    }
+    e->running++;
+    pthread_mutex_unlock(&e->mu);
+
+    int64_t bytes = 0;
+    switch (faulted(e) ? 0 : m.op) { /* a changed file: no more page moves */
+    case SPAC_OP_PREFETCH:
+        do_prefetch(e, m.layer, m.expert, &bytes, errs);
+        break;
+    case SPAC_OP_EVICT:
+        if (ranges == NULL) {
+            errs[SPAC_ERR_NOMEM] = ENOMEM;
+        } else {
+            do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, errs);
+        }
+        break;
+    case SPAC_OP_PIN:
+    case SPAC_OP_UNPIN:
+        do_pin(e, m.layer, m.expert, m.op == SPAC_OP_PIN, errs);
+        break;
+    default:
+        break;
+    }
+
+    pthread_mutex_lock(&e->mu);
+    e->running--;
+    if (m.op == SPAC_OP_EVICT && ranges != NULL) {
+        e->running_evict--;
+    }
+    if (span_hi >= span_lo) {
+        for (int32_t x = span_lo; x <= span_hi; x++) {
+            e->evicting[idx(e, m.layer, x)]--;
+            e->flag_touched[idx(e, m.layer, x)] = 1; /* boundary pages of neighbours may have gone too */
+        }
+    }
+    if (e->latest[j] == m.seq) {
+        e->pending[j] = 0;
+    }
+    switch (m.op) {
+    case SPAC_OP_PREFETCH:
+        e->loading[j] = 0;
+        e->flag_touched[j] = 1;
+        e->st.prefetches++;
+        e->st.prefetch_bytes += bytes;
+        requeue_deferred_locked(e); /* an eviction that waited for this prefetch */
+        break;
+    case SPAC_OP_EVICT:
+        e->st.evictions++;
+        e->st.evict_bytes += bytes;
+        break;
+    case SPAC_OP_PIN:
+        if (errs[SPAC_ERR_PIN]) {
+            e->st.pin_failures++;
+        } else {
+            e->st.pins++;
+            e->pinned[j] = 1;
+        }
+        break;
+    case SPAC_OP_UNPIN:
+        e->st.unpins++;
+        e->pinned[j] = 0;
+        break;
+    }
+    pthread_cond_broadcast(&e->cv_evicted); /* the hook and drains wait for evictions (and prefetches) to end */
+    note_errors_locked(e, errs);
+    signal_idle_locked(e);
+}
+
 static void *worker(void *arg) {
     spac_engine *e = (spac_engine *)arg;
     range_t *ranges = (range_t *)calloc((size_t)e->max_t, sizeof(range_t));
     pthread_mutex_lock(&e->mu);
     for (;;) {
-        while (!e->stopping && e->count == 0) {
+        move_t m;
+        while (!e->stopping && e->count == 0 && e->count_e == 0) {
             pthread_cond_wait(&e->cv_work, &e->mu);
         }
         if (e->stopping) {
             break;
         }
-        move_t m = e->q[e->head];
-        e->head = (e->head + 1) % e->cap;
-        e->count--;
-        const int64_t j = idx(e, m.layer, m.expert);
-        if (m.seq != e->latest[j]) {
-            e->st.superseded++;
-            signal_idle_locked(e);
-            continue;
+        if (pop_locked(e, 0, &m)) {
+            exec_move_locked(e, m, ranges);
         }
-        /* protocol, rule 1: an in-use expert is not evicted; the move waits for its release */
-        if (m.op == SPAC_OP_EVICT && e->in_use[j]) {
-            if (e->n_deferred < e->cap_deferred) {
-                e->deferred[e->n_deferred++] = m;
-                e->st.deferred++;
-            } else {
-                note_error_locked(e, SPAC_ERR_DEFER, ENOSPC);
-            }
-            signal_idle_locked(e);
-            continue;
-        }
-        int errs[SPAC_ERR_KINDS] = {0};
-        int32_t nr = 0, span_lo = 0, span_hi = -1;
-        int unpin = 0;
-        if (m.op == SPAC_OP_EVICT && ranges != NULL) {
-            for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
-                const tensor_t *t = &e->tensors[(int64_t)m.layer * e->max_t + i];
-                ranges[nr++] = evict_range(e, t, m.expert, neighbours_free(e, t, m.layer, m.expert, 0),
-                                           neighbours_free(e, t, m.layer, m.expert, 1));
-            }
-            unpin = e->pinned[j];
-            e->pinned[j] = 0;
-            e->transient[j] = 0;
-            /* still under the lock that checked in_use: from here until the system calls have returned,
-             * the hook sees these experts as evicting */
-            evicted_span(e, m.layer, m.expert, ranges, nr, &span_lo, &span_hi);
-            for (int32_t x = span_lo; x <= span_hi; x++) {
-                int64_t k = idx(e, m.layer, x);
-                e->st.evict_in_use += e->in_use[k]; /* cannot happen: checked above / by neighbours_free */
-                e->evicting[k]++;
-            }
-        }
-        e->running++;
-        pthread_mutex_unlock(&e->mu);
-
-        int64_t bytes = 0;
-        switch (faulted(e) ? 0 : m.op) { /* a changed file: no more page moves */
-        case SPAC_OP_PREFETCH:
-            do_prefetch(e, m.layer, m.expert, &bytes, errs);
-            break;
-        case SPAC_OP_EVICT:
-            if (ranges == NULL) {
-                errs[SPAC_ERR_NOMEM] = ENOMEM;
-            } else {
-                do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, errs);
-            }
-            break;
-        case SPAC_OP_PIN:
-        case SPAC_OP_UNPIN:
-            do_pin(e, m.layer, m.expert, m.op == SPAC_OP_PIN, errs);
-            break;
-        default:
-            break;
-        }
-
-        pthread_mutex_lock(&e->mu);
-        e->running--;
-        if (span_hi >= span_lo) {
-            for (int32_t x = span_lo; x <= span_hi; x++) {
-                e->evicting[idx(e, m.layer, x)]--;
-            }
-            pthread_cond_broadcast(&e->cv_evicted);
-        }
-        switch (m.op) {
-        case SPAC_OP_PREFETCH:
-            e->st.prefetches++;
-            e->st.prefetch_bytes += bytes;
-            break;
-        case SPAC_OP_EVICT:
-            e->st.evictions++;
-            e->st.evict_bytes += bytes;
-            break;
-        case SPAC_OP_PIN:
-            if (errs[SPAC_ERR_PIN]) {
-                e->st.pin_failures++;
-            } else {
-                e->st.pins++;
-                e->pinned[j] = 1;
-            }
-            break;
-        case SPAC_OP_UNPIN:
-            e->st.unpins++;
-            e->pinned[j] = 0;
-            break;
-        }
-        note_errors_locked(e, errs);
-        signal_idle_locked(e);
     }
     pthread_mutex_unlock(&e->mu);
     free(ranges);
@@ -793,11 +884,14 @@ int32_t spac_engine_start(spac_engine *e) {
         keep_first(errs, SPAC_ERR_SETUP, errno);
     }
     /* no read-around on faults in expert tensors: the kernel's readahead window (often MBs) would pull
-     * in neighbouring experts that nobody asked for; the engine reads exact ranges itself */
+     * in neighbouring experts that nobody asked for; the engine reads exact ranges itself. The edge pages
+     * that a tensor shares with other data are included: a fault there (the other data's first or last
+     * bytes) would read around into the experts too. */
     for (int32_t l = 0; l < e->n_layer; l++) {
         for (int32_t i = 0; i < e->n_tensors[l]; i++) {
             const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
-            uint64_t lo = ceil_pg(e, t->off), hi = floor_pg(e, t->off + (uint64_t)e->n_expert * t->bpe);
+            uint64_t lo = floor_pg(e, t->off), hi = ceil_pg(e, t->off + (uint64_t)e->n_expert * t->bpe);
+            hi = hi < ceil_pg(e, e->size) ? hi : ceil_pg(e, e->size);
             if (hi > lo && madvise(e->base + lo, hi - lo, MADV_RANDOM) != 0) {
                 keep_first(errs, SPAC_ERR_SETUP, errno);
             }
@@ -856,17 +950,7 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
             }
         }
     }
-    int32_t keep = 0;
-    for (int32_t i = 0; i < e->n_deferred; i++) {
-        move_t m = e->deferred[i];
-        int64_t j = idx(e, m.layer, m.expert);
-        if (m.seq != e->latest[j]) {
-            e->st.superseded++;
-        } else if (e->in_use[j] || e->stopping || push_locked(e, m) != 0) {
-            e->deferred[keep++] = m;
-        }
-    }
-    e->n_deferred = keep;
+    requeue_deferred_locked(e);
 }
 
 /* Whether every page of the expert is resident (one mincore per tensor range, into the caller's
@@ -911,6 +995,80 @@ int32_t spac_engine_expert_resident(spac_engine *e, int32_t layer, int32_t exper
     int r = resident_whole(e, layer, expert, &e->mc, &e->mc_cap, errs);
     pthread_mutex_unlock(&e->mc_mu);
     return r;
+}
+
+/* Bytes of the pages an expert touches (what keeping it resident costs). */
+static uint64_t cover_bytes(const spac_engine *e, int32_t layer, int32_t expert) {
+    uint64_t b = 0;
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+        b += r.hi > r.lo ? r.hi - r.lo : 0;
+    }
+    return b;
+}
+
+static int cmp_desc_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* Prompt keep (see the header), for one layer whose selections of this step are all counted: the
+ * layer's planned experts are replaced, one for one, by the experts with the most tokens of the step,
+ * a planned expert winning ties (it needs no read). A newcomer always has tokens (it is selected:
+ * being read for this layer's matmul anyway), so no read is added; a displaced expert is evicted
+ * (once its layer is done if it is in use). Caller holds mu. */
+static void prompt_swap_locked(spac_engine *e, int32_t layer) {
+    const int32_t n = e->n_expert;
+    const int32_t *c = e->counts + (int64_t)layer * n;
+    int64_t key[SPAC_MAX_EXPERTS];
+    int32_t n_held = 0, n_key = 0;
+    for (int32_t x = 0; x < n; x++) {
+        const int64_t j = idx(e, layer, x);
+        n_held += e->wanted[j] != 0;
+        if (e->wanted[j] || c[x] > 0) { /* (tokens, planned, lower id first) in one sortable key */
+            int64_t tokens = c[x] > 0 ? c[x] : 0;
+            key[n_key++] = (tokens << 32) | ((int64_t)(e->wanted[j] != 0) << 31) | (int64_t)(SPAC_MAX_EXPERTS - 1 - x);
+        }
+    }
+    if (n_held == 0) {
+        return;
+    }
+    qsort(key, (size_t)n_key, sizeof(int64_t), cmp_desc_i64);
+    uint8_t keep[SPAC_MAX_EXPERTS];
+    memset(keep, 0, (size_t)n);
+    for (int32_t i = 0; i < n_held && i < n_key; i++) {
+        keep[SPAC_MAX_EXPERTS - 1 - (int32_t)(key[i] & 0x7fffffff)] = 1;
+    }
+    for (int32_t x = 0; x < n; x++) {
+        const int64_t j = idx(e, layer, x);
+        if (keep[x] && !e->wanted[j]) {
+            e->wanted[j] = 1;
+            e->flag_touched[j] = 1;
+            if (e->flag_released[j]) { /* released by an earlier ubatch of this step: planned again */
+                e->flag_released[j] = 0;
+            } else {
+                e->flag_kept[j] = 1;
+            }
+            if (e->staged[j]) { /* kept by an earlier ubatch's staging: now planned, no longer staged */
+                e->staged[j] = 0;
+                e->staged_bytes -= cover_bytes(e, layer, x);
+            }
+            e->transient[j] = 0;
+            e->st.prompt_kept++;
+        } else if (!keep[x] && e->wanted[j]) {
+            e->wanted[j] = 0;
+            e->flag_touched[j] = 1;
+            if (e->flag_kept[j]) {
+                e->flag_kept[j] = 0;
+            } else {
+                e->flag_released[j] = 1;
+            }
+            e->st.prompt_released++;
+            if (!e->stopping) {
+                submit_locked(e, SPAC_OP_EVICT, layer, x); /* deferred by the worker while in use */
+            }
+        }
+    }
 }
 
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
@@ -989,9 +1147,24 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         int64_t j = idx(e, layer, sel[m]);
         e->st.evict_in_use += !e->in_use[j] || e->evicting[j] != 0;
     }
+    if (e->prompt_keep && e->counts != NULL) {
+        prompt_swap_locked(e, layer);
+    }
     for (int32_t m = 0; m < n_miss; m++) {
         int64_t j = idx(e, layer, misses[m]);
-        if (!e->wanted[j]) {
+        e->flag_touched[j] = 1;
+        if (e->wanted[j] || e->staged[j]) {
+            continue;
+        }
+        /* kept until the step ends while the staging cap allows (the step-end plan decides; no second
+         * read when it wants the expert), else evicted once this layer has finished */
+        uint64_t b = cover_bytes(e, layer, misses[m]);
+        if (e->staged_bytes + b <= e->stage_cap) {
+            e->staged[j] = 1;
+            e->staged_bytes += b;
+            e->st.staged++;
+            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
+        } else {
             e->transient[j] = 1;
         }
     }
@@ -1007,7 +1180,99 @@ void spac_engine_end_step(spac_engine *e) {
         finish_layer_locked(e, l);
     }
     e->cur_layer = -1;
+    e->prompt_keep = 0;
     pthread_mutex_unlock(&e->mu);
+}
+
+void spac_engine_set_staging(spac_engine *e, uint64_t cap_bytes) {
+    if (e != NULL) {
+        pthread_mutex_lock(&e->mu);
+        e->stage_cap = cap_bytes;
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+
+void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t on) {
+    if (e != NULL) {
+        pthread_mutex_lock(&e->mu);
+        e->counts = counts;
+        e->prompt_keep = on && counts != NULL;
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+
+int32_t spac_engine_flags(spac_engine *e, int32_t which, uint8_t *out, int32_t clear) {
+    if (e == NULL || which < 0 || which >= SPAC_FLAG_KINDS) {
+        return -1;
+    }
+    const int64_t n = (int64_t)e->n_layer * e->n_expert;
+    pthread_mutex_lock(&e->mu);
+    uint8_t *f = which == SPAC_FLAG_STAGED ? e->staged : which == SPAC_FLAG_TOUCHED ? e->flag_touched
+               : which == SPAC_FLAG_KEPT ? e->flag_kept : which == SPAC_FLAG_RELEASED ? e->flag_released : NULL;
+    for (int64_t j = 0; j < n; j++) {
+        uint8_t v = f != NULL ? f[j] : e->pending[j] == SPAC_OP_PREFETCH;
+        if (out != NULL) {
+            out[j] = v != 0;
+        }
+    }
+    if (clear && f != NULL) {
+        memset(f, 0, (size_t)n);
+        if (which == SPAC_FLAG_STAGED) {
+            e->staged_bytes = 0;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+/* Evictions deferred only because a prefetch of the expert is running (they run once it ends). */
+static int32_t loading_deferred_locked(const spac_engine *e) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < e->n_deferred; i++) {
+        const move_t *m = &e->deferred[i];
+        const int64_t j = idx(e, m->layer, m->expert);
+        n += m->op == SPAC_OP_EVICT && m->seq == e->latest[j] && !e->in_use[j];
+    }
+    return n;
+}
+
+int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms) {
+    if (e == NULL) {
+        return 1;
+    }
+    struct timespec t0, deadline;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    deadline = t0;
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&e->mu);
+    int rc = 0;
+    for (;;) {
+        move_t m;
+        if (e->stopping) {
+            break;
+        }
+        if (pop_locked(e, 1, &m)) { /* help the workers: run the queued evictions here too */
+            e->st.drained_here++;
+            exec_move_locked(e, m, e->drain_ranges);
+            continue;
+        }
+        if ((e->running_evict == 0 && loading_deferred_locked(e) == 0) || rc == ETIMEDOUT) {
+            break;
+        }
+        rc = pthread_cond_timedwait(&e->cv_evicted, &e->mu, &deadline);
+    }
+    const int32_t drained = !e->stopping && e->count_e == 0 && e->running_evict == 0 && loading_deferred_locked(e) == 0;
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    e->st.drains++;
+    e->st.drain_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+    pthread_mutex_unlock(&e->mu);
+    return drained;
 }
 
 int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
@@ -1024,10 +1289,11 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
     }
     pthread_mutex_lock(&e->mu);
     int rc = 0;
-    while ((e->count > 0 || e->running > 0) && !e->stopping && e->n_started > 0 && rc != ETIMEDOUT) {
+    while ((e->count > 0 || e->count_e > 0 || e->running > 0) && !e->stopping && e->n_started > 0 &&
+           rc != ETIMEDOUT) {
         rc = pthread_cond_timedwait(&e->cv_idle, &e->mu, &deadline);
     }
-    int idle = e->count == 0 && e->running == 0;
+    int idle = e->count == 0 && e->count_e == 0 && e->running == 0;
     pthread_mutex_unlock(&e->mu);
     return idle;
 }
@@ -1043,14 +1309,16 @@ int64_t spac_engine_residency(spac_engine *e, float *frac) {
     return e == NULL ? -1 : spac_engine_residency_layers(e, 0, e->n_layer, frac, NULL);
 }
 
-int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident) {
+/* spac_engine_residency_layers and spac_engine_residency_bytes: per_expert (may be NULL) gets exact bytes. */
+static int64_t measure_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident,
+                              int64_t *per_expert) {
     if (e == NULL || l0 < 0 || l1 > e->n_layer || l0 > l1) {
         return -1;
     }
     pthread_mutex_lock(&e->mc_mu);
     int64_t total = 0;
     int64_t *per = NULL;
-    if (frac != NULL) {
+    if (frac != NULL || per_expert != NULL) {
         per = (int64_t *)calloc((size_t)e->n_expert, sizeof(int64_t));
         if (per == NULL) {
             pthread_mutex_unlock(&e->mc_mu);
@@ -1106,13 +1374,76 @@ int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, flo
         if (resident != NULL && total >= 0) {
             resident[l] = total - before;
         }
-        if (per != NULL && total >= 0) {
+        if (frac != NULL && total >= 0) {
             for (int32_t x = 0; x < e->n_expert; x++) {
                 frac[idx(e, l, x)] = layer_bytes ? (float)per[x] * (float)e->n_expert / (float)layer_bytes : 0.0f;
             }
         }
+        if (per_expert != NULL && total >= 0) {
+            memcpy(per_expert + idx(e, l, 0), per, sizeof(int64_t) * (size_t)e->n_expert);
+        }
     }
     free(per);
+    pthread_mutex_unlock(&e->mc_mu);
+    return total;
+}
+
+int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident) {
+    return measure_layers(e, l0, l1, frac, resident, NULL);
+}
+
+int64_t spac_engine_residency_bytes(spac_engine *e, int32_t l0, int32_t l1, int64_t *per_expert) {
+    return per_expert == NULL ? -1 : measure_layers(e, l0, l1, NULL, NULL, per_expert);
+}
+
+int64_t spac_engine_residency_experts(spac_engine *e, int32_t n, const int32_t *layers, const int32_t *experts,
+                                      int64_t *out) {
+    if (e == NULL || n < 0 || (n > 0 && (layers == NULL || experts == NULL || out == NULL))) {
+        return -1;
+    }
+    pthread_mutex_lock(&e->mc_mu);
+    int64_t total = 0;
+    for (int32_t i = 0; i < n && total >= 0; i++) {
+        const int32_t l = layers[i], x = experts[i];
+        if (l < 0 || l >= e->n_layer || x < 0 || x >= e->n_expert) {
+            total = -1;
+            break;
+        }
+        int64_t bytes = 0;
+        for (int32_t k = 0; k < e->n_tensors[l]; k++) {
+            const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + k];
+            const uint64_t xs = t->off + (uint64_t)x * t->bpe, xe = xs + t->bpe;
+            range_t r = covering(e, t, x);
+            size_t n_pages = (size_t)((r.hi - r.lo) / e->page);
+            if (n_pages > e->mc_cap) {
+                unsigned char *p = (unsigned char *)realloc(e->mc, n_pages);
+                if (p == NULL) {
+                    total = -1;
+                    break;
+                }
+                e->mc = p;
+                e->mc_cap = n_pages;
+            }
+            if (n_pages == 0) {
+                continue;
+            }
+            if (mincore(e->base + r.lo, r.hi - r.lo, e->mc) != 0) {
+                total = -1;
+                break;
+            }
+            for (size_t q = 0; q < n_pages; q++) {
+                if (e->mc[q] & 1) {
+                    uint64_t ps = r.lo + q * e->page, pe = ps + e->page;
+                    uint64_t a = ps > xs ? ps : xs, b = pe < xe ? pe : xe;
+                    bytes += b > a ? (int64_t)(b - a) : 0;
+                }
+            }
+        }
+        if (total >= 0) {
+            out[i] = bytes;
+            total += bytes;
+        }
+    }
     pthread_mutex_unlock(&e->mc_mu);
     return total;
 }
@@ -1221,8 +1552,55 @@ int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t le
     if (hi <= lo) {
         return 0;
     }
+    /* read exactly the range first: mlock's page faults would read around (this range is not MADV_RANDOM),
+     * into the neighbouring experts, in large folios that the lock then pins */
+    if (lock) {
+        willneed(e, lo, hi);
+    }
     int rc = lock ? mlock(e->base + lo, hi - lo) : munlock(e->base + lo, hi - lo);
     return rc == 0 ? 0 : -errno;
+}
+
+int32_t spac_engine_read_range(spac_engine *e, uint64_t file_offset, uint64_t length) {
+    if (e == NULL || length == 0 || file_offset > e->size || length > e->size - file_offset) {
+        return -EINVAL;
+    }
+    uint64_t lo = floor_pg(e, file_offset), hi = ceil_pg(e, file_offset + length);
+    hi = hi < ceil_pg(e, e->size) ? hi : ceil_pg(e, e->size);
+    int rc = willneed(e, lo, hi);
+    if (madvise(e->base + lo, hi - lo, MADV_POPULATE_READ) != 0 && errno != EINVAL) {
+        rc = -1;
+    }
+    return rc == 0 ? 0 : -errno;
+}
+
+int64_t spac_engine_reset_experts(spac_engine *e, uint64_t map_lo) {
+    if (e == NULL) {
+        return -EINVAL;
+    }
+    /* the largest page-cache folio (PMD-sized: 512 page-table entries), capped */
+    uint64_t w = e->page * (e->page / 8);
+    w = w > ((uint64_t)32 << 20) ? (uint64_t)32 << 20 : w;
+    const uint64_t lo_lim = ceil_pg(e, map_lo), hi_lim = floor_pg(e, e->size);
+    int errs[SPAC_ERR_KINDS] = {0};
+    int64_t dropped = 0;
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        for (int32_t i = 0; i < e->n_tensors[l]; i++) {
+            const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
+            const uint64_t te = t->off + (uint64_t)e->n_expert * t->bpe;
+            uint64_t a = t->off - t->off % w, b = te + (te % w ? w - te % w : 0);
+            a = a < lo_lim ? lo_lim : a;
+            b = b > hi_lim ? hi_lim : b;
+            if (b > a) {
+                range_t r = {a, b};
+                do_evict(e, l, 0, &r, 1, 0, &dropped, errs);
+            }
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    note_errors_locked(e, errs);
+    pthread_mutex_unlock(&e->mu);
+    return dropped;
 }
 
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out) {
@@ -1231,7 +1609,7 @@ void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out) {
     }
     pthread_mutex_lock(&e->mu);
     *out = e->st;
-    out->queued = e->count + e->running + e->n_deferred;
+    out->queued = e->count + e->count_e + e->running + e->n_deferred;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -1242,6 +1620,7 @@ void spac_engine_stop(spac_engine *e) {
     pthread_mutex_lock(&e->mu);
     e->stopping = 1;
     e->count = 0;
+    e->count_e = 0;
     e->n_deferred = 0;
     pthread_cond_broadcast(&e->cv_work);
     pthread_cond_broadcast(&e->cv_idle);
@@ -1267,6 +1646,14 @@ void spac_engine_free(spac_engine *e) {
     free(e->transient);
     free(e->in_use);
     free(e->evicting);
+    free(e->staged);
+    free(e->loading);
+    free(e->pending);
+    free(e->flag_touched);
+    free(e->flag_kept);
+    free(e->flag_released);
+    free(e->qe);
+    free(e->drain_ranges);
     free(e->q);
     free(e->deferred);
     free(e->threads);

@@ -19,8 +19,24 @@
  * ends, and an in-use expert is never evicted (never under a running matmul). The only I/O the
  * decoding thread waits for is that of selected experts that are not resident (a miss: the matmul
  * needs them now): their reads are all submitted at once, then awaited. When the plan does not
- * want them they are evicted again once their layer has finished (transient).
- * A newer move for the same expert supersedes an older queued one.
+ * want them they are kept until the step ends (staged), up to the staging cap in bytes
+ * (spac_engine_set_staging): the tier's step-end plan decides which of them stay (no second read)
+ * and evicts the others; demand loads beyond the cap are evicted again once their layer has
+ * finished (transient). A newer move for the same expert supersedes an older queued one.
+ *
+ * Queues: evictions wait in a queue of their own that the workers serve first (memory is freed
+ * before more is read); spac_engine_drain_evictions runs the queued ones on the calling thread too
+ * and returns once none is queued, running, or deferred behind a running prefetch: the tier's
+ * budget check measures after it. An eviction of an expert whose prefetch is running waits for the
+ * prefetch (else the prefetch would fault the pages back in after the eviction).
+ *
+ * Prompt keep (spac_engine_set_prompt_keep, one step): in a step whose routing the plan knows
+ * nothing about (the first prompt of a cold start), each MoE layer's hook swaps, one for one, planned
+ * experts of the layer for selected ones the step routed more tokens to (the sensor's step counts,
+ * complete for the layer when its hook runs): the newcomers are being read for the matmul anyway and
+ * stay; the planned ones they displace are evicted. The number of planned experts per layer does not
+ * change. The tier takes the swaps (SPAC_FLAG_KEPT / SPAC_FLAG_RELEASED) before its plan after the
+ * step, which then starts from the prompt's hottest experts instead of reading them again.
  *
  * In-use protocol. Per expert, two fields, both read and written only under the engine's mutex:
  *   in_use    set by the layer hook for the layer's selected experts, cleared when that layer has
@@ -108,6 +124,13 @@ typedef struct spac_engine_stats {
     int64_t ahead_useful;                /* ... of those, selected when that layer ran */
     int64_t evict_waits;                 /* layer hooks that waited for a running eviction of a selected expert */
     int64_t evict_in_use;                /* protocol violations seen: an expert evicted while in use (must be 0) */
+    int64_t staged;                      /* demand loads kept until the step's end (within the staging cap) */
+    int64_t prompt_kept;                 /* prompt keep: selected experts that took a planned one's place */
+    int64_t prompt_released;             /* prompt keep: planned experts they displaced (evicted) */
+    int64_t drains;                      /* spac_engine_drain_evictions calls */
+    int64_t drain_ns;                    /* time spent in them */
+    int64_t drained_here;                /* evictions the draining thread ran itself */
+    int64_t loading_defers;              /* evictions that waited for a running prefetch of the expert */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
@@ -151,11 +174,39 @@ int32_t spac_engine_submit(spac_engine *e, int32_t op, int32_t layer, int32_t ex
 /* Whether the plan wants (layer, expert) resident (decides boundary pages and transient evictions). */
 void spac_engine_set_wanted(spac_engine *e, int32_t layer, int32_t expert, int32_t wanted);
 
+/* Bytes of demand loads the hook may keep until the step ends (staged; covering pages counted; default 0:
+ * every unplanned demand load is transient). */
+void spac_engine_set_staging(spac_engine *e, uint64_t cap_bytes);
+
+/* Prompt keep for the next step (see above): counts is the routing sensor's step counts [n_layer][n_expert]
+ * (caller-owned, outlives the engine; updated by the sensor before each layer hook); on = 0 turns it off.
+ * spac_engine_end_step turns it off again. */
+void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t on);
+
+/* Per-expert flags, [n_layer][n_expert], copied into out (1/0); clear != 0 also resets them (for
+ * SPAC_FLAG_STAGED: releases the staged experts, which are then neither wanted nor staged, so the tier
+ * must decide about each before it clears: keep it wanted, or evict it). */
+enum {
+    SPAC_FLAG_STAGED = 0,      /* demand-loaded this step, kept until the tier decides */
+    SPAC_FLAG_TOUCHED = 1,     /* pages possibly changed by the engine (loads, evictions) since the last clear */
+    SPAC_FLAG_KEPT = 2,        /* prompt keep: became wanted this step */
+    SPAC_FLAG_RELEASED = 3,    /* prompt keep: stopped being wanted this step (its eviction is queued) */
+    SPAC_FLAG_PREFETCHING = 4, /* a prefetch is queued or running (the newest move of the expert) */
+    SPAC_FLAG_KINDS = 5
+};
+int32_t spac_engine_flags(spac_engine *e, int32_t which, uint8_t *out, int32_t clear);
+
+/* Run the queued evictions (on this thread as well as the workers') and wait until none is queued, running
+ * or waiting for a running prefetch (evictions of in-use experts, deferred until the layer ends, are not
+ * waited for). Returns 1 when drained, 0 on timeout or when stopping. */
+int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms);
+
 /* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0 (mask has
  * n_expert entries). Marks them in use, waits for running evictions of them, loads the misses. */
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask);
 
-/* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued. */
+/* End of an evaluation step: nothing is in use any more; deferred and transient evictions are queued; staged
+ * demand loads stay (the tier decides about them, then clears SPAC_FLAG_STAGED); prompt keep turns off. */
 void spac_engine_end_step(spac_engine *e);
 
 /* Wait until no move is queued or running. Returns 1 when idle, 0 on timeout. */
@@ -176,6 +227,15 @@ int64_t spac_engine_residency(spac_engine *e, float *frac);
  * layers only. Returns their resident expert bytes, -1 on error or a bad range. */
 int64_t spac_engine_residency_layers(spac_engine *e, int32_t l0, int32_t l1, float *frac, int64_t *resident);
 
+/* Exact resident bytes of every expert of the layers l0 <= l < l1 (mincore; a page shared by two experts
+ * counts for each the bytes that are its own), into per_expert rows [n_layer][n_expert] (the other rows are
+ * not written). Returns their sum, -1 on error or a bad range. */
+int64_t spac_engine_residency_bytes(spac_engine *e, int32_t l0, int32_t l1, int64_t *per_expert);
+
+/* The same for n listed experts (layers[i], experts[i]) into out[i]. Returns their sum, -1 on error. */
+int64_t spac_engine_residency_experts(spac_engine *e, int32_t n, const int32_t *layers, const int32_t *experts,
+                                      int64_t *out);
+
 /* Layer-ahead prediction: when layer `source` has produced its output x (spac_engine_on_hidden),
  * predict the experts of MoE block `target` as top-k of weight . (rmsnorm(x) * norm) (+ bias on the
  * selection scores, after a sigmoid if `sigmoid`), and start reads (MADV_WILLNEED, no wait) of the
@@ -192,6 +252,21 @@ void spac_engine_on_hidden(void *engine, int32_t layer, const float *rows, int64
 /* mlock (lock != 0) or munlock the whole pages inside [file_offset, file_offset + length), e.g. the
  * non-expert weights. Returns 0 or -errno. */
 int32_t spac_engine_lock_range(spac_engine *e, uint64_t file_offset, uint64_t length, int32_t lock);
+
+/* Before the first evaluation (nothing in use), before spac_engine_lock_range: drop every page of the expert
+ * tensors, and of the largest-folio-sized window (2 MiB with 4 KiB pages) around their ends, within
+ * [map_lo, map_size) (map_lo: where the tensor data starts). llama.cpp's load reads the file in large folios that span several experts; an expert's
+ * eviction cannot drop a folio that reaches beyond it (posix_fadvise skips it, MADV_PAGEOUT splits only one
+ * it finds mapped and unlocked), so unplanned experts that share a folio with a planned or in-use one, the
+ * never-evicted edge page or the locked non-expert data beside a tensor would stay resident whatever the
+ * plan. The engine's own reads (WILLNEED + POPULATE_READ) bring pages in as single pages. The other data
+ * in the windows must be read again exactly (spac_engine_read_range) before anything faults on it: a fault
+ * outside the expert tensors reads around, into them. Returns the bytes dropped, or -errno. */
+int64_t spac_engine_reset_experts(spac_engine *e, uint64_t map_lo);
+
+/* Read the pages a file range touches exactly (MADV_WILLNEED in readahead-sized pieces, then
+ * MADV_POPULATE_READ, which waits), so that no page fault in it reads around it. Returns 0 or -errno. */
+int32_t spac_engine_read_range(spac_engine *e, uint64_t file_offset, uint64_t length);
 
 void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out);
 

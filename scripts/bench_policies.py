@@ -147,7 +147,8 @@ def _child(cfg: dict) -> dict:
         out.update({"wait_ms_per_token": eng["demand_wait_ns"] / 1e6 / per,
                     "demand_misses_per_token": eng["demand_misses"] / per, "engine": eng,
                     **{k: st[k] for k in ("budget_bytes", "resident_expert_bytes", "max_resident_at_check",
-                                          "budget_checks", "over_budget_checks", "loop_seconds")}})
+                                          "budget_checks", "over_budget_checks", "loop_seconds", "staged_kept",
+                                          "staged_evicted")}})
     else:
         out.update({"wait_ms_per_token": None, "copies_per_token": st["copies_done"] / per,
                     "copied_per_token": st["bytes_copied"] / per,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -13,19 +15,27 @@ from spac_llamacpp.planning.costmodel import ExpertLayout
 from spac_llamacpp.planning.placement_config import VRAM_ESTIMATOR_PARAMS, PlacementConfig
 
 
-def test_flash_budget_takes_out_staging_and_lookahead():
+def test_flash_budget_takes_out_its_reserves():
     one = 3 << 18
     lay = ExpertLayout.synthetic(3, 8, one, 2, non_expert_bytes=50 << 20)  # non-expert bytes play no part
     staging = 2 * one
-    b = budgets.flash_budget(staging * 2 + 5 * one, lay)
-    assert (b.staging, b.lookahead, b.plan_bytes) == (staging, staging, 5 * one)
-    assert budgets.flash_budget(staging + one, lay, lookahead=False).plan_bytes == one
-    for budget, lookahead in ((0, True), (2 * staging + one - 1, True), (staging + one - 1, False)):
+    edges = budgets.edge_bytes(lay)
+    assert edges == 2 * os.sysconf("SC_PAGE_SIZE") * sum(len(ts) for ts in lay.tensors)  # two pages per tensor
+    b = budgets.flash_budget(3 * staging + edges + 5 * one, lay)
+    assert (b.staging, b.keep, b.lookahead, b.edges, b.plan_bytes) == (staging, staging, staging, edges, 5 * one)
+    # at a step boundary the staging and keep reserves are empty: the plan, the lookahead and the edge pages
+    assert b.at_step_boundary == b.plan_bytes + b.lookahead + b.edges == b.budget - 2 * staging
+    assert budgets.flash_budget(staging + edges + one, lay, lookahead=False, keep=False).plan_bytes == one
+    assert budgets.smallest_flash_budget(lay) == 3 * staging + edges + one
+    cases = ((0, True, True), (3 * staging + edges + one - 1, True, True), (staging + edges + one - 1, False, False),
+             (2 * staging + edges + one - 1, True, False))
+    for budget, lookahead, keep in cases:
         with pytest.raises(SpacError) as exc:
-            budgets.flash_budget(budget, lay, lookahead=lookahead, name="m.gguf")
+            budgets.flash_budget(budget, lay, lookahead=lookahead, keep=keep, name="m.gguf")
         msg = str(exc.value)
         assert "\n" not in msg and "too small for the flash tier of m.gguf" in msg
-        assert ("lookahead" in msg) == lookahead
+        assert ("lookahead" in msg) == lookahead and ("a step keeps" in msg) == keep
+        assert str(budgets.smallest_flash_budget(lay, lookahead=lookahead, keep=keep)) in msg
 
 
 def test_vram_budget_takes_out_the_fixed_part_in_whole_slots():
@@ -105,7 +115,7 @@ def test_placement_config_defaults_and_overrides():
 def test_bench_budget_arguments_are_tier_budgets(tmp_path):
     from spac_llamacpp.tools.benchmarks import budget_arg, vram_fixed_bytes
 
-    info = read_model_header(write_tiny_moe(tmp_path / "m.gguf", "qwen3moe", n_layer=2, n_expert=8, n_expert_used=2))
+    info = read_model_header(write_tiny_moe(tmp_path / "m.gguf", "qwen3moe", n_layer=2, n_expert=16, n_expert_used=2))
     assert budget_arg("50%", "flash", info) == info.expert_bytes // 2
     assert budget_arg("64MiB", "flash", info) == 64 << 20
     fixed = vram_fixed_bytes(info, 1024)

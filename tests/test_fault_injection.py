@@ -64,7 +64,7 @@ SCENARIO = textwrap.dedent("""
                 change()
         return False
 
-    llm = Llama(path, n_ctx=128, verbose=False, seed=0, tier="flash", budget="1MiB", cb_eval=cb,
+    llm = Llama(path, n_ctx=128, verbose=False, seed=0, tier="flash", budget="2MiB", cb_eval=cb,
                 flash_options={"background": False, **({} if guard else {"guard_file": False})})
     def gen():
         return llm("The quick brown fox", max_tokens=6, temperature=0)["choices"][0]["text"]

@@ -218,12 +218,9 @@ def test_flash_tier_every_policy_gives_stock_greedy_output(model, reference, pol
         assert st["planned_bytes"] <= st["plan_budget_bytes"]
         # every policy plans in the tier's one budget; a baseline without lookahead gets its reserve
         assert st["lookahead_reserve_bytes"] == (st["staging_bytes"] if policy == "spac" else 0)
-        assert st["plan_budget_bytes"] == st["budget_bytes"] - st["staging_bytes"] - st["lookahead_reserve_bytes"]
         assert st["resident_expert_bytes"] <= st["budget_bytes"]  # queued evictions done: within the budget
-        if llm.flash.admits_demand:  # lru, lfu, spac: a step's demand loads are admitted, never dropped after a layer
-            assert st["engine"]["transient_evictions"] == 0 and policy in ("lru", "lfu", "spac")
-        elif policy != "spac":  # pin, hysteresis: a miss is served, not admitted
-            assert st["engine"]["transient_evictions"] > 0
+        if policy in ("pin", "hysteresis"):  # a miss is served, not admitted: evicted at the step's end
+            assert st["staged_evicted"] > 0
     finally:
         llm.close()
 

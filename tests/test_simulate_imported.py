@@ -139,9 +139,9 @@ def test_every_policy_from_the_recorded_layout(traces, fmt, tier):
     csv_t, jsonl_t, cal = traces
     path, kw = (csv_t, {}) if fmt == "csv" else (jsonl_t, {"expert_bytes": ONE})
     trace, info, cost = load_inputs(path, calibration=cal, **kw)
-    # flash: the plan gets the budget less staging and lookahead (k experts of the largest layer each);
-    # vram: the pool gets the budget as is, in whole slots
-    fixed = 2 * K * ONE if tier == "flash" else 0
+    # flash: the plan gets the budget less staging, keep and lookahead (k experts of the largest layer each; no
+    # edge pages without a file); vram: the pool gets the budget as is, in whole slots
+    fixed = 3 * K * ONE if tier == "flash" else 0
     for n in (2, 5, 9):
         setup = make_setup(trace, tier, fixed + n * ONE + ONE // 2, cost, info)
         assert setup.budget == (n * ONE + (ONE // 2 if tier == "flash" else 0))
@@ -220,8 +220,9 @@ def test_errors_without_a_model(traces, tmp_path):
                               "--model", str(tmp_path / "m.gguf"), *c), "--expert-bytes", "--model")
     assert_one_line_error(run("simulate", str(csv_t), "--budget", "1MiB", "--model", str(tmp_path / "m.gguf"), *c),
                           "not found")
-    # too small: flash needs staging + lookahead + one expert; vram one slot
-    assert_one_line_error(run("simulate", str(csv_t), "--budget", str(4 * ONE), *c), "too small", str(5 * ONE))
+    # too small: flash needs staging + keep + lookahead + one expert; vram one slot
+    assert_one_line_error(run("simulate", str(csv_t), "--budget", str(3 * K * ONE), *c), "too small",
+                          str((3 * K + 1) * ONE))
     assert_one_line_error(run("simulate", str(csv_t), "--tier", "vram", "--budget", str(ONE - 1), *c),
                           "too small", "expert pool", str(ONE))
     assert_one_line_error(run("simulate", str(csv_t), "--tier", "vram", "--budget", "1MiB", "--n-ctx", "4096", *c),

@@ -14,7 +14,7 @@ import pytest
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import inspect_model
 from spac_llamacpp.observe.trace import RoutingTrace
-from spac_llamacpp.planning.budgets import kv_cache_bytes, kv_dims_of_gguf, staging_bytes, tier_layout
+from spac_llamacpp.planning.budgets import edge_bytes, kv_cache_bytes, kv_dims_of_gguf, staging_bytes, tier_layout
 from spac_llamacpp.planning.costmodel import CostModel, CpuKernel, ExpertLayout, GpuCost, ReadCost
 from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.sim.policies import POLICIES, SimSetup, make_policy
@@ -66,7 +66,7 @@ def budgets(model: Path, tier: str = "flash") -> list[int]:
     lay = tier_layout(tier, info)
     one = int(lay.expert_bytes.max())
     if tier == "flash":
-        fixed = 2 * staging_bytes(lay)  # staging and lookahead
+        fixed = 3 * staging_bytes(lay) + edge_bytes(lay)  # staging, keep, lookahead and the tensors' edge pages
     else:
         fixed = info.non_expert_bytes + kv_cache_bytes(512, *kv_dims_of_gguf(model))
     return [fixed + n * one for n in (3, 8, 16)]

@@ -31,7 +31,7 @@ WARMUP = 300  # past the routing log's 1024 kept steps (routing_history), which 
 NEW_TOKENS = 4
 N_PROMPTS = 40
 RSS_BOUND = 4 << 20  # bytes of RssAnon growth allowed from the end of the warm-up to the end
-SHAPE = {"n_layer": 2, "n_embd": 64, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 128}  # 4 pages per expert tensor
+SHAPE = {"n_layer": 2, "n_embd": 64, "n_expert": 16, "n_expert_used": 2, "n_ff_exp": 128}  # 4 pages per expert tensor
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "old", "kings",
          "sing", "of", "rivers", "and", "stone", "under", "grey", "northern", "skies", "where", "small", "birds",
          "rest")
@@ -107,10 +107,12 @@ def test_soak_flash_generations(tmp_path):
         assert st["engine"]["evict_in_use"] == 0 and st["model_file"]["fault"] is None
         assert st["engine"]["demand_misses"] > 0 and st["engine"]["evictions"] > 0  # the tier really worked
         assert st["resident_expert_bytes"] <= budget
+        # at every step boundary, by construction (queued evictions drained before each check)
+        assert st["over_budget_checks"] == 0 and st["max_resident_at_check"] <= budget
         growth = rss1 - rss0
         print(f"\nsoak: {GENERATIONS} generations, {steps} steps in {seconds:.1f} s; budget {budget} B, max resident "
               f"at a check {st['max_resident_at_check']} B ({st['over_budget_checks']} of {st['budget_checks']} checks "
-              f"over, before queued evictions ran); RssAnon {rss0 >> 10} -> {rss1 >> 10} KiB "
+              f"over); RssAnon {rss0 >> 10} -> {rss1 >> 10} KiB "
               f"({growth / 1024:+.0f} KiB); threads {threads0} -> {threads1}; fds {fds0} -> {fds1}")
         assert growth <= RSS_BOUND, f"RssAnon grew by {growth} bytes over {GENERATIONS - WARMUP} generations"
         assert threads1 == threads0, f"threads {threads0} -> {threads1}"

@@ -35,7 +35,9 @@ FILE_FAULTS = {0: None, 1: "shrunk", 2: "modified", 3: "read_fault", 4: "sigbus"
 _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pins", "unpins", "pin_failures",
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
-                "evict_waits", "evict_in_use")
+                "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
+                "drained_here", "loading_defers")
+FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "prefetch": "prefetch reads (madvise WILLNEED/POPULATE_READ)",
     "demand": "demand loads of missed experts (madvise)",
@@ -168,6 +170,11 @@ class FlashEngine:
         if rc != 0:
             self.close()
             raise SpacError(f"could not start the flash engine's threads ({os.strerror(-rc)})")
+        # the pages llama.cpp's load read come in large folios spanning several experts, which the evictions of
+        # single experts cannot drop: the tier starts from no expert resident (native/spac_engine.h)
+        self.reset_bytes = int(self._lib.spac_engine_reset_experts(handle, info.data_offset))
+        for offset, length in non_expert_ranges(info):  # read back exactly what the reset dropped beside them
+            self._lib.spac_engine_read_range(handle, offset, length)
         self.covering = covering_bytes(info)
         self._mask = np.zeros(self.n_expert, dtype=np.uint8)
         self._keep: list[np.ndarray] = []  # predictor arrays the engine points into
@@ -222,6 +229,38 @@ class FlashEngine:
 
     def set_wanted(self, layer: int, expert: int, wanted: bool) -> None:
         self._lib.spac_engine_set_wanted(self._live(), int(layer), int(expert), 1 if wanted else 0)
+
+    def set_staging(self, cap_bytes: int) -> None:
+        """Bytes of demand loads the layer hook may keep until the step ends (staged) instead of evicting them
+        after their layer; the tier decides about them (:meth:`flags` ``"staged"``)."""
+        self._lib.spac_engine_set_staging(self._live(), max(0, int(cap_bytes)))
+
+    def set_prompt_keep(self, counts: np.ndarray | None, on: bool = True) -> None:
+        """Prompt keep for the next step (native/spac_engine.h): each layer's planned experts are swapped for
+        the selected ones with more tokens of the step. ``counts``: the routing sensor's step counts
+        (int32 ``[block_count, n_expert]``, C order, kept alive here); the engine turns it off at the step's end."""
+        if counts is None or not on:
+            self._lib.spac_engine_set_prompt_keep(self._live(), self._ffi.NULL, 0)
+            return
+        if counts.shape != (self.n_layer, self.n_expert) or counts.dtype != np.int32 or not counts.flags.c_contiguous:
+            raise SpacError(f"step counts must be C-contiguous int32 {(self.n_layer, self.n_expert)}")
+        self._keep.append(counts)
+        self._lib.spac_engine_set_prompt_keep(self._live(), self._ffi.cast("int32_t *", self._ffi.from_buffer(counts)),
+                                              1)
+
+    def flags(self, which: str, clear: bool = False) -> np.ndarray:
+        """Per-expert flags ``[block_count, n_expert]`` (bool): ``staged`` (demand loads kept until the tier
+        decides; ``clear`` releases them), ``touched`` (pages moved by the engine since the last clear),
+        ``kept`` / ``released`` (this step's prompt-keep swaps), ``prefetching`` (a prefetch queued or running)."""
+        out = np.zeros((self.n_layer, self.n_expert), dtype=np.uint8)
+        self._lib.spac_engine_flags(self._live(), FLAGS[which], self._ffi.cast("uint8_t *", self._ffi.from_buffer(out)),
+                                    1 if clear else 0)
+        return out.astype(bool)
+
+    def drain_evictions(self, timeout: float = 30.0) -> bool:
+        """Run the queued evictions (on this thread too) and wait until none is queued, running or waiting for a
+        running prefetch; False on timeout."""
+        return bool(self._lib.spac_engine_drain_evictions(self._live(), int(timeout * 1000)))
 
     def end_step(self) -> None:
         """After an evaluation step: release in-use experts, queue deferred and transient evictions.
@@ -312,6 +351,32 @@ class FlashEngine:
         if total < 0:
             raise SpacError(f"mincore failed on the model mapping (or bad block range {lo}..{hi})")
         return total
+
+    def residency_bytes(self, lo: int, hi: int, out: np.ndarray) -> int:
+        """Exact resident bytes of every expert of blocks ``lo <= l < hi`` into their rows of ``out`` (int64
+        ``[block_count, n_expert]``); returns their sum."""
+        if out.shape != (self.n_layer, self.n_expert) or out.dtype != np.int64 or not out.flags.c_contiguous:
+            raise SpacError(f"out must be C-contiguous int64 {(self.n_layer, self.n_expert)}")
+        total = int(self._lib.spac_engine_residency_bytes(self._live(), int(lo), int(hi),
+                                                          self._ffi.cast("int64_t *", self._ffi.from_buffer(out))))
+        if total < 0:
+            raise SpacError(f"mincore failed on the model mapping (or bad block range {lo}..{hi})")
+        return total
+
+    def residency_experts(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Exact resident bytes of the listed experts (block ``layers[i]``, expert ``experts[i]``)."""
+        layers = np.ascontiguousarray(layers, dtype=np.int32)
+        experts = np.ascontiguousarray(experts, dtype=np.int32)
+        out = np.zeros(len(layers), dtype=np.int64)
+        if len(layers) == 0:
+            return out
+        ffi = self._ffi
+        total = int(self._lib.spac_engine_residency_experts(
+            self._live(), len(layers), ffi.cast("int32_t *", ffi.from_buffer(layers)),
+            ffi.cast("int32_t *", ffi.from_buffer(experts)), ffi.cast("int64_t *", ffi.from_buffer(out))))
+        if total < 0:
+            raise SpacError("mincore failed on the model mapping (or an expert out of range)")
+        return out
 
     def stats(self) -> dict[str, int]:
         st = self._ffi.new("spac_engine_stats *")

@@ -39,9 +39,9 @@ def cdef_from_headers(src_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-_SOURCES = ("spac_sensor.c", "spac_replay.c", "spac_engine.c", "spac_testops.c")
+_SOURCES = ("spac_sensor.c", "spac_replay.c", "spac_engine.c", "spac_testops.c", "spac_readbench.c")
 # the limits come first; spac_replay.h completes the struct spac_sensor.h points to
-_HEADERS = ("spac_limits.h", "spac_sensor.h", "spac_replay.h", "spac_engine.h", "spac_testops.h")
+_HEADERS = ("spac_limits.h", "spac_sensor.h", "spac_replay.h", "spac_engine.h", "spac_testops.h", "spac_readbench.h")
 
 
 def native_source_dir() -> Path:

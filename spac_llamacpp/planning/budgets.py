@@ -1,9 +1,14 @@
 """What a tier's budget means: one function per tier, used by the runtime tiers, ``spac simulate`` and the benchmarks.
 
 - **flash** (``Llama(tier="flash", budget=B)``): ``B`` is RAM for routed experts (the non-expert weights are
-  counted and locked separately). The plan gets ``B - staging - lookahead``: ``staging`` is one layer's
-  worth of on-demand reads (k experts of the largest layer), ``lookahead`` the same again when the tier
-  prefetches a step's unplanned experts for the next one. Sizes are whole pages (:func:`tier_layout`).
+  counted and locked separately). The plan gets ``B - staging - keep - lookahead - edges``: ``staging`` is one
+  layer's worth of on-demand reads (k experts of the largest layer: the layer being computed), ``keep`` the
+  same again for a step's demand loads kept until the step ends (so that the plan after the step can keep
+  them without reading them again), ``lookahead`` the same again when the tier keeps a step's unplanned
+  experts for the next one, ``edges`` the pages a tensor shares with other data at its two ends (never
+  evicted). Sizes are whole pages (:func:`tier_layout`). At a step boundary the staging and keep reserves
+  are empty again (the step's demand loads are planned, looked ahead or evicted before the budget check),
+  so the resident expert bytes are at most ``B - staging - keep`` there by construction.
 - **vram** (``Llama(tier="vram", vram_budget=B)``): ``B`` is GPU memory for the model. The expert pool gets
   ``B - non-expert weights - KV cache - compute reserve``, in whole slots per layer group (a group's slot
   holds one expert of its layers), split over groups by their expert bytes.
@@ -108,35 +113,64 @@ def staging_bytes(layout: ExpertLayout) -> int:
     return max((k * int(s) for k, s in zip(layout.n_expert_used, layout.expert_bytes, strict=True)), default=0)
 
 
+def edge_bytes(layout: ExpertLayout) -> int:
+    """Bound on the expert bytes in pages that expert tensors share with other data at their two ends (the
+    flash tier never evicts those pages): two pages per expert tensor."""
+    return 2 * os.sysconf("SC_PAGE_SIZE") * sum(len(ts) for ts in layout.tensors)
+
+
 @dataclass(frozen=True)
 class FlashBudget:
     """The flash tier's RAM budget for routed experts and what the plan gets of it."""
 
     budget: int  # as given: RAM for routed experts
-    staging: int  # one layer's on-demand reads
+    staging: int  # one layer's on-demand reads (the layer being computed)
     lookahead: int  # the next step's prefetch of this step's unplanned experts (0: lookahead off)
+    keep: int = 0  # a step's demand loads kept until it ends (0: evicted after their layer)
+    edges: int = 0  # tensor edge pages shared with other data (never evicted)
 
     @property
     def plan_bytes(self) -> int:
         """Bytes the balancer places experts in."""
-        return self.budget - self.staging - self.lookahead
+        return self.budget - self.staging - self.keep - self.lookahead - self.edges
+
+    @property
+    def at_step_boundary(self) -> int:
+        """The most expert bytes resident at a step boundary (budget checks): the plan, the lookahead and the
+        edge pages; the staging and keep reserves are empty there."""
+        return self.budget - self.staging - self.keep
 
 
-def flash_budget(budget: int, layout: ExpertLayout, *, lookahead: bool = True, name: str = "") -> FlashBudget:
-    """Split a flash budget (RAM for routed experts); ``layout`` in whole pages (:func:`tier_layout`)."""
+def smallest_flash_budget(layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
+                          edge_pages: bool = True) -> int:
+    """The smallest budget :func:`flash_budget` accepts: its reserves and one resident expert."""
+    staging = staging_bytes(layout)
+    smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
+    return staging * (1 + int(lookahead) + int(keep)) + (edge_bytes(layout) if edge_pages else 0) + smallest
+
+
+def flash_budget(budget: int, layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
+                 edge_pages: bool = True, name: str = "") -> FlashBudget:
+    """Split a flash budget (RAM for routed experts); ``layout`` in whole pages (:func:`tier_layout`).
+    ``keep``: reserve room for a step's demand loads kept until the step ends; ``edge_pages``: reserve the
+    tensors' edge pages (a model file's layout; not a trace's recorded sizes, which have no file offsets)."""
     staging = staging_bytes(layout)
     ahead = staging if lookahead else 0
+    kept = staging if keep else 0
+    edges = edge_bytes(layout) if edge_pages else 0
     smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
-    need = staging + ahead + smallest
+    need = smallest_flash_budget(layout, lookahead=lookahead, keep=keep, edge_pages=edge_pages)
     if int(budget) < need:
         raise SpacError(
             f"budget {format_size(int(budget))} is too small for the flash tier{' of ' + name if name else ''}: it "
             f"needs {format_size(staging)} for one layer's on-demand experts"
+            + (f", {format_size(kept)} for the demand loads a step keeps" if keep else "")
             + (f", {format_size(ahead)} for lookahead" if lookahead else "")
-            + f" and {format_size(smallest)} for one resident expert; give at least {format_size(need)} "
-            f"({need} bytes)"
+            + (f", {format_size(edges)} for tensor edge pages" if edge_pages else "")
+            + f" and {format_size(smallest)} for one resident expert; "
+            f"give at least {format_size(need)} ({need} bytes)"
         )
-    return FlashBudget(int(budget), staging, ahead)
+    return FlashBudget(int(budget), staging, ahead, kept, edges)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ the header, a compute reserve of 256 MiB for llama.cpp's buffers):
    RAM.
 4. **Flash tier** (``tier flash``, ``budget`` = usable RAM less the non-expert weights, KV cache and compute
    reserve): an MoE model whose budget is at least the flash tier's smallest (one layer's on-demand experts,
-   the same again for lookahead, one resident expert: ``budgets.flash_budget``).
+   the same again for the demand loads a step keeps and for lookahead, the tensor edge pages, one resident
+   expert: ``budgets.smallest_flash_budget``).
 5. Otherwise a one-line :class:`~spac_llamacpp.base.errors.SpacError` naming the smallest working flash budget
    and the free RAM it needs.
 
@@ -141,10 +142,7 @@ def kv_bytes_of(info: MoEModelInfo, n_ctx: int) -> int:
 
 def smallest_flash_budget(info: MoEModelInfo) -> int:
     """The smallest budget the flash tier accepts for this model (``budgets.flash_budget``'s minimum)."""
-    layout = budgets.tier_layout("flash", info)
-    staging = budgets.staging_bytes(layout)
-    smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
-    return 2 * staging + smallest
+    return budgets.smallest_flash_budget(budgets.tier_layout("flash", info))
 
 
 def _ram_needed_for(usable: int) -> int:

@@ -32,8 +32,12 @@ from spac_llamacpp.planning.replanner import Replanner
 
 
 def uniform_demand(layout: ExpertLayout) -> np.ndarray:
-    """``[n_moe_layer, n_expert]`` expected selections per token with no knowledge: k / E everywhere."""
-    share = np.full((layout.n_layer, layout.n_expert), 1.0 / max(layout.n_expert, 1))
+    """``[n_moe_layer, n_expert]`` expected selections per token with no knowledge: k / E everywhere, less a
+    tie-break of one part in 10^9 per expert id, so that a plan made from it spreads over the layers (experts
+    0, 1, ... of every layer in turn) instead of filling the first layers (every expert ties; the flash
+    tier's prompt keep then has planned experts to swap in every layer)."""
+    n = max(layout.n_expert, 1)
+    share = np.full((layout.n_layer, layout.n_expert), 1.0 / n) * (1.0 - 1e-9 * np.arange(layout.n_expert) / n)
     return share * np.asarray(layout.n_expert_used, dtype=np.float64)[:, None]
 
 

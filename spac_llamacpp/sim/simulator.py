@@ -178,8 +178,8 @@ def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, inf
 
     ``info`` is the model's header, or without a model file the trace's recorded layout
     (:func:`recorded_layout`). Then the budget counts routed expert bytes only, at the recorded sizes (no
-    page rounding: the file's offsets are unknown): flash, the plan gets it less the same staging and
-    lookahead reserves, computed from the recorded sizes and top-k; vram, the pool gets it all, in whole
+    page rounding: the file's offsets are unknown): flash, the plan gets it less the same staging, keep and
+    lookahead reserves, computed from the recorded sizes and top-k (no edge pages); vram, the pool gets it all, in whole
     slots (nothing is known of the non-expert weights' or the KV cache's GPU memory; ``n_ctx``,
     ``compute_reserve`` and ``kv_bytes`` do not apply)."""
     if tier not in budgets.TIERS:
@@ -196,7 +196,8 @@ def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, inf
     counts, tokens, _ = trace_arrays(trace)
     n_slots = group_of_row = None
     if tier == "flash":
-        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, name=name).plan_bytes
+        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, edge_pages=model_path is not None,
+                                          name=name).plan_bytes
     else:
         groups, group_of_row = budgets.pool_groups(layout)
         if model_path is None:

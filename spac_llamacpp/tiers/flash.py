@@ -4,22 +4,31 @@ Per evaluation step, top to bottom (steps 1-2 are the shared loop of ``tiers/bas
 
 1. routing (the sensor's step counts over the step's k+1 tokens) -> the utility estimator;
 2. utility -> the balancer (in the re-planner's background thread) -> a plan: which experts are
-   wanted resident, within ``budget`` minus the staging and lookahead reserves (``planning.budgets``);
-3. plan -> moves (this module): newly unwanted experts are evicted, newly wanted ones prefetched (hottest first),
-   the hottest pinned (mlock, within ``pin_fraction`` of the budget);
-4. lookahead: experts this step used that the plan does not hold are prefetched for the next step
-   (within a reserve of one layer's worth of experts) and dropped again if unused;
-5. measurement: resident expert bytes by ``mincore`` against the budget.
+   wanted resident, within ``budget`` minus the staging, keep, lookahead and edge reserves
+   (``planning.budgets``);
+3. plan -> moves (this module): newly unwanted experts are evicted, newly wanted ones prefetched (hottest first)
+   unless the step's demand loads already brought them in, the hottest pinned (mlock, within
+   ``pin_fraction`` of the budget);
+4. lookahead: experts this step used that the plan does not hold are kept (or prefetched) for the next step
+   (within a reserve of one layer's worth of experts) and dropped again if unused; the step's other demand
+   loads are evicted;
+5. measurement: the queued evictions are run (drained), then resident expert bytes by ``mincore`` against
+   the budget.
 
-During the step the native engine, called from the routing sensor's graph callback, issues demand
-readahead for selected experts that are not resident and evicts them again once their layer has
-finished unless the plan wants them. The budget holds at step boundaries once queued evictions
-have run; within a step, demand loads may use the staging reserve.
+During the step the native engine, called from the routing sensor's graph callback, loads selected
+experts that are not resident; those the plan does not want are kept until the step ends within the
+keep reserve (steps 3-4 decide about them: no second read for those the plan or the lookahead then
+wants), and beyond it evicted again once their layer has finished. On a cold start (no profile) the
+first step, usually the prompt, also swaps each layer's uninformed planned experts for the prompt's
+hottest ones as its layers run (prompt keep), so the plan after it starts from them instead of
+reading them again. At a step boundary the budget holds by construction: resident expert bytes
+are at most the plan, the lookahead and the tensor edge pages, which the reserves leave inside it.
 
 The plan comes from the tier's policy (``policy=``, ``planning/policies.py``): ours (``spac``, steps 1-2
 above, with the lookahead of step 4) or a baseline (``lru``, ``lfu``, ``pin``, ``hysteresis``: no lookahead
-by default, so its plan gets the lookahead reserve too). A policy that admits demand (lru, lfu) keeps
-what a step loaded: see :meth:`FlashTier._set_wanted`.
+by default, so its plan gets the lookahead reserve too). A policy that admits demand (lru, lfu, and ours'
+``admit_demand``) keeps what a step loaded through the same mechanism: the step-end plan wants the step's
+demand loads, and those kept within the keep reserve are adopted with no second read.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ def read_bytes_so_far() -> int:
 
 
 DEFAULT_CHECK_BYTES = 1 << 30  # expert bytes one residency check measures (FlashTier check_bytes)
+DRAIN_TIMEOUT = 30.0  # seconds a budget check waits for the queued evictions
 
 
 def sweep_chunks(layer_bytes: np.ndarray, check_bytes: int) -> list[tuple[int, int]]:
@@ -91,6 +101,10 @@ class FlashCounters(TierCounters):
     check_cpu_seconds: float = 0.0  # of which the thread ran (system time included): wall less waiting for a core
     lookahead_prefetches: int = 0
     lookahead_used: int = 0
+    staged_kept: int = 0  # demand loads the step-end plan or the lookahead kept (no second read)
+    staged_evicted: int = 0  # demand loads evicted at the step's end
+    prompt_kept: int = 0  # prompt keep: planned experts replaced by the prompt's hotter ones
+    drain_timeouts: int = 0  # budget checks whose evictions did not finish in time
     history: list[int] = field(default_factory=list)  # resident bytes at each check (bounded)
 
 
@@ -108,8 +122,13 @@ class FlashTier(TierController):
         lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
             embeddings), which every token reads: under memory pressure the kernel would otherwise
             evict them as readily as cold experts. Falls back (logged) when mlock is not permitted.
-        lookahead: prefetch this step's unplanned experts for the next step (None: on for ``policy="spac"``,
-            off for the baselines, whose plans then get its reserve).
+        lookahead: prefetch this step's unplanned experts for the next step.
+        keep_demand: keep a step's demand loads until the step ends (within a reserve of one layer's worth of
+            experts, ``planning.budgets``), so that the plan after the step and the lookahead can keep them
+            without a second read; off: evicted after their layer unless planned.
+        prompt_keep: on a cold start (no profile), swap each layer's uninformed planned experts for the first
+            step's hottest selected ones while it runs (``native/spac_engine.h``); the plan after it then
+            starts from the prompt's experts instead of reading them again.
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
@@ -144,6 +163,8 @@ class FlashTier(TierController):
         pin_fraction: float = 0.0,
         lock_non_experts: bool = True,
         lookahead: bool | None = None,
+        keep_demand: bool = True,
+        prompt_keep: bool = True,
         layer_ahead: bool = False,
         check_every: int = 4,
         guard_file: bool = True,
@@ -156,15 +177,18 @@ class FlashTier(TierController):
         self.info = info
         self.budget = int(budget)
         layout = tier_layout("flash", info)
-        self.budget_split = flash_budget(self.budget, layout, lookahead=lookahead, name=info.path.name)
+        self.budget_split = flash_budget(self.budget, layout, lookahead=lookahead, keep=keep_demand,
+                                         name=info.path.name)
         self.staging = self.budget_split.staging
+        self.keep_reserve = self.budget_split.keep
         self.lookahead_reserve = self.budget_split.lookahead
         shape = (layout.n_layer, layout.n_expert)
         self.wanted = np.zeros(shape, bool)  # the plan (lookahead experts not included)
-        self.admits_demand = False  # set once the planner is built (_admit_all_demand)
         self.pinned = np.zeros(shape, bool)
         self.look = np.zeros(shape, bool)
-        self._just_dropped = np.zeros(shape, bool)  # evictions queued since the last budget check
+        self._staged = np.zeros(shape, bool)  # this step's demand loads kept until its end (engine)
+        self._unloaded = np.zeros(shape, bool)  # planned on a cold start but never prefetched (lazy first plan)
+        self._prompt_keep = False  # the step now running swaps planned experts for its hottest ones
         self.pin_budget = int(max(0.0, min(1.0, pin_fraction)) * self.budget_split.plan_bytes)
         self.lookahead = lookahead
         self.check_every = int(check_every)
@@ -173,9 +197,10 @@ class FlashTier(TierController):
         n_tensors = np.array([len(ts) for ts in layout.tensors], dtype=np.int64)[:, None]
         self._stray_slack = 2 * page_size() * n_tensors
         self._sweep = sweep_chunks(layout.bytes_matrix.sum(axis=1), int(check_bytes))
-        self._sweep_next, self._sweep_sum = 0, 0
-        self._frac_all = np.zeros((info.block_count, max(info.n_expert, 1)), np.float32)  # engine rows (blocks)
-        self._layer_bytes = np.zeros(info.block_count, np.int64)
+        self._sweep_next = 0
+        self._res_all = np.zeros((info.block_count, max(info.n_expert, 1)), np.int64)  # engine rows (blocks)
+        self._res = np.zeros(shape, np.int64)  # resident bytes per expert as last measured
+        self._measured = np.zeros(layout.n_layer, bool)  # MoE layers measured at least once
         self.read_bytes_at_start = read_bytes_so_far()
         self.mapping = mapping
         self._warned_other_mappings = False
@@ -186,6 +211,7 @@ class FlashTier(TierController):
             if lock_non_experts:
                 self._lock_non_experts()
             self.engine.attach(sensor)
+            self.engine.set_staging(self.keep_reserve)
             if layer_ahead:
                 self._set_predictors()
             # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
@@ -193,41 +219,14 @@ class FlashTier(TierController):
             self._start(info, layout, self.budget_split.plan_bytes, options)
             if not self.counters.plans_applied:
                 self._move(self.wanted, np.zeros(shape), initial=True)  # no first plan: trim everything
-            self.admits_demand = bool(self.planner.admits_demand)
-            if self.admits_demand:
-                self._admit_all_demand()
+            elif prompt_keep and not self.warm:
+                self._prompt_keep = True
+                self.engine.set_prompt_keep(sensor.step_counts)
             log.info("flash tier: budget %s (%s for the plan), cost model %s", format_size(self.budget),
                      format_size(self.budget_split.plan_bytes), self.cost.source or "given")
         except BaseException:
             self.close()
             raise
-
-    def _admit_all_demand(self) -> None:
-        """For a policy that admits demand (lru, lfu): every expert is wanted as far as the engine knows.
-
-        Why: the engine evicts a demand-loaded expert after its layer unless it is wanted (``transient`` in
-        native/spac_engine.c). Under LRU every expert a step loads is admitted, so the step-end plan wants
-        it; with the plan's flags it would have been dropped after its layer and read again by the move
-        (twice the reads of the design). So the flags stay set for every expert, a step's demand loads stay,
-        and the plan's evictions (explicit ``evict`` moves of what the cache dropped) are the only ones.
-        Costs: within a step the demand loads of all layers are held until the step's plan evicts the
-        least recently used (more than the one layer of staging the budget reserves); an evicted expert's
-        boundary pages shared with a neighbour are kept (the neighbour counts as wanted), at most a page per
-        tensor between two experts, which the stray check allows for.
-        Once the engine keeps a step's demand loads until the step ends and lets the step-end move decide,
-        the plan's own flags are right for these policies too and this goes.
-        """
-        self.engine.wait_idle(30.0)  # the trim's evictions first, with the flags they were planned with
-        for row in self.rows:
-            for e in range(self.wanted.shape[1]):
-                self.engine.set_wanted(int(row), e, True)
-        log.info("flash tier: policy %s admits every demand load (engine flags all wanted)", self.policy)
-
-    def _set_wanted(self, i: int, e: int, wanted: bool) -> None:
-        """The engine's wanted flag of (MoE layer i, expert e), but never cleared under a policy that admits
-        demand (:meth:`_admit_all_demand`)."""
-        if wanted or not self.admits_demand:
-            self.engine.set_wanted(int(self.rows[i]), int(e), wanted)
 
     def _lock_non_experts(self) -> None:
         for offset, length in non_expert_ranges(self.info):
@@ -260,6 +259,14 @@ class FlashTier(TierController):
     # --- the per-step data path (the loop is TierController.on_step) --------------------------------
     def _step_begins(self) -> None:
         self.engine.end_step()  # release the experts the step had in use
+        if self._prompt_keep:  # the step swapped planned experts for its hottest ones: the plan after it knows
+            self._prompt_keep = False
+            kept = self.engine.flags("kept", clear=True)[self.rows]
+            released = self.engine.flags("released", clear=True)[self.rows]
+            self.wanted = (self.wanted | kept) & ~released
+            self._unloaded &= ~(kept | released)  # kept: demand-loaded; released: its eviction is queued
+            self.counters.prompt_kept += int(kept.sum())
+        self._staged = self.engine.flags("staged")[self.rows]  # decided about in _move and _step_ends
 
     def _observe(self, counts: np.ndarray) -> None:
         if self.look.any():
@@ -268,26 +275,41 @@ class FlashTier(TierController):
     def _step_ends(self, counts: np.ndarray) -> None:
         if self.lookahead:
             self._prefetch_next(counts)
-        if self.admits_demand:
-            self._drop_unadmitted(counts > 0)
+        self._settle_staged()
         if self.check_every and self.counters.steps % self.check_every == 0:
-            self._check_budget(used=counts > 0)
+            self._check_budget()
+
+    def _settle_staged(self) -> None:
+        """The step's demand loads that neither the plan nor the lookahead kept are evicted; the engine then
+        releases them all (they were kept for this decision)."""
+        gone = self._staged & ~self.wanted & ~self.look
+        for i, e in zip(*np.nonzero(gone), strict=True):
+            self._submit("evict", i, e)
+        self.counters.staged_evicted += int(gone.sum())
+        self.engine.flags("staged", clear=True)
+        self._staged[:] = False
 
     def _move(self, x: np.ndarray, utility: np.ndarray, initial: bool) -> np.ndarray:
-        """Evict what the plan dropped, prefetch what it added (hottest first), re-pin."""
+        """Evict what the plan dropped, prefetch what it added (hottest first) unless the step's demand loads
+        brought it in, re-pin. A cold start's first plan (no profile: uninformed) is applied lazily: nothing is
+        read for it (the first step and the plan after it decide what is worth reading)."""
+        lazy = initial and not self.warm
         drop = (self.wanted | initial) & ~x & ~self.look
-        add = x & ~self.wanted
+        add = x & (~self.wanted | self._unloaded)
         for i, e in zip(*np.nonzero(drop), strict=True):
-            self._set_wanted(i, e, False)
+            self.engine.set_wanted(self.rows[i], e, False)
             self._submit("evict", i, e)
-        self._just_dropped |= drop
         self.pinned &= x
         order = np.argsort(-utility[add], kind="stable")
         for i, e in np.transpose(np.nonzero(add))[order]:
-            self._set_wanted(i, e, True)
-            self._submit("prefetch", i, e)
+            self.engine.set_wanted(self.rows[i], e, True)
+            if self._staged[i, e]:  # read by this step's demand load and still resident
+                self.counters.staged_kept += 1
+            elif not lazy:
+                self._submit("prefetch", i, e)
+        self._unloaded = (x & add) if lazy else (self._unloaded & x & ~add)
         self.look &= ~x
-        if self.pin_budget > 0:
+        if self.pin_budget > 0 and not lazy:
             self._repin(x, utility)
         return x
 
@@ -307,7 +329,8 @@ class FlashTier(TierController):
     def _prefetch_next(self, counts: np.ndarray) -> None:
         """Prefetch the experts this step used that the plan does not hold (they are likely used again)."""
         candidates = (counts > 0) & ~self.wanted
-        order = np.argsort(-counts, axis=None, kind="stable")
+        # the most used first; of equally used ones, this step's kept demand loads (no read)
+        order = np.argsort(-(2 * counts.astype(np.int64) + self._staged), axis=None, kind="stable")
         flat = candidates.ravel()[order]
         picked = order[flat][np.cumsum(self.sizes.ravel()[order][flat]) <= self.lookahead_reserve]
         new = np.zeros(self.wanted.size, bool)
@@ -315,57 +338,61 @@ class FlashTier(TierController):
         new = new.reshape(self.wanted.shape)
         gone = self.look & ~new & ~self.wanted
         for i, e in zip(*np.nonzero(gone), strict=True):
-            self._set_wanted(i, e, False)
+            self.engine.set_wanted(self.rows[i], e, False)
             self._submit("evict", i, e)
-        self._just_dropped |= gone
         for i, e in zip(*np.nonzero(new & ~self.look), strict=True):
-            self._set_wanted(i, e, True)
-            self._submit("prefetch", i, e)
-            self.counters.lookahead_prefetches += 1
+            self.engine.set_wanted(self.rows[i], e, True)
+            if self._staged[i, e]:  # this step's demand load: still resident, no read
+                self.counters.staged_kept += 1
+            else:
+                self._submit("prefetch", i, e)
+                self.counters.lookahead_prefetches += 1
         self.look = new
-
-    def _drop_unadmitted(self, used: np.ndarray) -> None:
-        """Evict what this step loaded on demand and the policy did not keep (an LFU that kept its more
-        frequent experts, a step that used more experts of a layer than the layer's share): with every engine
-        flag set (:meth:`_admit_all_demand`) the engine kept them."""
-        gone = used & ~self.wanted & ~self.look
-        for i, e in zip(*np.nonzero(gone), strict=True):
-            self._submit("evict", i, e)
-        self._just_dropped |= gone
 
     def _submit(self, op: str, i: int, e: int) -> None:
         if not self.engine.submit(op, int(self.rows[i]), int(e)):
             self.counters.refused_moves += 1
 
-    def _check_budget(self, used: np.ndarray | None = None) -> int | None:
-        """Measure the next chunk of MoE layers of the sweep; evict their strays (resident, yet neither planned
-        nor looked ahead). Returns the sweep's resident bytes when this check completed a sweep, else None.
+    def _check_budget(self) -> int | None:
+        """At a step boundary: run the queued evictions, measure the next chunk of MoE layers of the sweep and
+        the experts the engine moved elsewhere since their layers were measured, evict the chunk's strays
+        (resident, yet neither planned nor looked ahead). Returns the whole model's resident expert bytes (loads
+        still in flight counted as landed) once every layer has been measured, else None.
 
-        Strays come from races the engine cannot see (a plan's eviction running just before a layer
-        faults the expert back in) and from pages the kernel read on its own.
+        The total is the sum of each expert's resident bytes as last measured: an expert whose pages the engine
+        has moved since (prefetch, eviction, demand load: its ``touched`` flag) is measured again now, so the
+        total is not a sum over layers taken at different steps. By construction it is at most the plan, the
+        lookahead and the tensor edge pages (``FlashBudget.at_step_boundary <= budget``); strays come only from
+        pages read behind the engine's back (another mapping, the kernel).
         """
         c = self.counters
         t0, c0 = time.perf_counter(), time.thread_time()
+        if not self.engine.drain_evictions(DRAIN_TIMEOUT):
+            c.drain_timeouts += 1
+        # prefetches queued or running now count as landed (read first: one that lands during the measurement is
+        # then counted whole; one that landed before it is measured)
+        pending = self.engine.flags("prefetching")[self.rows]
+        touched = self.engine.flags("touched", clear=True)[self.rows]
         i0, i1 = self._sweep[self._sweep_next]
         self._sweep_next = (self._sweep_next + 1) % len(self._sweep)
         rows = self.rows[i0:i1]
-        self._sweep_sum += self.engine.residency_layers(int(rows[0]), int(rows[-1]) + 1, self._frac_all,
-                                                        self._layer_bytes)
-        frac = self._frac_all[rows]
+        self.engine.residency_bytes(int(rows[0]), int(rows[-1]) + 1, self._res_all)
+        self._res[i0:i1] = self._res_all[rows]
+        self._measured[i0:i1] = True
+        touched[i0:i1] = False
+        ti, te = np.nonzero(touched & self._measured[:, None])
+        if len(ti):
+            self._res[ti, te] = self.engine.residency_experts(self.rows[ti], te)
         part = slice(i0, i1)
-        # not strays (yet): experts whose eviction was queued since their layers' last check, by the plan or
-        # (for the experts this step used) by the engine after their layer
-        stray = ((frac * self.sizes[part] > self._stray_slack[part]) & ~self.wanted[part] & ~self.look[part]
-                 & ~self._just_dropped[part])
-        if used is not None:
-            stray &= ~used[part]
+        # the drain ran every queued eviction: what is resident and not held now is a stray (beyond the boundary
+        # pages a held neighbour or the tensor's edge keeps)
+        stray = (self._res[part] > self._stray_slack[part]) & ~self.wanted[part] & ~self.look[part]
         for i, e in zip(*np.nonzero(stray), strict=True):
             self._submit("evict", i0 + i, e)
         c.strays_evicted += int(stray.sum())
-        self._just_dropped[part] = False
         resident = None
-        if self._sweep_next == 0:  # a sweep of every MoE layer is complete
-            resident, self._sweep_sum = self._sweep_sum, 0
+        if self._measured.all():  # (the check does not measure ahead of the reads it started)
+            resident = int(self._res.sum() + np.maximum(self.sizes - self._res, 0)[pending].sum())
             c.budget_checks += 1
             c.max_resident_at_check = max(c.max_resident_at_check, resident)
             if resident > self.budget:
@@ -425,7 +452,13 @@ class FlashTier(TierController):
             "pinned_experts": int(self.pinned.sum()),
             "non_expert_locked_bytes": self.non_expert_locked,
             "staging_bytes": self.staging,
+            "keep_reserve_bytes": self.keep_reserve,
             "lookahead_reserve_bytes": self.lookahead_reserve,
+            "edge_reserve_bytes": self.budget_split.edges,
+            "staged_kept": c.staged_kept,
+            "staged_evicted": c.staged_evicted,
+            "prompt_kept": c.prompt_kept,
+            "drain_timeouts": c.drain_timeouts,
             "hit_rate": hit_rate(eng["demand_hits"], looked),  # per layer evaluation: docs/hit_rate.md
             "budget_checks": c.budget_checks,
             "over_budget_checks": c.over_budget_checks,
