@@ -264,7 +264,7 @@ def test_cli_compare_policies_per_share(traces, tmp_path):
     # the plan holds the share of the expert bytes: the flash budget adds the staging and lookahead reserves
     layout = recorded_layout(RoutingTrace.load(jsonl_t), ONE)
     n_all = layout.n_layer * N_EXPERT
-    assert rows[2]["plan_bytes"] == n_all * ONE // 4 and rows[2]["budget"] == n_all * ONE // 4 + 2 * K * ONE
+    assert rows[2]["plan_bytes"] == n_all * ONE // 4 and rows[2]["budget"] == n_all * ONE // 4 + 3 * K * ONE
     assert tier_budget_for_share("flash", 0.25, layout) == rows[2]["budget"]
     assert "ours/lru" in r.stdout and "jsonl" in r.stdout
     assert parse_share("12.5%") == parse_share("12.5") == parse_share(0.125) == 0.125

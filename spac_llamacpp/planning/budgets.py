@@ -141,12 +141,23 @@ class FlashBudget:
         return self.budget - self.staging - self.keep
 
 
+def flash_reserves(layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
+                   edge_pages: bool = True) -> int:
+    """What :func:`flash_budget` keeps out of the plan: staging, keep and lookahead reserves, edge pages."""
+    return staging_bytes(layout) * (1 + int(lookahead) + int(keep)) + (edge_bytes(layout) if edge_pages else 0)
+
+
+def flash_budget_for_plan(plan_bytes: int, layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
+                          edge_pages: bool = True) -> int:
+    """The flash budget whose plan gets ``plan_bytes`` (the inverse of :func:`flash_budget`)."""
+    return int(plan_bytes) + flash_reserves(layout, lookahead=lookahead, keep=keep, edge_pages=edge_pages)
+
+
 def smallest_flash_budget(layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,
                           edge_pages: bool = True) -> int:
     """The smallest budget :func:`flash_budget` accepts: its reserves and one resident expert."""
-    staging = staging_bytes(layout)
     smallest = int(layout.expert_bytes.min()) if layout.n_layer else 0
-    return staging * (1 + int(lookahead) + int(keep)) + (edge_bytes(layout) if edge_pages else 0) + smallest
+    return flash_budget_for_plan(smallest, layout, lookahead=lookahead, keep=keep, edge_pages=edge_pages)
 
 
 def flash_budget(budget: int, layout: ExpertLayout, *, lookahead: bool = True, keep: bool = True,

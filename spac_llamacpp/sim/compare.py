@@ -8,7 +8,7 @@ For one trace and each share s of the experts (12.5%, 25%, 50% by default), two 
 - **modelled time** (``spac simulate``, ``sim/simulator.py``) in one tier (flash by default): ``ours`` (the
   tier's own planning loop with its default :class:`~spac_llamacpp.planning.placement_config.PlacementConfig`),
   ``lru`` and ``min`` in the same bytes. The budget is given so that the plan holds ``s`` of the routed expert
-  bytes: flash, that share plus the tier's staging and lookahead reserves (``planning.budgets.flash_budget``);
+  bytes: flash, that share plus the tier's reserves (``planning.budgets.flash_budget_for_plan``);
   vram, the pool is that share (``budgets.vram_budget_for_pool`` with a model; without one the budget is the
   pool).
 
@@ -76,7 +76,8 @@ def tier_budget_for_share(tier: str, share: float, info: MoEModelInfo | ExpertLa
     expert_bytes = int(layout.bytes_matrix.sum())
     want = max(int(layout.expert_bytes.min()), int(expert_bytes * share))
     if tier == "flash":
-        return want + 2 * budgets.staging_bytes(layout)
+        # a trace's recorded sizes have no file offsets, hence no edge pages (as make_setup plans it)
+        return budgets.flash_budget_for_plan(want, layout, edge_pages=not isinstance(info, ExpertLayout))
     if isinstance(info, ExpertLayout):
         return want
     fixed = budgets.vram_fixed_parts(info, budgets.DEFAULT_N_CTX, budgets.DEFAULT_COMPUTE_RESERVE)
