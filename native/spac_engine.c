@@ -147,6 +147,18 @@ const char *spac_engine_error_name(int32_t kind) {
 
 /* Condition variables whose timed waits use CLOCK_MONOTONIC (a wall-clock jump neither shortens nor
  * stretches a timeout). */
+/* now + timeout_ms, for pthread_cond_timedwait on a CLOCK_MONOTONIC condition variable */
+static struct timespec deadline_after(struct timespec now, int32_t timeout_ms) {
+    struct timespec d = now;
+    d.tv_sec += timeout_ms / 1000;
+    d.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (d.tv_nsec >= 1000000000L) {
+        d.tv_sec++;
+        d.tv_nsec -= 1000000000L;
+    }
+    return d;
+}
+
 static void cond_init_monotonic(pthread_cond_t *cv) {
     pthread_condattr_t a;
     pthread_condattr_init(&a);
@@ -1240,15 +1252,9 @@ int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms) {
     if (e == NULL) {
         return 1;
     }
-    struct timespec t0, deadline;
+    struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    deadline = t0;
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    const struct timespec deadline = deadline_after(t0, timeout_ms);
     pthread_mutex_lock(&e->mu);
     int rc = 0;
     for (;;) {
@@ -1279,14 +1285,9 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
     if (e == NULL) {
         return 1;
     }
-    struct timespec deadline; /* cv_idle waits on CLOCK_MONOTONIC (cond_init_monotonic) */
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec now; /* cv_idle waits on CLOCK_MONOTONIC (cond_init_monotonic) */
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const struct timespec deadline = deadline_after(now, timeout_ms);
     pthread_mutex_lock(&e->mu);
     int rc = 0;
     while ((e->count > 0 || e->count_e > 0 || e->running > 0) && !e->stopping && e->n_started > 0 &&
