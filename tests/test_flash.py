@@ -399,3 +399,26 @@ def test_prompt_keep_swaps_planned_experts_for_the_prompts_hottest(flash_models)
     finally:
         engine.close()
         ref.close()
+
+
+def test_engine_flags_and_keep_refuse_bad_input(flash_models):
+    """Out-of-range flag kinds (C and Python), a wrong-shape counts array, an empty hook mask and a closed engine:
+    a return code or one SpacError line, never a crash."""
+    engine, _, layer = _engine_on(flash_models["llama"])
+    out = np.zeros((engine.n_layer, engine.n_expert), np.uint8)
+    buf = engine._ffi.cast("uint8_t *", engine._ffi.from_buffer(out))
+    assert engine._lib.spac_engine_flags(engine._handle, -1, buf, 0) == -1
+    assert engine._lib.spac_engine_flags(engine._handle, 99, buf, 0) == -1
+    with pytest.raises(SpacError, match="unknown engine flag"):
+        engine.flags("nope")
+    with pytest.raises(SpacError, match="C-contiguous int32"):
+        engine.set_prompt_keep(np.zeros((1, 1), np.int32))
+    misses = engine.stats()["demand_misses"]
+    _hook(engine, layer)  # an empty selection: nothing loaded
+    engine._lib.spac_engine_on_layer(engine._handle, engine.n_layer, engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8)))
+    engine._lib.spac_engine_on_layer(engine._handle, -1, engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8)))
+    assert engine.stats()["demand_misses"] == misses
+    engine.close()
+    for call in (lambda: engine.flags("staged"), engine.drain_evictions, lambda: engine.set_prompt_keep(None)):
+        with pytest.raises(SpacError, match="closed"):
+            call()

@@ -252,6 +252,8 @@ class FlashEngine:
         """Per-expert flags ``[block_count, n_expert]`` (bool): ``staged`` (demand loads kept until the tier
         decides; ``clear`` releases them), ``touched`` (pages moved by the engine since the last clear),
         ``kept`` / ``released`` (this step's prompt-keep swaps), ``prefetching`` (a prefetch queued or running)."""
+        if which not in FLAGS:
+            raise SpacError(f"unknown engine flag {which!r}; choose one of {', '.join(FLAGS)}")
         out = np.zeros((self.n_layer, self.n_expert), dtype=np.uint8)
         self._lib.spac_engine_flags(self._live(), FLAGS[which], self._ffi.cast("uint8_t *", self._ffi.from_buffer(out)),
                                     1 if clear else 0)
