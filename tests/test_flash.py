@@ -415,8 +415,9 @@ def test_engine_flags_and_keep_refuse_bad_input(flash_models):
         engine.set_prompt_keep(np.zeros((1, 1), np.int32))
     misses = engine.stats()["demand_misses"]
     _hook(engine, layer)  # an empty selection: nothing loaded
-    engine._lib.spac_engine_on_layer(engine._handle, engine.n_layer, engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8)))
-    engine._lib.spac_engine_on_layer(engine._handle, -1, engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8)))
+    every = engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8))
+    for bad_layer in (engine.n_layer, -1):  # out of range: ignored
+        engine._lib.spac_engine_on_layer(engine._handle, bad_layer, every)
     assert engine.stats()["demand_misses"] == misses
     engine.close()
     for call in (lambda: engine.flags("staged"), engine.drain_evictions, lambda: engine.set_prompt_keep(None)):
