@@ -58,6 +58,7 @@ struct spac_engine {
     uint16_t *evicting;  /* running evictions that drop pages of the expert */
     uint8_t *staged;     /* demand-loaded this step and kept until the tier decides (spac_engine_flags) */
     uint8_t *loading;    /* a prefetch of the expert is running (its eviction waits) */
+    uint16_t *demanding; /* demand reads of the expert queued or running in the completer (its eviction waits) */
     uint8_t *pending;    /* op of the newest accepted move while it is queued, deferred or running (0: none) */
     uint8_t *flag_touched, *flag_kept, *flag_released; /* SPAC_FLAG_* for the tier */
     uint64_t stage_cap, staged_bytes; /* bytes (covering pages) */
@@ -73,6 +74,17 @@ struct spac_engine {
     int32_t n_deferred, cap_deferred;
     uint64_t seq;
     int32_t cur_layer; /* decoding thread's layer in progress, -1 between steps */
+
+    /* asynchronous demand loads (SPAC_DEMAND_ASYNC): the hook submits a layer's reads and returns; the
+     * completer thread waits for them (MADV_POPULATE_READ) while the layer computes */
+    int32_t demand_mode;
+    move_t *dq;                 /* demand reads to complete, in submission order */
+    int32_t dq_cap, dq_head, dq_count, d_running;
+    int64_t *batch_t0;          /* [n_layer] when the layer's outstanding demand reads were submitted (ns) */
+    int32_t *batch_left;        /* [n_layer] of them not landed yet */
+    pthread_cond_t cv_demand;   /* work for the completer */
+    pthread_t completer;
+    int32_t completer_started;
 
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_idle; /* CLOCK_MONOTONIC (timed waits) */
@@ -188,6 +200,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     cond_init_monotonic(&e->cv_work);
     cond_init_monotonic(&e->cv_idle);
     cond_init_monotonic(&e->cv_evicted);
+    cond_init_monotonic(&e->cv_demand);
     const int64_t n = (int64_t)n_layer * n_expert;
     e->n_layer = n_layer;
     e->n_expert = n_expert;
@@ -212,6 +225,12 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->evicting = (uint16_t *)calloc((size_t)n, sizeof(uint16_t));
     e->staged = (uint8_t *)calloc((size_t)n, 1);
     e->loading = (uint8_t *)calloc((size_t)n, 1);
+    e->demanding = (uint16_t *)calloc((size_t)n, sizeof(uint16_t));
+    e->dq_cap = (int32_t)n; /* an expert has at most one read outstanding in the usual case; full: the hook waits */
+    e->dq = (move_t *)calloc((size_t)n, sizeof(move_t));
+    e->batch_t0 = (int64_t *)calloc((size_t)n_layer, sizeof(int64_t));
+    e->batch_left = (int32_t *)calloc((size_t)n_layer, sizeof(int32_t));
+    e->demand_mode = SPAC_DEMAND_ASYNC;
     e->pending = (uint8_t *)calloc((size_t)n, 1);
     e->flag_touched = (uint8_t *)calloc((size_t)n, 1);
     e->flag_kept = (uint8_t *)calloc((size_t)n, 1);
@@ -227,7 +246,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
         !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s ||
         !e->staged || !e->loading || !e->pending || !e->flag_touched || !e->flag_kept || !e->flag_released ||
-        !e->qe || !e->drain_ranges) {
+        !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left) {
         spac_engine_free(e);
         return NULL;
     }
@@ -308,8 +327,12 @@ static void supersede_locked(spac_engine *e, int32_t layer, int32_t expert) {
     e->pending[idx(e, layer, expert)] = 0;
 }
 
+static int idle_locked(const spac_engine *e) {
+    return e->count == 0 && e->count_e == 0 && e->running == 0 && e->dq_count == 0 && e->d_running == 0;
+}
+
 static void signal_idle_locked(spac_engine *e) {
-    if (e->count == 0 && e->count_e == 0 && e->running == 0) {
+    if (idle_locked(e)) {
         pthread_cond_broadcast(&e->cv_idle);
     }
 }
@@ -673,7 +696,7 @@ static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t laye
             continue;
         }
         int64_t j = idx(e, layer, x);
-        if (e->wanted[j] || e->in_use[j] || e->staged[j]) {
+        if (e->wanted[j] || e->in_use[j] || e->staged[j] || e->demanding[j]) {
             return 0;
         }
     }
@@ -736,7 +759,7 @@ static void requeue_deferred_locked(spac_engine *e) {
         int64_t j = idx(e, m.layer, m.expert);
         if (m.seq != e->latest[j]) {
             e->st.superseded++;
-        } else if (e->in_use[j] || e->loading[j] || e->stopping || push_locked(e, m) != 0) {
+        } else if (e->in_use[j] || e->loading[j] || e->demanding[j] || e->stopping || push_locked(e, m) != 0) {
             e->deferred[keep++] = m;
         }
     }
@@ -753,8 +776,8 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
         return;
     }
     /* protocol, rule 1: an in-use expert is not evicted; the move waits for its release. Nor is one whose
-     * prefetch is running: its POPULATE_READ would read the pages back after the eviction. */
-    if (m.op == SPAC_OP_EVICT && (e->in_use[j] || e->loading[j])) {
+     * prefetch or demand read is running: its POPULATE_READ would read the pages back after the eviction. */
+    if (m.op == SPAC_OP_EVICT && (e->in_use[j] || e->loading[j] || e->demanding[j])) {
         if (e->n_deferred < e->cap_deferred) {
             e->deferred[e->n_deferred++] = m;
             e->st.deferred++;
@@ -879,6 +902,64 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* The completer (SPAC_DEMAND_ASYNC): waits for the demand reads the layer hook submitted, one expert at a
+ * time in submission order, while the decoding thread computes. MADV_POPULATE_READ returns once the pages
+ * are resident (and maps them, so the matmul finds more of them mapped); an expert whose pages the matmul
+ * faults in first costs it a walk over present pages. Until its wait has returned, the expert's eviction is
+ * deferred (`demanding`), since the wait would read dropped pages back. */
+static void *completer(void *arg) {
+    spac_engine *e = (spac_engine *)arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->stopping && e->dq_count == 0) {
+            pthread_cond_wait(&e->cv_demand, &e->mu);
+        }
+        if (e->stopping) {
+            break;
+        }
+        move_t m = e->dq[e->dq_head];
+        e->dq_head = (e->dq_head + 1) % e->dq_cap;
+        e->dq_count--;
+        e->d_running++;
+        pthread_mutex_unlock(&e->mu);
+        int errs[SPAC_ERR_KINDS] = {0};
+        if (!faulted(e)) {
+            advise_expert(e, m.layer, m.expert, MADV_POPULATE_READ, errs);
+        }
+        const int64_t t = now_ns();
+        pthread_mutex_lock(&e->mu);
+        const int64_t j = idx(e, m.layer, m.expert);
+        e->d_running--;
+        e->demanding[j]--;
+        e->flag_touched[j] = 1;
+        if (--e->batch_left[m.layer] == 0) {
+            e->st.demand_read_ns += t - e->batch_t0[m.layer];
+        }
+        note_errors_locked(e, errs);
+        requeue_deferred_locked(e); /* evictions that waited for this read */
+        pthread_cond_broadcast(&e->cv_evicted);
+        signal_idle_locked(e);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+int32_t spac_engine_set_demand_mode(spac_engine *e, int32_t mode) {
+    if (e == NULL || (mode != SPAC_DEMAND_WAIT && mode != SPAC_DEMAND_ASYNC)) {
+        return -1;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->demand_mode = mode;
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
 int32_t spac_engine_start(spac_engine *e) {
     if (e == NULL) {
         return -EINVAL;
@@ -918,6 +999,10 @@ int32_t spac_engine_start(spac_engine *e) {
     for (int32_t i = 0; i < e->n_threads && rc == 0; i++) {
         rc = pthread_create(&e->threads[i], NULL, worker, e);
         e->n_started += rc == 0;
+    }
+    if (rc == 0) {
+        rc = pthread_create(&e->completer, NULL, completer, e);
+        e->completer_started = rc == 0;
     }
     pthread_mutex_unlock(&e->mu);
     if (rc != 0) {
@@ -1131,19 +1216,54 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
             misses[n_miss++] = sel[m];
         }
     }
-    /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the
-     * reads of all of them at once (parallel I/O), then wait for them here. Left to page faults,
-     * each page would be read on its own (expert tensors are MADV_RANDOM: no read-around). */
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (int pass = 0; pass < 2 && n_miss > 0 && file_ok; pass++) {
-        for (int32_t m = 0; m < n_miss; m++) {
-            advise_expert(e, layer, misses[m], pass == 0 ? MADV_WILLNEED : MADV_POPULATE_READ, errs);
+    /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the reads of
+     * all of them at once (parallel I/O), tensor by tensor (the matmuls read the gate and up tensors of
+     * every expert before the down tensor). Left to page faults, each page would be read on its own (expert
+     * tensors are MADV_RANDOM: no read-around). SPAC_DEMAND_WAIT then waits for them here; SPAC_DEMAND_ASYNC
+     * hands the wait to the completer and returns: the layer's matmuls compute the resident experts while
+     * the reads land, and a page not read yet makes the matmul wait in its page fault for exactly that page. */
+    const int64_t t0 = now_ns();
+    int async = 0;
+    if (n_miss > 0 && file_ok) {
+        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+            const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
+            for (int32_t m = 0; m < n_miss; m++) {
+                range_t r = covering(e, t, misses[m]);
+                if (r.hi > r.lo && willneed(e, r.lo, r.hi) != 0) {
+                    keep_first(errs, SPAC_ERR_DEMAND, errno);
+                }
+            }
+        }
+        pthread_mutex_lock(&e->mu);
+        async = e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
+                e->dq_count + n_miss <= e->dq_cap;
+        if (async) {
+            for (int32_t m = 0; m < n_miss; m++) {
+                move_t d = {0, layer, misses[m], 0};
+                e->dq[(e->dq_head + e->dq_count) % e->dq_cap] = d;
+                e->dq_count++;
+                e->demanding[idx(e, layer, misses[m])]++;
+            }
+            if (e->batch_left[layer] == 0) {
+                e->batch_t0[layer] = t0;
+            }
+            e->batch_left[layer] += n_miss;
+            e->st.demand_async++;
+            pthread_cond_signal(&e->cv_demand);
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!async) {
+            for (int32_t m = 0; m < n_miss; m++) {
+                advise_expert(e, layer, misses[m], MADV_POPULATE_READ, errs);
+            }
         }
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    const int64_t t1 = now_ns();
     pthread_mutex_lock(&e->mu);
-    e->st.demand_wait_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+    e->st.demand_wait_ns += t1 - t0;
+    if (n_miss > 0 && !async) {
+        e->st.demand_read_ns += t1 - t0;
+    }
     note_errors_locked(e, errs);
     if (e->cur_layer >= 0 && e->cur_layer != layer) {
         finish_layer_locked(e, e->cur_layer);
@@ -1290,11 +1410,10 @@ int32_t spac_engine_wait_idle(spac_engine *e, int32_t timeout_ms) {
     const struct timespec deadline = deadline_after(now, timeout_ms);
     pthread_mutex_lock(&e->mu);
     int rc = 0;
-    while ((e->count > 0 || e->count_e > 0 || e->running > 0) && !e->stopping && e->n_started > 0 &&
-           rc != ETIMEDOUT) {
+    while (!idle_locked(e) && !e->stopping && e->n_started > 0 && rc != ETIMEDOUT) {
         rc = pthread_cond_timedwait(&e->cv_idle, &e->mu, &deadline);
     }
-    int idle = e->count == 0 && e->count_e == 0 && e->running == 0;
+    int idle = idle_locked(e);
     pthread_mutex_unlock(&e->mu);
     return idle;
 }
@@ -1623,13 +1742,19 @@ void spac_engine_stop(spac_engine *e) {
     e->count = 0;
     e->count_e = 0;
     e->n_deferred = 0;
+    e->dq_count = 0;
     pthread_cond_broadcast(&e->cv_work);
     pthread_cond_broadcast(&e->cv_idle);
-    int32_t n = e->n_started;
+    pthread_cond_broadcast(&e->cv_demand);
+    int32_t n = e->n_started, c = e->completer_started;
     e->n_started = 0;
+    e->completer_started = 0;
     pthread_mutex_unlock(&e->mu);
     for (int32_t i = 0; i < n; i++) {
         pthread_join(e->threads[i], NULL);
+    }
+    if (c) {
+        pthread_join(e->completer, NULL);
     }
 }
 
@@ -1649,6 +1774,10 @@ void spac_engine_free(spac_engine *e) {
     free(e->evicting);
     free(e->staged);
     free(e->loading);
+    free(e->demanding);
+    free(e->dq);
+    free(e->batch_t0);
+    free(e->batch_left);
     free(e->pending);
     free(e->flag_touched);
     free(e->flag_kept);
@@ -1669,5 +1798,6 @@ void spac_engine_free(spac_engine *e) {
     pthread_cond_destroy(&e->cv_work);
     pthread_cond_destroy(&e->cv_idle);
     pthread_cond_destroy(&e->cv_evicted);
+    pthread_cond_destroy(&e->cv_demand);
     free(e);
 }

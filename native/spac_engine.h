@@ -18,7 +18,10 @@
  * selected experts (spac_engine_on_layer): those are in use until a later layer starts or the step
  * ends, and an in-use expert is never evicted (never under a running matmul). The only I/O the
  * decoding thread waits for is that of selected experts that are not resident (a miss: the matmul
- * needs them now): their reads are all submitted at once, then awaited. When the plan does not
+ * needs them now): their reads are all submitted at once, then awaited, by the hook (SPAC_DEMAND_WAIT)
+ * or, by default (SPAC_DEMAND_ASYNC), by the completer thread while the layer computes: the matmul of a
+ * resident expert runs at once, a page still being read makes the matmul's page fault wait for that page
+ * (spac_engine_set_demand_mode). An expert whose read is outstanding is not evicted (`demanding`). When the plan does not
  * want them they are kept until the step ends (staged), up to the staging cap in bytes
  * (spac_engine_set_staging): the tier's step-end plan decides which of them stay (no second read)
  * and evicts the others; demand loads beyond the cap are evicted again once their layer has
@@ -131,6 +134,8 @@ typedef struct spac_engine_stats {
     int64_t drain_ns;                    /* time spent in them */
     int64_t drained_here;                /* evictions the draining thread ran itself */
     int64_t loading_defers;              /* evictions that waited for a running prefetch of the expert */
+    int64_t demand_read_ns;              /* per layer with misses: from its reads' submission until all landed */
+    int64_t demand_async;                /* layers whose demand reads the completer awaited (SPAC_DEMAND_ASYNC) */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
@@ -200,6 +205,13 @@ int32_t spac_engine_flags(spac_engine *e, int32_t which, uint8_t *out, int32_t c
  * or waiting for a running prefetch (evictions of in-use experts, deferred until the layer ends, are not
  * waited for). Returns 1 when drained, 0 on timeout or when stopping. */
 int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms);
+
+/* How the layer hook waits for its demand loads: SPAC_DEMAND_WAIT, before it returns (the layer's matmuls
+ * start once every selected expert is resident); SPAC_DEMAND_ASYNC (the default), not at all: the completer
+ * thread waits (MADV_POPULATE_READ), the matmuls start at once and fault on pages still in flight. Outputs are
+ * the same bits either way. Returns 0, -1 on a bad mode. */
+enum { SPAC_DEMAND_WAIT = 0, SPAC_DEMAND_ASYNC = 1 };
+int32_t spac_engine_set_demand_mode(spac_engine *e, int32_t mode);
 
 /* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0 (mask has
  * n_expert entries). Marks them in use, waits for running evictions of them, loads the misses. */

@@ -10,13 +10,16 @@ dropped from the page cache first:
   repacking off (``use_extra_bufts=False``, set through llama.cpp's default model params) as in the
   flash tier, so both run the same kernels (repacking would also copy experts out of the page
   cache into anonymous memory, and crashes on AMX machines with K-quant weights);
-* spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``.
+* spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``, once per ``--demand`` mode (default ``async``:
+  the layer's matmuls compute while its missing experts are read; ``wait``: the hook waits for them first).
 
 Both get the same prompts, token counts and draft settings. Before the limited runs, stock runs once
 with the whole model in RAM (the physical ceiling; ``--ceiling auto`` skips it when the file does not fit
 in the memory available, and then measures the runtime overhead with one short stock run). Printed:
 decode tokens/s, ratio, expert hit rate, bytes read from disk per token (``/proc/<pid>/io``), resident
-bytes; the last line is one JSON object.
+bytes, and per decoded token the flash tier's compute, demand-read and wait milliseconds and the overlap
+``1 - wait / read`` (``llm.stats()["timing"]``, docs/flash.md), and each run's ratio to the ceiling; the last
+line is one JSON object (``runs[i].spac`` is the first ``--demand`` mode, ``runs[i].spac_<mode>`` the others).
 
 ``--replay TRACE`` forces every run's routing to a trace's (``docs/replay.md``; e.g. a public trace imported
 with ``spac trace import`` onto a ``spac synth`` model of its shape). Stock llama-cpp-python cannot replay,
@@ -62,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop a run's generation after this many seconds (its rate is then measured on the tokens "
                         "generated so far)")
+    p.add_argument("--demand", action="append", choices=("async", "wait"), default=None,
+                   help="the flash tier's demand mode (flash_options demand); repeatable, each a run of its own "
+                        "(default: async)")
     add_replay_options(p)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -83,7 +89,7 @@ def _child(cfg: dict) -> dict:
         from spac_llamacpp import Llama
 
         llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], draft_model=draft, **spec,
-                    **replay_kwargs(cfg), **kw)
+                    flash_options={"demand": cfg.get("demand", "async")}, **replay_kwargs(cfg), **kw)
     else:  # the same CPU kernels as the flash tier (which must not repack)
         llm = stock_llama(cfg["model"], cfg, use_extra_bufts=False, draft_model=draft,
                           **(spec if cfg.get("replay") else {}), **kw)
@@ -93,14 +99,17 @@ def _child(cfg: dict) -> dict:
     seconds = decode_s + prompt_s
     read = read_bytes_so_far() - read0
     out = {"kind": cfg["kind"], "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load_s,
-           "prompt_seconds": prompt_s, "decode_seconds": decode_s,
+           "prompt_seconds": prompt_s, "decode_seconds": decode_s, "decode_tps": tokens / decode_s if decode_s else 0.0,
            "read_bytes": read, "read_per_token": read / max(tokens, 1), "rss_anon": rss_anon(),
            "replay": replay_stats(llm)}
     if cfg["kind"] == "spac":
         st = llm.stats(settle=5.0)
         out.update({k: st[k] for k in ("hit_rate", "resident_expert_bytes", "max_resident_at_check",
                                        "over_budget_checks", "budget_checks", "budget_bytes", "loop_seconds",
-                                       "checks", "check_seconds", "check_cpu_seconds", "steps")})
+                                       "checks", "check_seconds", "check_cpu_seconds", "steps", "timing")})
+        dec = st["timing"]["decode"]
+        out.update({"demand": cfg.get("demand", "async"), "overlap": dec["overlap"],
+                    **{f"{k}_ms_per_token": v for k, v in dec["per_token_ms"].items()}})
     llm.close()
     return out
 
@@ -110,6 +119,10 @@ def _run_child(cfg: dict) -> dict:
     if out is None:
         raise SystemExit(f"bench_flash: the {cfg['kind']} run failed:\n{err[-3000:]}")
     return out
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f} ms"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +147,7 @@ def main() -> int:
             "max_seconds": args.max_seconds}
 
     budgets = [budget_arg(b, "flash", info) for b in (args.budget or ["50%"])]
+    demands = list(dict.fromkeys(args.demand or ["async"]))
     print(f"model {info.path.name}: {format_size(info.expert_bytes)} routed experts, "
           f"{format_size(info.non_expert_bytes)} other weights; prompts {len(prompts)} x {args.n_predict} tokens; "
           f"draft: {args.draft or ('prompt lookup' if args.lookup else 'none')}; routing: "
@@ -162,24 +176,38 @@ def main() -> int:
         ml = MemoryLimit(limit, min_limit=min(limit, 1 << 30)) if not args.no_limit else None
         with ml if ml is not None else contextlib.nullcontext():
             row["limit_method"] = ml.describe() if ml else "none"
-            for kind in ("stock", "spac"):
+            drop_file_cache(args.model)
+            row["stock"] = _run_child({**base, "kind": "stock", "budget": budget})
+            for i, mode in enumerate(demands):
                 drop_file_cache(args.model)
-                row[kind] = _run_child({**base, "kind": kind, "budget": budget})
+                row["spac" if i == 0 else f"spac_{mode}"] = _run_child({**base, "kind": "spac", "budget": budget,
+                                                                        "demand": mode})
         row["ratio"] = row["spac"]["tps"] / row["stock"]["tps"]
         results.append(row)
-        s, k = row["stock"], row["spac"]
-        print(f"budget {format_size(budget)} ({100 * budget / info.expert_bytes:.0f}% of experts), RAM limit "
-              f"{format_size(limit)}:\n"
-              f"  stock {s['tps']:7.3f} tok/s, read {format_size(s['read_per_token'])}/token\n"
-              f"  spac  {k['tps']:7.3f} tok/s, read {format_size(k['read_per_token'])}/token, expert hit rate "
-              f"{100 * (k['hit_rate'] or 0):.1f}%, resident {format_size(k['resident_expert_bytes'])} "
-              + (f"(max at a step boundary {format_size(k['max_resident_at_check'])})\n" if k["budget_checks"]
-                 else "(no complete residency sweep at a step boundary)\n")
-              + f"  ratio spac/stock {row['ratio']:.2f}x"
-              + (f"; ceiling/stock {ceiling['tps'] / s['tps']:.2f}x" if ceiling else ""), flush=True)
+        s = row["stock"]
+        lines = [f"budget {format_size(budget)} ({100 * budget / info.expert_bytes:.0f}% of experts), RAM limit "
+                 f"{format_size(limit)}:",
+                 f"  stock {s['tps']:7.3f} tok/s, read {format_size(s['read_per_token'])}/token"
+                 + (f", {s['tps'] / ceiling['tps']:.2f} of the ceiling" if ceiling else "")]
+        for i, mode in enumerate(demands):
+            k = row["spac" if i == 0 else f"spac_{mode}"]
+            overlap = "n/a" if k["overlap"] is None else f"{100 * k['overlap']:.0f}%"
+            lines.append(
+                f"  spac ({mode}) {k['tps']:7.3f} tok/s (decode {k['decode_tps']:.3f}), read "
+                f"{format_size(k['read_per_token'])}/token, expert hit rate {100 * (k['hit_rate'] or 0):.1f}%, "
+                f"resident "
+                f"{format_size(k['resident_expert_bytes'])} "
+                + (f"(max at a step boundary {format_size(k['max_resident_at_check'])})" if k["budget_checks"]
+                   else "(no complete residency sweep at a step boundary)")
+                + f"\n    per decoded token: {_ms(k['compute_ms_per_token'])} compute, {_ms(k['read_ms_per_token'])} "
+                f"demand reads, {_ms(k['wait_ms_per_token'])} waited (overlap {overlap}); ratio to stock "
+                f"{k['tps'] / s['tps']:.2f}x" + (f", to the ceiling {k['tps'] / ceiling['tps']:.2f} (decode "
+                                                  f"{k['decode_tps'] / ceiling['decode_tps']:.2f})" if ceiling else ""))
+        print("\n".join(lines), flush=True)
 
     main_row = results[0]
-    print(json.dumps({"model": info.path.name, "stock_tps": main_row["stock"]["tps"],
+    print(json.dumps({"model": info.path.name, "expert_bytes": info.expert_bytes, "demand": demands,
+                      "stock_tps": main_row["stock"]["tps"],
                       "spac_tps": main_row["spac"]["tps"], "ratio": main_row["ratio"],
                       "budget_bytes": main_row["budget_bytes"], "ceiling_tps": ceiling["tps"] if ceiling else None,
                       "ceiling": ceiling, "replay": args.replay, "prompts": prompts, "n_predict": args.n_predict,

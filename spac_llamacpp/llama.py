@@ -119,7 +119,8 @@ class Llama(llama_cpp.Llama):
             (``estimator``, ``solver``, ``replan_every``, ``horizon``, ``background``, ...), ``cost``,
             ``profile``, ``record``.
         flash_options: extra :class:`spac_llamacpp.tiers.flash.FlashTier` arguments (``threads``,
-            ``pin_fraction``, ``lookahead``, ``check_every``, ``layer_ahead``, and the shared loop's as for
+            ``pin_fraction``, ``lookahead``, ``check_every``, ``layer_ahead``,
+            ``demand`` (``"async"`` or ``"wait"``), and the shared loop's as for
             ``vram_options``).
         policy: who places the experts of the tier (flash or vram): ``"spac"`` (ours, the default: utility
             estimate, balancer, re-planner), or a baseline on the same engine and budget
@@ -335,7 +336,15 @@ class Llama(llama_cpp.Llama):
             if self._tier is not None:
                 self._tier.check_source()  # e.g. the GGUF truncated under the flash tier: one line, not SIGBUS
             try:
-                super().eval(tokens)
+                if self._tier is not None:  # a decode step: one token, or a verification of drafts
+                    decode = len(tokens) == 1 or (self.speculation is not None
+                                                  and self.speculation.is_verification(tokens))
+                    self._tier.eval_begins()
+                try:
+                    super().eval(tokens)
+                finally:
+                    if self._tier is not None:
+                        self._tier.eval_ends(len(tokens), decode)
                 if self._tier is not None:
                     self._tier.check_source()  # it changed during this evaluation: the logits are not the model's
             finally:

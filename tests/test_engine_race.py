@@ -3,9 +3,12 @@
 One thread plays the decoding thread: it reports layers' selected experts to the engine as the
 routing sensor does (``spac_engine_on_layer``), then, standing in for the expert matmuls, checks
 with ``mincore`` that every selected expert is still wholly resident, and releases them (the next
-layer, ``end_step``). Meanwhile another thread floods the engine's workers with evictions (and some
-prefetches) of random experts, the selected ones included. An expert reported in use must never be
-evicted before its release: not after it was counted a hit, not while its misses were read back.
+layer, ``end_step``). With asynchronous demand loads (the default) the hook returns before the misses
+have landed, so the stand-in first reads a byte of every page of the selected experts, as the matmul
+does (its page faults wait for reads in flight), and checks after that. Meanwhile another thread
+floods the engine's workers with evictions (and some prefetches) of random experts, the selected
+ones included. An expert reported in use must never be evicted before its release: not after it was
+counted a hit, not while its misses were read back.
 
 Before the fix, the hook set in-use without the engine's lock, after a worker could already have
 decided to evict: this test then found selected experts gone (tens of them per run; see the
@@ -58,11 +61,21 @@ class _Mapped:
         os.close(self.fd)
 
 
-def _race(path: str, iterations: int, seed: int = 0) -> tuple[list[tuple[int, int, int]], dict]:
+def _touch(view: np.ndarray, info, layer: int, x: int) -> int:
+    """Read a byte of every page of expert x of the layer (the matmul's reads)."""
+    total, page = 0, page_size()
+    for t in info.layer_tensors(layer):
+        lo = t.file_offset + x * t.bytes_per_expert
+        total += int(view[lo:lo + t.bytes_per_expert:page].sum()) + int(view[lo + t.bytes_per_expert - 1])
+    return total
+
+
+def _race(path: str, iterations: int, seed: int = 0, demand: str = "async") -> tuple[list[tuple[int, int, int]], dict]:
     info = read_model_header(path)
     assert info.layer_tensors(info.moe_layers[0])[0].bytes_per_expert % page_size() != 0  # unaligned experts
     m = _Mapped(path)
     engine = FlashEngine(info, m.mapping, threads=2, queue=4096)
+    engine.set_demand_mode(demand)
     lib, ffi, handle = engine._lib, engine._ffi, engine._handle
     layers, n, k = list(info.moe_layers), info.n_expert, info.n_expert_used[info.moe_layers[0]]
     stop = threading.Event()
@@ -87,6 +100,9 @@ def _race(path: str, iterations: int, seed: int = 0) -> tuple[list[tuple[int, in
             mask[:] = 0
             mask[selected] = 1
             lib.spac_engine_on_layer(handle, layer, mask_ptr)
+            if demand == "async":
+                for x in selected:
+                    _touch(m.view, info, layer, x)
             for _ in range(3):  # the matmul of this layer: its experts must stay whole until released
                 for x in selected:
                     if lib.spac_engine_expert_resident(handle, layer, x) != 1:
@@ -104,15 +120,20 @@ def _race(path: str, iterations: int, seed: int = 0) -> tuple[list[tuple[int, in
     return violations, stats
 
 
+@pytest.mark.parametrize("demand", ["wait", "async"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_no_in_use_expert_is_ever_evicted(race_models, shape):
-    violations, st = _race(race_models[shape], ITERATIONS)
+def test_no_in_use_expert_is_ever_evicted(race_models, shape, demand):
+    violations, st = _race(race_models[shape], ITERATIONS, demand=demand)
     # the race was really run: many evictions, some of them of experts the hook had just selected
     assert st["evictions"] > ITERATIONS // 2, st
     assert st["deferred"] > 0 and st["demand_misses"] > 0, st
     assert not violations, f"{len(violations)} in-use experts lost pages, first {violations[:5]}; {st}"
     assert st["evict_in_use"] == 0, st
     assert st["errors"] == 0 and not st["by_kind"], st
+    if demand == "async":  # the completer awaited the misses, and the evictions it deferred ran after it
+        assert st["demand_async"] > 0 and st["demand_read_ns"] > 0, st
+    else:
+        assert st["demand_async"] == 0, st
 
 
 def test_failed_system_calls_are_counted_by_kind_and_logged_once(race_models, monkeypatch, caplog):

@@ -58,19 +58,41 @@ def _min_budget(path: str) -> int:
     return int(str(exc.value).rsplit("(", 1)[1].split()[0])
 
 
+@pytest.mark.parametrize("demand", ["async", "wait"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_output_identical_to_stock(flash_models, arch):
+def test_greedy_output_identical_to_stock(flash_models, arch, demand):
     path = flash_models[arch]
     want = _stock_tokens(path, 24)
-    llm = _flash(path, budget=_min_budget(path))
+    llm = _flash(path, budget=_min_budget(path), demand=demand)
     try:
         assert _greedy(llm, 24) == want
         st = llm.stats(settle=5.0)
         assert st["engine"]["evictions"] > 0 and st["engine"]["demand_misses"] > 0  # the engine really worked
         assert st["engine"]["errors"] == 0 and st["engine_errors"] == {} and st["sensor_errors"] == {}
         assert st["engine"]["evict_in_use"] == 0
+        # who waited for the misses, and the accounting of it
+        assert (st["engine"]["demand_async"] > 0) == (demand == "async")
+        t = st["timing"]
+        assert t["demand"] == demand and t["prompt"]["count"] == 1 and t["decode"]["count"] == 23
+        assert t["decode"]["tokens"] == 23 and t["prompt"]["tokens"] == len(llm.tokenize(PROMPT.encode()))
+        # async: a layer's reads are timed when the completer's wait returns, which can be after its evaluation
+        reads = t["prompt"]["read_seconds"] + t["decode"]["read_seconds"]
+        assert 0 < reads <= st["engine"]["demand_read_ns"] * 1e-9 + 1e-9
+        for kind in ("prompt", "decode"):
+            ms = t[kind]["per_token_ms"]
+            assert ms["eval"] > 0 and ms["read"] >= 0
+            if t[kind]["blocked_seconds"] is not None:  # a kernel with schedstat
+                assert 0 <= ms["wait"] <= ms["eval"] and ms["compute"] == pytest.approx(ms["eval"] - ms["wait"])
     finally:
         llm.close()
+
+
+def test_io_overlap():
+    from spac_llamacpp.tiers.flash import io_overlap
+
+    assert io_overlap(0.25, 1.0) == pytest.approx(0.75)
+    assert io_overlap(2.0, 1.0) == 0.0  # waited longer than the reads took (other waits): none hidden
+    assert io_overlap(None, 1.0) is None and io_overlap(0.1, 0.0) is None
 
 
 def test_budget_respected_after_each_step(flash_models):
@@ -413,6 +435,9 @@ def test_engine_flags_and_keep_refuse_bad_input(flash_models):
         engine.flags("nope")
     with pytest.raises(SpacError, match="C-contiguous int32"):
         engine.set_prompt_keep(np.zeros((1, 1), np.int32))
+    with pytest.raises(SpacError, match="unknown demand mode 'later'"):
+        engine.set_demand_mode("later")
+    assert engine._lib.spac_engine_set_demand_mode(engine._handle, 7) == -1
     misses = engine.stats()["demand_misses"]
     _hook(engine, layer)  # an empty selection: nothing loaded
     every = engine._ffi.from_buffer(np.ones(engine.n_expert, np.uint8))
@@ -420,6 +445,7 @@ def test_engine_flags_and_keep_refuse_bad_input(flash_models):
         engine._lib.spac_engine_on_layer(engine._handle, bad_layer, every)
     assert engine.stats()["demand_misses"] == misses
     engine.close()
-    for call in (lambda: engine.flags("staged"), engine.drain_evictions, lambda: engine.set_prompt_keep(None)):
+    for call in (lambda: engine.flags("staged"), engine.drain_evictions, lambda: engine.set_prompt_keep(None),
+                 lambda: engine.set_demand_mode("wait")):
         with pytest.raises(SpacError, match="closed"):
             call()

@@ -62,6 +62,7 @@ def write_tiny_moe(
     n_vocab: int = 512,
     quantize: str = "experts",
     f16_pattern: str | None = None,
+    f32_pattern: str | None = None,
     **overrides: object,
 ) -> pathlib.Path:
     """Write a tiny random-weight MoE GGUF of architecture ``arch`` to ``path`` and return it.
@@ -76,7 +77,7 @@ def write_tiny_moe(
         quantize: for q8_0/q4_0, ``"experts"`` (only ``*_exps`` quantized, other matrices F16)
             or ``"all"``; see :func:`write_tiny_model`.
         f16_pattern: with a quantized dtype, tensors matching this regex stay F16 (see
-            :func:`~spac_llamacpp.models.gguf_write.write_gguf`).
+            :func:`~spac_llamacpp.models.gguf_write.write_gguf`); ``f32_pattern`` alike for F32.
         overrides: any other :class:`TinySpec` field (e.g. ``n_head``, ``n_expert_shared``).
 
     Raises:
@@ -94,7 +95,8 @@ def write_tiny_moe(
     )
     if not 1 <= spec.n_expert_used <= spec.n_expert:
         raise SpacError(f"need 1 <= n_expert_used <= n_expert, got {spec.n_expert_used} and {spec.n_expert}")
-    return write_tiny_model(path, spec, dtype=dtype, seed=seed, quantize=quantize, f16_pattern=f16_pattern)
+    return write_tiny_model(path, spec, dtype=dtype, seed=seed, quantize=quantize, f16_pattern=f16_pattern,
+                            f32_pattern=f32_pattern)
 
 
 def write_tiny_dense(
@@ -117,6 +119,7 @@ def write_tiny_model(
     quantize: str = "experts",
     vocab: BpeVocab | None = None,
     f16_pattern: str | None = None,
+    f32_pattern: str | None = None,
 ) -> pathlib.Path:
     """Write the random-weight model described by ``spec`` (MoE or, with ``n_expert=0`` on llama, dense).
 
@@ -138,7 +141,8 @@ def write_tiny_model(
     if vocab is None:
         vocab = factory_vocab(spec.n_vocab)
     tensors = _tensors(spec, seed, vocab.silent_ids())
-    return write_gguf(path, spec, tensors, vocab, dtype=dtype, quantize=quantize, f16_pattern=f16_pattern)
+    return write_gguf(path, spec, tensors, vocab, dtype=dtype, quantize=quantize, f16_pattern=f16_pattern,
+                      f32_pattern=f32_pattern)
 
 
 # --------------------------------------------------------------------------------------------

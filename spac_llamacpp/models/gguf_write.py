@@ -44,6 +44,7 @@ def write_gguf(
     name: str | None = None,
     description: str | None = None,
     f16_pattern: str | None = None,
+    f32_pattern: str | None = None,
 ) -> pathlib.Path:
     """Write ``tensors`` of the model ``spec`` with tokenizer ``vocab`` to ``path``; return the path.
 
@@ -59,6 +60,9 @@ def write_gguf(
         description: ``general.description``, if given.
         f16_pattern: with a quantized dtype, tensors whose names match this regex stay F16 (e.g. one
             layer's experts, for a file that mixes expert types across layers).
+        f32_pattern: with a quantized dtype, tensors whose names match this regex stay F32 (before
+            ``f16_pattern``; e.g. every non-expert matrix, which no CPU extra buffer then takes: AMX takes
+            some F16 ones).
 
     Raises:
         SpacError: unknown dtype/scope, a spec llama.cpp cannot load, or a failed quantization.
@@ -75,7 +79,7 @@ def write_gguf(
         os.close(fd)
         try:
             _write_float(pathlib.Path(tmp), spec, tensors, vocab, "f32", name, description)
-            _quantize(pathlib.Path(tmp), path, QUANT_FTYPES[dtype], quantize, f16_pattern)
+            _quantize(pathlib.Path(tmp), path, QUANT_FTYPES[dtype], quantize, f16_pattern, f32_pattern)
         finally:
             os.unlink(tmp)
     else:
@@ -185,9 +189,13 @@ def _write_float(
         writer.close()
 
 
-def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str, f16_pattern: str | None = None) -> None:
-    """Convert ``src`` to ``dst`` with ``llama_model_quantize``; ``scope`` and ``f16_pattern`` as in write_gguf."""
+def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int, scope: str, f16_pattern: str | None = None,
+              f32_pattern: str | None = None) -> None:
+    """Convert ``src`` to ``dst`` with ``llama_model_quantize``; ``scope`` and the patterns as in write_gguf (the
+    first pattern a tensor matches decides its type)."""
     patterns = [(F32_MATRICES.pattern, 0)]  # GGML_TYPE_F32: what _keep_f32 keeps
+    if f32_pattern:
+        patterns.append((f32_pattern, 0))
     if f16_pattern:
         patterns.append((f16_pattern, 1))  # GGML_TYPE_F16
     if scope == "experts":

@@ -36,7 +36,8 @@ _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pin
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
                 "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
-                "drained_here", "loading_defers")
+                "drained_here", "loading_defers", "demand_read_ns", "demand_async")
+DEMAND_MODES = {"wait": 0, "async": 1}  # SPAC_DEMAND_* (spac_engine.h)
 FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "prefetch": "prefetch reads (madvise WILLNEED/POPULATE_READ)",
@@ -229,6 +230,14 @@ class FlashEngine:
 
     def set_wanted(self, layer: int, expert: int, wanted: bool) -> None:
         self._lib.spac_engine_set_wanted(self._live(), int(layer), int(expert), 1 if wanted else 0)
+
+    def set_demand_mode(self, mode: str) -> None:
+        """How the layer hook waits for its demand loads (``native/spac_engine.h``): ``"async"`` (the default)
+        hands the wait to the engine's completer thread, so the layer's matmuls compute resident experts while
+        the missing ones are read; ``"wait"`` waits in the hook before they start. Outputs are identical."""
+        if mode not in DEMAND_MODES:
+            raise SpacError(f"unknown demand mode {mode!r}; choose one of {', '.join(DEMAND_MODES)}")
+        self._lib.spac_engine_set_demand_mode(self._live(), DEMAND_MODES[mode])
 
     def set_staging(self, cap_bytes: int) -> None:
         """Bytes of demand loads the layer hook may keep until the step ends (staged) instead of evicting them

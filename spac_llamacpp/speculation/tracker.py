@@ -156,9 +156,7 @@ class SpeculationTracker(LlamaDraftModel):
         asked, self._asked = self._asked, None
         if asked is not None and self.adaptive is not None and n_tokens == 1 + len(drafts):
             self.adaptive.observe_step_time(n_tokens, time.perf_counter() - asked)  # a decode or verify step
-        # a verification: the last sampled token, then (a prefix of, when the context is full) the draft
-        n_draft = n_tokens - 1 if 0 < n_tokens - 1 <= len(drafts) and np.array_equal(
-            np.asarray(tokens[1:], dtype=np.int64), drafts[: n_tokens - 1].astype(np.int64)) else 0
+        n_draft = _draft_rows(tokens, drafts)
         if step is None:
             return None
         fmap = FrequencyMap(step.index, position, n_tokens, n_draft, step.counts, step.ids,
@@ -167,6 +165,10 @@ class SpeculationTracker(LlamaDraftModel):
         if n_draft:
             self._open = fmap
         return fmap
+
+    def is_verification(self, tokens: Sequence[int]) -> bool:
+        """Whether evaluating ``tokens`` now verifies the pending drafts (asked before the evaluation)."""
+        return _draft_rows(tokens, self._pending) > 0
 
     def on_sample(self, position: int, token: int) -> None:
         """The target sampled ``token`` from the logits of ``position`` (``Llama.sample``)."""
@@ -214,3 +216,12 @@ class SpeculationTracker(LlamaDraftModel):
             "n_draft_now": self.n_draft,
             "provider": type(self.inner).__name__,
         }
+
+
+def _draft_rows(tokens: Sequence[int], drafts: np.ndarray) -> int:
+    """Draft rows of an evaluation: a verification is the last sampled token, then (a prefix of, when the
+    context is full) the pending draft; anything else has none."""
+    n = len(tokens) - 1
+    if 0 < n <= len(drafts) and np.array_equal(np.asarray(tokens[1:], dtype=np.int64), drafts[:n].astype(np.int64)):
+        return n
+    return 0

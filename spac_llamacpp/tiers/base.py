@@ -23,6 +23,7 @@ moves through the same :meth:`TierController._move`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from spac_llamacpp.base.threadclock import ThreadTimes, thread_times
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.observe.profile import Profile, expected_demand
 from spac_llamacpp.observe.routing import RoutingStep
@@ -57,6 +59,25 @@ class TierCounters:
     plans_applied: int = 0
     # decoding-thread seconds spent in each phase of on_step (LOOP_PHASES), summed over the steps
     loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
+    # llama.cpp's evaluations (Llama.eval around the model's eval), per kind ("decode": one token or a
+    # verification of drafts; "prompt": any other)
+    evals: dict[str, EvalTimes] = field(default_factory=lambda: {"prompt": EvalTimes(), "decode": EvalTimes()})
+
+
+@dataclass
+class EvalTimes:
+    """Evaluations of one kind: tokens, wall seconds, seconds the decoding thread was blocked in them
+    (base/threadclock.py; None where the kernel cannot tell), and seconds of the tier's reads for them
+    (:meth:`TierController._read_seconds`, e.g. the flash tier's demand loads)."""
+
+    count: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    blocked_seconds: float | None = 0.0
+    read_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,31 @@ class TierController(ABC):
         return self.planner.warm
 
     # --- the per-step loop ------------------------------------------------------------------------
+    _eval_start: tuple[ThreadTimes, float] | None = None
+
+    def eval_begins(self) -> None:
+        """``Llama.eval`` is about to run the model on the decoding thread (times it: ``eval_ends``)."""
+        self._eval_start = (thread_times(), self._read_seconds())
+
+    def eval_ends(self, n_tokens: int, decode: bool) -> None:
+        """The model's evaluation of ``n_tokens`` tokens has returned (or raised); ``decode``: one token or a
+        verification of drafts, else a prompt."""
+        if self._eval_start is None:
+            return
+        (start, read0), self._eval_start = self._eval_start, None
+        now = thread_times()
+        t = self.counters.evals["decode" if decode else "prompt"]
+        t.count += 1
+        t.tokens += int(n_tokens)
+        t.seconds += now.wall - start.wall
+        t.read_seconds += self._read_seconds() - read0
+        blocked = now.blocked_since(start)
+        t.blocked_seconds = None if blocked is None or t.blocked_seconds is None else t.blocked_seconds + blocked
+
+    def _read_seconds(self) -> float:
+        """Seconds of reads the tier's evaluations caused so far (a running total; default none)."""
+        return 0.0
+
     def on_step(self, step: RoutingStep | None, accepted_counts: np.ndarray | None = None) -> None:
         """After an evaluation step: observe, learn, re-plan, move.
 

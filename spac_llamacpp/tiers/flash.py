@@ -72,6 +72,20 @@ DEFAULT_CHECK_BYTES = 1 << 30  # expert bytes one residency check measures (Flas
 DRAIN_TIMEOUT = 30.0  # seconds a budget check waits for the queued evictions
 
 
+def io_overlap(wait_seconds: float | None, read_seconds: float) -> float | None:
+    """The share of demand-read time the decoding thread did not wait through: ``1 - wait / read``, at least 0.
+
+    ``read``: per MoE layer with misses, from the submission of its reads until the last landed (the engine's
+    ``demand_read_ns``); ``wait``: the decoding thread's blocked time in the evaluations (``base/threadclock``:
+    in the hook, in the matmuls' page faults, at the thread pool's barriers while another compute thread
+    faults). 1: reads hidden behind compute entirely; 0: every read waited for, as with ``demand="wait"``.
+    None when nothing was read on demand or the kernel cannot tell the blocked time.
+    """
+    if wait_seconds is None or read_seconds <= 0:
+        return None
+    return max(0.0, 1.0 - wait_seconds / read_seconds)
+
+
 def sweep_chunks(layer_bytes: np.ndarray, check_bytes: int) -> list[tuple[int, int]]:
     """Consecutive MoE-layer ranges ``[i0, i1)`` of at least ``check_bytes`` expert bytes each (one layer at the
     least, the last range what is left; ``check_bytes <= 0``: one range of every layer)."""
@@ -129,6 +143,10 @@ class FlashTier(TierController):
         prompt_keep: on a cold start (no profile), swap each layer's uninformed planned experts for the first
             step's hottest selected ones while it runs (``native/spac_engine.h``); the plan after it then
             starts from the prompt's experts instead of reading them again.
+        demand: how a layer's demand loads are awaited (``native/spac_engine.h``): ``"async"`` (default) by the
+            engine's completer thread while the layer's matmuls run (resident experts compute while the missing
+            ones are read, a page in flight makes the matmul's fault wait for it), ``"wait"`` by the layer hook
+            before the matmuls start. Same outputs; ``stats()["timing"]`` says what each costs.
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
@@ -166,6 +184,7 @@ class FlashTier(TierController):
         keep_demand: bool = True,
         prompt_keep: bool = True,
         layer_ahead: bool = False,
+        demand: str = "async",
         check_every: int = 4,
         guard_file: bool = True,
         check_bytes: int = DEFAULT_CHECK_BYTES,
@@ -207,7 +226,9 @@ class FlashTier(TierController):
 
         self.engine = FlashEngine(info, mapping, threads=threads, guard=guard_file)
         self.non_expert_locked = 0
+        self.demand_mode = demand
         try:
+            self.engine.set_demand_mode(demand)
             if lock_non_experts:
                 self._lock_non_experts()
             self.engine.attach(sensor)
@@ -472,12 +493,30 @@ class FlashTier(TierController):
             "check_cpu_seconds": c.check_cpu_seconds,
             "check_layers": max(i1 - i0 for i0, i1 in self._sweep),  # MoE layers per check at most
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
+            "timing": self._timing(eng),
             "engine": eng,
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
             "other_mappings": others,
             "notes": notes,
             "model_file": self.engine.check_file(),  # the file guard: {"fault": None, ...} while the GGUF is intact
         }
+
+    def _read_seconds(self) -> float:
+        return self.engine.stats()["demand_read_ns"] * 1e-9
+
+    def _timing(self, eng: dict[str, int]) -> dict[str, Any]:
+        """Where the evaluations' time went, per kind (prompt, decode): per token, the wall time, the demand
+        reads' time, the decoding thread's wait (blocked time) and the rest (compute), and the overlap
+        (:func:`io_overlap`)."""
+        out: dict[str, Any] = {"demand": self.demand_mode, "hook_wait_seconds": eng["demand_wait_ns"] * 1e-9}
+        for kind, t in self.counters.evals.items():
+            n, wait = max(t.tokens, 1), t.blocked_seconds
+            out[kind] = {**t.to_json(),
+                         "per_token_ms": {"eval": 1e3 * t.seconds / n, "read": 1e3 * t.read_seconds / n,
+                                          "wait": None if wait is None else 1e3 * wait / n,
+                                          "compute": None if wait is None else 1e3 * (t.seconds - wait) / n},
+                         "overlap": io_overlap(wait, t.read_seconds)}
+        return out
 
     def _other_mappings(self) -> tuple[dict[str, int], list[str]]:
         """Other mappings of the GGUF in this process: pages they map stay in RAM whatever the engine evicts,
