@@ -312,6 +312,24 @@ def test_layer_ahead_prefetch(flash_models, arch):
         llm.close()
 
 
+def test_layer_ahead_auto_switches_by_measurement(flash_models):
+    """layer_ahead="auto": windows with and without the lookahead's graph cuts, then the faster setting; the
+    output is stock's either way."""
+    path = flash_models["qwen3moe"]
+    want = _stock_tokens(path, 40)
+    llm = _flash(path, budget=_min_budget(path), layer_ahead="auto")
+    try:
+        assert _greedy(llm, 40) == want
+        la = llm.stats()["layer_ahead"]
+        assert len(la["decisions"]) == 1 and la["decisions"][0]["step"] == 32  # 4 windows of 8 decode steps
+        assert la["on"] == la["decisions"][0]["on"]
+        assert llm.stats()["engine"]["ahead_predicted"] > 0  # the on windows ran the lookahead
+    finally:
+        llm.close()
+    with pytest.raises(SpacError, match="layer_ahead must be"):
+        _flash(path, layer_ahead="sometimes")
+
+
 def test_budget_holds_at_every_step_boundary(flash_models):
     """A check at every step: the whole model's resident expert bytes at each step boundary (queued evictions
     run first, loads in flight counted as landed) stay within what the plan, the lookahead and the tensors' edge

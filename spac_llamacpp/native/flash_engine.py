@@ -320,10 +320,21 @@ class FlashEngine:
             1 if sigmoid else 0, int(k), int(norm.size), float(eps), int(max_rows))
         if rc != 0:
             raise SpacError(f"cannot set a layer-ahead predictor from block {source} to block {target}")
-        if self._sensor is not None:
-            s = self._sensor._struct
+        self._has_predictors = True
+        self.set_layer_ahead(True)
+
+    def set_layer_ahead(self, on: bool) -> None:
+        """Turn layer-ahead prefetch on or off between evaluations (on needs :meth:`set_predictor` first): off, the
+        sensor no longer asks for the layers' outputs, so the graph loses the extra cuts as well."""
+        if self._sensor is None or self._sensor._struct is None:
+            return
+        s = self._sensor._struct
+        if on and getattr(self, "_has_predictors", False):
             s.hidden_data = self._live()
-            s.hidden_hook = ffi.addressof(self._lib, "spac_engine_on_hidden")
+            s.hidden_hook = self._ffi.addressof(self._lib, "spac_engine_on_hidden")
+        else:
+            s.hidden_hook = self._ffi.NULL
+            s.hidden_data = self._ffi.NULL
 
     def detach(self) -> None:
         if self._sensor is not None and self._sensor._struct is not None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
+from spac_llamacpp.base.threadclock import thread_times
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native.flash_engine import FlashEngine, non_expert_ranges, page_size
 from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_bytes
@@ -52,6 +53,7 @@ from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.planning.policies import DEFAULT_POLICY
 from spac_llamacpp.planning.reference_caches import hit_rate
 from spac_llamacpp.tiers.base import LoopOptions, TierController, TierCounters
+from spac_llamacpp.tiers.switch import MeasuredSwitch
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,9 @@ class FlashTier(TierController):
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
-            cost 5% decode speed overall (docs/flash.md).
+            cost 5% decode speed overall (docs/flash.md). ``"auto"``: on or off by its measured effect on
+            decode time in this run (:class:`~spac_llamacpp.tiers.switch.MeasuredSwitch`: windows of 8 decode
+            steps off, on, on, off, then the faster setting for 256 steps, then again).
         check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
             always measures). mincore costs 14-60 ns per page (less for pages this process has mapped), ~50-
             250 ms over the 15 GiB of experts of Qwen3-30B-A3B, so not every step, and not all layers at once:
@@ -183,7 +187,7 @@ class FlashTier(TierController):
         lookahead: bool | None = None,
         keep_demand: bool = True,
         prompt_keep: bool = True,
-        layer_ahead: bool = False,
+        layer_ahead: bool | str = False,
         demand: str = "async",
         check_every: int = 4,
         guard_file: bool = True,
@@ -233,8 +237,12 @@ class FlashTier(TierController):
                 self._lock_non_experts()
             self.engine.attach(sensor)
             self.engine.set_staging(self.keep_reserve)
+            if layer_ahead not in (False, True, "auto"):
+                raise SpacError(f"layer_ahead must be true, false or 'auto', not {layer_ahead!r}")
+            self.layer_ahead = MeasuredSwitch() if layer_ahead == "auto" else bool(layer_ahead)
             if layer_ahead:
                 self._set_predictors()
+                self.engine.set_layer_ahead(self._layer_ahead_on)
             # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
             # uniform prior; the prompt's routing then replaces the latter at once)
             self._start(info, layout, self.budget_split.plan_bytes, options)
@@ -494,6 +502,8 @@ class FlashTier(TierController):
             "check_layers": max(i1 - i0 for i0, i1 in self._sweep),  # MoE layers per check at most
             "read_bytes": rb - self.read_bytes_at_start if rb >= 0 and self.read_bytes_at_start >= 0 else None,
             "timing": self._timing(eng),
+            "layer_ahead": self.layer_ahead.to_json() if isinstance(self.layer_ahead, MeasuredSwitch)
+            else {"on": bool(self.layer_ahead)},
             "engine": eng,
             "engine_errors": self.engine.errors(),  # {kind: {count, errno, message}}, each kind logged once
             "other_mappings": others,
@@ -503,6 +513,21 @@ class FlashTier(TierController):
 
     def _read_seconds(self) -> float:
         return self.engine.stats()["demand_read_ns"] * 1e-9
+
+    @property
+    def _layer_ahead_on(self) -> bool:
+        la = self.layer_ahead
+        return la.on if isinstance(la, MeasuredSwitch) else bool(la)
+
+    def eval_ends(self, n_tokens: int, decode: bool) -> None:
+        start = self._eval_start
+        super().eval_ends(n_tokens, decode)
+        if decode and start is not None and isinstance(self.layer_ahead, MeasuredSwitch) and not self.engine.closed:
+            was = self.layer_ahead.on
+            # the decoding thread's wall time of this evaluation per token (the seconds just counted)
+            now = self.layer_ahead.record((thread_times().wall - start[0].wall) / max(int(n_tokens), 1))
+            if now != was:
+                self.engine.set_layer_ahead(now)
 
     def _timing(self, eng: dict[str, int]) -> dict[str, Any]:
         """Where the evaluations' time went, per kind (prompt, decode): per token, the wall time, the demand
