@@ -1050,6 +1050,19 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
     requeue_deferred_locked(e);
 }
 
+/* A scratch vector of at least n bytes in *buf (capacity *cap), grown as needed; 0 when out of memory. */
+static int reserve_scratch(unsigned char **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        unsigned char *p = (unsigned char *)realloc(*buf, n);
+        if (p == NULL) {
+            return 0;
+        }
+        *buf = p;
+        *cap = n;
+    }
+    return 1;
+}
+
 /* Whether every page of the expert is resident (one mincore per tensor range, into the caller's
  * scratch vector *buf of *cap bytes). A partly resident expert counts as a miss: left to page
  * faults, its missing pages would be read one at a time. A failure counts as a miss, too (errs). */
@@ -1061,14 +1074,9 @@ static int resident_whole(spac_engine *e, int32_t layer, int32_t expert, unsigne
         if (n == 0) {
             continue;
         }
-        if (n > *cap) {
-            unsigned char *p = (unsigned char *)realloc(*buf, n);
-            if (p == NULL) {
-                keep_first(errs, SPAC_ERR_NOMEM, ENOMEM);
-                return 0;
-            }
-            *buf = p;
-            *cap = n;
+        if (!reserve_scratch(buf, cap, n)) {
+            keep_first(errs, SPAC_ERR_NOMEM, ENOMEM);
+            return 0;
         }
         if (mincore(e->base + r.lo, r.hi - r.lo, *buf) != 0) {
             keep_first(errs, SPAC_ERR_MINCORE, errno);
@@ -1456,14 +1464,9 @@ static int64_t measure_layers(spac_engine *e, int32_t l0, int32_t l1, float *fra
             uint64_t ts = t->off, te = t->off + (uint64_t)e->n_expert * t->bpe;
             uint64_t lo = floor_pg(e, ts), hi = ceil_pg(e, te);
             size_t n_pages = (size_t)((hi - lo) / e->page);
-            if (n_pages > e->mc_cap) {
-                unsigned char *p = (unsigned char *)realloc(e->mc, n_pages);
-                if (p == NULL) {
-                    total = -1;
-                    break;
-                }
-                e->mc = p;
-                e->mc_cap = n_pages;
+            if (!reserve_scratch(&e->mc, &e->mc_cap, n_pages)) {
+                total = -1;
+                break;
             }
             if (mincore(e->base + lo, hi - lo, e->mc) != 0) {
                 total = -1;
@@ -1535,14 +1538,9 @@ int64_t spac_engine_residency_experts(spac_engine *e, int32_t n, const int32_t *
             const uint64_t xs = t->off + (uint64_t)x * t->bpe, xe = xs + t->bpe;
             range_t r = covering(e, t, x);
             size_t n_pages = (size_t)((r.hi - r.lo) / e->page);
-            if (n_pages > e->mc_cap) {
-                unsigned char *p = (unsigned char *)realloc(e->mc, n_pages);
-                if (p == NULL) {
-                    total = -1;
-                    break;
-                }
-                e->mc = p;
-                e->mc_cap = n_pages;
+            if (!reserve_scratch(&e->mc, &e->mc_cap, n_pages)) {
+                total = -1;
+                break;
             }
             if (n_pages == 0) {
                 continue;
