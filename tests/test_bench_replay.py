@@ -71,13 +71,21 @@ def test_bench_flash_replays_on_both_sides(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The quick brown fox\n")
     out = _last_json(["scripts/bench_flash.py", str(models["model"]), "--budget", "50%", "-n", "6", "--no-limit",
-                      "--prompts", str(prompts), "--ctx", "128", "--replay", str(models["trace"])])
+                      "--prompts", str(prompts), "--ctx", "128", "--replay", str(models["trace"]),
+                      "--demand", "async", "--demand", "wait", "--ceiling", "yes"])
     assert out["replay"] == str(models["trace"])
-    runs = [out["ceiling"], out["runs"][0]["stock"], out["runs"][0]["spac"]]
+    runs = [out["ceiling"], out["runs"][0]["stock"], out["runs"][0]["spac"], out["runs"][0]["spac_wait"]]
     for run in runs:
         assert run["replay"]["rows_forced"] > 0 and run["replay"]["mismatched_rows"] == 0, run
     spac = out["runs"][0]["spac"]
     assert set(spac["loop_seconds"]) == {"observe", "learn", "plan", "move", "step_ends"} and spac["checks"] >= 1
+    # the JSON contract of issue 16: top-level expert bytes; per run the wait per token and the overlap
+    assert out["expert_bytes"] > 0 and out["demand"] == ["async", "wait"]
+    for run, mode in ((spac, "async"), (out["runs"][0]["spac_wait"], "wait")):
+        assert run["demand"] == mode and run["timing"]["demand"] == mode
+        assert run["wait_ms_per_token"] is None or run["wait_ms_per_token"] >= 0
+        assert run["overlap"] is None or 0 <= run["overlap"] <= 1
+        assert run["max_resident_at_check"] <= run["budget_bytes"]
 
 
 def test_bench_speculation_replays(models):
