@@ -21,7 +21,8 @@ from spac_llamacpp.planning.estimators import (
     estimator_names,
     make_estimator,
 )
-from spac_llamacpp.planning.replanner import Replanner
+from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.replanner import Replanner, ReplannerStats
 from spac_llamacpp.planning.utility import utility_drift
 
 
@@ -393,3 +394,32 @@ def test_every_estimator_gives_expected_tokens_per_step():
         assert u[0, 0] > u[0, 1]
     with pytest.raises(SpacError):
         make_estimator("nope", 2, 4)
+
+
+def test_replanner_reports_its_solve_time():
+    """stats()["replanner"]: the solves' wall and CPU seconds in all and per solve, the plans made outside the
+    re-planner, and how many steps late its plans were applied (0 when synchronous)."""
+    from spac_llamacpp.planning.placement import PlacementPlanner
+
+    layout = ExpertLayout.synthetic(3, 8, 1_000_000, 2, ggml_type="F16")
+    resident = np.zeros((3, 8), bool)
+    planner = PlacementPlanner(PlacementConfig.flash(background=False), layout, cost_model(), 6_000_000,
+                               resident=lambda: resident.copy())
+    planner.first_plan(None)
+    rng = np.random.default_rng(0)
+    for step in range(1, 7):
+        counts = rng.multinomial(2, [1 / 8] * 8, size=3)
+        planner.demand.update(Observation(counts, 1))
+        assert planner.after_step(step, counts > 0) is not None  # re-planned after every step, applied at once
+    st = planner.stats()
+    planner.close()
+    rs = planner.replanner.stats
+    assert st["solves"] == 5 and st["requested"] == 5 and st["failures"] == 0 and st["background"] is False
+    assert st["solve_seconds"] == pytest.approx(sum(rs.wall)) and st["solve_cpu_seconds"] == pytest.approx(sum(rs.cpu))
+    assert st["solve_seconds"] > 0 and st["solve_cpu_seconds"] > 0
+    assert st["solve_ms_mean"] == pytest.approx(1e3 * st["solve_seconds"] / 5)
+    assert st["solve_cpu_ms_mean"] == pytest.approx(1e3 * st["solve_cpu_seconds"] / 5)
+    assert st["solve_ms_max"] >= st["solve_ms_mean"]
+    assert st["direct_plans"] == 2 and st["direct_seconds"] > 0  # the first plan and the first step's
+    assert st["plans_taken"] == 5 and st["lag_steps_mean"] == 0.0
+    assert ReplannerStats().summary()["solve_ms_mean"] == 0.0  # no solves: no division by zero
