@@ -16,7 +16,8 @@ Policies (``planning/policies.py``): ``spac`` (ours), ``lru`` (per-layer LRU adm
 PR #27861's design), ``lfu``, ``pin`` (a static hot set from the first 16 steps), ``hysteresis`` (MoE-SpAc's
 rule). Every policy plans in the tier's one budget (``planning/budgets.py``). Printed per policy: tok/s
 (prompt and decode; decode alone too), expert hit rate, bytes read from disk per generated token
-(``/proc/<pid>/io``), the wait for demand loads per token (flash: the engine's ``demand_wait_ns``), pool
+(``/proc/<pid>/io``), the wait for demand loads per token (flash: the decoding thread's blocked time in its
+evaluations, ``llm.stats()["timing"]``; docs/flash.md "Compute while reading"), pool
 copies per token (vram) and the tok/s ratios to LRU (prompt and decode, and decode alone); the last line is
 one JSON object.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-on-host", action="store_true",
                    help="vram: the pool in host memory (automatic without a GPU: mechanics only)")
     p.add_argument("--no-repack", action="store_true", help="vram: CPU weight repacking off")
+    p.add_argument("--placement", action="append", default=[], metavar="KEY=VALUE",
+                   help="a placement option for every run (flash_options / vram_options, e.g. background=false, "
+                        "replan_every=4; a value is read as JSON, else as a string); repeatable")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop a run's generation after this many seconds (its rate is then measured on the tokens "
                         "generated so far)")
@@ -102,11 +107,26 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise SpacError("--pool-on-host and --no-repack belong to --tier vram")
     if args.tier == "vram" and (args.overhead or args.no_limit):
         raise SpacError("--overhead and --no-limit belong to --tier flash (the vram tier's budget is its own limit)")
+    placement_args(args.placement)
     if args.draft and not Path(args.draft).is_file():
         raise SpacError(f"draft model not found: {args.draft}")
     if args.prompts and not args.prompts.is_file():
         raise SpacError(f"prompts file not found: {args.prompts}")
     return policies
+
+
+def placement_args(items: list[str]) -> dict[str, Any]:
+    """``--placement KEY=VALUE`` items as a dict (values read as JSON, else strings); a bad item is a SpacError."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpacError(f"--placement takes KEY=VALUE, not {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,17 +141,21 @@ def _child(cfg: dict) -> dict:
     kw: dict[str, Any] = {"n_ctx": cfg["ctx"], "n_threads": cfg["threads"], "verbose": False, "seed": 0}
     draft = make_draft(cfg)
     spec = {"draft_model": draft, "n_draft": cfg["n_draft"], "adaptive_draft": False} if draft is not None else {}
+    placement = dict(cfg.get("placement") or {})
     t0 = time.perf_counter()
     if cfg["tier"] == "flash":
         llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], policy=cfg["policy"], **spec,
-                    **replay_kwargs(cfg), **kw)
+                    flash_options=placement, **replay_kwargs(cfg), **kw)
     else:
         llm = Llama(cfg["model"], tier="vram", vram_budget=cfg["budget"], policy=cfg["policy"],
-                    vram_options={"on_host": cfg["pool_on_host"]}, use_extra_bufts=None if cfg["repack"] else False,
-                    n_gpu_layers=-1, **spec, **replay_kwargs(cfg), **kw)
+                    vram_options={"on_host": cfg["pool_on_host"], **placement},
+                    use_extra_bufts=None if cfg["repack"] else False, n_gpu_layers=-1, **spec, **replay_kwargs(cfg),
+                    **kw)
     load_s = time.perf_counter() - t0
     read0 = read_bytes_so_far()
+    cpu0 = os.times()
     tokens, decode_s, prompt_s = timed_generation(llm, cfg["prompts"], cfg["n_predict"], cfg.get("max_seconds"))
+    cpu1 = os.times()
     read = read_bytes_so_far() - read0
     seconds = decode_s + prompt_s
     st = llm.stats(settle=5.0)
@@ -141,10 +165,16 @@ def _child(cfg: dict) -> dict:
            "decode_seconds": decode_s, "read_bytes": read, "read_per_token": read / per, "rss_anon": rss_anon(),
            "hit_rate": st["hit_rate"], "steps": st["steps"], "plan_budget_bytes": st["plan_budget_bytes"],
            "planned_bytes": st["planned_bytes"], "replanner": st["replanner"], "replay": replay_stats(llm),
-           "speculation": llm.speculation.summary() if llm.speculation is not None else None}
+           "speculation": llm.speculation.summary() if llm.speculation is not None else None,
+           # the process's CPU seconds while generating (every thread: llama.cpp's, the engine's, the re-planner's)
+           "cpu_user_seconds": cpu1.user - cpu0.user, "cpu_system_seconds": cpu1.system - cpu0.system,
+           "loop_cpu_seconds": st["loop_cpu_seconds"], "load_avg": os.getloadavg()[0]}
     if cfg["tier"] == "flash":
         eng = st["engine"]
-        out.update({"wait_ms_per_token": eng["demand_wait_ns"] / 1e6 / per,
+        t = st["timing"]  # the decoding thread's blocked time, in the hook or (async demand) in the matmuls' faults
+        blocked = [t[k]["blocked_seconds"] for k in ("prompt", "decode")]
+        out.update({"wait_ms_per_token": None if None in blocked else 1e3 * sum(blocked) / per,
+                    "overlap": t["decode"]["overlap"], "timing": t,
                     "demand_misses_per_token": eng["demand_misses"] / per, "engine": eng,
                     **{k: st[k] for k in ("budget_bytes", "resident_expert_bytes", "max_resident_at_check",
                                           "budget_checks", "over_budget_checks", "loop_seconds", "staged_kept",
@@ -178,8 +208,12 @@ def _row(name: str, r: dict | None, lru: dict | None) -> str:
     extra = f", {r['copies_per_token']:.1f} copies/token" if "copies_per_token" in r else ""
     ratio = f"{r['tps'] / lru['tps']:.2f}x (decode {r['decode_tps'] / lru['decode_tps']:.2f}x)" \
         if lru and lru["tps"] > 0 and lru["decode_tps"] > 0 else "-"
+    rp = r.get("replanner") or {}
+    solve = f", re-plan CPU {rp['solve_cpu_seconds']:.2f} s" if rp.get("solve_cpu_seconds") else ""
+    cpu = f", CPU {r['cpu_user_seconds'] + r['cpu_system_seconds']:.1f} s" if "cpu_user_seconds" in r else ""
     return (f"  {name:<11} {r['tps']:8.3f} tok/s (decode {r['decode_tps']:8.3f})  hit rate {hit:>6}  read "
-            f"{format_size(r['read_per_token']):>10}/token  miss wait {wait:>9}/token{extra}  vs lru {ratio}")
+            f"{format_size(r['read_per_token']):>10}/token  miss wait {wait:>9}/token{extra}  vs lru {ratio}"
+            f"{cpu}{solve}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +255,7 @@ def _main(args: argparse.Namespace) -> int:
             "n_predict": args.n_predict, "threads": args.threads, "ctx": args.ctx, "draft": args.draft,
             "lookup": args.lookup, "n_draft": args.n_draft, "replay": check_replay(args.replay, info),
             "replay_end": args.replay_end, "max_seconds": args.max_seconds, "pool_on_host": on_host,
-            "repack": not args.no_repack}
+            "repack": not args.no_repack, "placement": placement_args(args.placement)}
     budgets = [budget_arg(b, args.tier, info, n_ctx=args.ctx) for b in (args.budget or ["25%"])]
     draft = args.draft or ("prompt lookup" if args.lookup else "none")
     routing = f"replayed from {args.replay}" if args.replay else "the model's own"
@@ -280,7 +314,8 @@ def _main(args: argparse.Namespace) -> int:
 
     print(json.dumps({"model": info.path.name, "tier": args.tier, "pool_on_host": on_host, "policies": policies,
                       "replay": args.replay, "draft": draft, "prompts": prompts, "n_predict": args.n_predict,
-                      "max_seconds": args.max_seconds, "overhead_bytes": overhead, "runs": runs}))
+                      "max_seconds": args.max_seconds, "overhead_bytes": overhead,
+                      "placement": placement_args(args.placement), "runs": runs}))
     return 0
 
 

@@ -21,7 +21,8 @@ from spac_llamacpp.planning.estimators import (
     estimator_names,
     make_estimator,
 )
-from spac_llamacpp.planning.replanner import Replanner
+from spac_llamacpp.planning.placement_config import PlacementConfig
+from spac_llamacpp.planning.replanner import Replanner, ReplannerStats
 from spac_llamacpp.planning.utility import utility_drift
 
 
@@ -393,3 +394,76 @@ def test_every_estimator_gives_expected_tokens_per_step():
         assert u[0, 0] > u[0, 1]
     with pytest.raises(SpacError):
         make_estimator("nope", 2, 4)
+
+
+def test_replanner_reports_its_solve_time():
+    """stats()["replanner"]: the solves' wall and CPU seconds in all and per solve, the plans made outside the
+    re-planner, and how many steps late its plans were applied (0 when synchronous)."""
+    from spac_llamacpp.planning.placement import PlacementPlanner
+
+    layout = ExpertLayout.synthetic(3, 8, 1_000_000, 2, ggml_type="F16")
+    resident = np.zeros((3, 8), bool)
+    planner = PlacementPlanner(PlacementConfig.flash(background=False), layout, cost_model(), 6_000_000,
+                               resident=lambda: resident.copy())
+    planner.first_plan(None)
+    rng = np.random.default_rng(0)
+    for step in range(1, 7):
+        counts = rng.multinomial(2, [1 / 8] * 8, size=3)
+        planner.demand.update(Observation(counts, 1))
+        assert planner.after_step(step, counts > 0) is not None  # re-planned after every step, applied at once
+    st = planner.stats()
+    planner.close()
+    rs = planner.replanner.stats
+    assert st["solves"] == 5 and st["requested"] == 5 and st["failures"] == 0 and st["background"] is False
+    assert st["solve_seconds"] == pytest.approx(sum(rs.wall)) and st["solve_cpu_seconds"] == pytest.approx(sum(rs.cpu))
+    assert st["solve_seconds"] > 0 and st["solve_cpu_seconds"] > 0
+    assert st["solve_ms_mean"] == pytest.approx(1e3 * st["solve_seconds"] / 5)
+    assert st["solve_cpu_ms_mean"] == pytest.approx(1e3 * st["solve_cpu_seconds"] / 5)
+    assert st["solve_ms_max"] >= st["solve_ms_mean"]
+    assert st["direct_plans"] == 2 and st["direct_seconds"] > 0  # the first plan and the first step's
+    assert st["plans_taken"] == 5 and st["lag_steps_mean"] == 0.0
+    assert ReplannerStats().summary()["solve_ms_mean"] == 0.0  # no solves: no division by zero
+
+
+def _first_fit(order, size, room):
+    """The definition fill_in_order vectorises: each item in turn while it fits."""
+    out = []
+    for k in order:
+        if size[k] <= room:
+            out.append(k)
+            room -= size[k]
+    return out
+
+
+def test_fill_in_order_is_first_fit():
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        size = rng.integers(1, 6, size=int(rng.integers(0, 20))) * (1 if rng.random() < 0.5 else 1000)
+        order = rng.permutation(len(size))[: int(rng.integers(0, len(size) + 1))]
+        room = int(rng.integers(0, int(size.sum()) + 2)) if len(size) else 3
+        assert B.fill_in_order(order, size, room).tolist() == _first_fit(order.tolist(), size.tolist(), room)
+
+
+def test_serial_greedy_and_keep_residents_follow_their_loops():
+    """Flash (serial, no per-layer cap, no transfer cap): greedy takes experts by gain per byte first-fit, and
+    keep_residents adds the resident ones it left out that are no slower resident, by slow time per byte."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        L, E = int(rng.integers(1, 5)), int(rng.integers(1, 10))
+        tensors = tuple((("F16", int(rng.integers(1, 4)) * 100_000),) for _ in range(L))
+        lay = ExpertLayout(tuple(range(L)), E, tensors, (2,) * L)
+        u = rng.random((L, E)) * (rng.random((L, E)) < 0.6)
+        costs = B.tier_costs("flash", cost_model(), lay, u)
+        p = Problem.build(costs, lay, int(rng.integers(1, L * E + 1)) * 150_000, rng.random((L, E)) < 0.3, 4.0)
+        gain = p.slow - p.fast - p.amortised_load
+        order = np.argsort(-(gain / p.size), axis=None, kind="stable")
+        want = np.zeros(L * E, bool)
+        want[_first_fit([k for k in order if gain.ravel()[k] > 0], p.size.ravel().tolist(), p.budget)] = True
+        x = greedy(p)
+        assert np.array_equal(x.ravel(), want)
+        extra = (p.resident & ~x).ravel()
+        ok = (p.fast <= p.slow).ravel()
+        order = np.argsort(-(p.slow / p.size), axis=None, kind="stable")
+        room = p.budget - int(p.size[x].sum())
+        want[_first_fit([k for k in order if extra[k] and ok[k]], p.size.ravel().tolist(), room)] = True
+        assert np.array_equal(B.keep_residents(p, x).ravel(), want)

@@ -42,6 +42,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     (["--budget", "1KiB"], ["too small"]),
     (["--budget", "12 apples"], ["size"]),
     (["--max-seconds", "0"], ["--max-seconds must be positive"]),
+    (["--placement", "background"], ["--placement takes KEY=VALUE"]),
     (["--tier", "disk"], ["invalid choice"]),
 ])
 def test_argument_errors_are_one_line(model, args, words):
@@ -78,13 +79,16 @@ def _check(proc: subprocess.CompletedProcess[str], policies: list[str]) -> dict:
 def test_tiny_flash_run(model, prompts):
     policies = ["lru", "spac", "hysteresis"]
     proc = _bench(str(model), "--budget", "50%", "-n", "4", "--no-limit", "--prompts", str(prompts), "--ctx", "128",
-                  "--policies", ",".join(policies))
+                  "--policies", ",".join(policies), "--placement", "background=false")
     out = _check(proc, policies)
     (run,) = out["runs"]
-    assert out["tier"] == "flash" and run["limit_method"] == "none"
+    assert out["tier"] == "flash" and run["limit_method"] == "none" and out["placement"] == {"background": False}
     for p in policies:
         r = run["results"][p]
         assert r["wait_ms_per_token"] >= 0 and r["engine"]["demand_misses"] > 0  # a cold start misses
+        assert r["cpu_user_seconds"] > 0 and r["loop_cpu_seconds"] > 0
+    ours = run["results"]["spac"]["replanner"]
+    assert ours["background"] is False and ours["solves"] > 0 and ours["solve_cpu_seconds"] > 0
     # the same budget for all; a baseline's plan also gets the lookahead reserve that ours keeps for itself
     assert len({run["results"][p]["budget_bytes"] for p in policies}) == 1
     assert run["results"]["lru"]["plan_budget_bytes"] > run["results"]["spac"]["plan_budget_bytes"]

@@ -85,7 +85,7 @@ def test_soak_flash_generations(tmp_path):
     assert budget >= _min_budget(path)
     threads_before, fds_before = _threads(), _fds()
     llm = Llama(path, n_ctx=512, verbose=False, seed=0, n_threads=1, tier="flash", budget=budget,
-                flash_options={"check_every": 1})  # background re-planning (the default) on
+                flash_options={"check_every": 1, "background": True})  # background re-planning on
     t0 = time.monotonic()
     try:
         for i in range(GENERATIONS):

@@ -82,7 +82,14 @@ def tier_costs(
     fast = np.zeros_like(u)
     slow = np.zeros_like(u)
     load = np.zeros_like(u)
+    # layers with the same tensors (usually all of them) are costed together: the same elementwise arithmetic
+    # as one layer at a time, in one numpy call per group instead of one per layer (the re-planner runs this
+    # after every step)
+    groups: dict[tuple[tuple[str, int], ...], list[int]] = {}
     for i, tensors in enumerate(layout.tensors):
+        groups.setdefault(tuple(tensors), []).append(i)
+    for tensors, layers in groups.items():
+        i = np.asarray(layers) if len(layers) < len(layout.tensors) else slice(None)
         nbytes = sum(n for _, n in tensors)
         n_ranges = len(tensors)
         cpu = cost.cpu_seconds(tensors, b[i])
@@ -207,6 +214,29 @@ class Plan:
         return int(self.info.get("bytes", 0))
 
 
+def fill_in_order(order: np.ndarray, size: np.ndarray, room: int) -> np.ndarray:
+    """The items of ``order`` (indices into ``size``) that a first-fit pass in that order takes into ``room``
+    bytes: each in turn while it fits, one that does not is skipped. Vectorised: a prefix that fits is taken at
+    once (a cumulative sum), so the loop runs once per skipped run, not once per item."""
+    size = np.asarray(size, np.int64)
+    order = np.asarray(order, np.int64)
+    room = int(room)
+    taken = []
+    while len(order):
+        s = size[order]
+        fits = s <= room
+        if not fits.any():
+            break
+        j = int(np.argmax(fits))  # the next item that fits; those before it are skipped
+        order, s = order[j:], s[j:]
+        cum = np.cumsum(s)
+        k = int(np.searchsorted(cum, room, side="right"))  # >= 1: s[0] fits
+        taken.append(order[:k])
+        room -= int(cum[k - 1])
+        order = order[k:]
+    return np.concatenate(taken) if taken else np.zeros(0, np.int64)
+
+
 def greedy(problem: Problem) -> np.ndarray:
     """Utility-per-byte greedy: take experts by decreasing (time saved - amortised move) per byte.
 
@@ -226,7 +256,12 @@ def greedy(problem: Problem) -> np.ndarray:
     move = np.where(problem.resident, 0.0, problem.load)
     if not problem.parallel:
         gain = problem.slow - problem.fast - la
-        for flat in np.argsort(-(gain / np.maximum(size, 1)), axis=None, kind="stable"):
+        order = np.argsort(-(gain / np.maximum(size, 1)), axis=None, kind="stable")
+        if cap is None and problem.max_load is None:  # the common case (flash), without a Python loop
+            order = order[gain.ravel()[order] > 0]  # (the loop below stops at the first gain <= 0)
+            x.ravel()[fill_in_order(order, size.ravel(), problem.budget)] = True
+            return x
+        for flat in order:
             i, e = divmod(int(flat), E)
             if gain[i, e] <= 0:
                 break
@@ -282,14 +317,17 @@ def keep_residents(problem: Problem, x: np.ndarray) -> np.ndarray:
         return x
     x = x.copy()
     used = int(problem.size[x].sum())
+    order = np.argsort(-(problem.slow / np.maximum(problem.size, 1)), axis=None, kind="stable")
+    order = order[extra.ravel()[order]]  # only the resident experts the plan left out are candidates
+    if not problem.parallel and problem.max_per_layer is None:  # (flash) the loop below, without a Python loop
+        order = order[(problem.fast <= problem.slow).ravel()[order]]
+        x.ravel()[fill_in_order(order, problem.size.ravel(), problem.budget - used)] = True
+        return x
     per_layer = x.sum(axis=1)
     f = np.where(x, problem.fast, 0.0).sum(axis=1)
     s = np.where(x, 0.0, problem.slow).sum(axis=1)
-    order = np.argsort(-(problem.slow / np.maximum(problem.size, 1)), axis=None, kind="stable")
     for flat in order:
         i, e = divmod(int(flat), x.shape[1])
-        if not extra[i, e]:
-            continue
         size = int(problem.size[i, e])
         cap = problem.max_per_layer
         if used + size > problem.budget or (cap is not None and per_layer[i] >= cap):

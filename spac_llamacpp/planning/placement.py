@@ -69,6 +69,10 @@ class PlacementPlanner:
         self._admitted: np.ndarray | None = None  # the last step's used experts, while a plan from it is due
         self._tokens_per_step = 1.0
         self.warm = False  # a residency was planned from a profile before the first step
+        # plans made outside the re-planner (the first plan, the first step's) and the steps between a
+        # re-plan's request and the step its plan was taken at (0 when synchronous)
+        self._direct = {"plans": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+        self._taken = {"plans": 0, "lag_steps": 0}
         self.replanner = Replanner(self._plan, every=config.replan_every, drift=config.drift,
                                    resident=self._plan_resident, background=config.background)
 
@@ -99,7 +103,15 @@ class PlacementPlanner:
         self.warm = prior is not None
         demand = np.asarray(prior, dtype=np.float64) if prior is not None else uniform_demand(self.layout)
         self._snapshot_tokens_per_step()
-        return self._plan(demand, None), demand
+        return self._direct_plan(demand, None), demand
+
+    def _direct_plan(self, utility: np.ndarray, resident: np.ndarray | None) -> Plan:
+        plan = self._plan(utility, resident)
+        d = self._direct
+        d["plans"] += 1
+        d["seconds"] += plan.seconds
+        d["cpu_seconds"] += plan.cpu_seconds
+        return plan
 
     def after_step(self, step: int, used: np.ndarray | None = None) -> Plan | None:
         """After the estimator saw step ``step`` (1-based): the plan to apply now, if any. ``used``
@@ -110,9 +122,13 @@ class PlacementPlanner:
         self._snapshot_tokens_per_step()
         if step == 1 and not self.warm:
             # the first step (usually the prompt) replaces the uninformed start at once
-            return self._plan(u, self._plan_resident())
+            return self._direct_plan(u, self._plan_resident())
         self.replanner.submit(u, step)
-        return self.replanner.take()
+        plan = self.replanner.take()
+        if plan is not None:
+            self._taken["plans"] += 1
+            self._taken["lag_steps"] += step - plan.step
+        return plan
 
     def step_seconds(self, n_tokens: Sequence[int]) -> list[float]:
         """Modelled expert seconds of one evaluation of each ``n`` in ``n_tokens`` tokens at the applied
@@ -137,8 +153,13 @@ class PlacementPlanner:
         return self.replanner.wait_idle(timeout)
 
     def stats(self) -> dict[str, object]:
-        s = self.replanner.stats
-        return {"solves": s.solves, "failures": s.failures}
+        """The re-planner's solves (counts, wall and CPU seconds in all, per solve), the plans made outside it
+        (``direct_*``: before and after the first step, on the decoding thread) and ``lag_steps_mean``: steps
+        between a re-plan's request and the step its plan was applied after (0 when synchronous)."""
+        d, t = self._direct, self._taken
+        return {**self.replanner.stats.summary(), "background": self.replanner.background,
+                "direct_plans": d["plans"], "direct_seconds": d["seconds"], "direct_cpu_seconds": d["cpu_seconds"],
+                "plans_taken": t["plans"], "lag_steps_mean": t["lag_steps"] / t["plans"] if t["plans"] else 0.0}
 
     def close(self) -> None:
         self.replanner.close()

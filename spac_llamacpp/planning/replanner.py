@@ -41,6 +41,25 @@ class ReplannerStats:
     submit_seconds: float = 0.0  # time the decoding thread spent in submit()
     methods: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def solve_seconds(self) -> float:
+        """Wall seconds of all solves (in the background thread, or in ``submit`` when synchronous)."""
+        return float(sum(self.wall))
+
+    @property
+    def solve_cpu_seconds(self) -> float:
+        """CPU seconds of all solves: what re-planning took from the cores decoding runs on."""
+        return float(sum(self.cpu))
+
+    def summary(self) -> dict[str, float | int]:
+        """Totals and per-solve means and maximum (milliseconds) for a tier's ``stats()["replanner"]``."""
+        n = max(self.solves, 1)
+        return {"solves": self.solves, "failures": self.failures, "requested": self.requested,
+                "coalesced": self.coalesced, "solve_seconds": self.solve_seconds,
+                "solve_cpu_seconds": self.solve_cpu_seconds, "solve_ms_mean": 1e3 * self.solve_seconds / n,
+                "solve_cpu_ms_mean": 1e3 * self.solve_cpu_seconds / n,
+                "solve_ms_max": 1e3 * max(self.wall, default=0.0), "submit_seconds": self.submit_seconds}
+
 
 class Replanner:
     """Runs ``plan_fn(utility, resident) -> Plan`` in a background thread when a re-plan is due.

@@ -59,6 +59,8 @@ class TierCounters:
     plans_applied: int = 0
     # decoding-thread seconds spent in each phase of on_step (LOOP_PHASES), summed over the steps
     loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
+    # of which the decoding thread ran (its CPU seconds, system time included): the rest waited for a core or I/O
+    loop_cpu_seconds: float = 0.0
     # llama.cpp's evaluations (Llama.eval around the model's eval), per kind ("decode": one token or a
     # verification of drafts; "prompt": any other)
     evals: dict[str, EvalTimes] = field(default_factory=lambda: {"prompt": EvalTimes(), "decode": EvalTimes()})
@@ -202,7 +204,7 @@ class TierController(ABC):
         c.steps += 1
         c.tokens += step.n_tokens
         clock, spent = time.perf_counter, c.loop_seconds
-        t0 = clock()
+        t0, cpu0 = clock(), time.thread_time()
         counts = step.counts[self.rows]
         self._observe(counts)
         t1 = clock()
@@ -216,6 +218,7 @@ class TierController(ABC):
         t4 = clock()
         self._step_ends(counts)
         t5 = clock()
+        c.loop_cpu_seconds += time.thread_time() - cpu0
         for name, dt in zip(LOOP_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             spent[name] += dt
         if self.records is not None:
@@ -268,6 +271,7 @@ class TierController(ABC):
             "tokens": c.tokens,
             "plans_applied": c.plans_applied,
             "loop_seconds": dict(c.loop_seconds),  # decoding-thread time per phase of the loop, all steps
+            "loop_cpu_seconds": c.loop_cpu_seconds,  # of which it ran on a core
             "replanner": self.planner.stats(),
             "placement": self.config.to_json(),
         }

@@ -3,9 +3,9 @@
 Per evaluation step, top to bottom (steps 1-2 are the shared loop of ``tiers/base.py``):
 
 1. routing (the sensor's step counts over the step's k+1 tokens) -> the utility estimator;
-2. utility -> the balancer (in the re-planner's background thread) -> a plan: which experts are
-   wanted resident, within ``budget`` minus the staging, keep, lookahead and edge reserves
-   (``planning.budgets``);
+2. utility -> the balancer (the re-planner, at the step boundary; ``background=True``: in its thread) -> a
+   plan: which experts are wanted resident, within ``budget`` minus the staging, keep, lookahead and edge
+   reserves (``planning.budgets``);
 3. plan -> moves (this module): newly unwanted experts are evicted, newly wanted ones prefetched (hottest first)
    unless the step's demand loads already brought them in, the hottest pinned (mlock, within
    ``pin_fraction`` of the budget);
