@@ -703,8 +703,41 @@ static int neighbours_free(const spac_engine *e, const tensor_t *t, int32_t laye
     return 1;
 }
 
+/* Whether any page of [lo, hi) is still in the page cache (mincore in pieces of a stack buffer; a failure
+ * counts as yes, so that the caller takes the thorough path). */
+static int any_resident(const spac_engine *e, uint64_t lo, uint64_t hi) {
+    unsigned char v[4096];
+    for (uint64_t a = lo; a < hi;) {
+        uint64_t n = (hi - a) / e->page;
+        n = n > sizeof v ? sizeof v : n;
+        if (n == 0 || mincore(e->base + a, n * e->page, v) != 0) {
+            return 1;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            if (v[i] & 1) {
+                return 1;
+            }
+        }
+        a += n * e->page;
+    }
+    return 0;
+}
+
+/* Unmap the range from our mapping and drop its pages from the page cache. */
+static void drop_pages(spac_engine *e, range_t r, int *errs) {
+    if (madvise(e->base + r.lo, r.hi - r.lo, MADV_DONTNEED) != 0) {
+        keep_first(errs, SPAC_ERR_EVICT, errno);
+    }
+    if (e->fd >= 0) {
+        int rc = posix_fadvise(e->fd, (off_t)r.lo, (off_t)(r.hi - r.lo), POSIX_FADV_DONTNEED);
+        if (rc != 0) {
+            keep_first(errs, SPAC_ERR_FADVISE, rc);
+        }
+    }
+}
+
 static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_t *ranges, int32_t n, int unpin,
-                     int64_t *bytes, int *errs) {
+                     int64_t *bytes, int64_t *pageouts, int *errs) {
     (void)layer;
     (void)expert;
     for (int32_t i = 0; i < n; i++) {
@@ -715,17 +748,14 @@ static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_
         if (unpin && munlock(e->base + r.lo, r.hi - r.lo) != 0) {
             keep_first(errs, SPAC_ERR_EVICT, errno);
         }
-        /* PAGEOUT splits large folios that straddle the range (fadvise alone cannot drop those); what
-         * it leaves (pages mapped elsewhere, kernels without it) goes through DONTNEED + fadvise */
-        madvise(e->base + r.lo, r.hi - r.lo, MADV_PAGEOUT);
-        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_DONTNEED) != 0) {
-            keep_first(errs, SPAC_ERR_EVICT, errno);
-        }
-        if (e->fd >= 0) {
-            int rc = posix_fadvise(e->fd, (off_t)r.lo, (off_t)(r.hi - r.lo), POSIX_FADV_DONTNEED);
-            if (rc != 0) {
-                keep_first(errs, SPAC_ERR_FADVISE, rc);
-            }
+        /* DONTNEED + fadvise drop the engine's own reads (single pages); a large folio that straddles the
+         * range (the load's, or pages mapped elsewhere) survives them. Only then MADV_PAGEOUT, which splits
+         * such folios, and the drop again: PAGEOUT costs 4x the rest (0.25 vs 0.06 s of CPU per GiB here) */
+        drop_pages(e, r, errs);
+        if (any_resident(e, r.lo, r.hi)) {
+            (*pageouts)++;
+            madvise(e->base + r.lo, r.hi - r.lo, MADV_PAGEOUT);
+            drop_pages(e, r, errs);
         }
         *bytes += (int64_t)(r.hi - r.lo);
     }
@@ -817,7 +847,7 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
     e->running++;
     pthread_mutex_unlock(&e->mu);
 
-    int64_t bytes = 0;
+    int64_t bytes = 0, pageouts = 0;
     switch (faulted(e) ? 0 : m.op) { /* a changed file: no more page moves */
     case SPAC_OP_PREFETCH:
         do_prefetch(e, m.layer, m.expert, &bytes, errs);
@@ -826,7 +856,7 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
         if (ranges == NULL) {
             errs[SPAC_ERR_NOMEM] = ENOMEM;
         } else {
-            do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, errs);
+            do_evict(e, m.layer, m.expert, ranges, nr, unpin, &bytes, &pageouts, errs);
         }
         break;
     case SPAC_OP_PIN:
@@ -862,6 +892,7 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
     case SPAC_OP_EVICT:
         e->st.evictions++;
         e->st.evict_bytes += bytes;
+        e->st.evict_pageouts += pageouts;
         break;
     case SPAC_OP_PIN:
         if (errs[SPAC_ERR_PIN]) {
@@ -1701,7 +1732,7 @@ int64_t spac_engine_reset_experts(spac_engine *e, uint64_t map_lo) {
     w = w > ((uint64_t)32 << 20) ? (uint64_t)32 << 20 : w;
     const uint64_t lo_lim = ceil_pg(e, map_lo), hi_lim = floor_pg(e, e->size);
     int errs[SPAC_ERR_KINDS] = {0};
-    int64_t dropped = 0;
+    int64_t dropped = 0, pageouts = 0;
     for (int32_t l = 0; l < e->n_layer; l++) {
         for (int32_t i = 0; i < e->n_tensors[l]; i++) {
             const tensor_t *t = &e->tensors[(int64_t)l * e->max_t + i];
@@ -1711,12 +1742,13 @@ int64_t spac_engine_reset_experts(spac_engine *e, uint64_t map_lo) {
             b = b > hi_lim ? hi_lim : b;
             if (b > a) {
                 range_t r = {a, b};
-                do_evict(e, l, 0, &r, 1, 0, &dropped, errs);
+                do_evict(e, l, 0, &r, 1, 0, &dropped, &pageouts, errs);
             }
         }
     }
     pthread_mutex_lock(&e->mu);
     note_errors_locked(e, errs);
+    e->st.evict_pageouts += pageouts;
     pthread_mutex_unlock(&e->mu);
     return dropped;
 }

@@ -6,7 +6,8 @@
  *   prefetch: madvise(WILLNEED) (readahead of exactly the expert's bytes) then
  *             madvise(MADV_POPULATE_READ), which returns once the pages are resident;
  *   evict:    munlock, madvise(MADV_DONTNEED) on our mapping, posix_fadvise(DONTNEED) on the file
- *             (drops the clean pages from the page cache once no one maps them);
+ *             (drops the clean pages from the page cache once no one maps them); when mincore still finds
+ *             pages of the range (a large folio straddling it), MADV_PAGEOUT and the same again;
  *   pin:      mlock (unpin: munlock).
  * Expert byte ranges are not page-aligned in general. A prefetch covers every page the expert
  * touches; an eviction drops the pages inside the expert and a boundary page only when the
@@ -136,6 +137,7 @@ typedef struct spac_engine_stats {
     int64_t loading_defers;              /* evictions that waited for a running prefetch of the expert */
     int64_t demand_read_ns;              /* per layer with misses: from its reads' submission until all landed */
     int64_t demand_async;                /* layers whose demand reads the completer awaited (SPAC_DEMAND_ASYNC) */
+    int64_t evict_pageouts;              /* eviction ranges that needed MADV_PAGEOUT (pages left after the drop) */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;

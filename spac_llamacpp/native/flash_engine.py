@@ -36,7 +36,7 @@ _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pin
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
                 "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
-                "drained_here", "loading_defers", "demand_read_ns", "demand_async")
+                "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts")
 DEMAND_MODES = {"wait": 0, "async": 1}  # SPAC_DEMAND_* (spac_engine.h)
 FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
