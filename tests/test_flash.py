@@ -467,3 +467,32 @@ def test_engine_flags_and_keep_refuse_bad_input(flash_models):
                  lambda: engine.set_demand_mode("wait")):
         with pytest.raises(SpacError, match="closed"):
             call()
+
+
+def test_eviction_takes_the_pageout_path_only_where_pages_survive_the_drop(flash_models):
+    """An eviction drops the pages with DONTNEED + fadvise; MADV_PAGEOUT runs only when mincore still finds some
+    (here: pages another mapping of the file holds, which nothing can drop), never for the engine's own reads."""
+    import mmap
+
+    engine, ref, layer = _engine_on(flash_models["llama"])
+    try:
+        assert engine.submit("prefetch", layer, 2) and engine.wait_idle()
+        s0 = engine.stats()
+        assert engine.submit("evict", layer, 2) and engine.drain_evictions() and engine.wait_idle()
+        s1 = engine.stats()
+        assert s1["evictions"] == s0["evictions"] + 1 and s1["evict_pageouts"] == s0["evict_pageouts"]
+        assert engine.residency()[1][layer, 2] == 0.0
+        # a second mapping of the file touches expert 3's pages: the drop leaves them, the fallback runs
+        assert engine.submit("prefetch", layer, 3) and engine.wait_idle()
+        t = read_model_header(flash_models["llama"]).layer_tensors(layer)[0]
+        with open(flash_models["llama"], "rb") as f:
+            other = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            lo = t.file_offset + 3 * t.bytes_per_expert
+            assert sum(other[lo:lo + t.bytes_per_expert:page_size()]) >= 0  # map the pages in this mapping too
+            assert engine.submit("evict", layer, 3) and engine.drain_evictions() and engine.wait_idle()
+            s2 = engine.stats()
+            other.close()
+        assert s2["evict_pageouts"] > s1["evict_pageouts"] and s2["errors"] == 0
+    finally:
+        engine.close()
+        ref.close()
