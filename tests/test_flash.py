@@ -314,14 +314,15 @@ def test_layer_ahead_prefetch(flash_models, arch):
 
 def test_layer_ahead_auto_switches_by_measurement(flash_models):
     """layer_ahead="auto": windows with and without the lookahead's graph cuts, then the faster setting; the
-    output is stock's either way."""
-    path = flash_models["qwen3moe"]
-    want = _stock_tokens(path, 40)
+    output is stock's either way. (Not the qwen3moe file of the budget tests: the lookahead's reads are not
+    awaited, and one landing after this model closed would be a stray of the next model of the same file.)"""
+    path = flash_models["olmoe"]
+    want = _stock_tokens(path, 48)
     llm = _flash(path, budget=_min_budget(path), layer_ahead="auto")
     try:
-        assert _greedy(llm, 40) == want
+        assert _greedy(llm, 48) == want
         la = llm.stats()["layer_ahead"]
-        assert len(la["decisions"]) == 1 and la["decisions"][0]["step"] == 32  # 4 windows of 8 decode steps
+        assert len(la["decisions"]) == 1 and la["decisions"][0]["step"] == 8 + 32  # warmup, 4 windows of 8 steps
         assert la["on"] == la["decisions"][0]["on"]
         assert llm.stats()["engine"]["ahead_predicted"] > 0  # the on windows ran the lookahead
     finally:

@@ -153,8 +153,8 @@ class FlashTier(TierController):
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
             cost 5% decode speed overall (docs/flash.md). ``"auto"``: on or off by its measured effect on
-            decode time in this run (:class:`~spac_llamacpp.tiers.switch.MeasuredSwitch`: windows of 8 decode
-            steps off, on, on, off, then the faster setting for 256 steps, then again).
+            decode time in this run (:class:`~spac_llamacpp.tiers.switch.MeasuredSwitch`: after 8 unmeasured decode
+            steps, windows of 8 off, on, on, off, then the faster setting for 256 steps, then again).
         check_every: measure residency (and sweep strays) every this many steps (0: never; ``stats()``
             always measures). mincore costs 14-60 ns per page (less for pages this process has mapped), ~50-
             250 ms over the 15 GiB of experts of Qwen3-30B-A3B, so not every step, and not all layers at once:
@@ -522,7 +522,9 @@ class FlashTier(TierController):
     def eval_ends(self, n_tokens: int, decode: bool) -> None:
         start = self._eval_start
         super().eval_ends(n_tokens, decode)
-        if decode and start is not None and isinstance(self.layer_ahead, MeasuredSwitch) and not self.engine.closed:
+        if not decode and isinstance(self.layer_ahead, MeasuredSwitch):
+            self.layer_ahead.interrupt()  # a prompt: its aftermath is not measured
+        elif start is not None and isinstance(self.layer_ahead, MeasuredSwitch) and not self.engine.closed:
             was = self.layer_ahead.on
             # the decoding thread's wall time of this evaluation per token (the seconds just counted)
             now = self.layer_ahead.record((thread_times().wall - start[0].wall) / max(int(n_tokens), 1))
