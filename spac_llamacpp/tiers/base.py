@@ -172,11 +172,11 @@ class TierController(ABC):
         """``Llama.eval`` is about to run the model on the decoding thread (times it: ``eval_ends``)."""
         self._eval_start = (thread_times(), self._read_seconds())
 
-    def eval_ends(self, n_tokens: int, decode: bool) -> None:
+    def eval_ends(self, n_tokens: int, decode: bool) -> float | None:
         """The model's evaluation of ``n_tokens`` tokens has returned (or raised); ``decode``: one token or a
-        verification of drafts, else a prompt."""
+        verification of drafts, else a prompt. Returns its wall seconds (None without ``eval_begins``)."""
         if self._eval_start is None:
-            return
+            return None
         (start, read0), self._eval_start = self._eval_start, None
         now = thread_times()
         t = self.counters.evals["decode" if decode else "prompt"]
@@ -186,6 +186,7 @@ class TierController(ABC):
         t.read_seconds += self._read_seconds() - read0
         blocked = now.blocked_since(start)
         t.blocked_seconds = None if blocked is None or t.blocked_seconds is None else t.blocked_seconds + blocked
+        return now.wall - start.wall
 
     def _read_seconds(self) -> float:
         """Seconds of reads the tier's evaluations caused so far (a running total; default none)."""

@@ -43,7 +43,6 @@ import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
-from spac_llamacpp.base.threadclock import thread_times
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native.flash_engine import FlashEngine, non_expert_ranges, page_size
 from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_bytes
@@ -512,7 +511,7 @@ class FlashTier(TierController):
         }
 
     def _read_seconds(self) -> float:
-        return self.engine.stats()["demand_read_ns"] * 1e-9
+        return self.engine.stats("demand_read_ns")["demand_read_ns"] * 1e-9
 
     @property
     def _layer_ahead_on(self) -> bool:
@@ -520,14 +519,12 @@ class FlashTier(TierController):
         return la.on if isinstance(la, MeasuredSwitch) else bool(la)
 
     def eval_ends(self, n_tokens: int, decode: bool) -> None:
-        start = self._eval_start
-        super().eval_ends(n_tokens, decode)
+        seconds = super().eval_ends(n_tokens, decode)
         if not decode and isinstance(self.layer_ahead, MeasuredSwitch):
             self.layer_ahead.interrupt()  # a prompt: its aftermath is not measured
-        elif start is not None and isinstance(self.layer_ahead, MeasuredSwitch) and not self.engine.closed:
+        elif seconds is not None and isinstance(self.layer_ahead, MeasuredSwitch) and not self.engine.closed:
             was = self.layer_ahead.on
-            # the decoding thread's wall time of this evaluation per token (the seconds just counted)
-            now = self.layer_ahead.record((thread_times().wall - start[0].wall) / max(int(n_tokens), 1))
+            now = self.layer_ahead.record(seconds / max(int(n_tokens), 1))
             if now != was:
                 self.engine.set_layer_ahead(now)
 
