@@ -518,7 +518,7 @@ class FlashTier(TierController):
         la = self.layer_ahead
         return la.on if isinstance(la, MeasuredSwitch) else bool(la)
 
-    def eval_ends(self, n_tokens: int, decode: bool) -> None:
+    def eval_ends(self, n_tokens: int, decode: bool) -> float | None:
         seconds = super().eval_ends(n_tokens, decode)
         if not decode and isinstance(self.layer_ahead, MeasuredSwitch):
             self.layer_ahead.interrupt()  # a prompt: its aftermath is not measured
@@ -527,6 +527,7 @@ class FlashTier(TierController):
             now = self.layer_ahead.record(seconds / max(int(n_tokens), 1))
             if now != was:
                 self.engine.set_layer_ahead(now)
+        return seconds
 
     def _timing(self, eng: dict[str, int]) -> dict[str, Any]:
         """Where the evaluations' time went, per kind (prompt, decode): per token, the wall time, the demand
