@@ -121,6 +121,11 @@ def _run_child(cfg: dict) -> dict:
     return out
 
 
+def _run_key(i: int, mode: str) -> str:
+    """A spac run's key in a JSON row: ``spac`` for the first ``--demand`` mode (today's shape), ``spac_<mode>``."""
+    return "spac" if i == 0 else f"spac_{mode}"
+
+
 def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f} ms"
 
@@ -180,8 +185,7 @@ def main() -> int:
             row["stock"] = _run_child({**base, "kind": "stock", "budget": budget})
             for i, mode in enumerate(demands):
                 drop_file_cache(args.model)
-                row["spac" if i == 0 else f"spac_{mode}"] = _run_child({**base, "kind": "spac", "budget": budget,
-                                                                        "demand": mode})
+                row[_run_key(i, mode)] = _run_child({**base, "kind": "spac", "budget": budget, "demand": mode})
         row["ratio"] = row["spac"]["tps"] / row["stock"]["tps"]
         results.append(row)
         s = row["stock"]
@@ -190,7 +194,7 @@ def main() -> int:
                  f"  stock {s['tps']:7.3f} tok/s, read {format_size(s['read_per_token'])}/token"
                  + (f", {s['tps'] / ceiling['tps']:.2f} of the ceiling" if ceiling else "")]
         for i, mode in enumerate(demands):
-            k = row["spac" if i == 0 else f"spac_{mode}"]
+            k = row[_run_key(i, mode)]
             overlap = "n/a" if k["overlap"] is None else f"{100 * k['overlap']:.0f}%"
             lines.append(
                 f"  spac ({mode}) {k['tps']:7.3f} tok/s (decode {k['decode_tps']:.3f}), read "

@@ -86,7 +86,10 @@ def test_tiny_flash_run(model, prompts):
     for p in policies:
         r = run["results"][p]
         assert r["wait_ms_per_token"] >= 0 and r["engine"]["demand_misses"] > 0  # a cold start misses
-        assert r["cpu_user_seconds"] > 0 and r["loop_cpu_seconds"] > 0
+        # the process's CPU clock always moves in a run; a thread's CPU clock may tick coarsely (CI's read 0.0 for a
+        # 4-token run's sub-millisecond tier loop), so the loop's figure is only checked to be reported and sane
+        process_cpu = r["cpu_user_seconds"] + r["cpu_system_seconds"]
+        assert r["cpu_user_seconds"] > 0 and 0 <= r["loop_cpu_seconds"] <= process_cpu
     ours = run["results"]["spac"]["replanner"]
     assert ours["background"] is False and ours["solves"] > 0 and ours["solve_cpu_seconds"] > 0
     # the same budget for all; a baseline's plan also gets the lookahead reserve that ours keeps for itself

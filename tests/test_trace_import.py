@@ -227,6 +227,29 @@ def test_jsonl_bad_lines(tmp_path, lines, line, words):
     assert_line_error(result, src, line, *words)
 
 
+def test_first_layers(tmp_path):
+    """--layers N keeps the first N MoE layers' routing as it was (replay on `spac synth --layers N`)."""
+    src = write(tmp_path / "route.csv", [*HEADER, CSV_COLUMNS, *csv_rows()])
+    full = import_trace(src, "route-csv")
+    out = tmp_path / "t1.npz"
+    result = cli("trace", "import", str(src), "-o", str(out), "--layers", "1")
+    assert result.exit_code == 0, result.output
+    assert "1 MoE layers x 4 experts" in result.stderr
+    t = RoutingTrace.load(out)
+    t.check()
+    assert t.moe_layers.tolist() == [1] and t.ids.shape[1] == 2 and t.counts.shape == (5, 2, 4)
+    np.testing.assert_array_equal(t.ids, full.ids[:, :2])
+    np.testing.assert_array_equal(t.counts, full.counts[:, :2])
+    assert t.step_n_tokens.tolist() == full.step_n_tokens.tolist() and t.meta["runs"] == full.meta["runs"]
+    assert t.layout == TraceLayout(n_expert=4, n_expert_used=2, expert_bytes=(1000,))  # no whole-model dense bytes
+    assert t.meta["first_layers"] == {"kept": 1, "of": 2} and "first_layers" not in full.meta
+    assert full.first_layers(2).moe_layers.tolist() == [1, 2]
+    for n in ("3", "0"):
+        result = cli("trace", "import", str(src), "-o", str(tmp_path / "t3.npz"), "--layers", n)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"first {n} MoE layers of 2" in result.stderr
+
+
 def test_bad_inputs_one_line(tmp_path):
     for args, words in [
         ((str(tmp_path / "missing.csv"),), ["not found", "missing.csv"]),

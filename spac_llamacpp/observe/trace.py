@@ -224,6 +224,30 @@ class RoutingTrace:
             meta=dict(meta or {}),
         )
 
+    def first_layers(self, n: int) -> RoutingTrace:
+        """The trace of its first ``n`` MoE layers only (the blocks after the n-th MoE layer dropped).
+
+        For replaying a public trace on a shallower model of the same expert shape (``spac synth
+        --layers N``): the kept layers' routing is unchanged, ``meta["first_layers"]`` records the cut.
+        """
+        n_moe = len(self.moe_layers)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_moe:
+            raise SpacError(f"trace: cannot keep the first {n} MoE layers of {n_moe}; pass 1..{n_moe}")
+        blocks = int(self.moe_layers[n - 1]) + 1
+        meta = json.loads(json.dumps(self.meta))  # a deep copy of a JSON object
+        layout = self.layout
+        if layout is not None:
+            meta["layout"] = TraceLayout(layout.n_expert, layout.n_expert_used,
+                                         None if layout.expert_bytes is None else layout.expert_bytes[:n],
+                                         None).to_json()  # the source's dense bytes were the whole model's
+        meta["first_layers"] = {"kept": n, "of": n_moe}
+        out = RoutingTrace(self.ids[:, :blocks].copy(), self.token_step.copy(), self.step_n_tokens.copy(),
+                           self.counts[:, :blocks].copy(), self.moe_layers[:n].copy(), self.n_expert, meta,
+                           None if self.step_n_draft is None else self.step_n_draft.copy(),
+                           None if self.step_accepted is None else self.step_accepted.copy())
+        out.check()
+        return out
+
     def save(self, path: str | Path) -> Path:
         """Write the trace as a compressed ``.npz``."""
         path = Path(path)

@@ -549,9 +549,11 @@ spac.add_command(trace_group)
               help="Experts per layer where the source does not say (default: the largest id + 1).")
 @click.option("--expert-bytes", default=None,
               help="Size of one expert (every MoE layer), e.g. 84MiB: replaces the sizes the source records.")
+@click.option("--layers", type=int, default=None,
+              help="Keep only the first N MoE layers (to replay on a model made by `spac synth --layers N`).")
 @friendly_errors
 def trace_import_cmd(source: str, output: str, fmt: str | None, n_expert: int | None,
-                     expert_bytes: str | None) -> None:
+                     expert_bytes: str | None, layers: int | None) -> None:
     """Import a public routing trace FILE into a trace (.npz) for eval-utility, plot and simulate.
 
     route-csv: `#` header lines (n_layer, n_expert, n_expert_used, per-layer expert_bytes), then
@@ -567,6 +569,8 @@ def trace_import_cmd(source: str, output: str, fmt: str | None, n_expert: int | 
         raise SpacError(f"cannot tell the format of {source} from its name; pass --format route-csv or jsonl")
     size = parse_size(expert_bytes) if expert_bytes is not None else None
     trace = import_trace(source, fmt, n_expert=n_expert, expert_bytes=size)
+    if layers is not None:
+        trace = trace.first_layers(layers)
     trace.save(output)
     layout = trace.layout
     runs = trace.meta["runs"]
