@@ -64,6 +64,10 @@ struct spac_engine {
     uint64_t stage_cap, staged_bytes; /* bytes (covering pages) */
     const int32_t *counts; /* the sensor's step counts, for prompt keep */
     int32_t prompt_keep;
+    float *admit_rank;     /* [n_layer][n_expert] layer admission's keep ranks (spac_engine_set_admission) */
+    float admit_floor;
+    int64_t admit_slack;   /* plan bytes a swap may add (covering pages) */
+    int32_t admit;
 
     move_t *q;                 /* prefetches, pins, unpins */
     int32_t cap, head, count, running;
@@ -235,6 +239,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->flag_touched = (uint8_t *)calloc((size_t)n, 1);
     e->flag_kept = (uint8_t *)calloc((size_t)n, 1);
     e->flag_released = (uint8_t *)calloc((size_t)n, 1);
+    e->admit_rank = (float *)calloc((size_t)n, sizeof(float));
     e->qe = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->drain_ranges = (range_t *)calloc((size_t)max_tensors_per_layer, sizeof(range_t));
     e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
@@ -246,7 +251,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
         !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s ||
         !e->staged || !e->loading || !e->pending || !e->flag_touched || !e->flag_kept || !e->flag_released ||
-        !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left) {
+        !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left || !e->admit_rank) {
         spac_engine_free(e);
         return NULL;
     }
@@ -1148,6 +1153,40 @@ static int cmp_desc_i64(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+/* An expert becomes wanted by the engine's own decision (prompt keep, layer admission): flagged for the
+ * tier, no longer staged or transient. Caller holds mu. */
+static void swap_in_locked(spac_engine *e, int32_t layer, int32_t x) {
+    const int64_t j = idx(e, layer, x);
+    e->wanted[j] = 1;
+    e->flag_touched[j] = 1;
+    if (e->flag_released[j]) { /* released earlier in this step: planned again */
+        e->flag_released[j] = 0;
+    } else {
+        e->flag_kept[j] = 1;
+    }
+    if (e->staged[j]) { /* kept by an earlier ubatch's staging: now planned, no longer staged */
+        e->staged[j] = 0;
+        e->staged_bytes -= cover_bytes(e, layer, x);
+    }
+    e->transient[j] = 0;
+}
+
+/* A planned expert stops being wanted by the engine's own decision and is evicted (deferred by the worker
+ * while in use). Caller holds mu. */
+static void swap_out_locked(spac_engine *e, int32_t layer, int32_t x) {
+    const int64_t j = idx(e, layer, x);
+    e->wanted[j] = 0;
+    e->flag_touched[j] = 1;
+    if (e->flag_kept[j]) {
+        e->flag_kept[j] = 0;
+    } else {
+        e->flag_released[j] = 1;
+    }
+    if (!e->stopping) {
+        submit_locked(e, SPAC_OP_EVICT, layer, x);
+    }
+}
+
 /* Prompt keep (see the header), for one layer whose selections of this step are all counted: the
  * layer's planned experts are replaced, one for one, by the experts with the most tokens of the step,
  * a planned expert winning ties (it needs no read). A newcomer always has tokens (it is selected:
@@ -1178,33 +1217,44 @@ static void prompt_swap_locked(spac_engine *e, int32_t layer) {
     for (int32_t x = 0; x < n; x++) {
         const int64_t j = idx(e, layer, x);
         if (keep[x] && !e->wanted[j]) {
-            e->wanted[j] = 1;
-            e->flag_touched[j] = 1;
-            if (e->flag_released[j]) { /* released by an earlier ubatch of this step: planned again */
-                e->flag_released[j] = 0;
-            } else {
-                e->flag_kept[j] = 1;
-            }
-            if (e->staged[j]) { /* kept by an earlier ubatch's staging: now planned, no longer staged */
-                e->staged[j] = 0;
-                e->staged_bytes -= cover_bytes(e, layer, x);
-            }
-            e->transient[j] = 0;
+            swap_in_locked(e, layer, x);
             e->st.prompt_kept++;
         } else if (!keep[x] && e->wanted[j]) {
-            e->wanted[j] = 0;
-            e->flag_touched[j] = 1;
-            if (e->flag_kept[j]) {
-                e->flag_kept[j] = 0;
-            } else {
-                e->flag_released[j] = 1;
-            }
+            swap_out_locked(e, layer, x);
             e->st.prompt_released++;
-            if (!e->stopping) {
-                submit_locked(e, SPAC_OP_EVICT, layer, x); /* deferred by the worker while in use */
-            }
         }
     }
+}
+
+/* Layer admission (see the header) of one demand load x of `layer` that the plan does not hold: 1 when it
+ * took a planned expert's place. Caller holds mu. */
+static int admit_locked(spac_engine *e, int32_t layer, int32_t x) {
+    const int64_t jx = idx(e, layer, x);
+    const float mine = e->admit_rank[jx] > e->admit_floor ? e->admit_rank[jx] : e->admit_floor;
+    int32_t victim = -1;
+    for (int32_t v = 0; v < e->n_expert; v++) {
+        const int64_t j = idx(e, layer, v);
+        /* not one this layer is using, not pinned, not one a read is still landing for */
+        if (!e->wanted[j] || e->in_use[j] || e->pinned[j] || e->demanding[j]) {
+            continue;
+        }
+        if (victim < 0 || e->admit_rank[j] < e->admit_rank[idx(e, layer, victim)]) {
+            victim = v;
+        }
+    }
+    if (victim < 0 || !(e->admit_rank[idx(e, layer, victim)] < mine)) {
+        return 0;
+    }
+    const int64_t more = (int64_t)cover_bytes(e, layer, x) - (int64_t)cover_bytes(e, layer, victim);
+    if (more > e->admit_slack) {
+        return 0;
+    }
+    e->admit_slack -= more;
+    swap_in_locked(e, layer, x);
+    e->admit_rank[jx] = mine; /* ranks as what it now is: just used */
+    swap_out_locked(e, layer, victim);
+    e->st.admitted++;
+    return 1;
 }
 
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
@@ -1327,6 +1377,10 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         if (e->wanted[j] || e->staged[j]) {
             continue;
         }
+        if (e->admit && !e->prompt_keep && admit_locked(e, layer, misses[m])) {
+            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
+            continue;
+        }
         /* kept until the step ends while the staging cap allows (the step-end plan decides; no second
          * read when it wants the expert), else evicted once this layer has finished */
         uint64_t b = cover_bytes(e, layer, misses[m]);
@@ -1370,6 +1424,22 @@ void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t 
         e->prompt_keep = on && counts != NULL;
         pthread_mutex_unlock(&e->mu);
     }
+}
+
+int32_t spac_engine_set_admission(spac_engine *e, const float *rank, float newcomer_floor, int64_t slack_bytes,
+                                  int32_t on) {
+    if (e == NULL || (on && rank == NULL)) {
+        return -1;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (on) {
+        memcpy(e->admit_rank, rank, (size_t)e->n_layer * (size_t)e->n_expert * sizeof(float));
+    }
+    e->admit_floor = newcomer_floor;
+    e->admit_slack = slack_bytes > 0 ? slack_bytes : 0;
+    e->admit = on != 0;
+    pthread_mutex_unlock(&e->mu);
+    return 0;
 }
 
 int32_t spac_engine_flags(spac_engine *e, int32_t which, uint8_t *out, int32_t clear) {
@@ -1803,6 +1873,7 @@ void spac_engine_free(spac_engine *e) {
     free(e->in_use);
     free(e->evicting);
     free(e->staged);
+    free(e->admit_rank);
     free(e->loading);
     free(e->demanding);
     free(e->dq);

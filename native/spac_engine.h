@@ -42,6 +42,14 @@
  * change. The tier takes the swaps (SPAC_FLAG_KEPT / SPAC_FLAG_RELEASED) before its plan after the
  * step, which then starts from the prompt's hottest experts instead of reading them again.
  *
+ * Layer admission (spac_engine_set_admission, any step after prompt keep's): a demand load that the plan
+ * does not hold takes, in its layer's hook, the place of the planned expert of the layer with the lowest
+ * keep rank that the layer is not using, when the newcomer ranks higher (with newcomer_floor = INFINITY
+ * always: LRU's admission). The newcomer was being read for the matmul anyway and stays (no second read
+ * when the step-end plan keeps it); the displaced expert is evicted. Planned bytes stay within the plan (a
+ * layer's experts have equal sizes; a page more of covering spends the plan's slack). The tier takes the
+ * swaps like prompt keep's (SPAC_FLAG_KEPT / SPAC_FLAG_RELEASED).
+ *
  * In-use protocol. Per expert, two fields, both read and written only under the engine's mutex:
  *   in_use    set by the layer hook for the layer's selected experts, cleared when that layer has
  *             finished (the next MoE layer's hook, or spac_engine_end_step);
@@ -138,6 +146,7 @@ typedef struct spac_engine_stats {
     int64_t demand_read_ns;              /* per layer with misses: from its reads' submission until all landed */
     int64_t demand_async;                /* layers whose demand reads the completer awaited (SPAC_DEMAND_ASYNC) */
     int64_t evict_pageouts;              /* eviction ranges that needed MADV_PAGEOUT (pages left after the drop) */
+    int64_t admitted;                    /* layer admission: demand loads that took a planned expert's place */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
@@ -190,14 +199,22 @@ void spac_engine_set_staging(spac_engine *e, uint64_t cap_bytes);
  * spac_engine_end_step turns it off again. */
 void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t on);
 
+/* Layer admission (see above): rank [n_layer][n_expert] is the tier's keep rank of every expert (copied; a
+ * planned expert with the lowest rank is displaced first), newcomer_floor the least rank a demand load
+ * counts with (INFINITY: every miss is admitted, as LRU does), slack_bytes the plan's unused bytes (a swap
+ * whose newcomer covers more pages than the displaced expert spends them); on = 0 turns it off. Set at each
+ * step boundary; returns -1 for a NULL engine or rank with on != 0. */
+int32_t spac_engine_set_admission(spac_engine *e, const float *rank, float newcomer_floor, int64_t slack_bytes,
+                                  int32_t on);
+
 /* Per-expert flags, [n_layer][n_expert], copied into out (1/0); clear != 0 also resets them (for
  * SPAC_FLAG_STAGED: releases the staged experts, which are then neither wanted nor staged, so the tier
  * must decide about each before it clears: keep it wanted, or evict it). */
 enum {
     SPAC_FLAG_STAGED = 0,      /* demand-loaded this step, kept until the tier decides */
     SPAC_FLAG_TOUCHED = 1,     /* pages possibly changed by the engine (loads, evictions) since the last clear */
-    SPAC_FLAG_KEPT = 2,        /* prompt keep: became wanted this step */
-    SPAC_FLAG_RELEASED = 3,    /* prompt keep: stopped being wanted this step (its eviction is queued) */
+    SPAC_FLAG_KEPT = 2,        /* prompt keep / layer admission: became wanted this step */
+    SPAC_FLAG_RELEASED = 3,    /* prompt keep / layer admission: stopped being wanted this step (eviction queued) */
     SPAC_FLAG_PREFETCHING = 4, /* a prefetch is queued or running (the newest move of the expert) */
     SPAC_FLAG_KINDS = 5
 };

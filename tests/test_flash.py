@@ -442,6 +442,74 @@ def test_prompt_keep_swaps_planned_experts_for_the_prompts_hottest(flash_models)
         ref.close()
 
 
+def test_layer_admission_swaps_a_miss_for_the_lowest_ranked_planned_expert(flash_models):
+    """Layer admission: a miss takes the place of the layer's planned expert of the lowest rank that the layer is
+    not using ("always"), or only when it ranks higher ("rank"); the displaced one is evicted, the newcomer stays."""
+    engine, ref, layer = _engine_on(flash_models["llama"])
+    try:
+        n = engine.n_expert
+        for e in (0, 1, 2):
+            engine.set_wanted(layer, e, True)
+            assert engine.submit("prefetch", layer, e)
+        assert engine.wait_idle()
+        rank = np.zeros((engine.n_layer, n), np.float32)
+        rank[layer, :] = [5, 1, 3, 0, 0, 9, 0, 0]  # planned 0, 1, 2: expert 1 ranks lowest
+        engine.set_admission(rank, np.inf, 1 << 30)  # "always"
+        _hook(engine, layer, 1, 4)  # 1 is planned and in use: the victim is 2 (rank 3), not 1
+        kept, released = engine.flags("kept", clear=True), engine.flags("released", clear=True)
+        assert np.nonzero(kept[layer])[0].tolist() == [4] and np.nonzero(released[layer])[0].tolist() == [2]
+        engine.end_step()
+        assert engine.drain_evictions() and engine.wait_idle()
+        frac = engine.residency()[1][layer]
+        assert (frac[[0, 1, 4]] == pytest.approx(1.0)) and frac[2] < 0.5
+        assert engine.stats()["admitted"] == 1 and not engine.flags("staged").any()
+
+        engine.set_admission(rank, -np.inf, 1 << 30)  # "rank": a newcomer counts with its own rank
+        for e in (0, 1, 2, 4):
+            engine.set_wanted(layer, e, e in (0, 1, 4))
+        _hook(engine, layer, 5, 6)
+        kept, released = engine.flags("kept", clear=True), engine.flags("released", clear=True)
+        # 5 (rank 9) displaces the lowest planned idle one, 4 (rank 0); then 6 (rank 0) does not outrank 1 (rank 1)
+        assert np.nonzero(kept[layer])[0].tolist() == [5] and np.nonzero(released[layer])[0].tolist() == [4]
+        engine.end_step()
+        engine.set_admission(None)
+        _hook(engine, layer, 7)  # off: no swap
+        assert not engine.flags("kept").any() and engine.stats()["admitted"] == 2
+        with pytest.raises(SpacError, match="admission ranks must be"):
+            engine.set_admission(np.zeros((1, 1)))
+        assert engine._lib.spac_engine_set_admission(engine._handle, engine._ffi.NULL, 0.0, 0, 1) == -1
+    finally:
+        engine.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("policy", ["spac", "lru"])
+def test_layer_admission_on_the_tier(flash_models, policy):
+    """With layer admission the tier's output is stock's, the budget holds at every step boundary, misses took
+    planned experts' places, and the plan after a step re-reads fewer of the step's demand loads."""
+    path = flash_models["qwen3moe"]
+    info = read_model_header(path)
+    budget = _min_budget(path) + 3 * int(info.layer_expert_bytes(info.moe_layers[0]) / info.n_expert)
+    want = _stock_tokens(path, 24)
+    runs = {}
+    for admission in ("off", "always"):
+        llm = Llama(path, n_ctx=128, verbose=False, seed=0, tier="flash", budget=budget, policy=policy,
+                    flash_options={"background": False, "check_every": 1, "admission": admission})
+        try:
+            assert _greedy(llm, 24) == want
+            st = llm.stats(settle=5.0)
+            assert st["admission"] == admission and st["over_budget_checks"] == 0 and st["budget_checks"] >= 20
+            assert st["max_resident_at_check"] <= llm.flash.budget_split.at_step_boundary
+            assert st["engine"]["evict_in_use"] == 0 and st["engine"]["errors"] == 0 and st["strays_evicted"] == 0
+            runs[admission] = st
+        finally:
+            llm.close()
+    assert runs["off"]["admitted"] == 0 and runs["always"]["admitted"] > 0
+    assert runs["always"]["engine"]["prefetches"] < runs["off"]["engine"]["prefetches"]
+    with pytest.raises(SpacError, match="admission must be one of"):
+        _flash(path, budget=budget, admission="sometimes")
+
+
 def test_engine_flags_and_keep_refuse_bad_input(flash_models):
     """Out-of-range flag kinds (C and Python), a wrong-shape counts array, an empty hook mask and a closed engine:
     a return code or one SpacError line, never a crash."""

@@ -36,7 +36,7 @@ _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pin
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
                 "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
-                "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts")
+                "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts", "admitted")
 DEMAND_MODES = {"wait": 0, "async": 1}  # SPAC_DEMAND_* (spac_engine.h)
 FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
@@ -256,6 +256,20 @@ class FlashEngine:
         self._keep.append(counts)
         self._lib.spac_engine_set_prompt_keep(self._live(), self._ffi.cast("int32_t *", self._ffi.from_buffer(counts)),
                                               1)
+
+    def set_admission(self, rank: np.ndarray | None, newcomer_floor: float = -np.inf, slack_bytes: int = 0) -> None:
+        """Layer admission (native/spac_engine.h) until changed: a demand load the plan does not hold takes the
+        place of its layer's planned expert of the lowest ``rank`` (``[block_count, n_expert]``, copied) that the
+        layer is not using, when it ranks higher (counting at least ``newcomer_floor``; ``inf``: always, LRU's
+        rule); ``slack_bytes``: the plan's unused bytes, which a swap of one page more may spend. None: off."""
+        if rank is None:
+            self._lib.spac_engine_set_admission(self._live(), self._ffi.NULL, 0.0, 0, 0)
+            return
+        r = np.ascontiguousarray(rank, dtype=np.float32)
+        if r.shape != (self.n_layer, self.n_expert):
+            raise SpacError(f"admission ranks must be {(self.n_layer, self.n_expert)}, not {r.shape}")
+        self._lib.spac_engine_set_admission(self._live(), self._ffi.cast("float *", self._ffi.from_buffer(r)),
+                                            float(newcomer_floor), max(0, int(slack_bytes)), 1)
 
     def flags(self, which: str, clear: bool = False) -> np.ndarray:
         """Per-expert flags ``[block_count, n_expert]`` (bool): ``staged`` (demand loads kept until the tier

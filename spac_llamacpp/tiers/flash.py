@@ -57,6 +57,9 @@ from spac_llamacpp.tiers.switch import MeasuredSwitch
 log = logging.getLogger(__name__)
 
 
+ADMISSION_FLOORS = {"off": -np.inf, "always": np.inf, "rank": -np.inf}  # a demand load's least rank (engine)
+
+
 def read_bytes_so_far() -> int:
     """Bytes this process caused to be read from storage (``/proc/self/io``), -1 if unavailable."""
     try:
@@ -148,6 +151,12 @@ class FlashTier(TierController):
             engine's completer thread while the layer's matmuls run (resident experts compute while the missing
             ones are read, a page in flight makes the matmul's fault wait for it), ``"wait"`` by the layer hook
             before the matmuls start. Same outputs; ``stats()["timing"]`` says what each costs.
+        admission: where a policy that admits demand (``lru``, ``lfu``, ours) takes a step's demand loads in
+            (native/spac_engine.h, "Layer admission"): ``"off"`` at the step's end (the plan after the step keeps
+            those the keep reserve still holds; the others were evicted after their layer and are read again if
+            the plan wants them); ``"always"`` in the layer's hook, each in the place of the layer's planned
+            expert of the lowest rank (the policy's utility) that the layer is not using (LRU's rule); ``"rank"``
+            the same, only when it ranks higher than that expert. Off for policies that do not admit demand.
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
@@ -188,6 +197,7 @@ class FlashTier(TierController):
         prompt_keep: bool = True,
         layer_ahead: bool | str = False,
         demand: str = "async",
+        admission: str = "off",
         check_every: int = 4,
         guard_file: bool = True,
         check_bytes: int = DEFAULT_CHECK_BYTES,
@@ -238,6 +248,8 @@ class FlashTier(TierController):
             self.engine.set_staging(self.keep_reserve)
             if layer_ahead not in (False, True, "auto"):
                 raise SpacError(f"layer_ahead must be true, false or 'auto', not {layer_ahead!r}")
+            if admission not in ADMISSION_FLOORS:
+                raise SpacError(f"admission must be one of {', '.join(ADMISSION_FLOORS)}, not {admission!r}")
             self.layer_ahead = MeasuredSwitch() if layer_ahead == "auto" else bool(layer_ahead)
             if layer_ahead:
                 self._set_predictors()
@@ -245,11 +257,14 @@ class FlashTier(TierController):
             # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
             # uniform prior; the prompt's routing then replaces the latter at once)
             self._start(info, layout, self.budget_split.plan_bytes, options)
+            self.admission = admission if self.planner.admits_demand else "off"
+            self._admission_rank = np.full((info.block_count, max(info.n_expert, 1)), np.inf, np.float32)
             if not self.counters.plans_applied:
                 self._move(self.wanted, np.zeros(shape), initial=True)  # no first plan: trim everything
             elif prompt_keep and not self.warm:
                 self._prompt_keep = True
                 self.engine.set_prompt_keep(sensor.step_counts)
+            self._arm_admission()  # (the engine leaves a prompt-keep step to prompt keep)
             log.info("flash tier: budget %s (%s for the plan), cost model %s", format_size(self.budget),
                      format_size(self.budget_split.plan_bytes), self.cost.source or "given")
         except BaseException:
@@ -287,13 +302,16 @@ class FlashTier(TierController):
     # --- the per-step data path (the loop is TierController.on_step) --------------------------------
     def _step_begins(self) -> None:
         self.engine.end_step()  # release the experts the step had in use
-        if self._prompt_keep:  # the step swapped planned experts for its hottest ones: the plan after it knows
-            self._prompt_keep = False
+        if self._prompt_keep or self.admission != "off":
+            # the step swapped planned experts for demand loads (prompt keep, layer admission): the plan after it
+            # starts from the residency the engine made
             kept = self.engine.flags("kept", clear=True)[self.rows]
             released = self.engine.flags("released", clear=True)[self.rows]
             self.wanted = (self.wanted | kept) & ~released
             self._unloaded &= ~(kept | released)  # kept: demand-loaded; released: its eviction is queued
-            self.counters.prompt_kept += int(kept.sum())
+            if self._prompt_keep:
+                self.counters.prompt_kept += int(kept.sum())
+            self._prompt_keep = False
         self._staged = self.engine.flags("staged")[self.rows]  # decided about in _move and _step_ends
 
     def _observe(self, counts: np.ndarray) -> None:
@@ -304,8 +322,17 @@ class FlashTier(TierController):
         if self.lookahead:
             self._prefetch_next(counts)
         self._settle_staged()
+        self._arm_admission()
         if self.check_every and self.counters.steps % self.check_every == 0:
             self._check_budget()
+
+    def _arm_admission(self) -> None:
+        """Layer admission for the next step: the policy's ranks and the plan's unused bytes to the engine."""
+        if self.admission == "off":
+            return
+        self._admission_rank[self.rows] = self.demand.utility()
+        slack = self.budget_split.plan_bytes - int(self.sizes[self.wanted].sum())
+        self.engine.set_admission(self._admission_rank, ADMISSION_FLOORS[self.admission], slack)
 
     def _settle_staged(self) -> None:
         """The step's demand loads that neither the plan nor the lookahead kept are evicted; the engine then
@@ -486,6 +513,8 @@ class FlashTier(TierController):
             "staged_kept": c.staged_kept,
             "staged_evicted": c.staged_evicted,
             "prompt_kept": c.prompt_kept,
+            "admission": self.admission,
+            "admitted": eng["admitted"],  # demand loads that took a planned expert's place in their layer
             "drain_timeouts": c.drain_timeouts,
             "hit_rate": hit_rate(eng["demand_hits"], looked),  # per layer evaluation: docs/hit_rate.md
             "budget_checks": c.budget_checks,
