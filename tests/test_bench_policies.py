@@ -95,7 +95,11 @@ def test_tiny_flash_run(model, prompts):
     # the same budget for all; a baseline's plan also gets the lookahead reserve that ours keeps for itself
     assert len({run["results"][p]["budget_bytes"] for p in policies}) == 1
     assert run["results"]["lru"]["plan_budget_bytes"] > run["results"]["spac"]["plan_budget_bytes"]
-    assert run["results"]["lru"]["staged_kept"] > 0  # lru admits its demand loads: kept, not read again
+    # lru admits its demand loads in their layers (layer admission, the default): kept, not read again; with no
+    # lookahead it needs no keep reserve either
+    lru = run["results"]["lru"]
+    assert lru["engine"]["admitted"] > 0 and lru["staged_kept"] == 0
+    assert run["results"]["hysteresis"]["engine"]["admitted"] == 0  # it does not admit demand
 
 
 @pytest.mark.skipif(not patched_llama_available(3), reason="the VRAM tier needs spac's patched llama.cpp")

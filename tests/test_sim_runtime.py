@@ -104,10 +104,11 @@ def test_flash_tier_plans_are_the_simulated_plans(model, tokens, name):
     layout = budgets.tier_layout("flash", info)
     # 5 of 24 experts planned, after the staging, keep and lookahead reserves and the edge pages
     budget = 3 * budgets.staging_bytes(layout) + budgets.edge_bytes(layout) + 5 * int(layout.expert_bytes.max())
-    # prompt keep off: its swaps during the first step (native, from the prompt's per-layer counts as each layer
-    # runs) change the residency the plan after the prompt starts from, which the simulator does not model
+    # prompt keep and layer admission off: their swaps during a step (native, as each layer runs) change the
+    # residency the plan after the step starts from, which the simulator does not model for ours
     llm = Llama(model, n_ctx=N_CTX, verbose=False, seed=0, tier="flash", budget=budget, routing_history=None,
-                flash_options={"config": config, "cost": cost, "record": True, "prompt_keep": False})
+                flash_options={"config": config, "cost": cost, "record": True, "prompt_keep": False,
+                               "admission": "off"})
     try:
         _drive(llm, tokens)
         setup = make_setup(RoutingTrace.from_log(llm.routing), "flash", budget, cost, info, config=config)
@@ -166,15 +167,18 @@ def test_flash_tier_baselines_are_the_simulated_ones(model, tokens, policy):
     cost = CostModel.nominal()
     info = read_model_header(model)
     layout = budgets.tier_layout("flash", info)
-    # 7 of 24 experts (2 a layer), after the staging and keep reserves and the edge pages
-    budget = 2 * budgets.staging_bytes(layout) + budgets.edge_bytes(layout) + 7 * int(layout.expert_bytes.max())
+    # 7 of 24 experts (2 a layer), after the staging reserve, the keep reserve (not for lru and lfu: with layer
+    # admission, the default, their misses take planned experts' places and their plan gets it) and the edge pages
+    keep = policy not in ("lru", "lfu")
+    budget = (1 + keep) * budgets.staging_bytes(layout) + budgets.edge_bytes(layout) \
+        + 7 * int(layout.expert_bytes.max())
     # prompt keep off: the simulator does not model its swaps during the first step (see above)
     llm = Llama(model, n_ctx=N_CTX, verbose=False, seed=0, tier="flash", budget=budget, routing_history=None,
                 policy=policy, flash_options={"cost": cost, "record": True, "prompt_keep": False})
     try:
         _drive(llm, tokens)
         # a baseline has no lookahead: its plan gets the budget less the staging, keep and edge reserves
-        setup = make_setup(RoutingTrace.from_log(llm.routing), "flash", budget, cost, info, lookahead=False)
+        setup = make_setup(RoutingTrace.from_log(llm.routing), "flash", budget, cost, info, lookahead=False, keep=keep)
         assert setup.budget == llm.flash.planner.budget == 7 * int(layout.expert_bytes.max())
         held = _compare_residency(llm, llm.flash, setup, policy)
         assert any(x.any() for x in held)

@@ -116,6 +116,9 @@ class BaselinePolicy:
     name: ClassVar[str] = "baseline"
     admits_demand: ClassVar[bool] = False
     """Every expert a step used enters the residency (the flash tier then keeps its demand loads)."""
+    admission: ClassVar[str] = "off"
+    """The flash tier's layer admission that follows the rule (``tiers/flash.py``): ``always`` where every miss
+    enters, ``rank`` where a miss enters over a lower-ranked entry only, ``off``."""
     uses_profile: ClassVar[bool] = False
 
     def __init__(self, size: np.ndarray, budget: int) -> None:
@@ -214,6 +217,7 @@ class LRUPolicy(DemandCachePolicy):
     """Per-layer least recently used admission of demand (llama.cpp PR #27861's design)."""
 
     name = "lru"
+    admission = "always"  # a miss evicts the layer's least recently used entry
 
     def make_cache(self, capacity: np.ndarray) -> DemandCache:
         return LRUCache(*self.shape, capacity)
@@ -223,6 +227,7 @@ class LFUPolicy(DemandCachePolicy):
     """Per-layer least frequently used (steps that used the expert so far; ties: the more recent)."""
 
     name = "lfu"
+    admission = "rank"  # a miss enters over a less used entry only
 
     def make_cache(self, capacity: np.ndarray) -> DemandCache:
         return LFUCache(*self.shape, capacity)
@@ -433,6 +438,8 @@ class PolicyPlanner:
     def after_step(self, step: int, used: np.ndarray | None = None) -> Plan | None:
         # ``used`` (the step's experts) is already in the rule's state: it saw the step's counts
         x = self.rule.take()
+        if x is None and self.admits_demand:  # the tier's layer admission may have moved away from it in the step
+            x = self.rule.resident.copy()
         return None if x is None else self._plan(x, step)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -443,6 +450,22 @@ class PolicyPlanner:
 
     def close(self) -> None:
         return None
+
+
+OUR_ADMISSION = "always"
+"""Ours' layer admission: a step's misses are what its transition estimator predicts for the next step, so they
+take the place of the layer's least useful planned expert (measured: docs/benchmarks.md, "Layer admission")."""
+
+
+def policy_admission(policy: str, config: PlacementConfig) -> str:
+    """The flash tier's default layer admission for ``policy`` (``tiers/flash.py``), before its planner is built:
+    ours :data:`OUR_ADMISSION` when ``config.admit_demand``, a baseline its rule's; ``off`` for a policy that does
+    not admit demand."""
+    check_policy(policy)
+    if policy == DEFAULT_POLICY:
+        return OUR_ADMISSION if config.admit_demand else "off"
+    rule = RULES[policy]
+    return rule.admission if rule.admits_demand else "off"
 
 
 def make_planner(policy: str, config: PlacementConfig, layout: ExpertLayout, cost: CostModel, budget: int, *,
@@ -463,6 +486,7 @@ def make_planner(policy: str, config: PlacementConfig, layout: ExpertLayout, cos
 
 __all__ = [
     "DEFAULT_POLICY",
+    "policy_admission",
     "PIN_WARMUP_STEPS",
     "POLICIES",
     "BaselinePolicy",

@@ -167,14 +167,15 @@ def recorded_layout(trace: RoutingTrace, expert_bytes: int | None = None, weight
 
 
 def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, info: MoEModelInfo | ExpertLayout, *,
-               config: PlacementConfig | None = None, lookahead: bool = True, n_ctx: int = budgets.DEFAULT_N_CTX,
+               config: PlacementConfig | None = None, lookahead: bool = True, keep: bool = True,
+               n_ctx: int = budgets.DEFAULT_N_CTX,
                compute_reserve: int = budgets.DEFAULT_COMPUTE_RESERVE, kv_bytes: int | None = None) -> SimSetup:
     """What a replay of ``trace`` knows, with ``budget`` meaning what the tier's budget means
-    (``planning.budgets``): flash, RAM for routed experts (the plan gets it less the staging and, with
-    ``lookahead``, lookahead reserves; sizes in whole pages); vram, GPU memory for the model (the pool gets
-    it less the non-expert weights, the KV cache of ``n_ctx`` tokens, estimated from the GGUF header unless
-    ``kv_bytes`` is given, and ``compute_reserve``, in whole slots per layer group). ``config``: the tier's
-    placement configuration for ``ours`` (default: its defaults).
+    (``planning.budgets``): flash, RAM for routed experts (the plan gets it less the staging, with
+    ``lookahead`` the lookahead and with ``keep`` the keep reserve; sizes in whole pages); vram, GPU memory for
+    the model (the pool gets it less the non-expert weights, the KV cache of ``n_ctx`` tokens, estimated from the
+    GGUF header unless ``kv_bytes`` is given, and ``compute_reserve``, in whole slots per layer group).
+    ``config``: the tier's placement configuration for ``ours`` (default: its defaults).
 
     ``info`` is the model's header, or without a model file the trace's recorded layout
     (:func:`recorded_layout`). Then the budget counts routed expert bytes only, at the recorded sizes (no
@@ -196,8 +197,8 @@ def make_setup(trace: RoutingTrace, tier: str, budget: int, cost: CostModel, inf
     counts, tokens, _ = trace_arrays(trace)
     n_slots = group_of_row = None
     if tier == "flash":
-        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, edge_pages=model_path is not None,
-                                          name=name).plan_bytes
+        plan_bytes = budgets.flash_budget(budget, layout, lookahead=lookahead, keep=keep,
+                                          edge_pages=model_path is not None, name=name).plan_bytes
     else:
         groups, group_of_row = budgets.pool_groups(layout)
         if model_path is None:

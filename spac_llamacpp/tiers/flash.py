@@ -49,7 +49,7 @@ from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_b
 from spac_llamacpp.native.sensor import RoutingSensor
 from spac_llamacpp.planning.budgets import flash_budget, tier_layout
 from spac_llamacpp.planning.placement_config import PlacementConfig
-from spac_llamacpp.planning.policies import DEFAULT_POLICY
+from spac_llamacpp.planning.policies import DEFAULT_POLICY, policy_admission
 from spac_llamacpp.planning.reference_caches import hit_rate
 from spac_llamacpp.tiers.base import LoopOptions, TierController, TierCounters
 from spac_llamacpp.tiers.switch import MeasuredSwitch
@@ -140,10 +140,12 @@ class FlashTier(TierController):
         lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
             embeddings), which every token reads: under memory pressure the kernel would otherwise
             evict them as readily as cold experts. Falls back (logged) when mlock is not permitted.
-        lookahead: prefetch this step's unplanned experts for the next step.
+        lookahead: prefetch this step's unplanned experts for the next step (default: on for ours, off for a
+            baseline, whose plan gets its reserve).
         keep_demand: keep a step's demand loads until the step ends (within a reserve of one layer's worth of
             experts, ``planning.budgets``), so that the plan after the step and the lookahead can keep them
-            without a second read; off: evicted after their layer unless planned.
+            without a second read; off: evicted after their layer unless planned. Default: on, except with
+            ``admission`` and no ``lookahead`` (lru, lfu), where its bytes go to the plan.
         prompt_keep: on a cold start (no profile), swap each layer's uninformed planned experts for the first
             step's hottest selected ones while it runs (``native/spac_engine.h``); the plan after it then
             starts from the prompt's experts instead of reading them again.
@@ -152,11 +154,13 @@ class FlashTier(TierController):
             ones are read, a page in flight makes the matmul's fault wait for it), ``"wait"`` by the layer hook
             before the matmuls start. Same outputs; ``stats()["timing"]`` says what each costs.
         admission: where a policy that admits demand (``lru``, ``lfu``, ours) takes a step's demand loads in
-            (native/spac_engine.h, "Layer admission"): ``"off"`` at the step's end (the plan after the step keeps
+            (native/spac_engine.h, "Layer admission"): ``"always"`` in the layer's hook, each in the place of the
+            layer's planned expert of the lowest rank (the policy's utility) that the layer is not using (LRU's
+            rule); ``"rank"`` the same, only when it ranks higher than that expert; ``"off"`` at
+            the step's end (the plan after the step keeps
             those the keep reserve still holds; the others were evicted after their layer and are read again if
-            the plan wants them); ``"always"`` in the layer's hook, each in the place of the layer's planned
-            expert of the lowest rank (the policy's utility) that the layer is not using (LRU's rule); ``"rank"``
-            the same, only when it ranks higher than that expert. Off for policies that do not admit demand.
+            the plan wants them). Default: the policy's (``planning.policies.policy_admission``: ours and lru
+            ``always``, lfu ``rank``); always off for policies that do not admit demand.
         layer_ahead: as soon as layer l's output exists, apply the next MoE layer's pre-FFN norm and
             router to it and start reading the predicted experts that are not resident (decode steps
             only). Off by default: on the benchmark model it cut the wait for misses by a quarter but
@@ -193,19 +197,28 @@ class FlashTier(TierController):
         pin_fraction: float = 0.0,
         lock_non_experts: bool = True,
         lookahead: bool | None = None,
-        keep_demand: bool = True,
+        keep_demand: bool | None = None,
         prompt_keep: bool = True,
         layer_ahead: bool | str = False,
         demand: str = "async",
-        admission: str = "off",
+        admission: str | None = None,
         check_every: int = 4,
         guard_file: bool = True,
         check_bytes: int = DEFAULT_CHECK_BYTES,
         **loop: Any,
     ) -> None:
         options = LoopOptions.parse(PlacementConfig.flash(), **loop)
+        if admission is not None and admission not in ADMISSION_FLOORS:
+            raise SpacError(f"admission must be one of {', '.join(ADMISSION_FLOORS)}, not {admission!r}")
+        default = policy_admission(options.policy, options.config)
+        if admission is None or default == "off":  # pin, hysteresis: a miss is read, used and dropped after its layer
+            admission = default
         if lookahead is None:  # our mechanism; a baseline runs as published, its plan gets the reserve
             lookahead = options.policy == DEFAULT_POLICY
+        if keep_demand is None:
+            # the keep reserve holds misses for the step-end plan and the lookahead; with layer admission and no
+            # lookahead a miss either took a planned expert's place or has no use after its layer: the plan gets it
+            keep_demand = admission == "off" or lookahead
         self.info = info
         self.budget = int(budget)
         layout = tier_layout("flash", info)
@@ -248,8 +261,6 @@ class FlashTier(TierController):
             self.engine.set_staging(self.keep_reserve)
             if layer_ahead not in (False, True, "auto"):
                 raise SpacError(f"layer_ahead must be true, false or 'auto', not {layer_ahead!r}")
-            if admission not in ADMISSION_FLOORS:
-                raise SpacError(f"admission must be one of {', '.join(ADMISSION_FLOORS)}, not {admission!r}")
             self.layer_ahead = MeasuredSwitch() if layer_ahead == "auto" else bool(layer_ahead)
             if layer_ahead:
                 self._set_predictors()
@@ -257,7 +268,7 @@ class FlashTier(TierController):
             # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
             # uniform prior; the prompt's routing then replaces the latter at once)
             self._start(info, layout, self.budget_split.plan_bytes, options)
-            self.admission = admission if self.planner.admits_demand else "off"
+            self.admission = admission
             self._admission_rank = np.full((info.block_count, max(info.n_expert, 1)), np.inf, np.float32)
             if not self.counters.plans_applied:
                 self._move(self.wanted, np.zeros(shape), initial=True)  # no first plan: trim everything
