@@ -364,6 +364,9 @@ def test_no_exception_at_interpreter_exit(flash_model, tier):
 SIGINT_AFTER = """
 import os, signal
 import spac_llamacpp.tools.generate as g
+# a terminal's foreground process: Python's Ctrl-C handler (a process started in the background by a
+# non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _orig = g.stream_generate
 def _interrupted(*a, **k):
     for i, piece in enumerate(_orig(*a, **k)):
