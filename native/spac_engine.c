@@ -1238,7 +1238,9 @@ static int admit_locked(spac_engine *e, int32_t layer, int32_t x) {
         if (!e->wanted[j] || e->in_use[j] || e->pinned[j] || e->demanding[j]) {
             continue;
         }
-        if (victim < 0 || e->admit_rank[j] < e->admit_rank[idx(e, layer, victim)]) {
+        /* of equal ranks the highest id: the policies keep lower ids first (reference_caches.DemandCache), and
+         * a victim other than the rule's would be read back by the rule's plan after the step */
+        if (victim < 0 || e->admit_rank[j] <= e->admit_rank[idx(e, layer, victim)]) {
             victim = v;
         }
     }

@@ -216,8 +216,11 @@ def test_flash_tier_every_policy_gives_stock_greedy_output(model, reference, pol
         st = llm.stats(settle=5.0)
         assert st["policy"] == policy and st["hit_rate"] is not None
         assert st["planned_bytes"] <= st["plan_budget_bytes"]
-        # every policy plans in the tier's one budget; a baseline without lookahead gets its reserve
-        assert st["lookahead_reserve_bytes"] == (st["staging_bytes"] if policy == "spac" else 0)
+        # every policy plans in the tier's one budget; by default none keeps a lookahead (ours takes its misses in
+        # by layer admission), and only a policy that serves misses without admitting them in their layer keeps
+        # the step's demand loads to its end (the keep reserve)
+        assert st["lookahead_reserve_bytes"] == 0
+        assert st["keep_reserve_bytes"] == (st["staging_bytes"] if policy in ("pin", "hysteresis") else 0)
         assert st["resident_expert_bytes"] <= st["budget_bytes"]  # queued evictions done: within the budget
         if policy in ("pin", "hysteresis"):  # a miss is served, not admitted: evicted at the step's end
             assert st["staged_evicted"] > 0

@@ -212,7 +212,7 @@ class TierController(ABC):
         accepted = None if accepted_counts is None else accepted_counts[self.rows]
         self.demand.update(Observation(counts, step.n_tokens, accepted))  # the one place a tier feeds its estimator
         t2 = clock()
-        plan = self.planner.after_step(c.steps, counts > 0)  # the step's experts: admitted where the config says
+        plan = self.planner.after_step(c.steps, self._in_memory(counts))  # admitted where the config says
         t3 = clock()
         if plan is not None:
             self._place(plan, self.demand.utility())
@@ -253,6 +253,11 @@ class TierController(ABC):
     def _step_ends(self, counts: np.ndarray) -> None:
         """After the moves."""
         return None
+
+    def _in_memory(self, counts: np.ndarray) -> np.ndarray:
+        """The step's experts that are in the fast tier after it, which a plan that admits demand may keep with no
+        move (``PlacementPlanner.after_step``); default: every expert the step used."""
+        return counts > 0
 
     # --- reporting and shutdown -------------------------------------------------------------------
     def stats(self, settle: float = 0.0) -> dict[str, Any]:

@@ -25,10 +25,11 @@ reading them again. At a step boundary the budget holds by construction: residen
 are at most the plan, the lookahead and the tensor edge pages, which the reserves leave inside it.
 
 The plan comes from the tier's policy (``policy=``, ``planning/policies.py``): ours (``spac``, steps 1-2
-above, with the lookahead of step 4) or a baseline (``lru``, ``lfu``, ``pin``, ``hysteresis``: no lookahead
-by default, so its plan gets the lookahead reserve too). A policy that admits demand (lru, lfu, and ours'
-``admit_demand``) keeps what a step loaded through the same mechanism: the step-end plan wants the step's
-demand loads, and those kept within the keep reserve are adopted with no second read.
+above; the lookahead of step 4 only without layer admission) or a baseline (``lru``, ``lfu``, ``pin``,
+``hysteresis``: no lookahead by default). Without lookahead the plan gets its reserve. A policy that admits
+demand (lru, lfu, and ours' ``admit_demand``) takes a step's misses in by layer admission (each in the place of
+its layer's lowest-ranked idle planned expert, in the hook), or with ``admission="off"`` at the step's end (those
+the keep reserve held are adopted with no second read).
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ class FlashTier(TierController):
         lock_non_experts: mlock the non-expert weights (attention, norms, routers, shared experts,
             embeddings), which every token reads: under memory pressure the kernel would otherwise
             evict them as readily as cold experts. Falls back (logged) when mlock is not permitted.
-        lookahead: prefetch this step's unplanned experts for the next step (default: on for ours, off for a
-            baseline, whose plan gets its reserve).
+        lookahead: prefetch this step's unplanned experts for the next step (default: on for ours without layer
+            admission, else off: the plan gets its reserve).
         keep_demand: keep a step's demand loads until the step ends (within a reserve of one layer's worth of
             experts, ``planning.budgets``), so that the plan after the step and the lookahead can keep them
             without a second read; off: evicted after their layer unless planned. Default: on, except with
@@ -213,8 +214,12 @@ class FlashTier(TierController):
         default = policy_admission(options.policy, options.config)
         if admission is None or default == "off":  # pin, hysteresis: a miss is read, used and dropped after its layer
             admission = default
-        if lookahead is None:  # our mechanism; a baseline runs as published, its plan gets the reserve
-            lookahead = options.policy == DEFAULT_POLICY
+        if lookahead is None:
+            # ours' mechanism for the misses its plan did not take in; with layer admission a miss takes its place
+            # in the plan at once, so the lookahead has little left to keep, and its reserve and the keep reserve
+            # are worth more to the plan (the tiny default model, tuning: hit rate +4-6 points at 12.5-50% of the
+            # experts, docs/flash.md "Layer admission"); a baseline runs as published, its plan gets the reserve
+            lookahead = options.policy == DEFAULT_POLICY and admission == "off"
         if keep_demand is None:
             # the keep reserve holds misses for the step-end plan and the lookahead; with layer admission and no
             # lookahead a miss either took a planned expert's place or has no use after its layer: the plan gets it
@@ -328,6 +333,13 @@ class FlashTier(TierController):
     def _observe(self, counts: np.ndarray) -> None:
         if self.look.any():
             self.counters.lookahead_used += int((self.look & (counts > 0)).sum())
+
+    def _in_memory(self, counts: np.ndarray) -> np.ndarray:
+        # a step's demand load is still in memory only where the plan holds it (a hit, layer admission), the keep
+        # reserve kept it to the step's end or the lookahead holds it; the others were evicted after their layer,
+        # and a plan that keeps one reads it again: the balancer must charge that read (it re-read ~3 experts a
+        # step on the Mixtral-shaped model when told all were free to keep)
+        return (counts > 0) & (self.wanted | self._staged | self.look)
 
     def _step_ends(self, counts: np.ndarray) -> None:
         if self.lookahead:
