@@ -200,8 +200,8 @@ void spac_engine_set_staging(spac_engine *e, uint64_t cap_bytes);
 void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t on);
 
 /* Layer admission (see above): rank [n_layer][n_expert] is the tier's keep rank of every expert (copied; a
- * planned expert with the lowest rank is displaced first, of equal ranks the highest id), newcomer_floor the least rank a demand load
- * counts with (INFINITY: every miss is admitted, as LRU does), slack_bytes the plan's unused bytes (a swap
+ * planned expert with the lowest rank is displaced first, of equal ranks the highest id), newcomer_floor the
+ * least rank a demand load counts with (INFINITY: every miss is admitted, as LRU does), slack_bytes the plan's unused bytes (a swap
  * whose newcomer covers more pages than the displaced expert spends them); on = 0 turns it off. Set at each
  * step boundary; returns -1 for a NULL engine or rank with on != 0. */
 int32_t spac_engine_set_admission(spac_engine *e, const float *rank, float newcomer_floor, int64_t slack_bytes,

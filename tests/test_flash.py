@@ -605,29 +605,21 @@ def test_the_plan_is_told_only_what_a_step_left_in_memory(flash_models):
     llm = _flash(path, budget=budget)
     tier = llm.flash
     seen = {"claimed": 0, "left_out": 0}
-    after_step = tier.planner.after_step
+    in_memory = tier._in_memory
 
-    def checked(step, used=None):
-        used_all = np.asarray(used, bool)
-        counts_used = tier._last_counts > 0
+    def checked(counts):
+        told = in_memory(counts)
         pending = tier.engine.flags("prefetching")[tier.rows]
-        li, le = np.nonzero(used_all)
+        li, le = np.nonzero(told)
         resident = tier.engine.residency_experts(tier.rows[li], le)
         # every expert the plan is told it may keep is resident (or its read is in flight)
         # (an expert's three tensors each share up to two edge pages with their neighbours)
         assert ((resident >= tier.sizes[li, le] - 6 * page_size()) | pending[li, le]).all()
         seen["claimed"] += len(li)
-        seen["left_out"] += int((counts_used & ~used_all).sum())
-        return after_step(step, used)
+        seen["left_out"] += int(((counts > 0) & ~told).sum())
+        return told
 
-    tier.planner.after_step = checked
-    observe = tier._observe
-
-    def remember(counts):
-        tier._last_counts = counts.copy()
-        observe(counts)
-
-    tier._observe = remember
+    tier._in_memory = checked
     try:
         assert _greedy(llm, 24) == want
     finally:
