@@ -68,6 +68,11 @@ struct spac_engine {
     float admit_floor;
     int64_t admit_slack;   /* plan bytes a swap may add (covering pages) */
     int32_t admit;
+    /* predicted ranks (spac_engine_set_admission_model): a layer's ranks computed in its hook from its selection */
+    float *am_next;        /* [n_layer][n_expert][n_expert] rank added to expert f by selected expert x (NULL: none) */
+    float *am_base;        /* [n_layer][n_expert] rank of f whatever the layer selects */
+    float am_self;         /* rank added to a selected expert */
+    int32_t am_on;
 
     move_t *q;                 /* prefetches, pins, unpins */
     int32_t cap, head, count, running;
@@ -240,6 +245,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->flag_kept = (uint8_t *)calloc((size_t)n, 1);
     e->flag_released = (uint8_t *)calloc((size_t)n, 1);
     e->admit_rank = (float *)calloc((size_t)n, sizeof(float));
+    e->am_base = (float *)calloc((size_t)n, sizeof(float));
     e->qe = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
     e->drain_ranges = (range_t *)calloc((size_t)max_tensors_per_layer, sizeof(range_t));
     e->q = (move_t *)calloc((size_t)queue_capacity, sizeof(move_t));
@@ -251,7 +257,8 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
         !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s ||
         !e->staged || !e->loading || !e->pending || !e->flag_touched || !e->flag_kept || !e->flag_released ||
-        !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left || !e->admit_rank) {
+        !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left || !e->admit_rank ||
+        !e->am_base) {
         spac_engine_free(e);
         return NULL;
     }
@@ -1226,6 +1233,24 @@ static void prompt_swap_locked(spac_engine *e, int32_t layer) {
     }
 }
 
+/* Predicted ranks (see the header): the layer's admission ranks after this step, from the experts it selected
+ * (sel, n_sel of them): base + self for a selected expert + the sum over selected x of next[x][f]. Caller
+ * holds mu; the model arrays are the engine's own copies (spac_engine_set_admission_model). */
+static void predict_ranks_locked(spac_engine *e, int32_t layer, const int32_t *sel, int32_t n_sel) {
+    const int32_t n = e->n_expert;
+    float *r = e->admit_rank + (int64_t)layer * n;
+    memcpy(r, e->am_base + (int64_t)layer * n, (size_t)n * sizeof(float));
+    for (int32_t m = 0; m < n_sel; m++) {
+        r[sel[m]] += e->am_self;
+        if (e->am_next != NULL) {
+            const float *row = e->am_next + ((int64_t)layer * n + sel[m]) * n;
+            for (int32_t f = 0; f < n; f++) {
+                r[f] += row[f];
+            }
+        }
+    }
+}
+
 /* Layer admission (see the header) of one demand load x of `layer` that the plan does not hold: 1 when it
  * took a planned expert's place. Caller holds mu. */
 static int admit_locked(spac_engine *e, int32_t layer, int32_t x) {
@@ -1373,6 +1398,9 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     if (e->prompt_keep && e->counts != NULL) {
         prompt_swap_locked(e, layer);
     }
+    if (e->admit && e->am_on && !e->prompt_keep && n_miss > 0) {
+        predict_ranks_locked(e, layer, sel, n_sel);
+    }
     for (int32_t m = 0; m < n_miss; m++) {
         int64_t j = idx(e, layer, misses[m]);
         e->flag_touched[j] = 1;
@@ -1440,6 +1468,34 @@ int32_t spac_engine_set_admission(spac_engine *e, const float *rank, float newco
     e->admit_floor = newcomer_floor;
     e->admit_slack = slack_bytes > 0 ? slack_bytes : 0;
     e->admit = on != 0;
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int32_t spac_engine_set_admission_model(spac_engine *e, const float *next, const float *base, float self_rank,
+                                        int32_t on) {
+    if (e == NULL || (on && base == NULL) || !isfinite(self_rank)) {
+        return -1;
+    }
+    const size_t n = (size_t)e->n_layer * (size_t)e->n_expert;
+    float *copy = NULL;
+    if (on && next != NULL) {
+        copy = (float *)malloc(n * (size_t)e->n_expert * sizeof(float));
+        if (copy == NULL) {
+            return -2;
+        }
+        memcpy(copy, next, n * (size_t)e->n_expert * sizeof(float));
+    }
+    pthread_mutex_lock(&e->mu);
+    if (on) {
+        memcpy(e->am_base, base, n * sizeof(float));
+        if (copy != NULL) { /* (next == NULL keeps the one set before) */
+            free(e->am_next);
+            e->am_next = copy;
+        }
+        e->am_self = self_rank;
+    }
+    e->am_on = on != 0;
     pthread_mutex_unlock(&e->mu);
     return 0;
 }
@@ -1876,6 +1932,8 @@ void spac_engine_free(spac_engine *e) {
     free(e->evicting);
     free(e->staged);
     free(e->admit_rank);
+    free(e->am_base);
+    free(e->am_next);
     free(e->loading);
     free(e->demanding);
     free(e->dq);

@@ -207,6 +207,19 @@ void spac_engine_set_prompt_keep(spac_engine *e, const int32_t *counts, int32_t 
 int32_t spac_engine_set_admission(spac_engine *e, const float *rank, float newcomer_floor, int64_t slack_bytes,
                                   int32_t on);
 
+/* Predicted admission ranks (see "Layer admission" above): with on != 0, each MoE layer's hook replaces the
+ * layer's ranks, before it admits a demand load, by the ranks they will have after this step, from what the
+ * layer selected (the policy's next-step prediction, linear in the selection):
+ *     rank[f] = base[layer][f] + self_rank * [f selected] + sum over selected x of next[layer][x][f]
+ * so that a newcomer and the experts it may displace are compared as the policy will rank them once it has
+ * seen the step (a rank from before the step undervalues the newcomer, which the step just used). next is
+ * [n_layer][n_expert][n_expert] (copied; NULL keeps the one set before, or none), base [n_layer][n_expert]
+ * (copied). Ranks are compared within a layer only. on = 0 turns it off (the ranks of set_admission again).
+ * Returns 0, -1 for a NULL engine, a NULL base with on != 0 or a self_rank that is not finite, -2 when out of
+ * memory. */
+int32_t spac_engine_set_admission_model(spac_engine *e, const float *next, const float *base, float self_rank,
+                                        int32_t on);
+
 /* Per-expert flags, [n_layer][n_expert], copied into out (1/0); clear != 0 also resets them (for
  * SPAC_FLAG_STAGED: releases the staged experts, which are then neither wanted nor staged, so the tier
  * must decide about each before it clears: keep it wanted, or evict it). */

@@ -403,7 +403,7 @@ def test_replanner_reports_its_solve_time():
 
     layout = ExpertLayout.synthetic(3, 8, 1_000_000, 2, ggml_type="F16")
     resident = np.zeros((3, 8), bool)
-    planner = PlacementPlanner(PlacementConfig.flash(background=False), layout, cost_model(), 6_000_000,
+    planner = PlacementPlanner(PlacementConfig.flash(background=False, replan_every=1), layout, cost_model(), 6_000_000,
                                resident=lambda: resident.copy())
     planner.first_plan(None)
     rng = np.random.default_rng(0)

@@ -92,7 +92,8 @@ def test_placement_config_defaults_and_overrides():
     assert (f.tier, f.horizon, f.initial_plan) == ("flash", 4.0, True)
     assert (v.tier, v.horizon, v.initial_plan) == ("vram", 64.0, False)
     assert (f.estimator, f.solver, f.replan_every, f.drift, f.tokens_per_step, f.admit_demand, f.estimator_params) \
-        == ("spac", "greedy", 1, 0.0, None, True, {})
+        == ("spac", "greedy", 64, 0.0, None, True, {})
+    assert f.layer_caps and not v.layer_caps
     assert (v.estimator, v.solver, v.replan_every, v.drift, v.tokens_per_step, v.admit_demand) == \
         ("spac", "greedy", 16, 0.5, None, False)
     assert v.estimator_params == VRAM_ESTIMATOR_PARAMS  # smooth demand: copies cost

@@ -349,3 +349,81 @@ def test_spac_against_lru_on_structured_routing(kind, seed):
             # learns it and pays the noise of learning: measured up to 0.5 points on `lru`, 1-2.5 on `recency`
             # (docs/utility.md, "Held-out evaluation")
             assert scores["spac"] >= scores["lru"] - (0.01 if kind == "lru" else 0.03), (kind, budget, scores)
+
+
+def test_transition_rows_sum_to_the_prediction():
+    """``TransitionModel.rows``: a step's prediction is the sum of its experts' rows, for every layer and step;
+    selected pairs are the same rows as the full table."""
+    rng = np.random.default_rng(3)
+    tm = TransitionModel(3, 8)
+    for _ in range(25):
+        used = np.zeros((3, 8))
+        for layer in range(3):
+            used[layer, rng.choice(8, 2, replace=False)] = 1
+        tm.update(used)
+        rows = tm.rows()
+        np.testing.assert_allclose(np.einsum("le,lef->lf", used, rows), tm.predict(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tm.rows(np.array([0, 2]), np.array([5, 1])), rows[[0, 2], [5, 1]])
+    assert not TransitionModel(2, 4).rows().any()  # no transition yet: no opinion
+
+
+def test_next_step_model_predicts_the_scores_after_the_step():
+    """``SpacEstimator.next_step_model`` + ``next_rows``: the scores after a decode step, as a function of the step's
+    selection, before the estimator has seen it. Exact for the decayed terms (``DecayedMean.affine_next``); the
+    transitions and mixture weights move a little with the step's own update, so the prediction is close, and ranks
+    the experts of a layer nearly as the real scores do."""
+    rng = np.random.default_rng(5)
+    L, E = 4, 16
+    est = SpacEstimator(L, E)
+    m = DecayedMean(3, 0.6)
+    m.add(np.array([1.0, 0.0, 2.0]))
+    a, b = m.affine_next()
+    m.add(np.array([0.0, 4.0, 1.0]))
+    np.testing.assert_allclose(a + b * np.array([0.0, 4.0, 1.0]), m.value)
+    errs, stale, corr = [], [], []
+    prev = np.zeros((L, E), np.int64)
+    for t in range(80):
+        used = np.zeros((L, E), np.int64)
+        for layer in range(L):  # sticky routing with a preferred successor, so that the transitions matter
+            keep = np.flatnonzero(prev[layer])[:1] if t and rng.random() < 0.5 else []
+            pick = list(keep) + list(rng.choice(E, 2, replace=False))
+            used[layer, np.unique(pick)[:2]] = 1
+        base, self_weight = est.next_step_model()
+        layers, sources, rows = est.next_rows()
+        table = np.zeros((L, E, E))
+        table[layers, sources] = rows
+        predicted = base + self_weight * (used > 0) + np.einsum("le,lef->lf", (used > 0).astype(float), table)
+        before = est.scores()
+        est.update(Observation(used, 1))
+        actual = est.scores()
+        if t >= 10:
+            errs.append(np.abs(predicted - actual).mean() / np.abs(actual).mean())
+            stale.append(np.abs(before - actual).mean() / np.abs(actual).mean())
+            corr.append(np.mean([np.corrcoef(predicted[i], actual[i])[0, 1] for i in range(L)]))
+        prev = used
+    # the scores of before the step (what "rank" admission uses) are 5x further off
+    assert np.mean(errs) < 0.08 and np.mean(stale) > 5 * np.mean(errs) and min(corr) > 0.95, \
+        (np.mean(errs), np.mean(stale), min(corr))
+    changed = est.next_rows(changed_only=True)
+    assert sorted(zip(changed[0].tolist(), changed[1].tolist(), strict=True)) == \
+        sorted(zip(*np.nonzero(est.transitions.last_sources), strict=True))
+
+
+def test_layer_admission_rule_by_hand():
+    """``planning/admission.py`` (the engine's rule for the simulator): misses in id order, each in the place of the
+    idle held expert of the lowest rank (ties: the highest id) when it ranks higher; ``inf`` floor: always."""
+    from spac_llamacpp.planning.admission import admit_layer, admit_step, predicted_ranks
+
+    held = np.array([1, 1, 1, 0, 0, 0], bool)
+    sel = np.array([0, 0, 0, 1, 1, 0], bool)
+    rank = np.array([5, 1, 3, 2, 0, 9], np.float32)
+    assert admit_layer(held, sel, rank) == 1 and held.tolist() == [1, 0, 1, 1, 0, 0]  # 3 over 1; 4 (0) over none
+    held = np.array([1, 1, 1, 0, 0, 0], bool)
+    assert admit_layer(held, sel, np.array([2, 2, 2, 0, 0, 0], np.float32), np.inf) == 2
+    assert held.tolist() == [1, 0, 0, 1, 1, 0]  # ties: the highest id goes first (2, then 1)
+    r = predicted_ranks(np.array([1, 0, 0], np.float32), 0.5, np.array([[0, 0, 0], [0.25, 0, 1], [0, 0, 0]]),
+                        np.array([0, 1, 0], bool))
+    assert r.dtype == np.float32 and r.tolist() == [1.25, 0.5, 1.0]
+    out, n = admit_step(np.array([[1, 0], [0, 1]], bool), np.array([[0, 1], [0, 1]], bool),
+                        lambda i, s: np.array([0, 1], np.float32))
+    assert n == 1 and out.tolist() == [[False, True], [False, True]]

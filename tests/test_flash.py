@@ -507,6 +507,88 @@ def test_layer_admission_swaps_a_miss_for_the_lowest_ranked_planned_expert(flash
         ref.close()
 
 
+def test_predicted_admission_ranks_the_layer_as_it_will_be_after_the_step(flash_models):
+    """Predicted admission: the hook ranks the layer from its selection (base + self weight for a selected expert +
+    the selected experts' next-step rows) before it admits a miss, so a miss with a low rank from before the step is
+    admitted when the step makes it rank higher than a planned expert, and not when it does not."""
+    engine, ref, layer = _engine_on(flash_models["llama"])
+    try:
+        L, n = engine.n_layer, engine.n_expert
+        for e in (0, 1, 2):
+            engine.set_wanted(layer, e, True)
+            assert engine.submit("prefetch", layer, e)
+        assert engine.wait_idle()
+        stale = np.zeros((L, n), np.float32)
+        stale[layer, :] = [5, 1, 3, 0, 0, 0, 0, 0]  # from before the step: a miss of 4 (rank 0) is no better than 1
+        engine.set_admission(stale, -np.inf, 1 << 30)  # "rank"
+        base = np.zeros((L, n), np.float32)
+        base[layer, :] = [5, 1, 3, 0, 0, 0, 0, 0]
+        rows = np.zeros((L, n, n), np.float32)
+        rows[layer, 4, 2] = -2.5  # a step that uses 4 makes 2 less likely next (3 - 2.5 = 0.5)
+        engine.set_admission_model(rows, base, 0.75)  # 4 after the step: 0 + 0.75
+        _hook(engine, layer, 4)
+        kept, released = engine.flags("kept", clear=True), engine.flags("released", clear=True)
+        assert np.nonzero(kept[layer])[0].tolist() == [4] and np.nonzero(released[layer])[0].tolist() == [2]
+        engine.end_step()
+        base[layer, 4] = 1.5  # planned now: 0, 1, 4 (ranks 5, 1, 1.5)
+        engine.set_admission_model(None, base, 0.75)  # rows kept; a step using 6 alone: 0.75 < 1 (expert 1)
+        _hook(engine, layer, 6)
+        assert not engine.flags("kept", clear=True).any() and not engine.flags("released", clear=True).any()
+        engine.end_step()
+        engine.set_admission_model(None, None)  # off: the stale ranks again, and 4 is planned now
+        _hook(engine, layer, 7)
+        assert not engine.flags("kept", clear=True).any()
+        engine.end_step()
+        assert engine.stats()["admitted"] == 1
+        with pytest.raises(SpacError, match="admission base ranks must be"):
+            engine.set_admission_model(None, np.zeros((1, 1)))
+        with pytest.raises(SpacError, match="next-step rows must be"):
+            engine.set_admission_model(np.zeros((L, n)), base)
+        with pytest.raises(SpacError, match="must be finite"):
+            engine.set_admission_model(None, base, float("nan"))
+        ffi = engine._ffi
+        assert engine._lib.spac_engine_set_admission_model(engine._handle, ffi.NULL, ffi.NULL, 0.0, 1) == -1
+        assert engine._lib.spac_engine_set_admission_model(ffi.NULL, ffi.NULL, ffi.NULL, 0.0, 0) == -1
+    finally:
+        engine.close()
+        ref.close()
+
+
+def test_engine_admission_is_the_rule_the_simulator_replays(flash_models):
+    """Ours' predicted admission on the tier: the residency after every step without a plan is what
+    ``planning/admission.py`` (the simulator's copy of the engine's rule) makes of the residency before it, with
+    an estimator fed the same steps; the output is stock's."""
+    from spac_llamacpp.planning.admission import admit_step, predicted_ranks
+    from spac_llamacpp.planning.estimators import Observation, SpacEstimator
+
+    path = flash_models["qwen3moe"]
+    info = read_model_header(path)
+    budget = _min_budget(path) + 4 * int(info.layer_expert_bytes(info.moe_layers[0]) / info.n_expert)
+    want = _stock_tokens(path, 32)
+    llm = _flash(path, budget=budget, record=True)
+    try:
+        assert _greedy(llm, 32) == want and llm.flash.admission == "predict"
+        recs = llm.flash.records
+        admitted = llm.stats()["admitted"]
+    finally:
+        llm.close()
+    est = SpacEstimator(*recs[0].counts.shape)
+    checked = 0
+    for prev, rec in zip(recs, recs[1:], strict=False):
+        est.update(Observation(prev.counts, prev.n_tokens))
+        if rec.plan is not None:
+            continue
+        base, self_weight = est.next_step_model()
+        layers, sources, rows = est.next_rows()
+        table = np.zeros((*base.shape, base.shape[1]))
+        table[layers, sources] = rows
+        held, _ = admit_step(prev.wanted, rec.counts > 0,
+                             lambda i, s: predicted_ranks(base[i], self_weight, table[i], s))  # noqa: B023
+        assert np.array_equal(held, rec.wanted), rec.step
+        checked += 1
+    assert checked >= 20 and admitted > 0
+
+
 @pytest.mark.parametrize("policy", ["spac", "lru"])
 def test_layer_admission_on_the_tier(flash_models, policy):
     """With layer admission the tier's output is stock's, the budget holds at every step boundary, misses took

@@ -244,30 +244,45 @@ def test_ours_places_a_steady_working_set_once():
     r = simulate(trace, make_policy("ours", initial_plan=False, admit_demand=False, replan_every=16, drift=0.5), setup)
     assert r.hits == 38 and r.bytes_moved == 2 * 3000 + 2 * 3000  # step-0 misses + one load each
     # as the flash tier: a first residency from a uniform prior (preloaded), replaced after the first step
-    # by the step's misses, which stay resident without a second read (admit_demand), re-planned every step
+    # by the step's misses, which stay resident without a second read (admit_demand); re-planned after the first
+    # step, at the re-planner's first request and then every 64 steps (layer admission in between: nothing to admit)
     pol = make_policy("ours")
     r = simulate(trace, pol, setup)
     assert pol.planner.config == PlacementConfig.flash(background=False) and pol.admits_demand
     assert r.preload_bytes == 2 * 3000 and r.hits == 38 and r.bytes_moved == 2 * 3000  # the misses only
-    assert [t for t, _ in pol.plans] == [-1, *range(20)]
+    assert [t for t, _ in pol.plans] == [-1, 0, 1] and pol.admission == "predict" and pol.admitted == 0
     assert all(x[0].tolist() == [False, False, True, True] for _, x in pol.plans[1:])
+    pol = make_policy("ours", replan_every=1)
+    r = simulate(trace, pol, setup)
+    assert r.hits == 38 and r.bytes_moved == 2 * 3000 and [t for t, _ in pol.plans] == [-1, *range(20)]
 
 
 def test_ours_admission_keeps_a_miss_only_through_a_plan():
     # one slot; experts 0, 1, 2, 2: every miss is admitted and the next plan keeps it, so the last step hits
     # and nothing is read twice
     trace, setup = hand_setup([[0], [1], [2], [2]], 4, 1)
-    pol = make_policy("ours", initial_plan=False)
+    pol = make_policy("ours", initial_plan=False, admission="off", replan_every=1)
     r = simulate(trace, pol, setup)
     assert r.hits == 1 and r.bytes_moved == 3 * 3000
-    # re-planned every 3 steps (plans after steps 0 and 1, the re-planner's first request): step 2's miss has
-    # no plan after it, so it is dropped again and step 3 misses too
-    pol = make_policy("ours", initial_plan=False, replan_every=3)
+    # with LRU's layer admission, no plan after the first two: every miss takes the slot in its layer's hook
+    pol = make_policy("ours", initial_plan=False, admission="always")
+    r = simulate(trace, pol, setup)
+    assert r.hits == 1 and r.bytes_moved == 3 * 3000 and pol.admitted == 2 and [t for t, _ in pol.plans] == [0, 1]
+    # predicted admission: the estimator has seen no expert used twice in a row (reuse rate 0) and ranks the
+    # expert the last step used above step 2's newcomer, so 2 is not kept and step 3 misses it
+    pol = make_policy("ours", initial_plan=False)
+    r = simulate(trace, pol, setup)
+    assert r.hits == 0 and pol.admission == "predict"
+    # re-planned every 3 steps, no admission (plans after steps 0 and 1, the re-planner's first request): step
+    # 2's miss has no plan after it, so it is dropped again and step 3 misses too
+    pol = make_policy("ours", initial_plan=False, replan_every=3, admission="off")
     r = simulate(trace, pol, setup)
     assert [t for t, _ in pol.plans] == [0, 1] and r.hits == 0 and r.bytes_moved == 4 * 3000
     # the vram tier admits nothing for free: the option is refused there
     with pytest.raises(SpacError, match="flash-tier option"):
         PlacementConfig.vram(admit_demand=True)
+    with pytest.raises(SpacError, match="admission must be one of"):
+        make_policy("ours", admission="sometimes")
 
 
 def test_planner_step_seconds_grow_with_the_tokens_of_a_step():

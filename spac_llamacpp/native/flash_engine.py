@@ -271,6 +271,35 @@ class FlashEngine:
         self._lib.spac_engine_set_admission(self._live(), self._ffi.cast("float *", self._ffi.from_buffer(r)),
                                             float(newcomer_floor), max(0, int(slack_bytes)), 1)
 
+    def set_admission_model(self, next_rows: np.ndarray | None, base: np.ndarray | None,
+                            self_rank: float = 0.0) -> None:
+        """Predicted admission ranks (native/spac_engine.h) until changed: a layer's hook ranks its experts as
+        ``base[l] + self_rank * [selected] + sum over selected e of next_rows[l, e]`` before admitting a demand
+        load (``next_rows`` ``[block_count, n_expert, n_expert]``, None: the ones set before; ``base``
+        ``[block_count, n_expert]``; both copied). ``base=None``: off (the ranks of :meth:`set_admission`)."""
+        ffi = self._ffi
+        if base is None:
+            self._lib.spac_engine_set_admission_model(self._live(), ffi.NULL, ffi.NULL, 0.0, 0)
+            return
+        b = np.ascontiguousarray(base, dtype=np.float32)
+        if b.shape != (self.n_layer, self.n_expert):
+            raise SpacError(f"admission base ranks must be {(self.n_layer, self.n_expert)}, not {b.shape}")
+        if not np.isfinite(self_rank) or not np.isfinite(b).all():
+            raise SpacError("admission model ranks must be finite numbers")
+        nxt = ffi.NULL
+        if next_rows is not None:
+            rows = np.ascontiguousarray(next_rows, dtype=np.float32)
+            if rows.shape != (self.n_layer, self.n_expert, self.n_expert):
+                raise SpacError(f"admission next-step rows must be {(self.n_layer, self.n_expert, self.n_expert)}, "
+                                f"not {rows.shape}")
+            if not np.isfinite(rows).all():
+                raise SpacError("admission model ranks must be finite numbers")
+            nxt = ffi.cast("float *", ffi.from_buffer(rows))
+        rc = self._lib.spac_engine_set_admission_model(self._live(), nxt, ffi.cast("float *", ffi.from_buffer(b)),
+                                                       float(self_rank), 1)
+        if rc == -2:
+            raise MemoryError("flash engine: no memory for the admission model")
+
     def flags(self, which: str, clear: bool = False) -> np.ndarray:
         """Per-expert flags ``[block_count, n_expert]`` (bool): ``staged`` (demand loads kept until the tier
         decides; ``clear`` releases them), ``touched`` (pages moved by the engine since the last clear),

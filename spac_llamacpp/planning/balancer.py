@@ -133,7 +133,7 @@ class Problem:
     budget: int  # bytes for experts
     parallel: bool
     horizon: float = 64.0  # steps over which a transfer is amortised
-    max_per_layer: int | None = None
+    max_per_layer: int | np.ndarray | None = None  # experts per layer at most: one number, or one per layer
     max_load: float | None = None  # seconds of transfers (newly placed experts) one plan may start
 
     @classmethod
@@ -144,7 +144,7 @@ class Problem:
         budget: int,
         resident: np.ndarray | None = None,
         horizon: float = 64.0,
-        max_per_layer: int | None = None,
+        max_per_layer: int | np.ndarray | None = None,
         max_load: float | None = None,
     ) -> Problem:
         shape = costs.fast.shape
@@ -159,6 +159,13 @@ class Problem:
     @property
     def shape(self) -> tuple[int, int]:
         return self.fast.shape  # type: ignore[return-value]
+
+    @property
+    def caps(self) -> np.ndarray | None:
+        """``[L]`` experts each layer may hold at most (``max_per_layer`` per layer), None without a cap."""
+        if self.max_per_layer is None:
+            return None
+        return np.broadcast_to(np.asarray(self.max_per_layer, np.int64), (self.shape[0],))
 
     @property
     def amortised_load(self) -> np.ndarray:
@@ -187,7 +194,8 @@ class Problem:
             return False
         if self.max_load is not None and self.load_of(x) > self.max_load * (1 + 1e-9):
             return False
-        return not (self.max_per_layer is not None and int(x.sum(axis=1).max(initial=0)) > self.max_per_layer)
+        caps = self.caps
+        return not (caps is not None and bool((x.sum(axis=1) > caps).any()))
 
     def load_of(self, x: np.ndarray) -> float:
         """Seconds of transfers plan ``x`` starts (experts placed that are not resident)."""
@@ -248,7 +256,7 @@ def greedy(problem: Problem) -> np.ndarray:
     L, E = problem.shape
     la = problem.amortised_load
     size = problem.size
-    cap = problem.max_per_layer
+    cap = problem.caps
     x = np.zeros((L, E), bool)
     used = 0
     per_layer = np.zeros(L, np.int64)
@@ -266,7 +274,7 @@ def greedy(problem: Problem) -> np.ndarray:
             if gain[i, e] <= 0:
                 break
             s = int(size[i, e])
-            if used + s > problem.budget or (cap is not None and per_layer[i] >= cap) or move[i, e] > load_left:
+            if used + s > problem.budget or (cap is not None and per_layer[i] >= cap[i]) or move[i, e] > load_left:
                 continue
             x[i, e] = True
             used += s
@@ -287,7 +295,7 @@ def greedy(problem: Problem) -> np.ndarray:
     while heap:
         _, i, e = heapq.heappop(heap)
         s = int(size[i, e])
-        if used + s > problem.budget or (cap is not None and per_layer[i] >= cap) or move[i, e] > load_left:
+        if used + s > problem.budget or (cap is not None and per_layer[i] >= cap[i]) or move[i, e] > load_left:
             continue
         g = gain_of(i, e)
         if g <= 0:
@@ -329,8 +337,8 @@ def keep_residents(problem: Problem, x: np.ndarray) -> np.ndarray:
     for flat in order:
         i, e = divmod(int(flat), x.shape[1])
         size = int(problem.size[i, e])
-        cap = problem.max_per_layer
-        if used + size > problem.budget or (cap is not None and per_layer[i] >= cap):
+        cap = problem.caps
+        if used + size > problem.budget or (cap is not None and per_layer[i] >= cap[i]):
             continue
         if problem.parallel:
             if max(f[i] + problem.fast[i, e], s[i] - problem.slow[i, e]) > max(f[i], s[i]):
@@ -366,11 +374,12 @@ def _repair(problem: Problem, x: np.ndarray) -> np.ndarray:
     if problem.feasible(x):
         return x
     gain = (problem.slow - problem.fast - problem.amortised_load) / np.maximum(problem.size, 1)
-    if problem.max_per_layer is not None:
+    caps = problem.caps
+    if caps is not None:
         for i in range(x.shape[0]):
             on = np.flatnonzero(x[i])
-            if len(on) > problem.max_per_layer:
-                drop = on[np.argsort(gain[i, on], kind="stable")][: len(on) - problem.max_per_layer]
+            if len(on) > caps[i]:
+                drop = on[np.argsort(gain[i, on], kind="stable")][: len(on) - int(caps[i])]
                 x[i, drop] = False
     on = np.argwhere(x)
     order = np.argsort(gain[x], kind="stable")
@@ -473,10 +482,11 @@ def _build(problem: Problem, free: np.ndarray, relax: bool, name: str = "spac_ba
         row = [(v, float(problem.load[i, e] * _SCALE)) for (i, e), v in xv.items() if not problem.resident[i, e]]
         if row:
             prob += pulp.LpAffineExpression(row) <= problem.max_load * _SCALE, "transfers"
-    if problem.max_per_layer is not None:
+    caps = problem.caps
+    if caps is not None:
         for i in range(L):
-            if len(by_layer[i]) > problem.max_per_layer:
-                prob += pulp.LpAffineExpression([(v, 1.0) for _, v in by_layer[i]]) <= problem.max_per_layer, f"cap_{i}"
+            if len(by_layer[i]) > caps[i]:
+                prob += pulp.LpAffineExpression([(v, 1.0) for _, v in by_layer[i]]) <= int(caps[i]), f"cap_{i}"
     return prob, xv
 
 
@@ -719,7 +729,7 @@ class Balancer:
         gap: float = 1e-3,
         solver: str = "auto",
         tokens_per_step: float = 1.0,
-        max_per_layer: int | None = None,
+        max_per_layer: int | np.ndarray | None = None,
         transfer_steps: float | None = None,
         timing: SolveTiming | None = None,
     ) -> None:

@@ -323,3 +323,22 @@ def fit_groups(x: np.ndarray, utility: np.ndarray, n_slots: Sequence[int],
         x[planned[0][drop], planned[1][drop]] = False
         dropped += len(drop)
     return x, dropped
+
+
+def layer_capacities(size: np.ndarray, budget: int) -> np.ndarray:
+    """Experts per layer of a per-layer cache within ``budget`` bytes: the budget split evenly over the
+    layers in whole experts (``size`` ``[L, E]``, equal within a layer), the bytes left over handed out one
+    expert at a time in layer order."""
+    L, E = size.shape
+    per = size.max(axis=1).astype(np.int64)
+    cap = np.minimum(np.where(per > 0, (int(budget) // max(L, 1)) // np.maximum(per, 1), E), E)
+    left = int(budget) - int((cap * per).sum())
+    changed = True
+    while changed:
+        changed = False
+        for i in range(L):
+            if cap[i] < E and per[i] <= left:
+                cap[i] += 1
+                left -= int(per[i])
+                changed = True
+    return cap

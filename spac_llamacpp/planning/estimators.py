@@ -134,6 +134,11 @@ class DecayedMean:
     def seen(self) -> bool:
         return self._weight > 0
 
+    def affine_next(self) -> tuple[np.ndarray, float]:
+        """``(a, b)`` such that the value after the next ``add(x)`` is ``a + b * x``."""
+        weight_after = self.beta * self._weight + (1.0 - self.beta)
+        return self.beta * self._acc / weight_after, (1.0 - self.beta) / weight_after
+
     @property
     def value(self) -> np.ndarray:
         """The current mean (zeros before the first value; a fresh array)."""
@@ -291,6 +296,7 @@ class TransitionModel:
         self._same = np.zeros(n_layer, np.float64)  # diagonal sums of _raw (the reuse rate r)
         self._scale = 1.0
         self._prev: np.ndarray | None = None
+        self.last_sources = np.zeros(self.shape, bool)  # the source experts of the last update's transitions
         self.beta_mix = beta_mix
         self.mix = np.full(n_layer, 0.5)  # per layer: weight of the experts' own rows against the layer's pooled rule
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # (own, pooled) predictions for the coming step
@@ -319,6 +325,7 @@ class TransitionModel:
                 for arr in (self._raw, self._rows, self._cols, self._same):
                     arr *= self._scale
                 self._scale = 1.0
+            self.last_sources = self._prev
             layer, src, dst = _pairs(self._prev, cur)
             if len(layer):
                 inc = 1.0 / self._scale
@@ -354,6 +361,33 @@ class TransitionModel:
             return own
         lam = self.mix[:, None]
         return lam * own + (1 - lam) * pooled
+
+    def rows(self, layers: np.ndarray | None = None, sources: np.ndarray | None = None) -> np.ndarray:
+        """What one step's use of an expert adds to the next step's expected use of each expert under the current
+        tables (:meth:`predict` of a step is the sum of its experts' rows): ``[L, E, E]`` for every (layer, source
+        expert), or ``[n, E]`` for the pairs ``(layers[i], sources[i])``; zeros for a layer without transitions."""
+        L, E = self.shape
+        if layers is None or sources is None:
+            grid = np.indices((L, E)).reshape(2, -1)
+            return self.rows(grid[0], grid[1]).reshape(L, E, E)
+        layers, sources = np.asarray(layers, np.int64), np.asarray(sources, np.int64)
+        out = np.zeros((len(layers), E), np.float64)
+        total = self._rows.sum(axis=1)
+        ok = np.flatnonzero(total[layers] > 0)
+        if not len(ok):
+            return out
+        lay, src = layers[ok], sources[ok]
+        r = self.reuse_rate[lay]
+        base = (1.0 - r)[:, None] * (self._cols[lay] / total[lay, None])
+        base[np.arange(len(ok)), src] += r
+        own = (self._raw[lay, src] + self.prior / self._scale * base)
+        own /= (self._rows[lay, src] + self.prior / self._scale)[:, None]
+        if self.beta_mix is None:
+            out[ok] = own
+        else:
+            lam = self.mix[lay][:, None]
+            out[ok] = lam * own + (1 - lam) * base
+        return out
 
     def _components(self, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The prediction from the experts' own (smoothed) rows and from the layer's pooled rule alone."""
@@ -431,6 +465,36 @@ class SpacEstimator(Estimator):
             self.transitions.update(weighted)
         self._scores = None
 
+    def next_step_model(self) -> tuple[np.ndarray, float]:
+        """The scores this estimator will have after the coming decode step, as a function of what it selects:
+        ``(base, self_weight)`` and the rows of :meth:`next_rows`, such that the scores after a step that selects
+        the set S of each layer are about ``base + self_weight * [f in S] + sum over e in S of row[l, e]``
+        (``base`` ``[L, E]``). A tier that decides in the step (the flash tier's predicted admission,
+        ``native/spac_engine.h``) ranks a newcomer and the experts it may displace as the estimator will once it
+        has seen the step. Approximations: one token (a verify batch's counts / n taken as 1 for every selected
+        expert), and the tables and mixture weights of now (the step's own update moves them a little)."""
+        base = np.zeros(self.shape, np.float64)
+        self_weight = self.w_last
+        for mean, w in ((self.fast, self.w_fast), (self.slow, self.w_slow)):
+            if w:
+                a, b = mean.affine_next()
+                base += w * a
+                self_weight += w * b
+        return base, float(self_weight)
+
+    def next_rows(self, changed_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(layers, sources, rows)``: the next-step rows (``rows[i]`` ``[E]``: what using expert ``sources[i]``
+        of layer ``layers[i]`` adds to each expert's score after the step) of every (layer, expert), or with
+        ``changed_only`` of those whose own transition counts the last update changed (the experts of the step
+        before it; the layer-wide parts of every row drift more slowly)."""
+        L, E = self.shape
+        if changed_only:
+            layers, sources = np.nonzero(self.transitions.last_sources)
+        else:
+            layers, sources = (g.ravel() for g in np.indices((L, E)))
+        rows = self.w_next * self.transitions.rows(layers, sources) if self.w_next else np.zeros((len(layers), E))
+        return layers, sources, rows
+
     def scores(self) -> np.ndarray:
         if self._scores is None:  # a tier reads them twice per step (the plan, then the order of its moves)
             s = self.w_last * self.last + self.w_fast * self.fast.value + self.w_slow * self.slow.value
@@ -449,6 +513,12 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"decayed-counts": ("decayed", 
 """Other accepted names: an estimator with other default parameters."""
 
 DEFAULT_ESTIMATOR = "spac"
+
+
+def predicts_next_step(name: str) -> bool:
+    """Whether estimator ``name`` has a next-step model (``next_step_model``: the flash tier's predicted admission)."""
+    cls = ESTIMATORS.get(ALIASES[name][0] if name in ALIASES else name)
+    return cls is not None and hasattr(cls, "next_step_model")
 
 
 def estimator_names() -> list[str]:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from spac_llamacpp.planning.balancer import Balancer, Plan, Problem, tier_costs
+from spac_llamacpp.planning.budgets import layer_capacities
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import UtilityEstimator, make_estimator
 from spac_llamacpp.planning.placement_config import PlacementConfig
@@ -61,8 +62,9 @@ class PlacementPlanner:
         self.layout = layout
         self.demand: UtilityEstimator = make_estimator(config.estimator, layout.n_layer, layout.n_expert,
                                                        **config.estimator_params)
+        caps = layer_capacities(layout.bytes_matrix, budget) if config.layer_caps else None
         self.balancer = Balancer(layout, cost, config.tier, budget, solver=config.solver,
-                                 time_limit=config.time_limit, horizon=config.horizon,
+                                 time_limit=config.time_limit, horizon=config.horizon, max_per_layer=caps,
                                  transfer_steps=config.transfer_steps)
         self._resident = resident
         self.admits_demand = bool(config.admit_demand)

@@ -44,6 +44,11 @@ class PlacementConfig:
             (LRU's free admission); the ones it drops, and all of them when no plan follows the step, are
             evicted. The balancer sees them as resident (no load cost). In the vram tier a miss is computed on
             the CPU and brings nothing into the pool, so there is nothing to admit for free.
+        layer_caps: each MoE layer's plan holds at most its equal share of the budget in whole experts
+            (``planning.budgets.layer_capacities``, LRU's per-layer capacities). With layer admission a layer keeps
+            the number of experts its plan gave it (a miss takes a planned expert's place): a plan made from one
+            prompt's utilities can leave a layer with none (the benchmark model's last layer, at 12.5%), which
+            then never hits.
         background: solve in the re-planner's background thread (False: synchronously at the step boundary,
             deterministic, what the simulator does; the flash default, since its plans are due after every step).
     """
@@ -60,6 +65,7 @@ class PlacementConfig:
     transfer_steps: float | None = None
     initial_plan: bool = True
     admit_demand: bool = False
+    layer_caps: bool = False
     background: bool = True
 
     def __post_init__(self) -> None:
@@ -76,20 +82,19 @@ class PlacementConfig:
 
     @classmethod
     def flash(cls, **overrides: Any) -> PlacementConfig:
-        """The flash tier's defaults. Re-planned after every step with the step's misses admitted
-        (``admit_demand``): the estimator's next-step prediction changes with every step, and keeping what a
-        miss already read costs nothing, which is what makes LRU hard to beat (docs/utility.md, "Held-out
-        evaluation": re-planning every 16 steps without admission was slower than LRU on Mixtral-8x7B's
-        routing). A short amortisation horizon (4 steps): a prefetch is a read that competes with the demand
-        loads of the next steps, and the next-step prediction that asks for it often holds for a step or two
-        only. The mapping holds the whole file at load, so a first residency is planned at once (and trimmed
-        to). Planned synchronously at the step boundary (``background=False``): a greedy re-plan costs about
-        half a millisecond at the benchmark model's shape (28 x 64 experts), and a plan from a background thread
-        is applied one step late (the tier takes it after the next step), when the demand loads it admitted have
-        been evicted again: in ``spac simulate`` that lag alone costs ours its lead over LRU (Mixtral-8x7B
-        GSM8K, 12.5% of the experts: hit rate 17.3% -> 15.1%, bytes moved 63 -> 75 MB per token, LRU 66)."""
-        return cls(tier="flash", horizon=4.0, initial_plan=True, replan_every=1, drift=0.0,
-                   admit_demand=True, background=False).replace(**overrides)
+        """The flash tier's defaults. A step's misses are admitted (``admit_demand``) by layer admission in their
+        layers' hooks (``tiers/flash.py``; ours: predicted admission, the estimator's ranks after the step), so
+        the plan is made after the first step, at the re-planner's first request and then every 64 steps: re-
+        planned after every step, the balancer moved experts between layers on small utility differences (39.6
+        prefetches per token on the benchmark model at 12.5% against LRU's 1.3, 0.73x its tok/s; docs/flash.md
+        "Predicted admission"). Each layer's plan holds at most its equal share of the budget (``layer_caps``).
+        A short amortisation horizon (4 steps): a prefetch is a read that competes with the demand loads. The
+        mapping holds the whole file at load, so a first residency is planned at once (and trimmed to). Planned
+        synchronously at the step boundary (``background=False``): a greedy plan costs about half a millisecond at
+        the benchmark model's shape (28 x 64 experts), and a plan from a background thread is applied one step
+        late."""
+        return cls(tier="flash", horizon=4.0, initial_plan=True, replan_every=64, drift=0.0,
+                   admit_demand=True, layer_caps=True, background=False).replace(**overrides)
 
     @classmethod
     def vram(cls, **overrides: Any) -> PlacementConfig:

@@ -39,8 +39,16 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
 from spac_llamacpp.planning.balancer import Plan
+from spac_llamacpp.planning.budgets import layer_capacities
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
-from spac_llamacpp.planning.estimators import VOLUME_HALF_LIFE, DecayedMean, HysteresisEstimator, Observation, beta_of
+from spac_llamacpp.planning.estimators import (
+    VOLUME_HALF_LIFE,
+    DecayedMean,
+    HysteresisEstimator,
+    Observation,
+    beta_of,
+    predicts_next_step,
+)
 from spac_llamacpp.planning.placement import PlacementPlanner
 from spac_llamacpp.planning.placement_config import PlacementConfig
 from spac_llamacpp.planning.reference_caches import DemandCache, LFUCache, LRUCache
@@ -60,25 +68,6 @@ def check_policy(name: Any) -> str:
     if name not in POLICIES:
         raise SpacError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICIES)}")
     return str(name)
-
-
-def layer_capacities(size: np.ndarray, budget: int) -> np.ndarray:
-    """Experts per layer of a per-layer cache within ``budget`` bytes: the budget split evenly over the
-    layers in whole experts (``size`` ``[L, E]``, equal within a layer), the bytes left over handed out one
-    expert at a time in layer order."""
-    L, E = size.shape
-    per = size.max(axis=1).astype(np.int64)
-    cap = np.minimum(np.where(per > 0, (int(budget) // max(L, 1)) // np.maximum(per, 1), E), E)
-    left = int(budget) - int((cap * per).sum())
-    changed = True
-    while changed:
-        changed = False
-        for i in range(L):
-            if cap[i] < E and per[i] <= left:
-                cap[i] += 1
-                left -= int(per[i])
-                changed = True
-    return cap
 
 
 def fill(order: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
@@ -452,9 +441,15 @@ class PolicyPlanner:
         return None
 
 
-OUR_ADMISSION = "always"
-"""Ours' layer admission: a step's misses are what its transition estimator predicts for the next step, so they
-take the place of the layer's least useful planned expert (measured: docs/benchmarks.md, "Layer admission")."""
+ADMISSION_FLOORS = {"off": -np.inf, "always": np.inf, "rank": -np.inf, "predict": -np.inf}
+"""The least rank a miss counts with in each layer admission (``tiers/flash.py``, ``planning/admission.py``):
+``always`` admits every miss (LRU's rule); ``predict`` is ``rank`` with the ranks predicted at the hook."""
+
+OUR_ADMISSION = "predict"
+"""Ours' layer admission: a miss takes the place of the layer's planned expert that the estimator, having seen the
+step, ranks lowest, when it ranks higher itself (the hook predicts those ranks from the step's selection:
+``tiers/flash.py``, docs/flash.md "Predicted admission"); ``always`` (LRU's rule) with an estimator that has no
+next-step model."""
 
 
 def policy_admission(policy: str, config: PlacementConfig) -> str:
@@ -463,7 +458,9 @@ def policy_admission(policy: str, config: PlacementConfig) -> str:
     not admit demand."""
     check_policy(policy)
     if policy == DEFAULT_POLICY:
-        return OUR_ADMISSION if config.admit_demand else "off"
+        if not config.admit_demand:
+            return "off"
+        return OUR_ADMISSION if predicts_next_step(config.estimator) else "always"
     rule = RULES[policy]
     return rule.admission if rule.admits_demand else "off"
 
@@ -485,6 +482,7 @@ def make_planner(policy: str, config: PlacementConfig, layout: ExpertLayout, cos
 
 
 __all__ = [
+    "ADMISSION_FLOORS",
     "DEFAULT_POLICY",
     "policy_admission",
     "PIN_WARMUP_STEPS",

@@ -27,13 +27,22 @@ from typing import Any
 import numpy as np
 
 from spac_llamacpp.base.errors import SpacError
+from spac_llamacpp.planning.admission import admit_step, predicted_ranks
 from spac_llamacpp.planning.balancer import Problem, solve, tier_costs
 from spac_llamacpp.planning.budgets import fit_groups
 from spac_llamacpp.planning.costmodel import CostModel, ExpertLayout
 from spac_llamacpp.planning.estimators import Observation
 from spac_llamacpp.planning.placement import PlacementPlanner
 from spac_llamacpp.planning.placement_config import PlacementConfig
-from spac_llamacpp.planning.policies import DemandCachePolicy, fill, layer_capacities, make_rule
+from spac_llamacpp.planning.policies import (
+    ADMISSION_FLOORS,
+    DEFAULT_POLICY,
+    DemandCachePolicy,
+    fill,
+    layer_capacities,
+    make_rule,
+    policy_admission,
+)
 from spac_llamacpp.planning.reference_caches import NEVER, DemandCache, MinCache, NextUse
 
 log = logging.getLogger(__name__)
@@ -87,6 +96,12 @@ class Policy:
         """Demand policies: after step ``t`` (activations ``need`` [L, E]), the residency kept: a
         subset of the residency before it and ``need`` (only misses enter)."""
         raise NotImplementedError
+
+    def admit(self, t: int, need: np.ndarray, resident: np.ndarray) -> np.ndarray | None:
+        """Planned policies with layer admission (flash): the residency after step ``t``'s layers took their
+        misses in (``planning/admission.py``, the engine's rule; None: no admission, the simulator's
+        ``admits_demand`` rule applies). Called after the step ran, before :meth:`after_step`."""
+        return None
 
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
         """Observe the step's counts (all layers) after it ran."""
@@ -196,14 +211,21 @@ class OursPolicy(Policy):
     timed), the first step planned at once, later ones when the re-planner says so. A plan made after
     step t is applied ``1 + lag`` steps later (``lag`` models a background solve; 0: as the tier with
     ``background=False``). ``plans`` lists ``(t, residency)`` of every plan made. With the configuration's
-    ``admit_demand`` (:attr:`admits_demand`, flash) a step's misses stay resident until the next plan
-    (the simulator keeps them without a charge: their read was the miss) and the plan starts from them.
+    ``admit_demand`` (:attr:`admits_demand`, flash) a step's misses enter by the tier's layer admission
+    (:meth:`admit`: ``admission``, default the tier's, ``planning.policies.policy_admission``; the engine's rule,
+    ``planning/admission.py``) and the plan after the step starts from the residency that made; with
+    ``admission="off"`` they stay resident until the next plan (the simulator keeps them without a charge: their
+    read was the miss).
     """
 
     name = "ours"
 
-    def __init__(self, config: PlacementConfig | None = None, lag: int = 0, **overrides: Any) -> None:
+    def __init__(self, config: PlacementConfig | None = None, lag: int = 0, admission: str | None = None,
+                 **overrides: Any) -> None:
         self.config, self.lag, self.overrides = config, int(lag), overrides
+        if admission is not None and admission not in ADMISSION_FLOORS:
+            raise SpacError(f"admission must be one of {', '.join(ADMISSION_FLOORS)}, not {admission!r}")
+        self._admission = admission
 
     def reset(self, setup: SimSetup) -> np.ndarray:
         super().reset(setup)
@@ -215,6 +237,11 @@ class OursPolicy(Policy):
         self.planner = PlacementPlanner(cfg, setup.layout, setup.cost, setup.budget,
                                         resident=lambda: self._resident.copy())
         self.admits_demand = self.planner.admits_demand
+        # the flash tier's layer admission (tiers/flash.py): the engine's rule, replayed by planning/admission.py
+        default = policy_admission(DEFAULT_POLICY, cfg)
+        self.admission = "off" if setup.tier != "flash" or default == "off" else (self._admission or default)
+        self.admitted = 0
+        self._in_memory: np.ndarray | None = None
         self._queue: list[tuple[int, np.ndarray]] = []
         self.plans: list[tuple[int, np.ndarray]] = []
         first = self.planner.first_plan(None)
@@ -240,9 +267,33 @@ class OursPolicy(Policy):
         self._resident = ready[-1].copy()
         return ready[-1].copy()
 
+    def admit(self, t: int, need: np.ndarray, resident: np.ndarray) -> np.ndarray | None:
+        if self.admission == "off" or (t == 0 and not self.planner.warm):
+            return None  # (the first step of a cold start: the tier's prompt keep, which the plan after it replaces)
+        est = self.planner.demand
+        if self.admission == "predict":
+            base, self_weight = est.next_step_model()  # type: ignore[attr-defined]
+            layers, sources, rows = est.next_rows()  # type: ignore[attr-defined]
+            table = np.zeros((*self.setup.shape, self.setup.shape[1]))
+            table[layers, sources] = rows
+
+            def ranks(i: int, selected: np.ndarray) -> np.ndarray:
+                return predicted_ranks(base[i], self_weight, table[i], selected)
+        else:
+            utility = est.utility()
+
+            def ranks(i: int, selected: np.ndarray) -> np.ndarray:
+                return utility[i]
+        held, n = admit_step(resident, need, ranks, ADMISSION_FLOORS[self.admission])
+        self.admitted += n
+        self._resident = held.copy()
+        self._in_memory = need & held  # the misses not admitted were dropped after their layer
+        return held
+
     def after_step(self, t: int, counts: np.ndarray, n_tokens: int) -> None:
         self.planner.demand.update(Observation(counts, n_tokens))
-        plan = self.planner.after_step(t + 1, counts > 0)
+        used, self._in_memory = (counts > 0 if self._in_memory is None else self._in_memory), None
+        plan = self.planner.after_step(t + 1, used)
         if plan is not None:
             x = self._fit(plan.x, self.planner.demand.utility())
             self._queue.append((t + 1 + self.lag, x))
@@ -254,7 +305,8 @@ class OursPolicy(Policy):
 
     def stats(self) -> dict:
         s = self.planner.replanner.stats
-        return {"solves": s.solves, "methods": dict(s.methods), "solve_ms_mean": s.summary()["solve_ms_mean"]}
+        return {"solves": s.solves, "methods": dict(s.methods), "solve_ms_mean": s.summary()["solve_ms_mean"],
+                "admission": self.admission, "admitted": self.admitted}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -326,7 +326,12 @@ def simulate(trace: RoutingTrace, policy: Policy | str, setup: SimSetup) -> SimR
         if not prompt[t]:
             decode_s += step_s
             decode_tokens += int(tokens[t])
-        if admits:
+        admitted = pol.admit(t, need, res) if not pol.demand else None
+        if admitted is not None:
+            # layer admission (flash): misses took planned experts' places in their layers' hooks (no charge:
+            # their read is the miss); the others were dropped after their layer
+            res = np.asarray(admitted, bool).copy()
+        elif admits:
             # the step's misses were read on demand and stay until the next plan says which to keep (no
             # charge: their read is the miss); a residency the plan does not name is dropped again
             transient = need & ~res

@@ -50,7 +50,7 @@ from spac_llamacpp.native.mapping import FileMapping, other_mappings, resident_b
 from spac_llamacpp.native.sensor import RoutingSensor
 from spac_llamacpp.planning.budgets import flash_budget, tier_layout
 from spac_llamacpp.planning.placement_config import PlacementConfig
-from spac_llamacpp.planning.policies import DEFAULT_POLICY, policy_admission
+from spac_llamacpp.planning.policies import ADMISSION_FLOORS, DEFAULT_POLICY, policy_admission
 from spac_llamacpp.planning.reference_caches import hit_rate
 from spac_llamacpp.tiers.base import LoopOptions, TierController, TierCounters
 from spac_llamacpp.tiers.switch import MeasuredSwitch
@@ -58,7 +58,14 @@ from spac_llamacpp.tiers.switch import MeasuredSwitch
 log = logging.getLogger(__name__)
 
 
-ADMISSION_FLOORS = {"off": -np.inf, "always": np.inf, "rank": -np.inf}  # a demand load's least rank (engine)
+NEXT_ROWS_EVERY = 8
+"""``admission="predict"``: steps between full refreshes of the estimator's next-step rows in the engine; between
+them only the rows whose own transition counts changed are rebuilt (the layer-wide parts drift slowly; the full
+``[L, E, E]`` costs ~12 ms at Qwen3-30B-A3B's 48 x 128 x 128). The first :data:`YOUNG_STEPS` steps refresh in full
+every step: early on every row moves."""
+YOUNG_STEPS = 32
+SMALL_ROWS = 1 << 18
+"""Rows at most this many entries (the benchmark model: 28 x 64 x 64) are refreshed in full every step."""
 
 
 def read_bytes_so_far() -> int:
@@ -226,6 +233,8 @@ class FlashTier(TierController):
             keep_demand = admission == "off" or lookahead
         self.info = info
         self.budget = int(budget)
+        self._next_rows: np.ndarray | None = None  # admission="predict": the engine's rows as blocks
+        self._next_rows_age = 0
         layout = tier_layout("flash", info)
         self.budget_split = flash_budget(self.budget, layout, lookahead=lookahead, keep=keep_demand,
                                          name=info.path.name)
@@ -273,6 +282,10 @@ class FlashTier(TierController):
             # llama.cpp populated the whole file at load: the first plan trims it (from the profile, else a
             # uniform prior; the prompt's routing then replaces the latter at once)
             self._start(info, layout, self.budget_split.plan_bytes, options)
+            if admission == "predict" and not hasattr(self.demand, "next_step_model"):
+                raise SpacError(f"admission='predict' needs an estimator that predicts the next step (ours, the 'spac' "
+                                f"estimator), not policy {options.policy!r} with {type(self.demand).__name__}; choose "
+                                "admission 'always', 'rank' or 'off'")
             self.admission = admission
             self._admission_rank = np.full((info.block_count, max(info.n_expert, 1)), np.inf, np.float32)
             if not self.counters.plans_applied:
@@ -356,6 +369,25 @@ class FlashTier(TierController):
         self._admission_rank[self.rows] = self.demand.utility()
         slack = self.budget_split.plan_bytes - int(self.sizes[self.wanted].sum())
         self.engine.set_admission(self._admission_rank, ADMISSION_FLOORS[self.admission], slack)
+        if self.admission == "predict":
+            self._arm_prediction()
+
+    def _arm_prediction(self) -> None:
+        """``admission="predict"``: the estimator's next-step model to the engine, so that each layer's hook ranks a
+        miss and the planned experts it may displace as the estimator will rank them after the step (the ranks of
+        before the step undervalue the miss, which the step just used: docs/flash.md "Predicted admission")."""
+        est = self.demand
+        full = (self._next_rows is None or self._next_rows_age >= NEXT_ROWS_EVERY or est.n_steps <= YOUNG_STEPS
+                or self._admission_rank.size * self._admission_rank.shape[1] <= SMALL_ROWS)
+        if self._next_rows is None:
+            self._next_rows = np.zeros((*self._admission_rank.shape, self._admission_rank.shape[1]), np.float32)
+        layers, sources, rows = est.next_rows(changed_only=not full)  # type: ignore[attr-defined]
+        self._next_rows[self.rows[layers], sources] = rows
+        self._next_rows_age = 0 if full else self._next_rows_age + 1
+        base, self_weight = est.next_step_model()  # type: ignore[attr-defined]
+        base_all = np.zeros(self._admission_rank.shape, np.float32)
+        base_all[self.rows] = base
+        self.engine.set_admission_model(self._next_rows if len(layers) else None, base_all, self_weight)
 
     def _settle_staged(self) -> None:
         """The step's demand loads that neither the plan nor the lookahead kept are evicted; the engine then
