@@ -106,9 +106,38 @@ static int run_mapped(job_t *j, int fault) {
 typedef struct {
     job_t *j;
     int32_t tid;
-    int direct;
+    int direct; /* 1: O_DIRECT; 2: O_DIRECT, then the inner pages moved onto the mapping (OVERLAY) */
     int rc;
 } worker_t;
+
+/* Pages entirely inside range k (an OVERLAY moves only these: a boundary page belongs to two slices) */
+static void inner_pages(const job_t *j, int64_t k, uint64_t *lo, uint64_t *hi) {
+    *lo = j->offs[k] + (j->offs[k] % j->page ? j->page - j->offs[k] % j->page : 0);
+    *hi = j->offs[k] + j->lens[k];
+    *hi -= *hi % j->page;
+    if (*hi < *lo) {
+        *hi = *lo;
+    }
+}
+
+/* Where range k's inner pages sit in its expert's slot (OVERLAY: one slot per expert; the O_DIRECT read of
+ * the range's aligned cover starts at `at`) */
+static uint8_t *slot_inner(const job_t *j, int64_t k, uint64_t at, uint64_t cover_lo, uint64_t inner_lo) {
+    return j->slots + (uint64_t)(k / j->n_ranges) * j->slot_bytes + at + (inner_lo - cover_lo);
+}
+
+/* OVERLAY: move range k's inner pages from the slot onto the file mapping at their file offset (mremap: the
+ * page tables move, no copy, and the address switches from the file's page to the slot's page, with the same
+ * bytes, at once), so that code reading the mapping (a matmul) finds the bytes there without the page cache */
+static int overlay_in(const job_t *j, int64_t k, uint64_t at, uint64_t cover_lo) {
+    uint64_t lo, hi;
+    inner_pages(j, k, &lo, &hi);
+    if (hi > lo && mremap(slot_inner(j, k, at, cover_lo, lo), hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED,
+                          j->map + lo) == MAP_FAILED) {
+        return -errno;
+    }
+    return 0;
+}
 
 static void *pread_worker(void *arg) {
     worker_t *w = (worker_t *)arg;
@@ -122,7 +151,13 @@ static void *pread_worker(void *arg) {
             if (w->direct) {
                 uint64_t lo, hi;
                 aligned(j, k, &lo, &hi);
+                if (w->direct == 2) {
+                    slot = j->slots + (uint64_t)x * j->slot_bytes; /* OVERLAY: every expert its own slot */
+                }
                 w->rc = read_full(j->dfd, slot + at, hi - lo, lo);
+                if (w->rc == 0 && w->direct == 2) {
+                    w->rc = overlay_in(j, k, at, lo);
+                }
                 at += hi - lo;
             } else {
                 w->rc = read_full(j->fd, slot + at, j->lens[k], j->offs[k]);
@@ -289,6 +324,29 @@ static int run_uring(job_t *j) {
 #define MADV_PAGEOUT 21
 #endif
 
+/* OVERLAY's eviction: each range's inner pages moved back into their slot (recycled, not freed: the next read
+ * reuses them without zeroing new pages) and the file mapped again in their place (no page cache to drop) */
+static int evict_overlays(job_t *j) {
+    for (int32_t x = 0; x < j->n_experts; x++) {
+        uint64_t at = 0;
+        for (int32_t r = 0; r < j->n_ranges; r++) {
+            const int64_t k = (int64_t)x * j->n_ranges + r;
+            uint64_t clo, chi, lo, hi;
+            aligned(j, k, &clo, &chi);
+            inner_pages(j, k, &lo, &hi);
+            if (hi > lo) {
+                if (mremap(j->map + lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED,
+                           slot_inner(j, k, at, clo, lo)) == MAP_FAILED ||
+                    mmap(j->map + lo, hi - lo, PROT_READ, MAP_SHARED | MAP_FIXED, j->fd, (off_t)lo) == MAP_FAILED) {
+                    return -errno;
+                }
+            }
+            at += chi - clo;
+        }
+    }
+    return 0;
+}
+
 /* What the flash engine's eviction does to an expert (native/spac_engine.c do_evict), over the pages inside
  * each range: the page-cache methods' cost of making room again, which slots do not have. */
 static void evict_all(job_t *j) {
@@ -309,7 +367,7 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
                        int64_t *wall_ns, int64_t *cpu_ns, int64_t *evict_cpu_ns) {
     if (path == NULL || offs == NULL || lens == NULL || done_ns == NULL || wall_ns == NULL || cpu_ns == NULL ||
         evict_cpu_ns == NULL ||
-        n_ranges < 1 || n_experts < 1 || conc < 1 || conc > 64 || method < SPAC_READ_MMAP || method > SPAC_READ_URING) {
+        n_ranges < 1 || n_experts < 1 || conc < 1 || conc > 64 || method < SPAC_READ_MMAP || method > SPAC_READ_OVERLAY) {
         return -EINVAL;
     }
     job_t j;
@@ -344,11 +402,11 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
         slot = s > slot ? s : slot;
     }
     j.slot_bytes = slot + (slot % ALIGN ? ALIGN - slot % ALIGN : 0);
-    if (rc == 0 && (method == SPAC_READ_DIRECT || method == SPAC_READ_URING)) {
+    if (rc == 0 && (method == SPAC_READ_DIRECT || method == SPAC_READ_URING || method == SPAC_READ_OVERLAY)) {
         j.dfd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
         rc = j.dfd < 0 ? -errno : 0;
     }
-    if (rc == 0 && (method == SPAC_READ_MMAP || method == SPAC_READ_FAULT)) {
+    if (rc == 0 && (method == SPAC_READ_MMAP || method == SPAC_READ_FAULT || method == SPAC_READ_OVERLAY)) {
         j.map = (uint8_t *)mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, j.fd, 0);
         if (j.map == MAP_FAILED) {
             j.map = NULL;
@@ -357,14 +415,20 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
             madvise(j.map, (size_t)st.st_size, MADV_RANDOM); /* as the flash tier sets its expert tensors */
         }
     }
+    /* OVERLAY moves pages out of its slots: one slot per expert (the pages a real pool would recycle) */
+    const uint64_t n_slots = method == SPAC_READ_OVERLAY ? (uint64_t)n_experts : (uint64_t)conc;
+    if (rc == 0 && j.page != ALIGN && method == SPAC_READ_OVERLAY) {
+        rc = -EINVAL; /* the slot layout assumes O_DIRECT's alignment is the page */
+    }
     if (rc == 0 && method >= SPAC_READ_PREAD) { /* the slots: locked anonymous memory, touched once */
-        j.slots = (uint8_t *)mmap(NULL, (size_t)(j.slot_bytes * (uint64_t)conc), PROT_READ | PROT_WRITE,
+        j.slots = (uint8_t *)mmap(NULL, (size_t)(j.slot_bytes * n_slots), PROT_READ | PROT_WRITE,
                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (j.slots == MAP_FAILED) {
             j.slots = NULL;
             rc = -errno;
-        } else if (mlock(j.slots, (size_t)(j.slot_bytes * (uint64_t)conc)) != 0) {
-            memset(j.slots, 0, (size_t)(j.slot_bytes * (uint64_t)conc)); /* not lockable: at least populated */
+        } else if (method == SPAC_READ_OVERLAY || mlock(j.slots, (size_t)(j.slot_bytes * n_slots)) != 0) {
+            /* populated (OVERLAY: not locked, its pages move onto the mapping; else: not lockable) */
+            memset(j.slots, 0, (size_t)(j.slot_bytes * n_slots));
         }
     }
     if (rc == 0) {
@@ -382,6 +446,9 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
         case SPAC_READ_DIRECT:
             rc = run_pread(&j, 1);
             break;
+        case SPAC_READ_OVERLAY:
+            rc = run_pread(&j, 2);
+            break;
         default:
             rc = run_uring(&j);
             break;
@@ -391,7 +458,11 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
         *evict_cpu_ns = 0;
         if (rc == 0 && j.map != NULL) {
             const int64_t e0 = cpu_now_ns();
-            evict_all(&j);
+            if (method == SPAC_READ_OVERLAY) {
+                rc = evict_overlays(&j);
+            } else {
+                evict_all(&j);
+            }
             *evict_cpu_ns = cpu_now_ns() - e0;
         }
     }
@@ -399,7 +470,7 @@ int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, c
         munmap(j.map, (size_t)st.st_size);
     }
     if (j.slots != NULL) {
-        munmap(j.slots, (size_t)(j.slot_bytes * (uint64_t)conc));
+        munmap(j.slots, (size_t)(j.slot_bytes * n_slots));
     }
     if (j.dfd >= 0) {
         close(j.dfd);

@@ -16,19 +16,26 @@
  *             copied out);
  *   DIRECT    the same with O_DIRECT (ranges rounded out to 4 KiB; the cache is bypassed, DMA into the slot);
  *   URING     io_uring (raw system calls: no liburing), IORING_OP_READ of every range of the batch into the
- *             slots from the O_DIRECT descriptor, submitted together, then every completion reaped.
+ *             slots from the O_DIRECT descriptor, submitted together, then every completion reaped;
+ *   OVERLAY   DIRECT into one populated anonymous slot per expert, then each range's inner pages (those
+ *             entirely inside the slice) moved by mremap onto a MAP_SHARED mapping of the file at their own
+ *             offsets: the bytes end up where a matmul reading the model's mapping looks, without the page
+ *             cache (the way the flash engine could use O_DIRECT without the pool path); its eviction moves
+ *             the pages back into their slots (recycled, not freed) and maps the file there again.
  * done_ns[x]: time from the start of expert x's batch (PREAD, DIRECT: of its own read) until the expert was
  * complete; wall_ns and cpu_ns
- * (getrusage of the whole process: user + system, every thread) cover the reads; evict_cpu_ns (MMAP, FAULT;
- * 0 for the others) the CPU of then evicting the experts as the flash engine does (MADV_PAGEOUT, MADV_DONTNEED,
- * posix_fadvise(DONTNEED)): the page cache's cost of making room again, which slots do not have.
+ * (getrusage of the whole process: user + system, every thread) cover the reads; evict_cpu_ns (MMAP, FAULT; 0 for
+ * PREAD, DIRECT, URING) the CPU of then evicting the experts as the flash engine does (MADV_PAGEOUT, MADV_DONTNEED,
+ * posix_fadvise(DONTNEED)): the page cache's cost of making room again, which slots do not have; for OVERLAY,
+ * of moving the pages back and mapping the file again.
  * Returns 0, or -errno (-ENOSYS: io_uring not available). */
 #ifndef SPAC_READBENCH_H
 #define SPAC_READBENCH_H
 
 #include <stdint.h>
 
-enum { SPAC_READ_MMAP = 0, SPAC_READ_FAULT = 1, SPAC_READ_PREAD = 2, SPAC_READ_DIRECT = 3, SPAC_READ_URING = 4 };
+enum { SPAC_READ_MMAP = 0, SPAC_READ_FAULT = 1, SPAC_READ_PREAD = 2, SPAC_READ_DIRECT = 3, SPAC_READ_URING = 4,
+       SPAC_READ_OVERLAY = 5 };
 
 int32_t spac_readbench(int32_t method, const char *path, const uint64_t *offs, const uint64_t *lens,
                        int32_t n_ranges, int32_t n_experts, int32_t conc, uint64_t chunk, int64_t *done_ns,

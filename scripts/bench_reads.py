@@ -14,13 +14,17 @@ default), or one contiguous span (``--layout span``). Methods (``native/spac_rea
 - ``pread``  ``pread`` into locked anonymous slots, one thread per expert in flight (buffered);
 - ``direct`` the same with ``O_DIRECT``;
 - ``uring``  io_uring ``IORING_OP_READ`` (raw system calls, no liburing) with ``O_DIRECT`` into the slots,
-             the whole batch submitted at once.
+             the whole batch submitted at once;
+- ``overlay`` ``direct`` into populated anonymous pages, then each slice's inner pages moved (``mremap``) onto a
+             ``MAP_SHARED`` mapping of the file at their own offsets, where a matmul reading the model's mapping
+             finds them; ``+evict`` moves them back (recycled) and maps the file there again.
 
 Printed per size, method and concurrency (the median of ``--repeat`` measurements, each on other experts):
 MiB/s, mean and 90th-percentile per-expert latency (from the start of its batch, or of its own read for the
 threaded ones), CPU seconds per GiB read (the process's user + system time, every thread: what the reads take
 from the cores that also compute) and, for the page-cache methods, the CPU seconds per GiB of evicting those
-experts again as the engine does (``+evict``; slots are overwritten instead). The last line is one JSON object.
+experts again as the engine does (``+evict``; slots are overwritten instead; ``overlay``: its own eviction).
+The last line is one JSON object.
 On a machine shared with other jobs, read the figures as one run's.
 
 Example::

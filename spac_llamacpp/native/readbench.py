@@ -15,7 +15,7 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.native import module as native
 
-METHODS = {"mmap": 0, "fault": 1, "pread": 2, "direct": 3, "uring": 4}  # SPAC_READ_* (spac_readbench.h)
+METHODS = {"mmap": 0, "fault": 1, "pread": 2, "direct": 3, "uring": 4, "overlay": 5}  # SPAC_READ_* (spac_readbench.h)
 
 
 @dataclass(frozen=True)
