@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -21,6 +22,13 @@
 #define MADV_POPULATE_READ 22 /* Linux 5.14 */
 #endif
 
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4 /* Linux 5.7 */
+#endif
+
+#define SPAC_OVL_STRIPES 64
+#define SPAC_POOL_RUNS 4096 /* free runs the overlay pool holds at most */
+
 typedef struct {
     uint64_t off; /* file offset of expert 0 */
     uint64_t bpe; /* bytes per expert */
@@ -34,6 +42,11 @@ typedef struct {
 typedef struct {
     uint64_t lo, hi; /* file offsets, page-aligned */
 } range_t;
+
+typedef struct {
+    uint8_t *addr; /* page-aligned */
+    uint64_t n;    /* pages */
+} run_t;
 
 typedef struct {
     int32_t target, k, n_embd, sigmoid, max_rows;
@@ -118,6 +131,27 @@ struct spac_engine {
     int64_t size_now;   /* atomic */
     int64_t read_faults; /* atomic */
 
+    /* overlay reads (SPAC_FLASH_READ_OVERLAY, spac_engine_set_read_method) */
+    int32_t read_method;
+    int dfd;               /* O_DIRECT descriptor of the file (-1: none) */
+    uint8_t *ovl;          /* [n_layer][n_expert][max_t] the range's inner pages are an overlay (atomic) */
+    int64_t overlays;      /* overlays now (atomic) */
+    int64_t max_overlays;  /* beyond this the page cache is used (each overlay splits a mapping: max_map_count) */
+    pthread_mutex_t pool_mu;
+    pthread_mutex_t ovl_mu[SPAC_OVL_STRIPES];
+    run_t *pool;           /* free runs of anonymous pages, recycled between evictions and loads */
+    int32_t pool_n, pool_cap_n;
+    uint64_t pool_pages, pool_cap_pages;
+
+    /* MUL_MAT_ID hooks (patch 0004): expert order per layer, misses the matmul waits for */
+    const void *const *topk_src; /* the sensor's topk_data (spac_engine_set_topk_source) */
+    const void **layer_ids;      /* [n_layer] topk data of each layer's latest hook */
+    int32_t *mm_order;           /* [n_layer][n_expert] resident first, then the misses, then the rest */
+    uint8_t *arriving;           /* [n_layer][n_expert] a miss the completer has not landed yet (atomic) */
+    int32_t mmid_hooked;
+    pthread_mutex_t land_mu;
+    pthread_cond_t cv_landed;
+
     /* layer-ahead prediction (decoding thread only) */
     predictor_t *pred;  /* [n_layer] by source layer; target < 0: none */
     uint8_t *issued;    /* [n_layer][n_expert]: reads started by a prediction, not yet checked */
@@ -162,7 +196,7 @@ static inline void keep_first(int *errs, int kind, int err) {
 
 const char *spac_engine_error_name(int32_t kind) {
     static const char *const names[SPAC_ERR_KINDS] = {"prefetch", "demand", "evict", "fadvise", "pin",
-                                                       "unpin", "setup", "mincore", "defer", "nomem"};
+                                                       "unpin", "setup", "mincore", "defer", "nomem", "overlay"};
     return kind >= 0 && kind < SPAC_ERR_KINDS ? names[kind] : "";
 }
 
@@ -206,6 +240,12 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     }
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->mc_mu, NULL);
+    pthread_mutex_init(&e->pool_mu, NULL);
+    pthread_mutex_init(&e->land_mu, NULL);
+    cond_init_monotonic(&e->cv_landed);
+    for (int32_t i = 0; i < SPAC_OVL_STRIPES; i++) {
+        pthread_mutex_init(&e->ovl_mu[i], NULL);
+    }
     cond_init_monotonic(&e->cv_work);
     cond_init_monotonic(&e->cv_idle);
     cond_init_monotonic(&e->cv_evicted);
@@ -224,6 +264,7 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->n_threads = n_threads;
     e->cur_layer = -1;
     e->guard_slot = -1;
+    e->dfd = -1;
     e->tensors = (tensor_t *)calloc((size_t)n_layer * max_tensors_per_layer, sizeof(tensor_t));
     e->n_tensors = (int32_t *)calloc((size_t)n_layer, sizeof(int32_t));
     e->latest = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
@@ -254,7 +295,11 @@ spac_engine *spac_engine_new(int32_t n_layer, int32_t n_expert, int32_t max_tens
     e->pred = (predictor_t *)calloc((size_t)n_layer, sizeof(predictor_t));
     e->issued = (uint8_t *)calloc((size_t)n, 1);
     e->scratch_s = (float *)calloc((size_t)n_expert, sizeof(float));
-    if (!e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
+    e->ovl = (uint8_t *)calloc((size_t)n * (size_t)max_tensors_per_layer, 1);
+    e->layer_ids = (const void **)calloc((size_t)n_layer, sizeof(void *));
+    e->mm_order = (int32_t *)calloc((size_t)n, sizeof(int32_t));
+    e->arriving = (uint8_t *)calloc((size_t)n, 1);
+    if (!e->ovl || !e->layer_ids || !e->mm_order || !e->arriving || !e->tensors || !e->n_tensors || !e->latest || !e->wanted || !e->pinned || !e->transient || !e->in_use ||
         !e->evicting || !e->q || !e->deferred || !e->threads || !e->pred || !e->issued || !e->scratch_s ||
         !e->staged || !e->loading || !e->pending || !e->flag_touched || !e->flag_kept || !e->flag_released ||
         !e->qe || !e->drain_ranges || !e->demanding || !e->dq || !e->batch_t0 || !e->batch_left || !e->admit_rank ||
@@ -626,7 +671,278 @@ static range_t inner(const spac_engine *e, const tensor_t *t, int32_t expert) {
     return r;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * overlay reads (SPAC_FLASH_READ_OVERLAY): an expert's inner pages in a tensor (those entirely inside its slice)
+ * are read with O_DIRECT into anonymous pages, which mremap then moves onto llama.cpp's mapping at the
+ * slice's own address: the matmul reads the same bytes at the same address, and the page cache is not
+ * involved (no page-cache insertion to pay for on the read, no page-cache drop on the eviction; the CPU
+ * per byte is a third to a sixth: flash.md "Read method"). Boundary pages are shared with a neighbouring
+ * expert or other data and stay on the page-cache path. The switch is atomic for a concurrent reader: the
+ * address maps the file's page (read through the page cache if touched) until mremap replaces it with the
+ * anonymous page holding the same bytes; eviction maps the file back the same way. Pages moved out on an
+ * eviction are kept in a small pool for the next read (fresh pages cost zeroing and page faults). */
+
+static uint8_t *pool_take(spac_engine *e, uint64_t n) {
+    pthread_mutex_lock(&e->pool_mu);
+    for (int pass = 0; pass < 2; pass++) { /* an exact run first, else the head of a longer one */
+        for (int32_t i = 0; i < e->pool_n; i++) {
+            run_t *r = &e->pool[i];
+            if (pass == 0 ? r->n == n : r->n > n) {
+                uint8_t *a = r->addr;
+                if (r->n == n) {
+                    *r = e->pool[--e->pool_n];
+                } else {
+                    r->addr += n * e->page;
+                    r->n -= n;
+                }
+                e->pool_pages -= n;
+                pthread_mutex_unlock(&e->pool_mu);
+                return a;
+            }
+        }
+    }
+    pthread_mutex_unlock(&e->pool_mu);
+    void *a = mmap(NULL, (size_t)(n * e->page), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+                   -1, 0);
+    if (a == MAP_FAILED) {
+        return NULL;
+    }
+    __atomic_add_fetch(&e->st.overlay_fresh_bytes, (int64_t)(n * e->page), __ATOMIC_RELAXED);
+    return (uint8_t *)a;
+}
+
+/* Whether the pool has room for n more pages (then the caller moves them into an address it reserved). */
+static int pool_has_room(spac_engine *e, uint64_t n) {
+    pthread_mutex_lock(&e->pool_mu);
+    int ok = e->pool_n < e->pool_cap_n && e->pool_pages + n <= e->pool_cap_pages;
+    pthread_mutex_unlock(&e->pool_mu);
+    return ok;
+}
+
+static void pool_put(spac_engine *e, uint8_t *a, uint64_t n) {
+    pthread_mutex_lock(&e->pool_mu);
+    if (e->pool_n < e->pool_cap_n && e->pool_pages + n <= e->pool_cap_pages) {
+        e->pool[e->pool_n++] = (run_t){a, n};
+        e->pool_pages += n;
+        a = NULL;
+    }
+    pthread_mutex_unlock(&e->pool_mu);
+    if (a != NULL) {
+        munmap(a, (size_t)(n * e->page));
+    }
+}
+
+static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off) {
+    while (len > 0) {
+        ssize_t got = pread(fd, buf, len, (off_t)off);
+        if (got <= 0) {
+            return got == 0 ? EIO : errno; /* 0: the file ends early (shrunk) */
+        }
+        buf += got;
+        len -= (uint64_t)got;
+        off += (uint64_t)got;
+    }
+    return 0;
+}
+
+static inline uint8_t *ovl_flag(spac_engine *e, int32_t layer, int32_t expert, int32_t i) {
+    return &e->ovl[idx(e, layer, expert) * e->max_t + i];
+}
+
+/* A range's overlay changes (in, out) under one of SPAC_OVL_STRIPES locks, so that a prefetch and an eviction or
+ * a demand load of the same expert cannot interleave their mremap and mmap calls. */
+static inline pthread_mutex_t *ovl_lock(spac_engine *e, int32_t layer, int32_t expert) {
+    return &e->ovl_mu[(uint64_t)idx(e, layer, expert) % SPAC_OVL_STRIPES];
+}
+
+/* Overlay the inner pages of (layer, expert) in tensor i. Returns the bytes read, 0 when there was nothing
+ * to do (no inner page, already an overlay), -1 when the caller must use the page cache instead (overlays
+ * off or at their limit, or a failure: errno in *err). */
+static int64_t overlay_in(spac_engine *e, int32_t layer, int32_t expert, int32_t i, int *err) {
+    const range_t in = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+    uint8_t *flag = ovl_flag(e, layer, expert, i);
+    if (in.hi <= in.lo || __atomic_load_n(flag, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    if (__atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) != SPAC_FLASH_READ_OVERLAY || e->dfd < 0 ||
+        __atomic_load_n(&e->overlays, __ATOMIC_RELAXED) >= e->max_overlays) {
+        return -1;
+    }
+    const uint64_t len = in.hi - in.lo, n = len / e->page;
+    pthread_mutex_t *mu = ovl_lock(e, layer, expert);
+    pthread_mutex_lock(mu);
+    if (__atomic_load_n(flag, __ATOMIC_ACQUIRE)) { /* another thread got there first */
+        pthread_mutex_unlock(mu);
+        return 0;
+    }
+    uint8_t *buf = pool_take(e, n);
+    int rc = buf == NULL ? ENOMEM : pread_full(e->dfd, buf, len, in.lo);
+    if (rc == 0 && mremap(buf, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, e->base + in.lo) == MAP_FAILED) {
+        rc = errno;
+    }
+    if (rc != 0) {
+        pthread_mutex_unlock(mu);
+        if (buf != NULL) {
+            pool_put(e, buf, n);
+        }
+        *err = rc;
+        __atomic_add_fetch(&e->st.overlay_fallbacks, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    /* copies of these pages the page cache may hold (a matmul that got there first, an earlier page-cache
+     * load) are nobody's now: drop them, or they would take RAM that no residency check sees */
+    if (e->fd >= 0) {
+        posix_fadvise(e->fd, (off_t)in.lo, (off_t)len, POSIX_FADV_DONTNEED);
+    }
+    __atomic_store_n(flag, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(mu);
+    __atomic_add_fetch(&e->overlays, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&e->st.overlay_loads, 1, __ATOMIC_RELAXED);
+    return (int64_t)len;
+}
+
+/* Give the overlay of (layer, expert) in tensor i back: its pages move into the pool (or are freed when it is
+ * full) and the file is mapped there again, with the tier's MADV_RANDOM. Returns 1 if there was one, 0 if
+ * not, -1 on a failure (errno in *err; the overlay stays, with its correct bytes). */
+static int overlay_out(spac_engine *e, int32_t layer, int32_t expert, int32_t i, int *err) {
+    uint8_t *flag = ovl_flag(e, layer, expert, i);
+    if (!__atomic_load_n(flag, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    const range_t in = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+    const uint64_t len = in.hi - in.lo, n = len / e->page;
+    uint8_t *at = e->base + in.lo;
+    pthread_mutex_t *mu = ovl_lock(e, layer, expert);
+    pthread_mutex_lock(mu);
+    if (!__atomic_load_n(flag, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_unlock(mu);
+        return 0;
+    }
+    /* Never a hole in llama.cpp's mapping, not even for a moment: any mmap(NULL) in the process (another
+     * thread's, malloc's) could be placed in it, and the file mapping below would then clobber that. So the
+     * pages move out with MREMAP_DONTUNMAP (the range stays mapped, empty: nobody reads an expert being
+     * evicted) and the file is mapped over it, which replaces a mapping in one step. */
+    if (pool_has_room(e, n)) {
+        void *dst = mremap(at, len, len, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, NULL);
+        if (dst != MAP_FAILED) {
+            pool_put(e, (uint8_t *)dst, n);
+        } /* else (e.g. a kernel before 5.7): the file mapping below frees the pages instead */
+    }
+    if (mmap(at, (size_t)len, PROT_READ, MAP_SHARED | MAP_FIXED, e->fd, (off_t)in.lo) == MAP_FAILED) {
+        *err = errno;
+        pthread_mutex_unlock(mu);
+        return -1;
+    }
+    madvise(at, (size_t)len, MADV_RANDOM);
+    __atomic_store_n(flag, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(mu);
+    __atomic_sub_fetch(&e->overlays, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* MADV_POPULATE_READ over r (waits for the reads and maps the pages). Returns 0, or -1 after a read failure
+ * (EFAULT: the file may have shrunk; the caller must not touch the pages). Old kernels without it (EINVAL):
+ * every page touched instead. */
+static int populate(spac_engine *e, range_t r, int kind, int *errs) {
+    if (r.hi <= r.lo || madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) == 0) {
+        return 0;
+    }
+    int err = errno;
+    if (err != EINVAL) {
+        keep_first(errs, kind, err);
+        if (err == EFAULT) {
+            on_read_fault(e);
+            return -1;
+        }
+    } else if (check_file_now(e) == SPAC_FILE_OK) {
+        volatile uint8_t sink = 0;
+        for (uint64_t p = r.lo; p < r.hi; p += e->page) {
+            sink ^= e->base[p];
+        }
+        (void)sink;
+    }
+    return 0;
+}
+
+/* The parts of tensor i's covering pages of `expert` that the page cache serves when its inner pages are an
+ * overlay (the boundary pages, or all of it when no page is inside); returns how many (0-2). */
+static int32_t boundary_parts(const spac_engine *e, int32_t layer, int32_t expert, int32_t i, range_t *out) {
+    const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
+    const range_t cov = covering(e, t, expert), in = inner(e, t, expert);
+    int32_t n = 0;
+    if (cov.hi <= cov.lo) {
+        return 0;
+    }
+    if (in.hi <= in.lo) {
+        out[n++] = cov;
+        return n;
+    }
+    if (cov.lo < in.lo) {
+        out[n++] = (range_t){cov.lo, in.lo};
+    }
+    if (in.hi < cov.hi) {
+        out[n++] = (range_t){in.hi, cov.hi};
+    }
+    return n;
+}
+
+/* Read experts xs[0..n) of a layer for the matmul with overlays (SPAC_FLASH_READ_OVERLAY): readahead of every boundary
+ * page first (the page cache reads them while the overlays are read), then the overlays, one range at a time
+ * (a range that cannot be one goes through the page cache), then the boundary pages awaited and mapped.
+ * Returns the bytes covered; failures go to errs[kind]. */
+static int64_t load_overlaid(spac_engine *e, int32_t layer, const int32_t *xs, int32_t n, int kind, int *errs) {
+    range_t parts[2];
+    int64_t bytes = 0;
+    for (int32_t m = 0; m < n; m++) {
+        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+            const int32_t np = boundary_parts(e, layer, xs[m], i, parts);
+            for (int32_t p = 0; p < np; p++) {
+                if (willneed(e, parts[p].lo, parts[p].hi) != 0) {
+                    keep_first(errs, kind, errno);
+                }
+            }
+        }
+    }
+    for (int32_t m = 0; m < n; m++) {
+        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+            int err = 0;
+            const int64_t got = overlay_in(e, layer, xs[m], i, &err);
+            if (err != 0) {
+                keep_first(errs, SPAC_ERR_OVERLAY, err);
+            }
+            if (got < 0) { /* the page cache instead */
+                const range_t in = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], xs[m]);
+                if (willneed(e, in.lo, in.hi) != 0) {
+                    keep_first(errs, kind, errno);
+                }
+                if (populate(e, in, kind, errs) != 0) {
+                    return bytes;
+                }
+                bytes += (int64_t)(in.hi - in.lo);
+            } else {
+                bytes += got;
+            }
+        }
+    }
+    for (int32_t m = 0; m < n; m++) {
+        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+            const int32_t np = boundary_parts(e, layer, xs[m], i, parts);
+            for (int32_t p = 0; p < np; p++) {
+                if (populate(e, parts[p], kind, errs) != 0) {
+                    return bytes;
+                }
+                bytes += (int64_t)(parts[p].hi - parts[p].lo);
+            }
+        }
+    }
+    return bytes;
+}
+
 static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *bytes, int *errs) {
+    if (__atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_OVERLAY) {
+        *bytes += load_overlaid(e, layer, &expert, 1, SPAC_ERR_PREFETCH, errs);
+        return;
+    }
     for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
         range_t r = covering(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
         if (r.hi <= r.lo) {
@@ -750,8 +1066,6 @@ static void drop_pages(spac_engine *e, range_t r, int *errs) {
 
 static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_t *ranges, int32_t n, int unpin,
                      int64_t *bytes, int64_t *pageouts, int *errs) {
-    (void)layer;
-    (void)expert;
     for (int32_t i = 0; i < n; i++) {
         range_t r = ranges[i];
         if (r.hi <= r.lo) {
@@ -760,16 +1074,35 @@ static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_
         if (unpin && munlock(e->base + r.lo, r.hi - r.lo) != 0) {
             keep_first(errs, SPAC_ERR_EVICT, errno);
         }
-        /* DONTNEED + fadvise drop the engine's own reads (single pages); a large folio that straddles the
-         * range (the load's, or pages mapped elsewhere) survives them. Only then MADV_PAGEOUT, which splits
-         * such folios, and the drop again: PAGEOUT costs 4x the rest (0.25 vs 0.06 s of CPU per GiB here) */
-        drop_pages(e, r, errs);
-        if (any_resident(e, r.lo, r.hi)) {
-            (*pageouts)++;
-            madvise(e->base + r.lo, r.hi - r.lo, MADV_PAGEOUT);
-            drop_pages(e, r, errs);
-        }
         *bytes += (int64_t)(r.hi - r.lo);
+        int err = 0;
+        const int out = expert >= 0 ? overlay_out(e, layer, expert, i, &err) : 0;
+        if (out < 0) {
+            keep_first(errs, SPAC_ERR_OVERLAY, err);
+        }
+        range_t parts[2] = {r, r};
+        int32_t np = 1;
+        if (out == 1) { /* the inner pages went with the overlay: the page cache holds the rest of r */
+            const range_t in = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
+            np = 0;
+            if (r.lo < in.lo) {
+                parts[np++] = (range_t){r.lo, in.lo < r.hi ? in.lo : r.hi};
+            }
+            if (in.hi < r.hi) {
+                parts[np++] = (range_t){in.hi > r.lo ? in.hi : r.lo, r.hi};
+            }
+        }
+        for (int32_t p = 0; p < np; p++) {
+            /* DONTNEED + fadvise drop the engine's own reads (single pages); a large folio that straddles the
+             * range (the load's, or pages mapped elsewhere) survives them. Only then MADV_PAGEOUT, which splits
+             * such folios, and the drop again: PAGEOUT costs 4x the rest (0.25 vs 0.06 s of CPU per GiB here) */
+            drop_pages(e, parts[p], errs);
+            if (any_resident(e, parts[p].lo, parts[p].hi)) {
+                (*pageouts)++;
+                madvise(e->base + parts[p].lo, parts[p].hi - parts[p].lo, MADV_PAGEOUT);
+                drop_pages(e, parts[p], errs);
+            }
+        }
     }
 }
 
@@ -951,6 +1284,16 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
+/* A miss handed to the completer has landed (or will not be read): wake the matmul waiting for it. */
+static void land(spac_engine *e, int64_t j) {
+    if (__atomic_load_n(&e->arriving[j], __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&e->land_mu);
+        __atomic_store_n(&e->arriving[j], 0, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&e->cv_landed);
+        pthread_mutex_unlock(&e->land_mu);
+    }
+}
+
 /* The completer (SPAC_DEMAND_ASYNC): waits for the demand reads the layer hook submitted, one expert at a
  * time in submission order, while the decoding thread computes. MADV_POPULATE_READ returns once the pages
  * are resident (and maps them, so the matmul finds more of them mapped); an expert whose pages the matmul
@@ -972,12 +1315,17 @@ static void *completer(void *arg) {
         e->d_running++;
         pthread_mutex_unlock(&e->mu);
         int errs[SPAC_ERR_KINDS] = {0};
-        if (!faulted(e)) {
+        const int64_t j = idx(e, m.layer, m.expert);
+        if (faulted(e)) {
+            /* a changed file: no reads (a matmul waiting for the expert faults on the guard's zero pages) */
+        } else if (__atomic_load_n(&e->arriving[j], __ATOMIC_ACQUIRE)) { /* an overlay read the matmul waits for */
+            load_overlaid(e, m.layer, &m.expert, 1, SPAC_ERR_DEMAND, errs);
+        } else {
             advise_expert(e, m.layer, m.expert, MADV_POPULATE_READ, errs);
         }
+        land(e, j);
         const int64_t t = now_ns();
         pthread_mutex_lock(&e->mu);
-        const int64_t j = idx(e, m.layer, m.expert);
         e->d_running--;
         e->demanding[j]--;
         e->flag_touched[j] = 1;
@@ -1340,7 +1688,58 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
      * the reads land, and a page not read yet makes the matmul wait in its page fault for exactly that page. */
     const int64_t t0 = now_ns();
     int async = 0;
-    if (n_miss > 0 && file_ok) {
+    /* the order the patched MUL_MAT_ID takes the layer's experts in: resident first, the misses in the order of
+     * their reads (the completer's), the rest (not selected: no rows) after them */
+    {
+        int32_t *ord = e->mm_order + (int64_t)layer * e->n_expert, n_ord = 0;
+        for (int32_t m = 0, q = 0; m < n_sel; m++) {
+            if (q < n_miss && misses[q] == sel[m]) {
+                q++;
+            } else {
+                ord[n_ord++] = sel[m];
+            }
+        }
+        for (int32_t q = 0; q < n_miss; q++) {
+            ord[n_ord++] = misses[q];
+        }
+        for (int32_t x = 0, m = 0; x < e->n_expert; x++) {
+            if (m < n_sel && sel[m] == x) {
+                m++;
+            } else {
+                ord[n_ord++] = x;
+            }
+        }
+        e->layer_ids[layer] = e->topk_src != NULL ? *e->topk_src : NULL;
+    }
+    const int overlay = __atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_OVERLAY;
+    if (n_miss > 0 && file_ok && overlay) {
+        /* Until its mremap a missing range is the file's, and a matmul reaching it first would read it through
+         * the page cache, one page per fault. With the patched MUL_MAT_ID's hooks the matmul computes the
+         * resident experts first and waits for each miss (spac_engine_mmid_wait) while the completer reads them;
+         * without them the hook waits here. */
+        pthread_mutex_lock(&e->mu);
+        async = e->mmid_hooked && e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
+                e->layer_ids[layer] != NULL && e->dq_count + n_miss <= e->dq_cap;
+        if (async) {
+            for (int32_t m = 0; m < n_miss; m++) {
+                const int64_t j = idx(e, layer, misses[m]);
+                __atomic_store_n(&e->arriving[j], 1, __ATOMIC_RELEASE);
+                e->dq[(e->dq_head + e->dq_count) % e->dq_cap] = (move_t){0, layer, misses[m], 0};
+                e->dq_count++;
+                e->demanding[j]++;
+            }
+            if (e->batch_left[layer] == 0) {
+                e->batch_t0[layer] = t0;
+            }
+            e->batch_left[layer] += n_miss;
+            e->st.demand_async++;
+            pthread_cond_signal(&e->cv_demand);
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!async) {
+            load_overlaid(e, layer, misses, n_miss, SPAC_ERR_DEMAND, errs);
+        }
+    } else if (n_miss > 0 && file_ok) {
         for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
             const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
             for (int32_t m = 0; m < n_miss; m++) {
@@ -1870,7 +2269,7 @@ int64_t spac_engine_reset_experts(spac_engine *e, uint64_t map_lo) {
             b = b > hi_lim ? hi_lim : b;
             if (b > a) {
                 range_t r = {a, b};
-                do_evict(e, l, 0, &r, 1, 0, &dropped, &pageouts, errs);
+                do_evict(e, l, -1, &r, 1, 0, &dropped, &pageouts, errs); /* -1: not one expert's */
             }
         }
     }
@@ -1889,6 +2288,81 @@ void spac_engine_get_stats(spac_engine *e, spac_engine_stats *out) {
     *out = e->st;
     out->queued = e->count + e->count_e + e->running + e->n_deferred;
     pthread_mutex_unlock(&e->mu);
+    out->overlay_loads = __atomic_load_n(&e->st.overlay_loads, __ATOMIC_RELAXED);
+    out->overlay_fallbacks = __atomic_load_n(&e->st.overlay_fallbacks, __ATOMIC_RELAXED);
+    out->overlay_fresh_bytes = __atomic_load_n(&e->st.overlay_fresh_bytes, __ATOMIC_RELAXED);
+    out->overlays = __atomic_load_n(&e->overlays, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&e->pool_mu);
+    out->pool_bytes = (int64_t)(e->pool_pages * e->page);
+    pthread_mutex_unlock(&e->pool_mu);
+}
+
+/* vm.max_map_count, or the kernel's default when it cannot be read */
+static int64_t max_map_count(void) {
+    int64_t v = 65530;
+    FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+    if (f != NULL) {
+        long long x = 0;
+        if (fscanf(f, "%lld", &x) == 1 && x > 0) {
+            v = (int64_t)x;
+        }
+        fclose(f);
+    }
+    return v;
+}
+
+int32_t spac_engine_set_read_method(spac_engine *e, int32_t method, uint64_t pool_cap_bytes) {
+    if (e == NULL || (method != SPAC_FLASH_READ_PAGECACHE && method != SPAC_FLASH_READ_OVERLAY)) {
+        return -EINVAL;
+    }
+    if (method == SPAC_FLASH_READ_OVERLAY) {
+        if (e->fd < 0) {
+            return -EBADF;
+        }
+        pthread_mutex_lock(&e->pool_mu);
+        int rc = 0;
+        if (e->pool == NULL) {
+            e->pool = (run_t *)calloc(SPAC_POOL_RUNS, sizeof(run_t));
+            rc = e->pool == NULL ? -ENOMEM : 0;
+            e->pool_cap_n = e->pool == NULL ? 0 : SPAC_POOL_RUNS;
+        }
+        if (rc == 0 && e->dfd < 0) {
+            char path[64];
+            snprintf(path, sizeof path, "/proc/self/fd/%d", e->fd); /* our descriptor again, with O_DIRECT */
+            int d = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+            if (d < 0) {
+                rc = -errno;
+            } else {
+                e->dfd = d;
+            }
+        }
+        e->pool_cap_pages = pool_cap_bytes / e->page;
+        pthread_mutex_unlock(&e->pool_mu);
+        if (rc != 0) {
+            return rc;
+        }
+        /* each overlay splits a mapping into up to three; keep clear of the limit with room for everything else */
+        const int64_t lim = (max_map_count() - 16384) / 2;
+        e->max_overlays = lim > 0 ? lim : 0;
+    }
+    __atomic_store_n(&e->read_method, method, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int64_t spac_engine_release_overlays(spac_engine *e) {
+    if (e == NULL || e->ovl == NULL) {
+        return 0;
+    }
+    int64_t n = 0;
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        for (int32_t x = 0; x < e->n_expert; x++) {
+            for (int32_t i = 0; i < e->n_tensors[l]; i++) {
+                int err = 0;
+                n += overlay_out(e, l, x, i, &err) == 1;
+            }
+        }
+    }
+    return n;
 }
 
 void spac_engine_stop(spac_engine *e) {
@@ -1913,6 +2387,10 @@ void spac_engine_stop(spac_engine *e) {
     }
     if (c) {
         pthread_join(e->completer, NULL);
+    }
+    /* misses the completer will not read now: nobody may wait for them */
+    for (int64_t j = 0; j < (int64_t)e->n_layer * e->n_expert; j++) {
+        land(e, j);
     }
 }
 
@@ -1945,6 +2423,19 @@ void spac_engine_free(spac_engine *e) {
     free(e->flag_released);
     free(e->qe);
     free(e->drain_ranges);
+    if (e->pool != NULL) { /* our own pages: the runs are in no mapping of llama.cpp's */
+        for (int32_t i = 0; i < e->pool_n; i++) {
+            munmap(e->pool[i].addr, (size_t)(e->pool[i].n * e->page));
+        }
+        free(e->pool);
+    }
+    free(e->ovl);
+    free(e->layer_ids);
+    free(e->mm_order);
+    free(e->arriving);
+    if (e->dfd >= 0) {
+        close(e->dfd);
+    }
     free(e->q);
     free(e->deferred);
     free(e->threads);
@@ -1961,4 +2452,68 @@ void spac_engine_free(spac_engine *e) {
     pthread_cond_destroy(&e->cv_evicted);
     pthread_cond_destroy(&e->cv_demand);
     free(e);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * MUL_MAT_ID hooks (patch 0004) */
+
+void spac_engine_set_topk_source(spac_engine *e, const void *const *topk_data) {
+    if (e != NULL) {
+        pthread_mutex_lock(&e->mu);
+        e->topk_src = topk_data;
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+
+void spac_engine_set_mmid_hooked(spac_engine *e, int32_t on) {
+    if (e != NULL) {
+        pthread_mutex_lock(&e->mu);
+        e->mmid_hooked = on != 0;
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+
+/* The layer whose MUL_MAT_IDs are computing now, if ids_data are its ids (else -1: not ours to answer). The
+ * hook wrote cur_layer and the layer's order before the graph's compute threads were released to run them. */
+static int32_t mmid_layer(const spac_engine *e, const void *ids_data) {
+    const int32_t l = __atomic_load_n(&e->cur_layer, __ATOMIC_ACQUIRE);
+    return l >= 0 && l < e->n_layer && ids_data != NULL && e->layer_ids[l] == ids_data ? l : -1;
+}
+
+int32_t spac_engine_mmid_order(void *user, const void *ids_data, int32_t n_as, int32_t *order) {
+    const spac_engine *e = (const spac_engine *)user;
+    if (e == NULL || order == NULL || n_as != e->n_expert) {
+        return 0;
+    }
+    const int32_t l = mmid_layer(e, ids_data);
+    if (l < 0) {
+        return 0;
+    }
+    memcpy(order, e->mm_order + (int64_t)l * e->n_expert, (size_t)n_as * sizeof(int32_t));
+    return n_as;
+}
+
+void spac_engine_mmid_wait(void *user, const void *ids_data, int32_t expert) {
+    spac_engine *e = (spac_engine *)user;
+    if (e == NULL || expert < 0 || expert >= e->n_expert) {
+        return;
+    }
+    const int32_t l = mmid_layer(e, ids_data);
+    if (l < 0) {
+        return;
+    }
+    uint8_t *a = &e->arriving[idx(e, l, expert)];
+    if (!__atomic_load_n(a, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const struct timespec dl = deadline_after(now, SPAC_MMID_WAIT_MS);
+    pthread_mutex_lock(&e->land_mu);
+    while (__atomic_load_n(a, __ATOMIC_ACQUIRE)) {
+        if (pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl) == ETIMEDOUT) {
+            break; /* the matmul reads through the page cache instead: the same bytes */
+        }
+    }
+    pthread_mutex_unlock(&e->land_mu);
 }

@@ -115,7 +115,8 @@ enum {
     SPAC_ERR_MINCORE = 7,  /* mincore of a hit check (the expert then counts as a miss) */
     SPAC_ERR_DEFER = 8,    /* the deferred list was full: an eviction of an in-use expert was dropped */
     SPAC_ERR_NOMEM = 9,    /* out of memory for scratch buffers */
-    SPAC_ERR_KINDS = 10
+    SPAC_ERR_OVERLAY = 10, /* an overlay read or its mremap (SPAC_FLASH_READ_OVERLAY; the page cache served it instead) */
+    SPAC_ERR_KINDS = 11
 };
 
 typedef struct spac_engine_stats {
@@ -147,6 +148,11 @@ typedef struct spac_engine_stats {
     int64_t demand_async;                /* layers whose demand reads the completer awaited (SPAC_DEMAND_ASYNC) */
     int64_t evict_pageouts;              /* eviction ranges that needed MADV_PAGEOUT (pages left after the drop) */
     int64_t admitted;                    /* layer admission: demand loads that took a planned expert's place */
+    int64_t overlay_loads;               /* SPAC_FLASH_READ_OVERLAY: tensor ranges read as overlays */
+    int64_t overlay_fallbacks;           /* ... that failed and went through the page cache */
+    int64_t overlay_fresh_bytes;         /* ... read into new pages (the pool had no run to recycle) */
+    int64_t overlays;                    /* overlays now (spac_engine_get_stats) */
+    int64_t pool_bytes;                  /* pages in the overlay pool now, free for the next read */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
@@ -244,6 +250,37 @@ int32_t spac_engine_drain_evictions(spac_engine *e, int32_t timeout_ms);
  * the same bits either way. Returns 0, -1 on a bad mode. */
 enum { SPAC_DEMAND_WAIT = 0, SPAC_DEMAND_ASYNC = 1 };
 int32_t spac_engine_set_demand_mode(spac_engine *e, int32_t mode);
+
+/* How experts are read. SPAC_FLASH_READ_PAGECACHE (the default): readahead and MADV_POPULATE_READ on the mapping,
+ * eviction drops the pages from the page cache. SPAC_FLASH_READ_OVERLAY: an expert's inner pages in each tensor
+ * (those entirely inside its slice) are read with O_DIRECT into anonymous pages that mremap moves onto the
+ * mapping at their own address (the same bytes where the matmul reads them, no page cache); boundary pages stay
+ * on the page-cache path; eviction moves the pages into a pool of at most pool_cap_bytes (recycled by the next
+ * read) and maps the file there again. Demand loads are then awaited by the hook (the completer's page-fault
+ * wait needs the page cache). Overlays stop at half of vm.max_map_count (each splits a mapping; beyond, the
+ * page cache). Returns 0, or -errno (e.g. -EINVAL: the file system refuses O_DIRECT; nothing changed). */
+enum { SPAC_FLASH_READ_PAGECACHE = 0, SPAC_FLASH_READ_OVERLAY = 1 };
+int32_t spac_engine_set_read_method(spac_engine *e, int32_t method, uint64_t pool_cap_bytes);
+
+/* Map the file again wherever an overlay is (their pages are freed), e.g. before the engine goes while the
+ * model stays. Only while llama.cpp's mapping exists: after the model is freed, its munmap has already taken
+ * the overlays with it, and mapping the file at those addresses would clobber whatever is there now. Call
+ * after spac_engine_stop. Returns the overlays released. */
+int64_t spac_engine_release_overlays(spac_engine *e);
+
+/* The MUL_MAT_ID hooks of the patched ggml-cpu (patch 0004, ggml_cpu_spac_set_mmid_hooks; user = the engine):
+ * spac_engine_mmid_order gives layer `cur_layer`'s experts in the order resident first, then its misses in the
+ * order of their reads; spac_engine_mmid_wait returns once a miss handed to the completer has landed (at most
+ * SPAC_MMID_WAIT_MS, after which the matmul reads through the page cache: the same bytes). Both answer only
+ * for the ids of the layer the hook last saw (ids_data == the sensor's topk_data, spac_engine_set_topk_source),
+ * and otherwise leave id order and do not wait. With overlay reads and SPAC_DEMAND_ASYNC, once
+ * spac_engine_set_mmid_hooked(e, 1) says the hooks are installed, the hook hands the misses to the completer
+ * and returns: the resident experts compute while the misses are read. */
+#define SPAC_MMID_WAIT_MS 10000
+int32_t spac_engine_mmid_order(void *user, const void *ids_data, int32_t n_as, int32_t *order);
+void spac_engine_mmid_wait(void *user, const void *ids_data, int32_t expert);
+void spac_engine_set_topk_source(spac_engine *e, const void *const *topk_data);
+void spac_engine_set_mmid_hooked(spac_engine *e, int32_t on);
 
 /* Routing sensor hook (decoding thread): layer `layer` selected the experts with mask[x] != 0 (mask has
  * n_expert entries). Marks them in use, waits for running evictions of them, loads the misses. */

@@ -371,6 +371,7 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     }
     s->step_layer_tokens[layer] += (int32_t)rows;
     if (mask != NULL) {
+        s->topk_data = t->data;
         s->layer_hook(s->hook_data, layer, mask);
     }
 }

@@ -133,6 +133,9 @@ typedef struct spac_sensor {
 
     /* optional routing replay (spac_replay.h; NULL: the model routes); excludes the cache prior */
     struct spac_replay *replay;
+
+    /* data of the topk node the layer hook is being called for (the ids the layer's MUL_MAT_IDs read) */
+    const void *topk_data;
 } spac_sensor;
 
 /* Whether the geometry is within spac_limits.h (0 < n_layer <= SPAC_MAX_LAYERS, 0 < n_expert <=

@@ -11,7 +11,8 @@ dropped from the page cache first:
   flash tier, so both run the same kernels (repacking would also copy experts out of the page
   cache into anonymous memory, and crashes on AMX machines with K-quant weights);
 * spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``, once per ``--demand`` mode (default ``async``:
-  the layer's matmuls compute while its missing experts are read; ``wait``: the hook waits for them first).
+  the layer's matmuls compute while its missing experts are read; ``wait``: the hook waits for them first;
+  ``overlay``: ``read="overlay"``, O_DIRECT reads moved onto the mapping, awaited by the hook).
 
 Both get the same prompts, token counts and draft settings. Before the limited runs, stock runs once
 with the whole model in RAM (the physical ceiling; ``--ceiling auto`` skips it when the file does not fit
@@ -45,6 +46,9 @@ from pathlib import Path
 
 from spac_llamacpp.tools.benchmarks import add_draft_options, add_replay_options, run_child, timed_generation
 
+FLASH_MODES = {"async": {"demand": "async"}, "wait": {"demand": "wait"}, "overlay": {"read": "overlay"}}
+"""``--demand`` choices: the flash options of each."""
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,9 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop a run's generation after this many seconds (its rate is then measured on the tokens "
                         "generated so far)")
-    p.add_argument("--demand", action="append", choices=("async", "wait"), default=None,
-                   help="the flash tier's demand mode (flash_options demand); repeatable, each a run of its own "
-                        "(default: async)")
+    p.add_argument("--demand", action="append", choices=tuple(FLASH_MODES), default=None,
+                   help="the flash tier's demand mode (flash_options demand), or overlay (flash_options read); "
+                        "repeatable, each a run of its own (default: async)")
     add_replay_options(p)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -89,7 +93,7 @@ def _child(cfg: dict) -> dict:
         from spac_llamacpp import Llama
 
         llm = Llama(cfg["model"], tier="flash", budget=cfg["budget"], draft_model=draft, **spec,
-                    flash_options={"demand": cfg.get("demand", "async")}, **replay_kwargs(cfg), **kw)
+                    flash_options=FLASH_MODES[cfg.get("demand", "async")], **replay_kwargs(cfg), **kw)
     else:  # the same CPU kernels as the flash tier (which must not repack)
         llm = stock_llama(cfg["model"], cfg, use_extra_bufts=False, draft_model=draft,
                           **(spec if cfg.get("replay") else {}), **kw)

@@ -71,11 +71,18 @@ def _touch(view: np.ndarray, info, layer: int, x: int) -> int:
 
 
 def _race(path: str, iterations: int, seed: int = 0, demand: str = "async") -> tuple[list[tuple[int, int, int]], dict]:
+    """``demand``: "wait", "async" or "overlay" (overlay reads, whose hook waits; the stand-in then also checks
+    the bytes the matmul would read against the file's)."""
     info = read_model_header(path)
     assert info.layer_tensors(info.moe_layers[0])[0].bytes_per_expert % page_size() != 0  # unaligned experts
     m = _Mapped(path)
     engine = FlashEngine(info, m.mapping, threads=2, queue=4096)
-    engine.set_demand_mode(demand)
+    overlay = demand == "overlay"
+    if overlay:
+        assert engine.set_read_method("overlay", pool_cap_bytes=64 * page_size())
+        want = np.fromfile(path, dtype=np.uint8)
+    else:
+        engine.set_demand_mode(demand)
     lib, ffi, handle = engine._lib, engine._ffi, engine._handle
     layers, n, k = list(info.moe_layers), info.n_expert, info.n_expert_used[info.moe_layers[0]]
     stop = threading.Event()
@@ -107,6 +114,12 @@ def _race(path: str, iterations: int, seed: int = 0, demand: str = "async") -> t
                 for x in selected:
                     if lib.spac_engine_expert_resident(handle, layer, x) != 1:
                         violations.append((it, layer, x))
+            if overlay:  # and hold the file's bytes, overlaid or not
+                for x in selected:
+                    for t in info.layer_tensors(layer):
+                        lo = t.file_offset + x * t.bytes_per_expert
+                        if not np.array_equal(m.view[lo:lo + t.bytes_per_expert], want[lo:lo + t.bytes_per_expert]):
+                            violations.append((it, layer, -1 - x))
             if it % len(layers) == len(layers) - 1:
                 lib.spac_engine_end_step(handle)
     finally:
@@ -120,7 +133,7 @@ def _race(path: str, iterations: int, seed: int = 0, demand: str = "async") -> t
     return violations, stats
 
 
-@pytest.mark.parametrize("demand", ["wait", "async"])
+@pytest.mark.parametrize("demand", ["wait", "async", "overlay"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_no_in_use_expert_is_ever_evicted(race_models, shape, demand):
     violations, st = _race(race_models[shape], ITERATIONS, demand=demand)
@@ -134,6 +147,9 @@ def test_no_in_use_expert_is_ever_evicted(race_models, shape, demand):
         assert st["demand_async"] > 0 and st["demand_read_ns"] > 0, st
     else:
         assert st["demand_async"] == 0, st
+    if demand == "overlay" and shape == "multi_page":  # experts with inner pages: overlays came and went
+        assert st["overlay_loads"] > ITERATIONS // 4 and st["overlay_fallbacks"] == 0, st
+        assert st["overlay_fresh_bytes"] < st["overlay_loads"] * page_size(), st  # the pool recycled pages
 
 
 def test_failed_system_calls_are_counted_by_kind_and_logged_once(race_models, monkeypatch, caplog):

@@ -198,6 +198,26 @@ def test_draft_length_probes_acceptance_while_greedy():
     assert a.next_length() == 8
     with pytest.raises(SpacError):
         AdaptiveDraftLength(probe_every=0)
+    with pytest.raises(SpacError):
+        AdaptiveDraftLength(probe_every=32, probe_max=16)
+
+
+def test_draft_length_probes_less_often_while_greedy_keeps_winning():
+    """A probe after which greedy still wins doubles the gap to the next one (the draft's catch-up is paid at
+    every probe), up to probe_max; a probe that makes drafting worth it resets the gap."""
+    a = _controller(0.2, lambda n: 0.050 * n, probe_every=4, probe_max=16)
+    at = []
+    for step in range(80):
+        if a.next_length():
+            at.append(step)
+            a.update(1, 0)  # rejected: greedy stays ahead
+    assert at[:5] == [3, 11, 27, 43, 59] and a.probe_gap == 16  # gaps 8, 16, then capped at 16
+    a.step_cost = lambda ns: [0.050 + 0.002 * n for n in ns]  # reads no longer dominate: drafting pays
+    while not a.next_length():
+        pass
+    for _ in range(40):
+        a.update(1, 1)
+    assert a.k > 0 and a.probe_gap == 4
 
 
 def test_draft_length_without_a_tier_is_the_acceptance_rule():

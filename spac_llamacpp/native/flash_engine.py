@@ -25,6 +25,7 @@ import numpy as np
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native import module as native
+from spac_llamacpp.native.libs import mmid_hooks_setter
 from spac_llamacpp.native.mapping import FileMapping
 from spac_llamacpp.native.sensor import RoutingSensor
 
@@ -36,8 +37,10 @@ _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pin
                 "superseded", "deferred", "demand_hits", "demand_misses", "transient_evictions", "queue_full",
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
                 "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
-                "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts", "admitted")
+                "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts", "admitted",
+                "overlay_loads", "overlay_fallbacks", "overlay_fresh_bytes", "overlays", "pool_bytes")
 DEMAND_MODES = {"wait": 0, "async": 1}  # SPAC_DEMAND_* (spac_engine.h)
+READ_METHODS = {"pagecache": 0, "overlay": 1}  # SPAC_FLASH_READ_* (spac_engine.h)
 FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "prefetch": "prefetch reads (madvise WILLNEED/POPULATE_READ)",
@@ -50,6 +53,7 @@ _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "mincore": "residency checks (mincore)",
     "defer": "deferring an eviction of an in-use expert (deferred list full)",
     "nomem": "allocating scratch memory",
+    "overlay": "overlay reads (O_DIRECT pread / mremap; the page cache served those experts instead)",
 }
 
 
@@ -110,7 +114,19 @@ def non_expert_ranges(info: MoEModelInfo) -> list[tuple[int, int]]:
     return out
 
 
+_MMID_OWNER: list[Any] = []  # the engine handle whose MUL_MAT_ID hooks are installed (process-wide: one)
+
+
+def _clear_mmid_hooks(handle: Any) -> None:
+    if _MMID_OWNER and _MMID_OWNER[0] == handle:
+        setter = mmid_hooks_setter()
+        if setter is not None:
+            setter(None, None, None)  # no compute thread may call into a freed engine
+        _MMID_OWNER.clear()
+
+
 def _release(lib: Any, ffi: Any, handle: Any, fd: int, hooked: list) -> None:
+    _clear_mmid_hooks(handle)
     for s in hooked:  # no sensor may call into a freed engine
         s.layer_hook = ffi.NULL
         s.hook_data = ffi.NULL
@@ -239,6 +255,21 @@ class FlashEngine:
             raise SpacError(f"unknown demand mode {mode!r}; choose one of {', '.join(DEMAND_MODES)}")
         self._lib.spac_engine_set_demand_mode(self._live(), DEMAND_MODES[mode])
 
+    def set_read_method(self, method: str, pool_cap_bytes: int = 0) -> bool:
+        """How experts are read (``native/spac_engine.h``, ``spac_engine_set_read_method``): ``"pagecache"``
+        (readahead into the page cache, eviction drops the pages) or ``"overlay"`` (O_DIRECT into anonymous pages
+        moved onto the mapping at the experts' own addresses; eviction moves them into a pool of at most
+        ``pool_cap_bytes`` for the next read). Outputs are identical. Returns False, logged, where the file system
+        refuses O_DIRECT (the method is then unchanged)."""
+        if method not in READ_METHODS:
+            raise SpacError(f"unknown read method {method!r}; choose one of {', '.join(READ_METHODS)}")
+        rc = self._lib.spac_engine_set_read_method(self._live(), READ_METHODS[method], max(0, int(pool_cap_bytes)))
+        if rc != 0:
+            log.warning("flash engine: read method %s is not available for %s (%s); the page cache reads the "
+                        "experts", method, self.info.path, os.strerror(-rc))
+            return False
+        return True
+
     def set_staging(self, cap_bytes: int) -> None:
         """Bytes of demand loads the layer hook may keep until the step ends (staged) instead of evicting them
         after their layer; the tier decides about them (:meth:`flags` ``"staged"``)."""
@@ -340,8 +371,25 @@ class FlashEngine:
         s.event_mask = self._ffi.cast("uint8_t *", self._ffi.from_buffer(self._mask))
         s.hook_data = self._live()
         s.layer_hook = self._ffi.addressof(self._lib, "spac_engine_on_layer")
+        self._lib.spac_engine_set_topk_source(self._handle, self._ffi.addressof(s, "topk_data"))
         self._hooked.append(s)
         self._sensor = sensor
+
+    def install_mmid_hooks(self) -> bool:
+        """Install this engine's MUL_MAT_ID hooks in the patched ggml-cpu (patch 0004; process-wide, replacing
+        another engine's): the layer's resident experts compute first, and with overlay reads and async demand
+        the hook hands the misses to the completer while the matmul waits for each just before its rows.
+        False (nothing changed) on a library without the patch."""
+        setter = mmid_hooks_setter()
+        if setter is None:
+            return False
+        ffi = self._ffi
+        addr = [int(ffi.cast("uintptr_t", ffi.addressof(self._lib, name)))
+                for name in ("spac_engine_mmid_order", "spac_engine_mmid_wait")]
+        setter(addr[0], addr[1], int(ffi.cast("uintptr_t", self._live())))
+        _MMID_OWNER[:] = [self._handle]
+        self._lib.spac_engine_set_mmid_hooked(self._handle, 1)
+        return True
 
     def set_predictor(self, source: int, target: int, weight: np.ndarray, norm: np.ndarray, bias: np.ndarray | None,
                       sigmoid: bool, k: int, eps: float, max_rows: int = 16) -> None:
@@ -387,6 +435,8 @@ class FlashEngine:
             s.event_mask = self._ffi.NULL
             s.hidden_hook = self._ffi.NULL
             s.hidden_data = self._ffi.NULL
+            if self._finalizer.alive:
+                self._lib.spac_engine_set_topk_source(self._handle, self._ffi.NULL)
             if s in self._hooked:
                 self._hooked.remove(s)
         self._sensor = None
@@ -466,6 +516,12 @@ class FlashEngine:
         return report
 
     def close(self) -> None:
-        """Detach from the sensor, stop and join the threads, free the engine (idempotent)."""
+        """Detach from the sensor, stop and join the threads, map the file again where overlays are (the model,
+        whose mapping they are in, is still there: ``Llama.close`` closes the tier first), free the engine
+        (idempotent). A finalizer without close() frees the engine only: the model's munmap takes the overlays."""
         self.detach()
+        if self._finalizer.alive:
+            _clear_mmid_hooks(self._handle)
+            self._lib.spac_engine_stop(self._handle)
+            self._lib.spac_engine_release_overlays(self._handle)
         self._finalizer()

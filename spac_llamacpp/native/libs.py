@@ -107,3 +107,23 @@ def spac_patch_level() -> int:
     fn.restype = ctypes.c_int32
     fn.argtypes = []
     return int(fn())
+
+
+@cache
+def ggml_cpu() -> ctypes.CDLL:
+    """``libggml-cpu.so.0``: the very copy llama.cpp computes with (its MUL_MAT_ID hooks are per copy)."""
+    import llama_cpp  # noqa: F401
+
+    return ctypes.CDLL(str(llama_lib_dir() / "libggml-cpu.so.0"), mode=ctypes.RTLD_GLOBAL)
+
+
+def mmid_hooks_setter() -> ctypes._CFuncPtr | None:
+    """``ggml_cpu_spac_set_mmid_hooks`` of patch 0004 (the CPU MUL_MAT_ID's expert order and per-expert wait),
+    or None on a library without it."""
+    try:
+        fn = ggml_cpu().ggml_cpu_spac_set_mmid_hooks
+    except (AttributeError, OSError):
+        return None
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn

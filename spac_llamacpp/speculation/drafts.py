@@ -170,24 +170,30 @@ class AdaptiveDraftLength:
     correction or bonus token). k = 0 is plain (greedy) decoding: chosen when the experts that more tokens per
     step bring in (more distinct experts per verify pass: more reads at the tier's miss rate) cost more than
     the accepted drafts save, so speculation on a tier does not run slower than greedy by this model. At
-    k = 0 nothing is verified and acceptance is not observed: every ``probe_every`` steps one step drafts
-    ``k_min`` tokens to measure it again. ``draft_seconds`` is the time the draft provider takes per token
+    k = 0 nothing is verified and acceptance is not observed: after ``probe_every`` steps one step drafts
+    ``k_min`` tokens to measure it again; a probe after which greedy still wins doubles the gap to the next one
+    (up to ``probe_max`` steps; a probe costs more than its own verification: the draft provider catches up on
+    every token since its last call, the whole prompt after a new one); choosing to draft resets the gap.
+    ``draft_seconds`` is the time the draft provider takes per token
     and ``overhead`` what a step takes beyond the modelled expert time (the non-expert layers, sampling:
     paid once per step whatever its length, which is what speculation amortises); the tracker measures both
     (:meth:`observe_draft_time`, :meth:`observe_step_time`; 0 until then).
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
-                 smoothing: float = 0.1, step_cost: StepCost | None = None, probe_every: int = 16) -> None:
+                 smoothing: float = 0.1, step_cost: StepCost | None = None, probe_every: int = 16,
+                 probe_max: int = 256) -> None:
         if not 1 <= k_min <= k_init <= k_max:
             raise SpacError(f"draft lengths must satisfy 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
-        if probe_every < 1:
-            raise SpacError(f"probe_every must be >= 1, not {probe_every}")
+        if not 1 <= probe_every <= probe_max:
+            raise SpacError(f"probe gaps must satisfy 1 <= probe_every <= probe_max, got {probe_every}, {probe_max}")
         self.k, self.k_min, self.k_max = k_init, k_min, k_max
         self.p_min, self.smoothing = p_min, smoothing
         self.acceptance = p_min ** (1.0 / k_init)  # neutral start: k_init is exactly the chosen length
         self.step_cost = step_cost
-        self.probe_every = int(probe_every)
+        self.probe_every, self.probe_max = int(probe_every), int(probe_max)
+        self.probe_gap = self.probe_every  # greedy steps before the next probe
+        self._probing = False  # the step drafted now is a probe
         self.draft_seconds = 0.0  # per drafted token, measured
         self.overhead = 0.0  # seconds per step beyond the modelled expert time, measured
         self.greedy_steps = 0  # steps at k = 0 since the last probe
@@ -201,6 +207,11 @@ class AdaptiveDraftLength:
             weight = 1 - (1 - self.smoothing) ** trials  # one EMA step per token tried
             self.acceptance += weight * (n_accepted / trials - self.acceptance)
         self.k = self.choose()
+        if self.k:  # drafting pays again: probe soon after the next fall-back to greedy
+            self.probe_gap = self.probe_every
+        elif self._probing:
+            self.probe_gap = min(2 * self.probe_gap, self.probe_max)
+        self._probing = False
         return self.k
 
     def observe_draft_time(self, seconds: float, n_tokens: int) -> None:
@@ -240,15 +251,16 @@ class AdaptiveDraftLength:
     def next_length(self) -> int:
         """The draft length of the step about to be drafted (the tracker asks before each draft): the
         current choice, re-made with the tier's current costs, or a probe of ``k_min`` after
-        ``probe_every`` steps at k = 0."""
+        ``probe_gap`` steps at k = 0."""
         if self.step_cost is not None:
             self.k = self.choose()
         if self.k > 0:
             self.greedy_steps = 0
             return self.k
         self.greedy_steps += 1
-        if self.greedy_steps >= self.probe_every:
+        if self.greedy_steps >= self.probe_gap:
             self.greedy_steps = 0
             self.probes += 1
+            self._probing = True
             return self.k_min
         return 0

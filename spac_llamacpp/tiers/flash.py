@@ -209,6 +209,7 @@ class FlashTier(TierController):
         prompt_keep: bool = True,
         layer_ahead: bool | str = False,
         demand: str = "async",
+        read: str = "pagecache",
         admission: str | None = None,
         check_every: int = 4,
         guard_file: bool = True,
@@ -269,6 +270,17 @@ class FlashTier(TierController):
         self.demand_mode = demand
         try:
             self.engine.set_demand_mode(demand)
+            if read != "pagecache" and layer_ahead:
+                raise SpacError("read='overlay' and layer_ahead do not go together (the lookahead's reads go to the "
+                                "page cache); turn one off")
+            # the pool of recycled overlay pages lives in the staging reserve, which is empty at a step boundary
+            self.read_method = read if self.engine.set_read_method(read, self.staging) else "pagecache"
+            # the patched ggml-cpu's MUL_MAT_ID hooks (patch 0004): a layer's resident experts compute first, while
+            # its misses are read (with overlays: the matmul waits for each miss just before its rows)
+            self.mmid_hooks = demand == "async" and self.engine.install_mmid_hooks()
+            if demand == "async" and not self.mmid_hooks:
+                log.info("flash tier: llama.cpp without patch 0004: experts are computed in id order%s",
+                         "; overlay misses are awaited by the layer hook" if self.read_method == "overlay" else "")
             if lock_non_experts:
                 self._lock_non_experts()
             self.engine.attach(sensor)
@@ -617,7 +629,8 @@ class FlashTier(TierController):
         """Where the evaluations' time went, per kind (prompt, decode): per token, the wall time, the demand
         reads' time, the decoding thread's wait (blocked time) and the rest (compute), and the overlap
         (:func:`io_overlap`)."""
-        out: dict[str, Any] = {"demand": self.demand_mode, "hook_wait_seconds": eng["demand_wait_ns"] * 1e-9}
+        out: dict[str, Any] = {"demand": self.demand_mode, "read": self.read_method, "mmid_hooks": self.mmid_hooks,
+                               "hook_wait_seconds": eng["demand_wait_ns"] * 1e-9}
         for kind, t in self.counters.evals.items():
             n, wait = max(t.tokens, 1), t.blocked_seconds
             out[kind] = {**t.to_json(),
