@@ -12,7 +12,8 @@ dropped from the page cache first:
   cache into anonymous memory, and crashes on AMX machines with K-quant weights);
 * spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``, once per ``--demand`` mode (default ``async``:
   the layer's matmuls compute while its missing experts are read; ``wait``: the hook waits for them first;
-  ``overlay``: ``read="overlay"``, O_DIRECT reads moved onto the mapping, awaited by the hook).
+  ``overlay``: ``read="overlay"``, O_DIRECT reads moved onto the mapping; ``async-ordered``: ``async`` with
+  patch 0004's MUL_MAT_ID hooks, the resident experts computed first).
 
 Both get the same prompts, token counts and draft settings. Before the limited runs, stock runs once
 with the whole model in RAM (the physical ceiling; ``--ceiling auto`` skips it when the file does not fit
@@ -46,8 +47,10 @@ from pathlib import Path
 
 from spac_llamacpp.tools.benchmarks import add_draft_options, add_replay_options, run_child, timed_generation
 
-FLASH_MODES = {"async": {"demand": "async"}, "wait": {"demand": "wait"}, "overlay": {"read": "overlay"}}
-"""``--demand`` choices: the flash options of each."""
+FLASH_MODES = {"async": {"demand": "async"}, "wait": {"demand": "wait"}, "overlay": {"read": "overlay"},
+               "async-ordered": {"demand": "async", "mmid_hooks": True}}
+"""``--demand`` choices: the flash options of each (``async-ordered``: with patch 0004's hooks, resident experts
+computed first)."""
 
 
 def parse_args() -> argparse.Namespace:

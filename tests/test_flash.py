@@ -59,12 +59,18 @@ def _min_budget(path: str, **opts: object) -> int:
     return int(str(exc.value).rsplit("(", 1)[1].split()[0])
 
 
-@pytest.mark.parametrize("demand", ["async", "wait"])
+@pytest.mark.parametrize("demand", ["async", "wait", "async-ordered"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_output_identical_to_stock(flash_models, arch, demand):
+    """async-ordered: patch 0004's MUL_MAT_ID hooks take the layer's resident experts first (where the library
+    has them; CI builds it)."""
+    from spac_llamacpp.native.libs import mmid_hooks_setter
+
     path = flash_models[arch]
     want = _stock_tokens(path, 24)
-    llm = _flash(path, budget=_min_budget(path), demand=demand)
+    ordered = demand == "async-ordered"
+    demand = "async" if ordered else demand
+    llm = _flash(path, budget=_min_budget(path), demand=demand, mmid_hooks=ordered)
     try:
         assert _greedy(llm, 24) == want
         st = llm.stats(settle=5.0)
@@ -75,6 +81,8 @@ def test_greedy_output_identical_to_stock(flash_models, arch, demand):
         assert (st["engine"]["demand_async"] > 0) == (demand == "async")
         t = st["timing"]
         assert t["demand"] == demand and t["prompt"]["count"] == 1 and t["decode"]["count"] == 23
+        assert t["mmid_hooks"] == (ordered and (mmid_hooks_setter() is not None
+                                                or bool(os.environ.get("SPAC_REQUIRE_PATCHED"))))
         assert t["decode"]["tokens"] == 23 and t["prompt"]["tokens"] == len(llm.tokenize(PROMPT.encode()))
         # async: a layer's reads are timed when the completer's wait returns, which can be after its evaluation
         reads = t["prompt"]["read_seconds"] + t["decode"]["read_seconds"]

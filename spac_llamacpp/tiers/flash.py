@@ -210,6 +210,7 @@ class FlashTier(TierController):
         layer_ahead: bool | str = False,
         demand: str = "async",
         read: str = "pagecache",
+        mmid_hooks: bool | None = None,
         admission: str | None = None,
         check_every: int = 4,
         guard_file: bool = True,
@@ -277,8 +278,12 @@ class FlashTier(TierController):
             self.read_method = read if self.engine.set_read_method(read, self.staging) else "pagecache"
             # the patched ggml-cpu's MUL_MAT_ID hooks (patch 0004): a layer's resident experts compute first, while
             # its misses are read (with overlays: the matmul waits for each miss just before its rows)
-            self.mmid_hooks = demand == "async" and self.engine.install_mmid_hooks()
-            if demand == "async" and not self.mmid_hooks:
+            # (None: with overlay reads only; on the page cache the order's gain was not distinguishable from this
+            # VM's run-to-run spread, +13% and -22% in two A/B runs: benchmarks.md "Overlay reads and the order")
+            if mmid_hooks is None:
+                mmid_hooks = self.read_method == "overlay"
+            self.mmid_hooks = bool(mmid_hooks) and demand == "async" and self.engine.install_mmid_hooks()
+            if mmid_hooks and demand == "async" and not self.mmid_hooks:
                 log.info("flash tier: llama.cpp without patch 0004: experts are computed in id order%s",
                          "; overlay misses are awaited by the layer hook" if self.read_method == "overlay" else "")
             if lock_non_experts:
