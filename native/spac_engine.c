@@ -711,7 +711,7 @@ static uint8_t *pool_take(spac_engine *e, uint64_t n) {
     return (uint8_t *)a;
 }
 
-/* Whether the pool has room for n more pages (then the caller moves them into an address it reserved). */
+/* Whether the pool has room for n more pages (then an eviction moves its overlay's pages out into it). */
 static int pool_has_room(spac_engine *e, uint64_t n) {
     pthread_mutex_lock(&e->pool_mu);
     int ok = e->pool_n < e->pool_cap_n && e->pool_pages + n <= e->pool_cap_pages;
