@@ -279,7 +279,7 @@ class FlashTier(TierController):
             # the patched ggml-cpu's MUL_MAT_ID hooks (patch 0004): a layer's resident experts compute first, while
             # its misses are read (with overlays: the matmul waits for each miss just before its rows)
             # (None: with overlay reads only; on the page cache the order's gain was not distinguishable from this
-            # VM's run-to-run spread, +13% and -22% in two A/B runs: benchmarks.md "Overlay reads and the order")
+            # VM's run-to-run spread, +13%, -22% and -4% in A/B runs: benchmarks.md "Overlay reads and the order")
             if mmid_hooks is None:
                 mmid_hooks = self.read_method == "overlay"
             self.mmid_hooks = bool(mmid_hooks) and demand == "async" and self.engine.install_mmid_hooks()
