@@ -1712,18 +1712,31 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         e->layer_ids[layer] = e->topk_src != NULL ? *e->topk_src : NULL;
     }
     const int overlay = __atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_OVERLAY;
-    if (n_miss > 0 && file_ok && overlay) {
-        /* Until its mremap a missing range is the file's, and a matmul reaching it first would read it through
-         * the page cache, one page per fault. With the patched MUL_MAT_ID's hooks the matmul computes the
-         * resident experts first and waits for each miss (spac_engine_mmid_wait) while the completer reads them;
-         * without them the hook waits here. */
+    if (n_miss > 0 && file_ok) {
+        if (!overlay) {
+            for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+                const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
+                for (int32_t m = 0; m < n_miss; m++) {
+                    range_t r = covering(e, t, misses[m]);
+                    if (r.hi > r.lo && willneed(e, r.lo, r.hi) != 0) {
+                        keep_first(errs, SPAC_ERR_DEMAND, errno);
+                    }
+                }
+            }
+        }
+        /* Overlays: until its mremap a missing range is the file's, and a matmul reaching it first would read it
+         * through the page cache, one page per fault. So the completer reads them only where the patched
+         * MUL_MAT_ID's hooks make the matmul compute the resident experts first and wait for each miss
+         * (spac_engine_mmid_wait); without them the hook reads and waits here. */
         pthread_mutex_lock(&e->mu);
-        async = e->mmid_hooked && e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
-                e->layer_ids[layer] != NULL && e->dq_count + n_miss <= e->dq_cap;
+        async = e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
+                e->dq_count + n_miss <= e->dq_cap && (!overlay || (e->mmid_hooked && e->layer_ids[layer] != NULL));
         if (async) {
             for (int32_t m = 0; m < n_miss; m++) {
                 const int64_t j = idx(e, layer, misses[m]);
-                __atomic_store_n(&e->arriving[j], 1, __ATOMIC_RELEASE);
+                if (overlay) {
+                    __atomic_store_n(&e->arriving[j], 1, __ATOMIC_RELEASE); /* the completer overlays it */
+                }
                 e->dq[(e->dq_head + e->dq_count) % e->dq_cap] = (move_t){0, layer, misses[m], 0};
                 e->dq_count++;
                 e->demanding[j]++;
@@ -1736,38 +1749,9 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
             pthread_cond_signal(&e->cv_demand);
         }
         pthread_mutex_unlock(&e->mu);
-        if (!async) {
+        if (!async && overlay) {
             load_overlaid(e, layer, misses, n_miss, SPAC_ERR_DEMAND, errs);
-        }
-    } else if (n_miss > 0 && file_ok) {
-        for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
-            const tensor_t *t = &e->tensors[(int64_t)layer * e->max_t + i];
-            for (int32_t m = 0; m < n_miss; m++) {
-                range_t r = covering(e, t, misses[m]);
-                if (r.hi > r.lo && willneed(e, r.lo, r.hi) != 0) {
-                    keep_first(errs, SPAC_ERR_DEMAND, errno);
-                }
-            }
-        }
-        pthread_mutex_lock(&e->mu);
-        async = e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
-                e->dq_count + n_miss <= e->dq_cap;
-        if (async) {
-            for (int32_t m = 0; m < n_miss; m++) {
-                move_t d = {0, layer, misses[m], 0};
-                e->dq[(e->dq_head + e->dq_count) % e->dq_cap] = d;
-                e->dq_count++;
-                e->demanding[idx(e, layer, misses[m])]++;
-            }
-            if (e->batch_left[layer] == 0) {
-                e->batch_t0[layer] = t0;
-            }
-            e->batch_left[layer] += n_miss;
-            e->st.demand_async++;
-            pthread_cond_signal(&e->cv_demand);
-        }
-        pthread_mutex_unlock(&e->mu);
-        if (!async) {
+        } else if (!async) {
             for (int32_t m = 0; m < n_miss; m++) {
                 advise_expert(e, layer, misses[m], MADV_POPULATE_READ, errs);
             }
