@@ -387,6 +387,8 @@ class FlashEngine:
         addr = [int(ffi.cast("uintptr_t", ffi.addressof(self._lib, name)))
                 for name in ("spac_engine_mmid_order", "spac_engine_mmid_wait")]
         setter(addr[0], addr[1], int(ffi.cast("uintptr_t", self._live())))
+        if _MMID_OWNER and _MMID_OWNER[0] != self._handle:  # (alive: an owner clears itself before it is freed)
+            self._lib.spac_engine_set_mmid_hooked(_MMID_OWNER[0], 0)  # its misses are awaited by its hook again
         _MMID_OWNER[:] = [self._handle]
         self._lib.spac_engine_set_mmid_hooked(self._handle, 1)
         return True

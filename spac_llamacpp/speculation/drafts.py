@@ -174,10 +174,10 @@ class AdaptiveDraftLength:
     ``k_min`` tokens to measure it again; a probe after which greedy still wins doubles the gap to the next one
     (up to ``probe_max`` steps; a probe costs more than its own verification: the draft provider catches up on
     every token since its last call, the whole prompt after a new one); choosing to draft resets the gap.
-    ``draft_seconds`` is the time the draft provider takes per token
-    and ``overhead`` what a step takes beyond the modelled expert time (the non-expert layers, sampling:
-    paid once per step whatever its length, which is what speculation amortises); the tracker measures both
-    (:meth:`observe_draft_time`, :meth:`observe_step_time`; 0 until then).
+    ``draft_seconds`` is the time the draft provider takes per token and ``overhead`` what a step takes beyond
+    the modelled expert time (the non-expert layers, sampling: paid once per step whatever its length, which is
+    what speculation amortises); the tracker measures both (:meth:`observe_draft_time`,
+    :meth:`observe_step_time`; 0 until then).
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
