@@ -161,6 +161,10 @@ class FlashTier(TierController):
             engine's completer thread while the layer's matmuls run (resident experts compute while the missing
             ones are read, a page in flight makes the matmul's fault wait for it), ``"wait"`` by the layer hook
             before the matmuls start. Same outputs; ``stats()["timing"]`` says what each costs.
+        read: ``"pagecache"`` (default) or ``"overlay"``: experts' inner pages by O_DIRECT into anonymous pages
+            moved onto the mapping (docs/flash.md, "Overlay reads"; slower on the benchmark VM, so off).
+        mmid_hooks: install patch 0004's MUL_MAT_ID hooks (resident experts first; with overlays, the matmul
+            waits per miss); None: only with overlay reads. Ignored (logged) on a library without the patch.
         admission: where a policy that admits demand (``lru``, ``lfu``, ours) takes a step's demand loads in
             (native/spac_engine.h, "Layer admission"): ``"always"`` in the layer's hook, each in the place of the
             layer's planned expert of the lowest rank (the policy's utility) that the layer is not using (LRU's
