@@ -841,8 +841,8 @@ static int overlay_out(spac_engine *e, int32_t layer, int32_t expert, int32_t i,
 }
 
 /* MADV_POPULATE_READ over r (waits for the reads and maps the pages). Returns 0, or -1 after a read failure
- * (EFAULT: the file may have shrunk; the caller must not touch the pages). Old kernels without it (EINVAL):
- * every page touched instead. */
+ * (EFAULT: the file may have shrunk; the caller must not touch the pages). Old kernels without it (EINVAL,
+ * Linux < 5.14): every page touched instead. */
 static int populate(spac_engine *e, range_t r, int kind, int *errs) {
     if (r.hi <= r.lo || madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) == 0) {
         return 0;
@@ -948,25 +948,13 @@ static void do_prefetch(spac_engine *e, int32_t layer, int32_t expert, int64_t *
         if (r.hi <= r.lo) {
             continue;
         }
-        /* readahead of exactly this range, then wait for it (and map it) */
+        /* readahead of exactly this range, then wait for it (and map it); a failed read (EFAULT: the file may
+         * have shrunk): never touch the pages */
         if (willneed(e, r.lo, r.hi) != 0) {
             keep_first(errs, SPAC_ERR_PREFETCH, errno);
         }
-        if (madvise(e->base + r.lo, r.hi - r.lo, MADV_POPULATE_READ) != 0) {
-            int err = errno;
-            if (err != EINVAL) { /* a read failed (EFAULT: the file may have shrunk): never touch the pages */
-                keep_first(errs, SPAC_ERR_PREFETCH, err);
-                if (err == EFAULT) {
-                    on_read_fault(e);
-                    return;
-                }
-            } else if (check_file_now(e) == SPAC_FILE_OK) {
-                volatile uint8_t sink = 0; /* old kernel (no POPULATE_READ, Linux < 5.14): touch every page */
-                for (uint64_t p = r.lo; p < r.hi; p += e->page) {
-                    sink ^= e->base[p];
-                }
-                (void)sink;
-            }
+        if (populate(e, r, SPAC_ERR_PREFETCH, errs) != 0) {
+            return;
         }
         *bytes += (int64_t)(r.hi - r.lo);
     }
@@ -1082,14 +1070,15 @@ static void do_evict(spac_engine *e, int32_t layer, int32_t expert, const range_
         }
         range_t parts[2] = {r, r};
         int32_t np = 1;
-        if (out == 1) { /* the inner pages went with the overlay: the page cache holds the rest of r */
+        if (out == 1) { /* the inner pages went with the overlay: the page cache holds the rest of r (r, an
+                         * evict_range, holds the inner pages and at most the boundary pages beside them) */
             const range_t in = inner(e, &e->tensors[(int64_t)layer * e->max_t + i], expert);
             np = 0;
             if (r.lo < in.lo) {
-                parts[np++] = (range_t){r.lo, in.lo < r.hi ? in.lo : r.hi};
+                parts[np++] = (range_t){r.lo, in.lo};
             }
             if (in.hi < r.hi) {
-                parts[np++] = (range_t){in.hi > r.lo ? in.hi : r.lo, r.hi};
+                parts[np++] = (range_t){in.hi, r.hi};
             }
         }
         for (int32_t p = 0; p < np; p++) {
@@ -1680,17 +1669,10 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
             misses[n_miss++] = sel[m];
         }
     }
-    /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the reads of
-     * all of them at once (parallel I/O), tensor by tensor (the matmuls read the gate and up tensors of
-     * every expert before the down tensor). Left to page faults, each page would be read on its own (expert
-     * tensors are MADV_RANDOM: no read-around). SPAC_DEMAND_WAIT then waits for them here; SPAC_DEMAND_ASYNC
-     * hands the wait to the completer and returns: the layer's matmuls compute the resident experts while
-     * the reads land, and a page not read yet makes the matmul wait in its page fault for exactly that page. */
-    const int64_t t0 = now_ns();
-    int async = 0;
     /* the order the patched MUL_MAT_ID takes the layer's experts in: resident first, the misses in the order of
-     * their reads (the completer's), the rest (not selected: no rows) after them */
-    {
+     * their reads (the completer's), the rest (not selected: no rows) after them; only for the hooks that read
+     * it (before t0: not part of the demand wait) */
+    if (__atomic_load_n(&e->mmid_hooked, __ATOMIC_ACQUIRE)) {
         int32_t *ord = e->mm_order + (int64_t)layer * e->n_expert, n_ord = 0;
         for (int32_t m = 0, q = 0; m < n_sel; m++) {
             if (q < n_miss && misses[q] == sel[m]) {
@@ -1711,6 +1693,14 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         }
         e->layer_ids[layer] = e->topk_src != NULL ? *e->topk_src : NULL;
     }
+    /* Demand load of exactly the missing experts, which the matmul about to run needs: submit the reads of
+     * all of them at once (parallel I/O), tensor by tensor (the matmuls read the gate and up tensors of
+     * every expert before the down tensor). Left to page faults, each page would be read on its own (expert
+     * tensors are MADV_RANDOM: no read-around). SPAC_DEMAND_WAIT then waits for them here; SPAC_DEMAND_ASYNC
+     * hands the wait to the completer and returns: the layer's matmuls compute the resident experts while
+     * the reads land, and a page not read yet makes the matmul wait in its page fault for exactly that page. */
+    const int64_t t0 = now_ns();
+    int async = 0;
     const int overlay = __atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_OVERLAY;
     if (n_miss > 0 && file_ok) {
         if (!overlay) {
@@ -1730,7 +1720,8 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
          * (spac_engine_mmid_wait); without them the hook reads and waits here. */
         pthread_mutex_lock(&e->mu);
         async = e->demand_mode == SPAC_DEMAND_ASYNC && e->completer_started && !e->stopping &&
-                e->dq_count + n_miss <= e->dq_cap && (!overlay || (e->mmid_hooked && e->layer_ids[layer] != NULL));
+                e->dq_count + n_miss <= e->dq_cap &&
+                (!overlay || (__atomic_load_n(&e->mmid_hooked, __ATOMIC_ACQUIRE) && e->layer_ids[layer] != NULL));
         if (async) {
             for (int32_t m = 0; m < n_miss; m++) {
                 const int64_t j = idx(e, layer, misses[m]);
@@ -2451,9 +2442,7 @@ void spac_engine_set_topk_source(spac_engine *e, const void *const *topk_data) {
 
 void spac_engine_set_mmid_hooked(spac_engine *e, int32_t on) {
     if (e != NULL) {
-        pthread_mutex_lock(&e->mu);
-        e->mmid_hooked = on != 0;
-        pthread_mutex_unlock(&e->mu);
+        __atomic_store_n(&e->mmid_hooked, on != 0, __ATOMIC_RELEASE); /* read by the layer hook without mu */
     }
 }
 

@@ -19,6 +19,10 @@
 #define MADV_POPULATE_READ 22
 #endif
 
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4 /* Linux 5.7 */
+#endif
+
 #define ALIGN 4096u /* O_DIRECT granularity used here */
 
 static int64_t now_ns(void) {
@@ -324,8 +328,10 @@ static int run_uring(job_t *j) {
 #define MADV_PAGEOUT 21
 #endif
 
-/* OVERLAY's eviction: each range's inner pages moved back into their slot (recycled, not freed: the next read
- * reuses them without zeroing new pages) and the file mapped again in their place (no page cache to drop) */
+/* OVERLAY's eviction, as the flash engine does it: each range's inner pages moved back into their slot
+ * (recycled, not freed: the next read reuses them without zeroing new pages) with MREMAP_DONTUNMAP, so that the
+ * mapping never has a hole another thread's mmap could take, and the file mapped over the emptied range (no page
+ * cache to drop) */
 static int evict_overlays(job_t *j) {
     for (int32_t x = 0; x < j->n_experts; x++) {
         uint64_t at = 0;
@@ -335,7 +341,7 @@ static int evict_overlays(job_t *j) {
             aligned(j, k, &clo, &chi);
             inner_pages(j, k, &lo, &hi);
             if (hi > lo) {
-                if (mremap(j->map + lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED,
+                if (mremap(j->map + lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
                            slot_inner(j, k, at, clo, lo)) == MAP_FAILED ||
                     mmap(j->map + lo, hi - lo, PROT_READ, MAP_SHARED | MAP_FIXED, j->fd, (off_t)lo) == MAP_FAILED) {
                     return -errno;
@@ -351,9 +357,8 @@ static int evict_overlays(job_t *j) {
  * each range: the page-cache methods' cost of making room again, which slots do not have. */
 static void evict_all(job_t *j) {
     for (int64_t k = 0; k < (int64_t)j->n_experts * j->n_ranges; k++) {
-        uint64_t lo = j->offs[k] + (j->offs[k] % j->page ? j->page - j->offs[k] % j->page : 0);
-        uint64_t hi = j->offs[k] + j->lens[k];
-        hi -= hi % j->page;
+        uint64_t lo, hi;
+        inner_pages(j, k, &lo, &hi);
         if (hi > lo) {
             madvise(j->map + lo, hi - lo, MADV_PAGEOUT);
             madvise(j->map + lo, hi - lo, MADV_DONTNEED);
