@@ -47,6 +47,9 @@ def main() -> int:
                         "dropped from the page cache before each run")
     p.add_argument("--no-repack", action="store_true", help="use_extra_bufts=False (K-quant non-expert weights)")
     p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every source this many times, interleaved (source order rotated each round); a row "
+                        "reports the median tokens/s and its runs (the VM's run-to-run spread is ~5-10%%)")
     add_replay_options(p)
     args = p.parse_args()
     if args.replay and args.cache_prior:
@@ -91,45 +94,75 @@ def main() -> int:
 
 
 def _run_all(args, configs, base, prompts, rows, drop) -> None:
+    runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
+    for rnd in range(max(1, args.repeat)):
+        shift = rnd % len(configs)  # rotate the order: no source always runs first (or right after another)
+        for label, extra in configs[shift:] + configs[:shift]:
+            row = _run_one(args, label, {**base, **extra}, prompts, drop)
+            runs[label].append(row)
+            ref = runs["none"][0]["texts"] if runs["none"] else None
+            print(_row_line(row, runs["none"][-1]["tps"] if runs["none"] else None, ref), flush=True)
+    reference = runs["none"][0]["texts"]
+    for done in runs.values():
+        for r in done:
+            r["identical"] = r.pop("texts") == reference
+    for label, _ in configs:
+        done = runs[label]
+        row = dict(sorted(done, key=lambda r: r["tps"])[(len(done) - 1) // 2])  # the median run (lower middle)
+        row["tps_runs"] = [r["tps"] for r in done]
+        row["identical"] = all(r["identical"] for r in done)
+        rows.append(row)
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} interleaved runs:")
+        for row in rows:
+            print(_row_line(row, rows[0]["tps"]))
+
+
+def _run_one(args, label: str, kw: dict, prompts: list[str], drop) -> dict:
+    """One source in a fresh Llama (its texts kept in the row, for the comparison with no speculation)."""
     from spac_llamacpp import Llama
     from spac_llamacpp.speculation.drafts import PromptLookupDraft
     from spac_llamacpp.tools.generate import GenerationStats, stream_generate
 
-    reference = None
-    for label, extra in configs:
-        if drop is not None:
-            drop(args.model)
-        kw = {**base, **extra}
-        if kw.get("draft_model") == "lookup":
-            kw["draft_model"] = PromptLookupDraft(args.n_draft)
-        t0 = time.perf_counter()
-        llm = Llama(args.model, **kw)
-        load = time.perf_counter() - t0
-        texts, tokens, seconds = [], 0, 0.0
-        for prompt in prompts:
-            llm.reset()
-            st = GenerationStats()
-            texts.append("".join(stream_generate(llm, prompt, args.n_predict, temperature=0.0, seed=0, stats=st)))
-            tokens += st.generated_tokens
-            seconds += st.decode_seconds + st.prompt_seconds
-        spec = llm.speculation.summary() if llm.speculation is not None else None
-        extra_stats = llm.stats() if args.budget else {}
-        llm.close()
-        if reference is None:
-            reference = texts
-        row = {"source": label, "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load,
-               "identical": texts == reference,
-               "acceptance": spec["acceptance_rate"] if spec else None,
-               "drafted": spec["drafted"] if spec else 0, "verifications": spec["verifications"] if spec else 0}
-        if extra_stats:
-            row["hit_rate"] = extra_stats.get("hit_rate")
-            row["read_bytes"] = extra_stats.get("read_bytes")
-        rows.append(row)
-        acc = "" if row["acceptance"] is None else f", acceptance {100 * row['acceptance']:.1f}%"
-        if row.get("hit_rate") is not None:
-            acc += f", expert hit rate {100 * row['hit_rate']:.1f}%"
-        print(f"{label:>18}: {row['tps']:7.2f} tok/s ({row['tps'] / rows[0]['tps']:.2f}x){acc}, "
-              f"identical to no speculation: {row['identical']}", flush=True)
+    if drop is not None:
+        drop(args.model)
+    if kw.get("draft_model") == "lookup":
+        kw["draft_model"] = PromptLookupDraft(args.n_draft)
+    t0 = time.perf_counter()
+    llm = Llama(args.model, **kw)
+    load = time.perf_counter() - t0
+    texts, tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        llm.reset()
+        st = GenerationStats()
+        texts.append("".join(stream_generate(llm, prompt, args.n_predict, temperature=0.0, seed=0, stats=st)))
+        tokens += st.generated_tokens
+        seconds += st.decode_seconds + st.prompt_seconds
+    spec = llm.speculation.summary() if llm.speculation is not None else None
+    extra_stats = llm.stats() if args.budget else {}
+    llm.close()
+    row = {"source": label, "tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "load_s": load,
+           "texts": texts,
+           "acceptance": spec["acceptance_rate"] if spec else None,
+           "drafted": spec["drafted"] if spec else 0, "verifications": spec["verifications"] if spec else 0,
+           "draft_call_seconds": spec["draft_call_seconds"] if spec else 0.0}
+    if extra_stats:
+        row["hit_rate"] = extra_stats.get("hit_rate")
+        row["read_bytes"] = extra_stats.get("read_bytes")
+    return row
+
+
+def _row_line(row: dict, none_tps: float | None, reference: list[str] | None = None) -> str:
+    ratio = f" ({row['tps'] / none_tps:.2f}x)" if none_tps else ""
+    acc = "" if row["acceptance"] is None else f", acceptance {100 * row['acceptance']:.1f}%"
+    if row["drafted"]:
+        acc += f", {row['drafted']} drafted in {row['verifications']} verifications"
+    if row["draft_call_seconds"]:
+        acc += f", {row['draft_call_seconds']:.2f} s in draft calls"
+    if row.get("hit_rate") is not None:
+        acc += f", expert hit rate {100 * row['hit_rate']:.1f}%"
+    same = row["identical"] if "identical" in row else (None if reference is None else row["texts"] == reference)
+    return f"{row['source']:>18}: {row['tps']:7.2f} tok/s{ratio}{acc}, identical to no speculation: {same}"
 
 
 if __name__ == "__main__":

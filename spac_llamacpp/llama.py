@@ -235,6 +235,12 @@ class Llama(llama_cpp.Llama):
             kwargs["draft_model"] = self.speculation
         builder.before_load(model_path)  # after any self-draft has loaded the same file
         self._load(model_path, kwargs, use_extra_bufts, no_host, cb_eval, cb_eval_user_data)
+        if self.speculation is not None and not kwargs.get("logits_all", False):
+            # the stock class forces logits_all with a draft model, and then copies every row's logits into
+            # ``scores``, which it sized for n_batch rows: past n_batch tokens that copy fails (ValueError), and
+            # every prompt token pays the output projection. Only a verification needs every row's logits (the
+            # sampler reads them from the context): _eval_verification asks for them, nothing else does.
+            self._logits_all = False
         _OPEN[next(_OPEN_KEYS)] = self
         self._link_draft()
         self._start_tier(builder)
@@ -335,13 +341,16 @@ class Llama(llama_cpp.Llama):
             step = None
             if self._tier is not None:
                 self._tier.check_source()  # e.g. the GGUF truncated under the flash tier: one line, not SIGBUS
+            verification = self.speculation is not None and self.speculation.is_verification(tokens)
             try:
                 if self._tier is not None:  # a decode step: one token, or a verification of drafts
-                    decode = len(tokens) == 1 or (self.speculation is not None
-                                                  and self.speculation.is_verification(tokens))
+                    decode = len(tokens) == 1 or verification
                     self._tier.eval_begins()
                 try:
-                    super().eval(tokens)
+                    if verification and not self._logits_all:
+                        self._eval_verification(tokens)
+                    else:
+                        super().eval(tokens)
                 finally:
                     if self._tier is not None:
                         self._tier.eval_ends(len(tokens), decode)
@@ -355,6 +364,19 @@ class Llama(llama_cpp.Llama):
                     self._unlearned = step  # -> _learn_verification, from the sample that decides it
                 else:
                     self._after_step(step)
+
+    def _eval_verification(self, tokens: Sequence[int]) -> None:
+        """``llama_cpp.Llama.eval`` with every row's logits kept in the context (the sampler reads each row's
+        there) and none copied into ``scores`` (as the stock eval does without logits_all)."""
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        for i in range(0, len(tokens), self.n_batch):
+            batch = list(tokens[i: i + self.n_batch])
+            n_past = self.n_tokens
+            self._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+            self._ctx.decode(self._batch)
+            self.input_ids[n_past: n_past + len(batch)] = batch
+            self.n_tokens += len(batch)
+            self._requires_eval = False
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``llama_cpp.Llama.sample``; with drafting, the tracker compares the sample with the draft."""

@@ -18,6 +18,7 @@ from spac_llamacpp.observe.trace import RoutingTrace
 from spac_llamacpp.speculation.drafts import (
     AdaptiveDraftLength,
     DraftVocabError,
+    GGUFDraftModel,
     PromptLookupDraft,
     check_same_vocabulary,
 )
@@ -51,6 +52,30 @@ def test_drafting_never_changes_greedy_output(tiny_model, tiny_dense_model, arch
         llm.close()
 
 
+def test_drafting_past_n_batch_tokens(tiny_model):
+    """The stock class, given a draft, copies every row's logits into ``scores`` sized for n_batch rows and
+    fails past n_batch tokens; ours keeps verification logits in the context only, so a long generation runs,
+    and gives the text of the same run with a batch that never fills. logits_all=True still fills scores."""
+    path = str(tiny_model("qwen3moe"))
+
+    def text(n_batch: int, **kw) -> tuple[str, Llama]:
+        llm = Llama(path, n_batch=n_batch, draft_model=PromptLookupDraft(), **{**COMMON, "n_ctx": 256, **kw})
+        out = llm.create_completion(PROMPT, max_tokens=80, temperature=0.0)
+        assert out["usage"]["completion_tokens"] == 80
+        return out["choices"][0]["text"], llm
+
+    small, llm = text(16)
+    assert llm.speculation.n_verifications > 0 and llm.n_tokens > 16
+    llm.close()
+    big, llm = text(256)
+    llm.close()
+    assert small == big
+    _, llm = text(16, logits_all=True)
+    n = llm.n_tokens
+    assert np.isfinite(llm.scores[:n]).all() and np.abs(llm.scores[n - 1]).sum() > 0
+    llm.close()
+
+
 def test_perfect_draft_frequency_maps(tiny_model):
     path = str(tiny_model("qwen3moe"))
     llm = Llama(path, draft_model_path=path, n_draft=2, **COMMON)
@@ -61,9 +86,13 @@ def test_perfect_draft_frequency_maps(tiny_model):
     k_used = llm.moe_info.n_expert_used
     verifications = [m for m in spec.maps if m.n_draft]
     assert verifications and all(m.n_tokens == m.n_draft + 1 for m in verifications)
+    last = llm.moe_info.block_count - 1
     for m in spec.maps:
-        for layer in llm.moe_info.moe_layers:  # logits_all (forced by drafting): every row of every layer
-            assert m.counts[layer].sum() == m.n_tokens * k_used[layer]
+        for layer in llm.moe_info.moe_layers:
+            # a verification asks for every row's logits: every row of every layer is routed; other steps
+            # (the prompt) ask for the last row's only, and llama.cpp's last layer computes the output rows only
+            rows = m.n_tokens if m.n_draft or layer != last else 1
+            assert m.counts[layer].sum() == rows * k_used[layer], (m.step, layer)
         if m.accepted is not None:
             assert m.accepted_mask.sum() == m.n_tokens - m.n_draft + m.accepted
             np.testing.assert_array_equal(m.counts_where(np.ones(m.n_tokens, bool)), m.counts)
@@ -84,6 +113,34 @@ def test_poor_draft_shrinks_and_records_rejections(tiny_model, tiny_dense_model)
     for m in resolved:
         assert m.accepted_mask[: m.accepted + 1].all() and not m.accepted_mask[m.accepted + 1:].any()
     llm.close()
+
+
+def test_draft_catch_up_is_bounded_by_its_window(tiny_model, tiny_dense_model):
+    """A draft far behind the input restarts on the input's last max_catch_up tokens, then reuses them; an input
+    inside the window drafts exactly as without one; greedy output is unchanged with a tiny window."""
+    target = Llama(str(tiny_model("qwen3moe")), **COMMON)
+    ids = np.asarray(target.tokenize((PROMPT + " " + PROMPT).encode()), dtype=np.intc)
+    assert len(ids) > 20
+    full = GGUFDraftModel(str(tiny_dense_model), n_draft=3, n_ctx=512, max_catch_up=None, n_threads=2)
+    win = GGUFDraftModel(str(tiny_dense_model), n_draft=3, n_ctx=512, max_catch_up=8, n_threads=2)
+    first = win(ids)
+    assert win.evaluated_tokens == 8 + 2 and win.last_catch_up_seconds > 0  # 8 of the input, 2 to draft 3
+    longer = np.concatenate([ids, [first[0] ^ 1]]).astype(np.intc)  # not the draft's own next token
+    win(longer)
+    assert win.evaluated_tokens == 10 + 1 + 2  # one new token on the kept window, then drafting
+    short = ids[:6]
+    np.testing.assert_array_equal(win(short), full(short))  # inside the window: the same context, same drafts
+    with pytest.raises(SpacError, match="max_catch_up"):
+        GGUFDraftModel(str(tiny_dense_model), max_catch_up=0)
+    full.close()
+    win.close()
+    expected = greedy(target)
+    llm = Llama(str(tiny_model("qwen3moe")), draft_model_path=str(tiny_dense_model),
+                draft_kwargs={"max_catch_up": 4}, **COMMON)
+    assert llm._draft_llm.max_catch_up == 4
+    assert greedy(llm) == expected
+    llm.close()
+    target.close()
 
 
 def test_adaptive_draft_length():
@@ -177,8 +234,11 @@ def test_draft_length_picks_greedy_when_reads_dominate():
 def test_draft_length_drafts_when_acceptance_is_high():
     # the step's cost is mostly fixed (the same experts, read once for every token of the batch): at 90%
     # acceptance the longest draft pays
-    a = _controller(0.9, lambda n: 0.050 + 0.002 * n)
-    assert a.choose() == 8 and a.next_length() == 8
+    a = _controller(0.9, lambda n: 0.050 + 0.002 * n, probe_every=2)
+    assert a.choose() == 8
+    assert [a.next_length() for _ in range(2)] == [0, 1]  # on a tier: greedy first, then a probe
+    a.update(1, 1)
+    assert a.next_length() == 8
     # in between (70% acceptance, each token adds a fifth of the fixed cost): a middle length, k = 3 by hand
     # (tokens per second 20, 28.3, 31.3, 31.7, 30.8 for k = 0..4); a slow draft provider shortens it
     mid = _controller(0.7, lambda n: 0.040 + 0.010 * n)
@@ -195,6 +255,11 @@ def test_draft_length_probes_acceptance_while_greedy():
     for _ in range(40):  # the probes found high acceptance, and the cost model now favours drafting
         a.update(1, 1)
     a.step_cost = lambda ns: [0.050 + 0.002 * n for n in ns]
+    # the cost model now favours drafting, but a greedy controller returns to it only through a probe (drafting
+    # after greedy steps first pays the draft's catch-up)
+    waits = [a.next_length() for _ in range(a.probe_gap)]
+    assert waits[:-1] == [0] * (a.probe_gap - 1) and waits[-1] == 1
+    a.update(1, 1)
     assert a.next_length() == 8
     with pytest.raises(SpacError):
         AdaptiveDraftLength(probe_every=0)
@@ -218,6 +283,54 @@ def test_draft_length_probes_less_often_while_greedy_keeps_winning():
     for _ in range(40):
         a.update(1, 1)
     assert a.k > 0 and a.probe_gap == 4
+
+
+def test_probe_gap_follows_the_measured_probe_cost():
+    """A probe whose draft call and verification cost far more than greedy decoding of what they yielded (the
+    draft caught up on a long input) pushes the next probe out until probes take at most probe_share of the
+    greedy time: here past doubling's 8 steps, to probe_max."""
+    a = _controller(0.2, lambda n: 0.050 * n, probe_every=4, probe_max=200, probe_share=0.02)
+    steps = 0
+    while not a.next_length():
+        a.observe_step_time(1, 0.050)
+        steps += 1
+    assert steps == 3 and a.greedy_seconds == pytest.approx(0.050)
+    a.observe_draft_time(1.0, 1, catch_up_seconds=0.95)  # 50 ms to draft, 950 ms catching up
+    a.observe_step_time(2, 0.100)
+    assert a.update(1, 0) == 0
+    assert a.draft_seconds == pytest.approx(0.050)  # the catch-up is not a per-token draft cost
+    assert a.probe_cost == pytest.approx(1.0 + 0.100 - 0.050)
+    assert a.probe_gap == 200  # ceil(1.05 / (0.02 * 0.05)) = 1050 steps, capped
+    cheap = _controller(0.2, lambda n: 0.050 * n, probe_every=4, probe_max=200)
+    for _ in range(3):
+        cheap.next_length()
+        cheap.observe_step_time(1, 0.050)
+    assert cheap.next_length() == 1
+    cheap.observe_draft_time(0.0, 1)  # prompt lookup: drafting costs nothing
+    cheap.observe_step_time(2, 0.052)
+    cheap.update(1, 0)
+    assert cheap.probe_gap == 8  # a cheap probe: doubling alone
+    with pytest.raises(SpacError, match="probe_share"):
+        AdaptiveDraftLength(probe_share=0)
+
+
+def test_measured_verifications_correct_the_cost_model():
+    """The tier's model says a long draft pays at 90% acceptance; verifications measured 0.6 s slower than it
+    (experts the plan did not keep) turn the choice to greedy, since plain steps measured as modelled."""
+    a = _controller(0.9, lambda n: 0.050 + 0.002 * n)
+    assert a.choose() == 8
+    for _ in range(20):
+        a.observe_step_time(1, 0.052)
+        a.observe_step_time(9, 0.050 + 0.002 * 9 + 0.6)
+    assert a.overhead == pytest.approx(0.0, abs=1e-9)
+    assert a.verify_excess == pytest.approx(0.6 / 8, rel=0.02)
+    assert a.choose() == 0
+    # a model that overestimates plain steps is corrected there too (overhead below 0), so greedy is not
+    # made to look slower than it is
+    over = _controller(0.6, lambda n: 0.100 * n)
+    for _ in range(20):
+        over.observe_step_time(1, 0.050)
+    assert over.overhead == pytest.approx(-0.050, rel=0.02)
 
 
 def test_draft_length_without_a_tier_is_the_acceptance_rule():

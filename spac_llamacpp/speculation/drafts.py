@@ -9,6 +9,7 @@ call, so :class:`AdaptiveDraftLength` (driven by :mod:`speculation`) can change 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ def check_same_vocabulary(target: llama_cpp.Llama, draft: llama_cpp.Llama, n_sam
             )
 
 
+DRAFT_MAX_CATCH_UP = 128
+"""Most tokens a draft model evaluates before drafting (:class:`GGUFDraftModel`): bounds what a draft costs after
+a new prompt or a long run of greedy steps (a probe of the draft length controller)."""
+
 SPAC_ONLY_KWARGS = ("use_extra_bufts", "tensor_buft_overrides", "no_host", "cb_eval")
 
 
@@ -68,18 +73,25 @@ class GGUFDraftModel(LlamaDraftModel):
     """Greedy drafting with a small GGUF model in its own llama context.
 
     Between steps only the tokens that changed are evaluated: the draft's KV cache is trimmed to the
-    longest common prefix with the new input instead of re-evaluating it.
+    longest common prefix with the new input instead of re-evaluating it. A catch-up longer than
+    ``max_catch_up`` tokens (a new prompt, or many greedy steps since the last draft) restarts the draft on
+    the input's last ``max_catch_up`` tokens instead: a draft with a shorter context may draft worse, which
+    verification catches (outputs never change), but what a draft costs after a pause stays bounded.
 
     Args:
         model_path: the draft GGUF.
         n_draft: tokens drafted per call (can be changed between calls).
         n_ctx: the draft context length (use the target's).
         llama_cls: the class that loads the draft (``spac_llamacpp.Llama`` for self-drafting).
+        max_catch_up: most tokens one call evaluates before drafting (None: the whole input).
         **llama_kwargs: passed to ``llama_cls`` for the draft (e.g. ``n_threads``, ``n_gpu_layers``).
     """
 
     def __init__(self, model_path: str | Path, n_draft: int = 4, n_ctx: int = 2048,
-                 llama_cls: type[llama_cpp.Llama] = llama_cpp.Llama, **llama_kwargs: Any) -> None:
+                 llama_cls: type[llama_cpp.Llama] = llama_cpp.Llama, max_catch_up: int | None = DRAFT_MAX_CATCH_UP,
+                 **llama_kwargs: Any) -> None:
+        if max_catch_up is not None and max_catch_up < 1:
+            raise SpacError(f"max_catch_up must be a positive number of tokens or None, got {max_catch_up}")
         if not Path(model_path).is_file():
             raise SpacError(f"draft model file not found: {model_path}")
         from spac_llamacpp.gguf.info import read_model_header
@@ -93,22 +105,26 @@ class GGUFDraftModel(LlamaDraftModel):
         self.llm = llama_cls(str(model_path), n_ctx=n_ctx, logits_all=False, **llama_kwargs)
         self.n_draft = n_draft
         self.model_path = str(model_path)
+        self.max_catch_up = max_catch_up
         self.evaluated_tokens = 0
         """Tokens the draft model evaluated (prefix reuse keeps this near one per drafted token)."""
+        self.last_catch_up_seconds = 0.0
+        """Time the last call spent evaluating the input before its first draft (the rest is drafting)."""
+        self._offset = 0  # the draft's context holds input_ids[_offset:] (a window after a long catch-up)
 
     def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
         llm = self.llm
-        n_in = len(input_ids)
-        k = min(self.n_draft, llm.n_ctx() - n_in - 1)
-        if k <= 0 or n_in == 0:
+        self.last_catch_up_seconds = 0.0
+        if len(input_ids) == 0:
             return np.array([], dtype=np.intc)
-        have = llm.input_ids[: llm.n_tokens]
-        m = min(len(have), n_in)
-        differ = np.nonzero(have[:m] != input_ids[:m])[0]
-        lcp = int(differ[0]) if len(differ) else m
-        lcp = min(lcp, n_in - 1)  # re-evaluate at least one token to get fresh logits
+        view, lcp = self._reusable(np.asarray(input_ids))
+        k = min(self.n_draft, llm.n_ctx() - len(view) - 1)
+        if k <= 0:
+            return np.array([], dtype=np.intc)
+        t0 = time.perf_counter()
         llm.n_tokens = lcp  # Llama.eval trims the KV cache from n_tokens on
-        self._eval(input_ids[lcp:])
+        self._eval(view[lcp:])
+        self.last_catch_up_seconds = time.perf_counter() - t0
         out = np.empty(k, dtype=np.intc)
         n_vocab = llm.n_vocab()
         for i in range(k):
@@ -117,6 +133,23 @@ class GGUFDraftModel(LlamaDraftModel):
             if i + 1 < k:
                 self._eval([int(out[i])])
         return out
+
+    def _reusable(self, input_ids: npt.NDArray[np.intc]) -> tuple[npt.NDArray[np.intc], int]:
+        """``(view, lcp)``: the part of the input the draft's context is to hold and how much of it the
+        context holds already (at least one token is re-evaluated, for fresh logits)."""
+        n_in, window = len(input_ids), self.max_catch_up
+        off = self._offset if self._offset < n_in else 0
+        view = input_ids[off:]
+        have = self.llm.input_ids[: self.llm.n_tokens]
+        m = min(len(have), len(view))
+        differ = np.nonzero(have[:m] != view[:m])[0]
+        lcp = int(differ[0]) if len(differ) else m
+        if lcp == 0 or (window is not None and len(view) - lcp > window):
+            # nothing to reuse, or a catch-up longer than the window: restart on the input's last tokens
+            off = 0 if window is None else max(0, n_in - window)
+            view, lcp = input_ids[off:], 0
+        self._offset = off
+        return view, min(lcp, len(view) - 1)
 
     def _eval(self, tokens: Any) -> None:
         self.llm.eval(list(map(int, tokens)))
@@ -165,37 +198,52 @@ class AdaptiveDraftLength:
     ``[k_min, k_max]``).
 
     With ``step_cost`` (a tier's model of a verification's time, :data:`StepCost`): we draft the k in
-    ``{0} U [k_min, k_max]`` with the most tokens per second, ``E[tokens | k] / (step_cost(k + 1) + k *
-    draft_seconds + overhead)``, where ``E[tokens | k] = 1 + a + ... + a**k`` (the accepted prefix and the
-    correction or bonus token). k = 0 is plain (greedy) decoding: chosen when the experts that more tokens per
-    step bring in (more distinct experts per verify pass: more reads at the tier's miss rate) cost more than
-    the accepted drafts save, so speculation on a tier does not run slower than greedy by this model. At
-    k = 0 nothing is verified and acceptance is not observed: after ``probe_every`` steps one step drafts
-    ``k_min`` tokens to measure it again; a probe after which greedy still wins doubles the gap to the next one
-    (up to ``probe_max`` steps; a probe costs more than its own verification: the draft provider catches up on
-    every token since its last call, the whole prompt after a new one); choosing to draft resets the gap.
-    ``draft_seconds`` is the time the draft provider takes per token and ``overhead`` what a step takes beyond
-    the modelled expert time (the non-expert layers, sampling: paid once per step whatever its length, which is
-    what speculation amortises); the tracker measures both (:meth:`observe_draft_time`,
-    :meth:`observe_step_time`; 0 until then).
+    ``{0} U [k_min, k_max]`` with the most tokens per second, ``E[tokens | k] / (step_cost(k + 1) + overhead +
+    k * (draft_seconds + verify_excess))``, where ``E[tokens | k] = 1 + a + ... + a**k`` (the accepted prefix
+    and the correction or bonus token). k = 0 is plain (greedy) decoding: chosen when the experts that more
+    tokens per step bring in (more distinct experts per verify pass: more reads at the tier's miss rate) cost
+    more than the accepted drafts save, so speculation on a tier does not run slower than greedy. The model is
+    corrected by measurement (the tracker reports every step's time): ``overhead`` is what a plain step takes
+    beyond the modelled expert time (the non-expert layers, sampling: paid once per step whatever its length,
+    which is what speculation amortises), ``verify_excess`` what a verification took beyond the model and that
+    overhead, per draft token (the model's union of experts is an estimate; a verify batch that brings in
+    experts the plan did not keep costs more), ``draft_seconds`` the draft provider's time per drafted token
+    (its catch-up on the input excluded: that is a probe's cost). All are moving averages, 0 until measured.
+
+    At k = 0 nothing is verified and acceptance is not observed: after ``probe_gap`` greedy steps one step
+    drafts ``k_min`` tokens to measure it again. A probe costs more than its verification: the draft provider
+    catches up on the tokens since its last call. The measured cost of a probe (its draft call and
+    verification, less the greedy time of the tokens it yielded) sets the next gap, so that probes take at
+    most ``probe_share`` of the greedy decoding time; and a probe after which greedy still wins at least
+    doubles the gap (``probe_every`` to ``probe_max`` steps). Only a probe leads from greedy back to drafting;
+    choosing to draft on from it resets the gap. On a tier the controller starts greedy, so the first probe's
+    cost is measured against greedy steps.
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
                  smoothing: float = 0.1, step_cost: StepCost | None = None, probe_every: int = 16,
-                 probe_max: int = 256) -> None:
+                 probe_max: int = 256, probe_share: float = 0.02) -> None:
         if not 1 <= k_min <= k_init <= k_max:
             raise SpacError(f"draft lengths must satisfy 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
         if not 1 <= probe_every <= probe_max:
             raise SpacError(f"probe gaps must satisfy 1 <= probe_every <= probe_max, got {probe_every}, {probe_max}")
+        if not 0 < probe_share <= 1:
+            raise SpacError(f"probe_share must be in (0, 1], got {probe_share}")
         self.k, self.k_min, self.k_max = k_init, k_min, k_max
         self.p_min, self.smoothing = p_min, smoothing
         self.acceptance = p_min ** (1.0 / k_init)  # neutral start: k_init is exactly the chosen length
         self.step_cost = step_cost
-        self.probe_every, self.probe_max = int(probe_every), int(probe_max)
+        self.probe_every, self.probe_max, self.probe_share = int(probe_every), int(probe_max), float(probe_share)
         self.probe_gap = self.probe_every  # greedy steps before the next probe
-        self._probing = False  # the step drafted now is a probe
+        self._probing = True  # the step drafted now is a probe (the first drafting step is one)
+        self._greedy: bool | None = None  # greedy until a probe finds drafting pays (None: not started)
         self.draft_seconds = 0.0  # per drafted token, measured
-        self.overhead = 0.0  # seconds per step beyond the modelled expert time, measured
+        self.overhead = 0.0  # seconds per plain step beyond the modelled expert time, measured
+        self.verify_excess = 0.0  # seconds per draft token a verification took beyond model + overhead, measured
+        self.greedy_seconds = 0.0  # seconds per plain (one-token) step, measured
+        self.probe_cost = 0.0  # seconds a probe cost beyond greedy decoding of what it yielded, measured
+        self._call_seconds = 0.0  # the draft call of the step being verified (catch-up included)
+        self._verify_seconds = 0.0  # its verification
         self.greedy_steps = 0  # steps at k = 0 since the last probe
         self.probes = 0
 
@@ -206,27 +254,54 @@ class AdaptiveDraftLength:
         if trials:
             weight = 1 - (1 - self.smoothing) ** trials  # one EMA step per token tried
             self.acceptance += weight * (n_accepted / trials - self.acceptance)
+        if self._probing and self.greedy_seconds > 0 and self._verify_seconds > 0:
+            cost = max(0.0, self._call_seconds + self._verify_seconds - (n_accepted + 1) * self.greedy_seconds)
+            self.probe_cost = cost if not self.probe_cost else 0.5 * self.probe_cost + 0.5 * cost
+        self._call_seconds = self._verify_seconds = 0.0
         self.k = self.choose()
+        self._greedy = not self.k
         if self.k:  # drafting pays again: probe soon after the next fall-back to greedy
             self.probe_gap = self.probe_every
         elif self._probing:
-            self.probe_gap = min(2 * self.probe_gap, self.probe_max)
+            self.probe_gap = min(max(2 * self.probe_gap, self._affordable_gap()), self.probe_max)
         self._probing = False
         return self.k
 
-    def observe_draft_time(self, seconds: float, n_tokens: int) -> None:
-        """The draft provider took ``seconds`` for ``n_tokens`` drafts (an EMA per token)."""
+    def _affordable_gap(self) -> int:
+        """Greedy steps whose time pays for one probe at ``probe_share`` of it."""
+        if self.probe_cost <= 0 or self.greedy_seconds <= 0:
+            return 0
+        return math.ceil(self.probe_cost / (self.probe_share * self.greedy_seconds))
+
+    def observe_draft_time(self, seconds: float, n_tokens: int, catch_up_seconds: float = 0.0) -> None:
+        """The draft provider took ``seconds`` for ``n_tokens`` drafts, ``catch_up_seconds`` of it evaluating
+        the input before drafting (an EMA per drafted token of the rest; the whole call counts to a probe)."""
         if n_tokens > 0 and seconds >= 0:
-            per = seconds / n_tokens
+            self._call_seconds = seconds
+            per = max(0.0, seconds - max(0.0, catch_up_seconds)) / n_tokens
             self.draft_seconds = per if not self.draft_seconds else 0.8 * self.draft_seconds + 0.2 * per
 
     def observe_step_time(self, n_tokens: int, seconds: float) -> None:
-        """A decode or verification step of ``n_tokens`` took ``seconds``: what it took beyond the modelled
-        expert time is the per-step overhead (an EMA, never below 0)."""
-        if self.step_cost is None or n_tokens < 1 or seconds < 0:
+        """A decode (one token) or verification step of ``n_tokens`` took ``seconds``. A plain step measures
+        ``overhead`` (beyond the modelled expert time) and ``greedy_seconds``; a verification
+        measures ``verify_excess`` (beyond the model and the overhead, per draft token). EMAs; either may be
+        negative where the model overestimates."""
+        if n_tokens < 1 or seconds < 0:
             return
-        resid = max(0.0, seconds - float(self.step_cost([n_tokens])[0]))
-        self.overhead = resid if not self.overhead else 0.8 * self.overhead + 0.2 * resid
+        if n_tokens == 1:
+            self.greedy_seconds = seconds if not self.greedy_seconds else 0.8 * self.greedy_seconds + 0.2 * seconds
+        else:
+            self._verify_seconds = seconds
+        if self.step_cost is None:
+            return
+        # not clamped at 0: a model that overestimates plain steps must be corrected on that side too, or
+        # greedy would look slower than it is next to measured verifications
+        resid = seconds - float(self.step_cost([n_tokens])[0])
+        if n_tokens == 1:
+            self.overhead = resid if not self.overhead else 0.8 * self.overhead + 0.2 * resid
+        else:
+            excess = (resid - self.overhead) / (n_tokens - 1)
+            self.verify_excess = 0.8 * self.verify_excess + 0.2 * excess
 
     def expected_tokens(self, k: int) -> float:
         """Tokens a verification of k drafts yields on average: ``1 + a + ... + a**k``."""
@@ -242,20 +317,25 @@ class AdaptiveDraftLength:
         costs = list(self.step_cost([k + 1 for k in ks]))
         best, best_rate = 0, -1.0
         for k, c in zip(ks, costs, strict=True):
-            seconds = float(c) + k * self.draft_seconds + self.overhead
-            rate = self.expected_tokens(k) / seconds if seconds > 0 else math.inf
+            seconds = float(c) + self.overhead + k * (self.draft_seconds + self.verify_excess)
+            rate = self.expected_tokens(k) / max(seconds, 1e-9)
             if rate > best_rate * (1 + 1e-9):  # ties: the shorter draft
                 best, best_rate = k, rate
         return best
 
     def next_length(self) -> int:
         """The draft length of the step about to be drafted (the tracker asks before each draft): the
-        current choice, re-made with the tier's current costs, or a probe of ``k_min`` after
-        ``probe_gap`` steps at k = 0."""
+        current choice, re-made with the tier's current costs, or, once at k = 0, 0 until a probe of ``k_min``
+        after ``probe_gap`` greedy steps: only a probe's verification returns to drafting (a change of the
+        tier's costs alone waits for it), since drafting after greedy steps first pays the draft's catch-up.
+        On a tier the controller starts greedy (its first probe after ``probe_every`` steps)."""
+        if self._greedy is None:  # a tier's controller starts greedy: the first probe's cost can be measured
+            self._greedy = self.step_cost is not None
         if self.step_cost is not None:
             self.k = self.choose()
-        if self.k > 0:
-            self.greedy_steps = 0
+            if not self.k:
+                self._greedy = True
+        if self.k > 0 and not self._greedy:
             return self.k
         self.greedy_steps += 1
         if self.greedy_steps >= self.probe_gap:

@@ -109,6 +109,8 @@ class SpeculationTracker(LlamaDraftModel):
         self.n_verifications = 0
         self.n_drafted = 0
         self.n_accepted = 0
+        self.draft_call_seconds = 0.0
+        """Time spent in the draft provider's calls (catching up on the input, and drafting)."""
         self._pending = np.zeros(0, dtype=np.intc)  # the draft handed out, not yet evaluated
         self._open: FrequencyMap | None = None  # evaluated, acceptance not yet known
         self._asked: float | None = None  # when the last draft was handed out (its step's evaluation began)
@@ -136,8 +138,11 @@ class SpeculationTracker(LlamaDraftModel):
             self._set_inner_length(k)
         t0 = time.perf_counter()
         drafts = np.asarray(self.inner(input_ids, **kwargs) if k != 0 else [], dtype=np.intc)
+        if k != 0:
+            self.draft_call_seconds += time.perf_counter() - t0
         if self.adaptive is not None and k:
-            self.adaptive.observe_draft_time(time.perf_counter() - t0, min(len(drafts), k))
+            catch_up = float(getattr(self.inner, "last_catch_up_seconds", 0.0))
+            self.adaptive.observe_draft_time(time.perf_counter() - t0, min(len(drafts), k), catch_up)
             drafts = drafts[:k]
         # a draft id outside the target's vocabulary would make llama_decode fail: never propose one
         bad = np.nonzero((drafts < 0) | (drafts >= self.llm.n_vocab()))[0]
@@ -213,6 +218,7 @@ class SpeculationTracker(LlamaDraftModel):
             "drafted": self.n_drafted,
             "accepted": self.n_accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
+            "draft_call_seconds": round(self.draft_call_seconds, 4),
             "n_draft_now": self.n_draft,
             "provider": type(self.inner).__name__,
         }
