@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,5 +39,15 @@ def test_limit_below_the_safety_floor_is_refused():
 
 
 def test_limit_above_available_locks_nothing():
+    with MemoryLimit(mem_available() + (1 << 30)) as ml:
+        assert ml.locked == 0
+
+
+def test_one_limit_at_a_time():
+    """A second limit while one is in force (another benchmark on the machine) is refused with one line naming
+    the holder; after the first ends, a new one starts."""
+    refused = pytest.raises(SpacError, match=f"another RAM limit is in force on this machine \\(pid {os.getpid()}")
+    with MemoryLimit(mem_available() + (1 << 30)), refused, MemoryLimit(mem_available() + (1 << 30)):
+        pass
     with MemoryLimit(mem_available() + (1 << 30)) as ml:
         assert ml.locked == 0

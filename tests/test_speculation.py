@@ -309,7 +309,7 @@ def test_probe_gap_follows_the_measured_probe_cost():
     cheap.observe_draft_time(0.0, 1)  # prompt lookup: drafting costs nothing
     cheap.observe_step_time(2, 0.052)
     cheap.update(1, 0)
-    assert cheap.probe_gap == 8  # a cheap probe: doubling alone
+    assert cheap.probe_gap == 4  # a cheap probe (prompt lookup): probe_every again, no doubling
     with pytest.raises(SpacError, match="probe_share"):
         AdaptiveDraftLength(probe_share=0)
 

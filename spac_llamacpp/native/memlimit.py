@@ -8,20 +8,29 @@ killed. Every process on the machine sees the same limit, so runs measured one a
 inside one ``MemoryLimit`` are constrained equally.
 
 Safety: the amount locked is ``MemAvailable - limit``; a limit below ``min_limit`` is refused, so
-the machine always keeps that much available for the benchmark and everything else.
+the machine always keeps that much available for the benchmark and everything else. One limit at a
+time per machine (an exclusive ``flock`` on :data:`LOCK_PATH` while the block runs): a second one would
+measure MemAvailable already lowered by the first and lock what the first one's runs need, and both
+benchmarks would then measure thrashing (seen: 0.46 tok/s where 9 is the norm).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.base.sizes import format_size
+
+LOCK_PATH = Path(tempfile.gettempdir()) / "spac-llamacpp-memlimit.lock"
+"""Held (``flock``, exclusive) by the process whose :class:`MemoryLimit` is in force; it holds its pid."""
 
 
 def mem_available() -> int:
@@ -59,8 +68,10 @@ class MemoryLimit:
         self.timeout = timeout
         self.locked = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> MemoryLimit:
+        self._take_lock()
         avail = mem_available()
         self.locked = avail - self.limit
         if self.locked <= 0:
@@ -77,7 +88,31 @@ class MemoryLimit:
                             f"{err or 'helper exited'}")
         return self
 
+    def _take_lock(self) -> None:
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpacError(f"another RAM limit is in force on this machine (pid {holder}, lock {LOCK_PATH}): "
+                            "benchmarks under a RAM limit must run one at a time; wait for it to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
     def _stop(self) -> None:
+        try:
+            self._stop_helper()
+        finally:
+            self._release_lock()
+
+    def _stop_helper(self) -> None:
         if self._proc is None:
             return
         try:

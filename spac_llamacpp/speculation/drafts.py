@@ -213,11 +213,11 @@ class AdaptiveDraftLength:
     At k = 0 nothing is verified and acceptance is not observed: after ``probe_gap`` greedy steps one step
     drafts ``k_min`` tokens to measure it again. A probe costs more than its verification: the draft provider
     catches up on the tokens since its last call. The measured cost of a probe (its draft call and
-    verification, less the greedy time of the tokens it yielded) sets the next gap, so that probes take at
-    most ``probe_share`` of the greedy decoding time; and a probe after which greedy still wins at least
-    doubles the gap (``probe_every`` to ``probe_max`` steps). Only a probe leads from greedy back to drafting;
-    choosing to draft on from it resets the gap. On a tier the controller starts greedy, so the first probe's
-    cost is measured against greedy steps.
+    verification, less the greedy time of the tokens it yielded) sets the next gap after a probe that leaves
+    greedy ahead, so that probes take at most ``probe_share`` of the greedy decoding time (``probe_every`` to
+    ``probe_max`` steps; until a probe's cost is measured, the gap doubles). Only a probe leads from greedy back
+    to drafting; choosing to draft on from it resets the gap. On a tier the controller starts greedy, so the
+    first probe's cost is measured against greedy steps.
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 1, k_max: int = 8, p_min: float = 0.35,
@@ -242,6 +242,7 @@ class AdaptiveDraftLength:
         self.verify_excess = 0.0  # seconds per draft token a verification took beyond model + overhead, measured
         self.greedy_seconds = 0.0  # seconds per plain (one-token) step, measured
         self.probe_cost = 0.0  # seconds a probe cost beyond greedy decoding of what it yielded, measured
+        self._probe_measured = False
         self._call_seconds = 0.0  # the draft call of the step being verified (catch-up included)
         self._verify_seconds = 0.0  # its verification
         self.greedy_steps = 0  # steps at k = 0 since the last probe
@@ -256,14 +257,16 @@ class AdaptiveDraftLength:
             self.acceptance += weight * (n_accepted / trials - self.acceptance)
         if self._probing and self.greedy_seconds > 0 and self._verify_seconds > 0:
             cost = max(0.0, self._call_seconds + self._verify_seconds - (n_accepted + 1) * self.greedy_seconds)
-            self.probe_cost = cost if not self.probe_cost else 0.5 * self.probe_cost + 0.5 * cost
+            self.probe_cost = cost if not self._probe_measured else 0.5 * self.probe_cost + 0.5 * cost
+            self._probe_measured = True
         self._call_seconds = self._verify_seconds = 0.0
         self.k = self.choose()
         self._greedy = not self.k
         if self.k:  # drafting pays again: probe soon after the next fall-back to greedy
             self.probe_gap = self.probe_every
-        elif self._probing:
-            self.probe_gap = min(max(2 * self.probe_gap, self._affordable_gap()), self.probe_max)
+        elif self._probing:  # greedy still wins: the next probe when its measured cost is affordable
+            gap = max(self._affordable_gap(), self.probe_every) if self._probe_measured else 2 * self.probe_gap
+            self.probe_gap = min(gap, self.probe_max)
         self._probing = False
         return self.k
 
