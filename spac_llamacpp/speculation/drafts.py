@@ -182,6 +182,11 @@ class PromptLookupDraft(LlamaDraftModel):
         return np.array([], dtype=np.intc)
 
 
+def _ema(old: float, new: float) -> float:
+    """The controller's moving average of a measured time: the first measurement (old still 0) as it is."""
+    return new if not old else 0.8 * old + 0.2 * new
+
+
 StepCost = Callable[[Sequence[int]], Sequence[float]]
 """Modelled seconds of one target evaluation of each given number of tokens (``k + 1`` for k drafts), at the
 tier's current residency and miss rate (``PlacementPlanner.step_seconds``)."""
@@ -282,7 +287,7 @@ class AdaptiveDraftLength:
         if n_tokens > 0 and seconds >= 0:
             self._call_seconds = seconds
             per = max(0.0, seconds - max(0.0, catch_up_seconds)) / n_tokens
-            self.draft_seconds = per if not self.draft_seconds else 0.8 * self.draft_seconds + 0.2 * per
+            self.draft_seconds = _ema(self.draft_seconds, per)
 
     def observe_step_time(self, n_tokens: int, seconds: float) -> None:
         """A decode (one token) or verification step of ``n_tokens`` took ``seconds``. A plain step measures
@@ -292,7 +297,7 @@ class AdaptiveDraftLength:
         if n_tokens < 1 or seconds < 0:
             return
         if n_tokens == 1:
-            self.greedy_seconds = seconds if not self.greedy_seconds else 0.8 * self.greedy_seconds + 0.2 * seconds
+            self.greedy_seconds = _ema(self.greedy_seconds, seconds)
         else:
             self._verify_seconds = seconds
         if self.step_cost is None:
@@ -301,7 +306,7 @@ class AdaptiveDraftLength:
         # greedy would look slower than it is next to measured verifications
         resid = seconds - float(self.step_cost([n_tokens])[0])
         if n_tokens == 1:
-            self.overhead = resid if not self.overhead else 0.8 * self.overhead + 0.2 * resid
+            self.overhead = _ema(self.overhead, resid)
         else:
             excess = (resid - self.overhead) / (n_tokens - 1)
             self.verify_excess = 0.8 * self.verify_excess + 0.2 * excess

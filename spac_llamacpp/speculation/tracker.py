@@ -139,11 +139,12 @@ class SpeculationTracker(LlamaDraftModel):
         t0 = time.perf_counter()
         drafts = np.asarray(self.inner(input_ids, **kwargs) if k != 0 else [], dtype=np.intc)
         if k != 0:
-            self.draft_call_seconds += time.perf_counter() - t0
-        if self.adaptive is not None and k:
-            catch_up = float(getattr(self.inner, "last_catch_up_seconds", 0.0))
-            self.adaptive.observe_draft_time(time.perf_counter() - t0, min(len(drafts), k), catch_up)
-            drafts = drafts[:k]
+            call = time.perf_counter() - t0
+            self.draft_call_seconds += call
+            if self.adaptive is not None:
+                catch_up = float(getattr(self.inner, "last_catch_up_seconds", 0.0))
+                self.adaptive.observe_draft_time(call, min(len(drafts), k), catch_up)
+                drafts = drafts[:k]
         # a draft id outside the target's vocabulary would make llama_decode fail: never propose one
         bad = np.nonzero((drafts < 0) | (drafts >= self.llm.n_vocab()))[0]
         if len(bad):
