@@ -39,6 +39,8 @@ typedef struct {
     uint64_t seq;
 } move_t;
 
+#define SLOT_READ_OP 64 /* a demand read queue entry of slot mode: op = SLOT_READ_OP + tensor index */
+
 typedef struct {
     uint64_t lo, hi; /* file offsets, page-aligned */
 } range_t;
@@ -158,7 +160,34 @@ struct spac_engine {
     float *scratch_h;   /* [n_embd] */
     float *scratch_s;   /* [n_expert] */
     int32_t scratch_embd;
+
+    /* slots (SPAC_FLASH_READ_SLOTS, spac_engine_set_slots): experts in a host pool's slots, guarded by mu */
+    int32_t n_groups, max_slots;
+    int32_t *group_of;    /* [n_layer] the pool group of the layer's experts, -1: none */
+    uint8_t **sbase;      /* [n_layer][max_t] slot 0 of the layer's i-th tensor in the pool */
+    uint64_t *sstride;    /* [n_layer][max_t] bytes from one slot to the next */
+    int32_t *slot;        /* [n_layer][n_expert] the expert's slot, -1: none */
+    uint8_t *sready;      /* [n_layer][n_expert] the slot holds the expert's bytes (atomic; land_mu for waits) */
+    int16_t *sleft;       /* [n_layer][n_expert] tensor reads of a demand load still outstanding */
+    int32_t *gslots;      /* [n_groups] slots */
+    int32_t *gnfree;      /* [n_groups] free slots */
+    int32_t **gfree;      /* [n_groups][gslots] stack of free slots */
+    int64_t **gowner;     /* [n_groups][gslots] expert index of the slot's holder, -1: free */
+    const void **pool_ids;   /* [n_layer] data of the layer's remapped pool ids (spac_engine_on_map) */
+    int32_t *slot_order;  /* [n_layer][max_slots] order the pool's MUL_MAT_ID takes the slots in */
+    pthread_t *readers;   /* demand readers beyond the completer */
+    int32_t n_readers, readers_started;
+    uint64_t bounce_bytes; /* an O_DIRECT bounce buffer: the largest page-aligned cover of a tensor slice */
+    uint8_t *slot_mark;    /* [max_slots] scratch of spac_engine_on_map */
 };
+
+static inline int slots_on(const spac_engine *e) {
+    return __atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_SLOTS;
+}
+
+static void slot_release_locked(spac_engine *e, int32_t layer, int64_t j);
+static uint64_t expert_bytes(const spac_engine *e, int32_t layer);
+static void requeue_deferred_locked(spac_engine *e);
 
 static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
     return (int64_t)layer * e->n_expert + expert;
@@ -196,7 +225,7 @@ static inline void keep_first(int *errs, int kind, int err) {
 
 const char *spac_engine_error_name(int32_t kind) {
     static const char *const names[SPAC_ERR_KINDS] = {"prefetch", "demand", "evict", "fadvise", "pin",
-                                                       "unpin", "setup", "mincore", "defer", "nomem", "overlay"};
+                                                       "unpin", "setup", "mincore", "defer", "nomem", "overlay", "slot"};
     return kind >= 0 && kind < SPAC_ERR_KINDS ? names[kind] : "";
 }
 
@@ -367,6 +396,22 @@ static int pop_locked(spac_engine *e, int evictions_only, move_t *out) {
 }
 
 static int32_t submit_locked(spac_engine *e, int32_t op, int32_t layer, int32_t expert) {
+    const int64_t jx = idx(e, layer, expert);
+    if (op == SPAC_OP_EVICT && slots_on(e) && e->slot[jx] >= 0 && !e->in_use[jx] && !e->loading[jx] &&
+        !e->demanding[jx]) {
+        /* an idle expert's slot is freed at once (no system call): a miss of this very layer may need it */
+        e->seq++;
+        e->latest[jx] = e->seq; /* queued moves of it are stale */
+        e->pending[jx] = 0;
+        slot_release_locked(e, layer, jx);
+        e->pinned[jx] = 0;
+        e->transient[jx] = 0;
+        e->flag_touched[jx] = 1;
+        e->st.evictions++;
+        e->st.evict_bytes += (int64_t)expert_bytes(e, layer);
+        requeue_deferred_locked(e); /* a prefetch that waited for a free slot */
+        return 0;
+    }
     move_t m = {op, layer, expert, e->seq + 1};
     int32_t rc = push_locked(e, m);
     if (rc == 0) {
@@ -743,6 +788,176 @@ static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off) {
         off += (uint64_t)got;
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * slots (SPAC_FLASH_READ_SLOTS; see spac_engine_set_slots in the header). Callers of *_locked hold mu. */
+
+static __thread uint8_t *tls_bounce; /* the calling thread's O_DIRECT bounce buffer (page-aligned) */
+static __thread uint64_t tls_bounce_cap;
+
+static uint8_t *bounce_for(const spac_engine *e) {
+    if (tls_bounce_cap < e->bounce_bytes) {
+        free(tls_bounce);
+        tls_bounce = NULL;
+        tls_bounce_cap = 0;
+        void *p = NULL;
+        if (posix_memalign(&p, (size_t)e->page, (size_t)e->bounce_bytes) != 0) {
+            return NULL;
+        }
+        tls_bounce = (uint8_t *)p;
+        tls_bounce_cap = e->bounce_bytes;
+    }
+    return tls_bounce;
+}
+
+static void bounce_release(void) {
+    free(tls_bounce);
+    tls_bounce = NULL;
+    tls_bounce_cap = 0;
+}
+
+/* Bytes of the expert's data in all its tensors (what its slot holds). */
+static uint64_t expert_bytes(const spac_engine *e, int32_t layer) {
+    uint64_t b = 0;
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        b += e->tensors[(int64_t)layer * e->max_t + i].bpe;
+    }
+    return b;
+}
+
+static int32_t slot_take_locked(spac_engine *e, int32_t layer, int64_t j) {
+    const int32_t g = e->group_of[layer];
+    if (g < 0 || e->gnfree[g] == 0) {
+        return -1;
+    }
+    const int32_t s = e->gfree[g][--e->gnfree[g]];
+    e->slot[j] = s;
+    e->gowner[g][s] = j;
+    __atomic_store_n(&e->sready[j], 0, __ATOMIC_RELEASE);
+    e->st.slots_held++;
+    return s;
+}
+
+static void slot_release_locked(spac_engine *e, int32_t layer, int64_t j) {
+    const int32_t s = e->slot[j], g = e->group_of[layer];
+    if (s < 0 || g < 0) {
+        return;
+    }
+    __atomic_store_n(&e->sready[j], 0, __ATOMIC_RELEASE);
+    e->slot[j] = -1;
+    e->gowner[g][s] = -1;
+    e->gfree[g][e->gnfree[g]++] = s;
+    e->st.slots_held--;
+}
+
+/* The slot holds the expert's bytes now: wake the matmul or hook waiting for it. */
+static void slot_landed(spac_engine *e, int64_t j) {
+    pthread_mutex_lock(&e->land_mu);
+    __atomic_store_n(&e->sready[j], 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&e->cv_landed);
+    pthread_mutex_unlock(&e->land_mu);
+}
+
+/* O_DIRECT read of [lo, lo + len) (page-aligned) into buf; at least `need` bytes must come (the file may end
+ * within the last page). Returns 0 or an errno. */
+static int pread_direct(int fd, uint8_t *buf, uint64_t len, uint64_t off, uint64_t need) {
+    uint64_t got = 0;
+    while (got < need) {
+        ssize_t n = pread(fd, buf + got, len - got, (off_t)(off + got));
+        if (n <= 0) {
+            return n == 0 ? EIO : errno;
+        }
+        got += (uint64_t)n;
+        if (got < need && got % 512 != 0) {
+            return EIO; /* a short read before the end: the rest would be unaligned */
+        }
+    }
+    return 0;
+}
+
+/* Read tensor i of (layer, expert) into slot s (which nobody computes from until it is marked ready). Returns
+ * the bytes read; on failure the slot gets the bytes from the mapping (page cache) or, when even that cannot be
+ * read (the file changed: the guard answers with zero pages), zeros. */
+static uint64_t slot_read_tensor(spac_engine *e, int32_t layer, int32_t expert, int32_t i, int32_t s, int *errs,
+                                 int64_t *fallbacks) {
+    const int64_t ti = (int64_t)layer * e->max_t + i;
+    const tensor_t *t = &e->tensors[ti];
+    const uint64_t off = t->off + (uint64_t)expert * t->bpe, n = t->bpe;
+    uint8_t *dst = e->sbase[ti] + (uint64_t)s * e->sstride[ti];
+    int rc = EBADF;
+    uint8_t *bounce = e->dfd >= 0 ? bounce_for(e) : NULL;
+    if (bounce != NULL) {
+        const uint64_t lo = floor_pg(e, off), hi = ceil_pg(e, off + n);
+        rc = pread_direct(e->dfd, bounce, hi - lo, lo, off + n - lo);
+        if (rc == 0) {
+            memcpy(dst, bounce + (off - lo), (size_t)n);
+            return n;
+        }
+        keep_first(errs, SPAC_ERR_SLOT, rc);
+    } else if (e->dfd >= 0) {
+        keep_first(errs, SPAC_ERR_NOMEM, ENOMEM);
+    }
+    /* a buffered read (no O_DIRECT here), then its pages out of the page cache again */
+    (*fallbacks)++;
+    if (e->fd >= 0 && !faulted(e) && pread_full(e->fd, dst, n, off) == 0) {
+        posix_fadvise(e->fd, (off_t)floor_pg(e, off), (off_t)(ceil_pg(e, off + n) - floor_pg(e, off)),
+                      POSIX_FADV_DONTNEED);
+        return n;
+    }
+    keep_first(errs, SPAC_ERR_DEMAND, EIO);
+    on_read_fault(e);
+    memset(dst, 0, (size_t)n);
+    return 0;
+}
+
+/* A prefetch in slot mode (a worker, holding mu on entry and exit): into a free slot; deferred while the expert
+ * is in use (a layer computes it from where the hook found it) or no slot is free. */
+static void slot_prefetch_locked(spac_engine *e, move_t m, int64_t j) {
+    if (e->slot[j] >= 0) { /* already held (or being read) */
+        if (e->latest[j] == m.seq) {
+            e->pending[j] = 0;
+        }
+        signal_idle_locked(e);
+        return;
+    }
+    if (e->in_use[j] || slot_take_locked(e, m.layer, j) < 0) {
+        if (e->n_deferred < e->cap_deferred) {
+            e->deferred[e->n_deferred++] = m;
+            e->st.deferred++;
+        } else {
+            note_error_locked(e, SPAC_ERR_DEFER, ENOSPC);
+            e->pending[j] = 0;
+        }
+        signal_idle_locked(e);
+        return;
+    }
+    const int32_t s = e->slot[j];
+    e->loading[j] = 1;
+    e->running++;
+    pthread_mutex_unlock(&e->mu);
+    int errs[SPAC_ERR_KINDS] = {0};
+    int64_t bytes = 0, fallbacks = 0;
+    for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
+        bytes += (int64_t)slot_read_tensor(e, m.layer, m.expert, i, s, errs, &fallbacks);
+    }
+    slot_landed(e, j);
+    pthread_mutex_lock(&e->mu);
+    e->loading[j] = 0;
+    e->running--;
+    if (e->latest[j] == m.seq) {
+        e->pending[j] = 0;
+    }
+    e->flag_touched[j] = 1;
+    e->st.prefetches++;
+    e->st.prefetch_bytes += bytes;
+    e->st.slot_reads += e->n_tensors[m.layer];
+    e->st.slot_read_bytes += bytes;
+    e->st.slot_fallbacks += fallbacks;
+    requeue_deferred_locked(e); /* an eviction that waited for this prefetch */
+    pthread_cond_broadcast(&e->cv_evicted);
+    note_errors_locked(e, errs);
+    signal_idle_locked(e);
 }
 
 static inline uint8_t *ovl_flag(spac_engine *e, int32_t layer, int32_t expert, int32_t i) {
@@ -1139,6 +1354,10 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
         signal_idle_locked(e);
         return;
     }
+    if (m.op == SPAC_OP_PREFETCH && slots_on(e)) {
+        slot_prefetch_locked(e, m, j);
+        return;
+    }
     /* protocol, rule 1: an in-use expert is not evicted; the move waits for its release. Nor is one whose
      * prefetch or demand read is running: its POPULATE_READ would read the pages back after the eviction. */
     if (m.op == SPAC_OP_EVICT && (e->in_use[j] || e->loading[j] || e->demanding[j])) {
@@ -1150,6 +1369,28 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
             note_error_locked(e, SPAC_ERR_DEFER, ENOSPC);
             e->pending[j] = 0;
         }
+        signal_idle_locked(e);
+        return;
+    }
+    if (slots_on(e) && (m.op == SPAC_OP_PIN || m.op == SPAC_OP_UNPIN || (m.op == SPAC_OP_EVICT && e->slot[j] >= 0))) {
+        /* a slot is freed, not dropped from the page cache: no system call; pins are moot (the pool is locked) */
+        if (m.op == SPAC_OP_EVICT) {
+            slot_release_locked(e, m.layer, j);
+            e->pinned[j] = 0;
+            e->transient[j] = 0;
+            e->flag_touched[j] = 1;
+            e->st.evictions++;
+            e->st.evict_bytes += (int64_t)expert_bytes(e, m.layer);
+            requeue_deferred_locked(e); /* a prefetch that waited for a free slot */
+        } else {
+            e->pinned[j] = m.op == SPAC_OP_PIN;
+            e->st.pins += m.op == SPAC_OP_PIN;
+            e->st.unpins += m.op == SPAC_OP_UNPIN;
+        }
+        if (e->latest[j] == m.seq) {
+            e->pending[j] = 0;
+        }
+        pthread_cond_broadcast(&e->cv_evicted);
         signal_idle_locked(e);
         return;
     }
@@ -1264,6 +1505,7 @@ static void *worker(void *arg) {
     }
     pthread_mutex_unlock(&e->mu);
     free(ranges);
+    bounce_release();
     return NULL;
 }
 
@@ -1302,9 +1544,37 @@ static void *completer(void *arg) {
         e->dq_head = (e->dq_head + 1) % e->dq_cap;
         e->dq_count--;
         e->d_running++;
+        const int64_t j = idx(e, m.layer, m.expert);
+        if (m.op >= SLOT_READ_OP) { /* one tensor of a demand load into its slot (fixed while demanding) */
+            const int32_t s = e->slot[j];
+            pthread_mutex_unlock(&e->mu);
+            int errs[SPAC_ERR_KINDS] = {0};
+            int64_t fallbacks = 0;
+            const uint64_t bytes = s >= 0 ? slot_read_tensor(e, m.layer, m.expert, m.op - SLOT_READ_OP, s, errs,
+                                                             &fallbacks) : 0;
+            const int64_t t = now_ns();
+            pthread_mutex_lock(&e->mu);
+            e->d_running--;
+            e->st.slot_reads++;
+            e->st.slot_read_bytes += (int64_t)bytes;
+            e->st.slot_fallbacks += fallbacks;
+            if (--e->sleft[j] <= 0) {
+                e->sleft[j] = 0;
+                e->demanding[j]--;
+                e->flag_touched[j] = 1;
+                slot_landed(e, j);
+            }
+            if (--e->batch_left[m.layer] == 0) {
+                e->st.demand_read_ns += t - e->batch_t0[m.layer];
+            }
+            note_errors_locked(e, errs);
+            requeue_deferred_locked(e);
+            pthread_cond_broadcast(&e->cv_evicted);
+            signal_idle_locked(e);
+            continue;
+        }
         pthread_mutex_unlock(&e->mu);
         int errs[SPAC_ERR_KINDS] = {0};
-        const int64_t j = idx(e, m.layer, m.expert);
         if (faulted(e)) {
             /* a changed file: no reads (a matmul waiting for the expert faults on the guard's zero pages) */
         } else if (__atomic_load_n(&e->arriving[j], __ATOMIC_ACQUIRE)) { /* an overlay read the matmul waits for */
@@ -1327,6 +1597,7 @@ static void *completer(void *arg) {
         signal_idle_locked(e);
     }
     pthread_mutex_unlock(&e->mu);
+    bounce_release();
     return NULL;
 }
 
@@ -1384,6 +1655,10 @@ int32_t spac_engine_start(spac_engine *e) {
         rc = pthread_create(&e->completer, NULL, completer, e);
         e->completer_started = rc == 0;
     }
+    for (int32_t i = 0; i < e->n_readers && rc == 0; i++) { /* slot mode: more demand reads in flight */
+        rc = pthread_create(&e->readers[i], NULL, completer, e);
+        e->readers_started += rc == 0;
+    }
     pthread_mutex_unlock(&e->mu);
     if (rc != 0) {
         spac_engine_stop(e);
@@ -1422,7 +1697,9 @@ static void finish_layer_locked(spac_engine *e, int32_t layer) {
         e->in_use[j] = 0;
         if (e->transient[j]) {
             e->transient[j] = 0;
-            if (!e->wanted[j] && !e->stopping && submit_locked(e, SPAC_OP_EVICT, layer, x) == 0) {
+            /* slot mode: a miss read through the page cache (no free slot) leaves it even when planned */
+            const int spilled = slots_on(e) && e->slot[j] < 0;
+            if ((!e->wanted[j] || spilled) && !e->stopping && submit_locked(e, SPAC_OP_EVICT, layer, x) == 0) {
                 e->st.transient_evictions++;
             }
         }
@@ -1620,6 +1897,155 @@ static int admit_locked(spac_engine *e, int32_t layer, int32_t x) {
     e->st.admitted++;
     return 1;
 }
+/* What becomes of a layer's misses (caller holds mu): prompt keep's and layer admission's swaps (the displaced
+ * experts' evictions are queued, or in slot mode done at once when idle), then each miss the plan does not hold
+ * is staged (kept to the step's end within the staging cap) or transient (evicted once its layer has finished). */
+static void decide_misses_locked(spac_engine *e, int32_t layer, const int32_t *sel, int32_t n_sel,
+                                 const int32_t *misses, int32_t n_miss) {
+    if (e->prompt_keep && e->counts != NULL) {
+        prompt_swap_locked(e, layer);
+    }
+    if (e->admit && e->am_on && !e->prompt_keep && n_miss > 0) {
+        predict_ranks_locked(e, layer, sel, n_sel);
+    }
+    for (int32_t m = 0; m < n_miss; m++) {
+        int64_t j = idx(e, layer, misses[m]);
+        e->flag_touched[j] = 1;
+        if (e->wanted[j] || e->staged[j]) {
+            continue;
+        }
+        if (e->admit && !e->prompt_keep && admit_locked(e, layer, misses[m])) {
+            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
+            continue;
+        }
+        /* kept until the step ends while the staging cap allows (the step-end plan decides; no second
+         * read when it wants the expert), else evicted once this layer has finished */
+        uint64_t b = cover_bytes(e, layer, misses[m]);
+        if (e->staged_bytes + b <= e->stage_cap) {
+            e->staged[j] = 1;
+            e->staged_bytes += b;
+            e->st.staged++;
+            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
+        } else {
+            e->transient[j] = 1;
+        }
+    }
+}
+
+/* The layer hook in slot mode, after the in-use marks (see spac_engine_on_layer): hits are experts whose slot holds
+ * them; misses get a slot, after layer admission or prompt keep freed their victims' (one for one), and their
+ * tensors are read by the demand readers, several in flight; with no slot free a miss is read through the page
+ * cache here and dropped after its layer. In SPAC_DEMAND_ASYNC the pool's MUL_MAT_ID waits for each slot still
+ * being read (spac_engine_mmid_wait); else this hook waits for them all. */
+static void on_layer_slots(spac_engine *e, int32_t layer, const int32_t *sel, int32_t n_sel, int file_ok) {
+    int32_t misses[SPAC_MAX_EXPERTS] = {0}, spill[SPAC_MAX_EXPERTS], sync_reads[SPAC_MAX_EXPERTS];
+    int32_t n_miss = 0, n_spill = 0, n_sync = 0, n_arriving = 0;
+    int64_t hits = 0;
+    int errs[SPAC_ERR_KINDS] = {0};
+    const int64_t t0 = now_ns();
+    const int32_t nt = e->n_tensors[layer];
+    pthread_mutex_lock(&e->mu);
+    if (e->cur_layer >= 0 && e->cur_layer != layer) {
+        finish_layer_locked(e, e->cur_layer); /* frees the previous layer's transient slots first */
+    }
+    e->cur_layer = layer;
+    for (int32_t m = 0; m < n_sel; m++) {
+        const int64_t j = idx(e, layer, sel[m]);
+        if (e->slot[j] < 0) {
+            misses[n_miss++] = sel[m];
+        } else if (__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE)) {
+            hits++;
+        } else {
+            n_arriving++; /* a prefetch or an earlier ubatch's read is landing it */
+        }
+    }
+    decide_misses_locked(e, layer, sel, n_sel, misses, n_miss);
+    const int queued = e->completer_started && !e->stopping && e->dq_count + n_miss * nt <= e->dq_cap;
+    int32_t items = 0;
+    for (int32_t m = 0; m < n_miss; m++) {
+        const int64_t j = idx(e, layer, misses[m]);
+        e->flag_touched[j] = 1;
+        if (!file_ok || slot_take_locked(e, layer, j) < 0) {
+            spill[n_spill++] = misses[m];
+            e->transient[j] = 1; /* its pages go after the layer, planned or not (finish_layer_locked) */
+            if (e->staged[j]) {  /* nothing is kept to the step's end */
+                e->staged[j] = 0;
+                e->staged_bytes -= cover_bytes(e, layer, misses[m]);
+            }
+            continue;
+        }
+        e->demanding[j]++;
+        if (!queued) {
+            sync_reads[n_sync++] = misses[m];
+            continue;
+        }
+        e->sleft[j] = (int16_t)nt;
+        for (int32_t i = 0; i < nt; i++) { /* tensor by tensor: the gate and up matmuls come before the down one */
+            e->dq[(e->dq_head + e->dq_count) % e->dq_cap] = (move_t){SLOT_READ_OP + i, layer, misses[m], 0};
+            e->dq_count++;
+            items++;
+        }
+    }
+    if (items > 0) {
+        if (e->batch_left[layer] == 0) {
+            e->batch_t0[layer] = t0;
+        }
+        e->batch_left[layer] += items;
+        e->st.demand_async++;
+        pthread_cond_broadcast(&e->cv_demand);
+    }
+    e->st.demand_hits += hits;
+    e->st.demand_misses += n_miss + n_arriving;
+    e->st.slot_spills += n_spill;
+    const int async = e->demand_mode == SPAC_DEMAND_ASYNC && __atomic_load_n(&e->mmid_hooked, __ATOMIC_ACQUIRE);
+    pthread_mutex_unlock(&e->mu);
+
+    for (int32_t q = 0; q < n_sync; q++) { /* no room in the readers' queue (or no readers): read here */
+        const int64_t j = idx(e, layer, sync_reads[q]);
+        int64_t fallbacks = 0, bytes = 0;
+        for (int32_t i = 0; i < nt; i++) {
+            bytes += (int64_t)slot_read_tensor(e, layer, sync_reads[q], i, e->slot[j], errs, &fallbacks);
+        }
+        pthread_mutex_lock(&e->mu);
+        e->demanding[j]--;
+        e->st.slot_reads += nt;
+        e->st.slot_read_bytes += bytes;
+        e->st.slot_fallbacks += fallbacks;
+        slot_landed(e, j);
+        requeue_deferred_locked(e);
+        pthread_mutex_unlock(&e->mu);
+    }
+    if (n_spill > 0 && file_ok) { /* the page cache's demand load: all readahead first, then the waits */
+        for (int32_t q = 0; q < n_spill; q++) {
+            advise_expert(e, layer, spill[q], MADV_WILLNEED, errs);
+        }
+        for (int32_t q = 0; q < n_spill; q++) {
+            advise_expert(e, layer, spill[q], MADV_POPULATE_READ, errs);
+        }
+    }
+    if (!async && n_miss + n_arriving > 0) { /* the matmul cannot wait per slot: every selected slot lands first */
+        pthread_mutex_lock(&e->land_mu);
+        for (int32_t m = 0; m < n_sel; m++) {
+            const int64_t j = idx(e, layer, sel[m]);
+            while (!__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE) && __atomic_load_n(&e->slot[j], __ATOMIC_ACQUIRE) >= 0 &&
+                   !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE)) {
+                struct timespec now;
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                const struct timespec dl = deadline_after(now, 100);
+                pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl);
+            }
+        }
+        pthread_mutex_unlock(&e->land_mu);
+    }
+    const int64_t t1 = now_ns();
+    pthread_mutex_lock(&e->mu);
+    e->st.demand_wait_ns += t1 - t0;
+    if (!async && n_miss + n_arriving > 0) {
+        e->st.demand_read_ns += t1 - t0;
+    }
+    note_errors_locked(e, errs);
+    pthread_mutex_unlock(&e->mu);
+}
 
 void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     spac_engine *e = (spac_engine *)engine;
@@ -1657,6 +2083,10 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
     /* the file guard: a file shrunk since the last look gets its tail fenced now, before this layer's
      * matmuls read it (one fstat) */
     const int file_ok = e->guard_slot < 0 || check_file_now(e) == SPAC_FILE_OK;
+    if (slots_on(e)) {
+        on_layer_slots(e, layer, sel, n_sel, file_ok);
+        return;
+    }
 
     /* rule 3: nothing can drop these experts' pages now; what is not resident is a miss */
     int errs[SPAC_ERR_KINDS] = {0};
@@ -1769,34 +2199,7 @@ void spac_engine_on_layer(void *engine, int32_t layer, const uint8_t *mask) {
         int64_t j = idx(e, layer, sel[m]);
         e->st.evict_in_use += !e->in_use[j] || e->evicting[j] != 0;
     }
-    if (e->prompt_keep && e->counts != NULL) {
-        prompt_swap_locked(e, layer);
-    }
-    if (e->admit && e->am_on && !e->prompt_keep && n_miss > 0) {
-        predict_ranks_locked(e, layer, sel, n_sel);
-    }
-    for (int32_t m = 0; m < n_miss; m++) {
-        int64_t j = idx(e, layer, misses[m]);
-        e->flag_touched[j] = 1;
-        if (e->wanted[j] || e->staged[j]) {
-            continue;
-        }
-        if (e->admit && !e->prompt_keep && admit_locked(e, layer, misses[m])) {
-            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
-            continue;
-        }
-        /* kept until the step ends while the staging cap allows (the step-end plan decides; no second
-         * read when it wants the expert), else evicted once this layer has finished */
-        uint64_t b = cover_bytes(e, layer, misses[m]);
-        if (e->staged_bytes + b <= e->stage_cap) {
-            e->staged[j] = 1;
-            e->staged_bytes += b;
-            e->st.staged++;
-            supersede_locked(e, layer, misses[m]); /* a queued eviction (the plan dropped it) is stale now */
-        } else {
-            e->transient[j] = 1;
-        }
-    }
+    decide_misses_locked(e, layer, sel, n_sel, misses, n_miss);
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -2027,6 +2430,19 @@ static int64_t measure_layers(spac_engine *e, int32_t l0, int32_t l1, float *fra
                 }
             }
         }
+        if (total >= 0 && slots_on(e) && e->group_of[l] >= 0) { /* slot mode: what the slots hold, too */
+            const int64_t xb = (int64_t)expert_bytes(e, l);
+            pthread_mutex_lock(&e->mu);
+            for (int32_t x = 0; x < e->n_expert; x++) {
+                if (e->slot[idx(e, l, x)] >= 0) {
+                    total += xb;
+                    if (per != NULL) {
+                        per[x] += xb;
+                    }
+                }
+            }
+            pthread_mutex_unlock(&e->mu);
+        }
         if (resident != NULL && total >= 0) {
             resident[l] = total - before;
         }
@@ -2089,6 +2505,11 @@ int64_t spac_engine_residency_experts(spac_engine *e, int32_t n, const int32_t *
                     bytes += b > a ? (int64_t)(b - a) : 0;
                 }
             }
+        }
+        if (total >= 0 && slots_on(e) && e->group_of[l] >= 0) {
+            pthread_mutex_lock(&e->mu);
+            bytes += e->slot[idx(e, l, x)] >= 0 ? (int64_t)expert_bytes(e, l) : 0;
+            pthread_mutex_unlock(&e->mu);
         }
         if (total >= 0) {
             out[i] = bytes;
@@ -2353,9 +2774,10 @@ void spac_engine_stop(spac_engine *e) {
     pthread_cond_broadcast(&e->cv_work);
     pthread_cond_broadcast(&e->cv_idle);
     pthread_cond_broadcast(&e->cv_demand);
-    int32_t n = e->n_started, c = e->completer_started;
+    int32_t n = e->n_started, c = e->completer_started, r = e->readers_started;
     e->n_started = 0;
     e->completer_started = 0;
+    e->readers_started = 0;
     pthread_mutex_unlock(&e->mu);
     for (int32_t i = 0; i < n; i++) {
         pthread_join(e->threads[i], NULL);
@@ -2363,6 +2785,12 @@ void spac_engine_stop(spac_engine *e) {
     if (c) {
         pthread_join(e->completer, NULL);
     }
+    for (int32_t i = 0; i < r; i++) {
+        pthread_join(e->readers[i], NULL);
+    }
+    pthread_mutex_lock(&e->land_mu); /* slot waits end on stopping */
+    pthread_cond_broadcast(&e->cv_landed);
+    pthread_mutex_unlock(&e->land_mu);
     /* misses the completer will not read now: nobody may wait for them */
     for (int64_t j = 0; j < (int64_t)e->n_layer * e->n_expert; j++) {
         land(e, j);
@@ -2405,6 +2833,30 @@ void spac_engine_free(spac_engine *e) {
         free(e->pool);
     }
     free(e->ovl);
+    if (e->gfree != NULL) {
+        for (int32_t g = 0; g < e->n_groups; g++) {
+            free(e->gfree[g]);
+        }
+    }
+    if (e->gowner != NULL) {
+        for (int32_t g = 0; g < e->n_groups; g++) {
+            free(e->gowner[g]);
+        }
+    }
+    free(e->gfree);
+    free(e->gowner);
+    free(e->gslots);
+    free(e->gnfree);
+    free(e->group_of);
+    free(e->sbase);
+    free(e->sstride);
+    free(e->slot);
+    free(e->sready);
+    free(e->sleft);
+    free(e->pool_ids);
+    free(e->slot_order);
+    free(e->slot_mark);
+    free(e->readers);
     free(e->layer_ids);
     free(e->mm_order);
     free(e->arriving);
@@ -2453,8 +2905,22 @@ static int32_t mmid_layer(const spac_engine *e, const void *ids_data) {
     return l >= 0 && l < e->n_layer && ids_data != NULL && e->layer_ids[l] == ids_data ? l : -1;
 }
 
+/* Slot mode: the layer whose pool MUL_MAT_IDs are computing now, if ids_data are its remapped pool ids. */
+static int32_t mmid_slot_layer(const spac_engine *e, const void *ids_data) {
+    const int32_t l = __atomic_load_n(&e->cur_layer, __ATOMIC_ACQUIRE);
+    return l >= 0 && l < e->n_layer && ids_data != NULL && e->pool_ids[l] == ids_data && e->group_of[l] >= 0 ? l : -1;
+}
+
 int32_t spac_engine_mmid_order(void *user, const void *ids_data, int32_t n_as, int32_t *order) {
     const spac_engine *e = (const spac_engine *)user;
+    if (e != NULL && order != NULL && slots_on(e)) {
+        const int32_t l = mmid_slot_layer(e, ids_data);
+        if (l < 0 || n_as != e->gslots[e->group_of[l]]) {
+            return 0;
+        }
+        memcpy(order, e->slot_order + (int64_t)l * e->max_slots, (size_t)n_as * sizeof(int32_t));
+        return n_as;
+    }
     if (e == NULL || order == NULL || n_as != e->n_expert) {
         return 0;
     }
@@ -2466,8 +2932,36 @@ int32_t spac_engine_mmid_order(void *user, const void *ids_data, int32_t n_as, i
     return n_as;
 }
 
+/* Slot mode: the pool's MUL_MAT_ID is about to compute slot s of layer l: wait until its read has landed (no
+ * time limit: the slot's bytes are what the matmul reads; a failed read fills it from the page cache). */
+static void mmid_wait_slot(spac_engine *e, int32_t l, int32_t s) {
+    const int32_t g = e->group_of[l];
+    if (s < 0 || s >= e->gslots[g]) {
+        return;
+    }
+    const int64_t j = __atomic_load_n(&e->gowner[g][s], __ATOMIC_ACQUIRE);
+    if (j < 0 || __atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    pthread_mutex_lock(&e->land_mu);
+    while (!__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE) && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE)) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        const struct timespec dl = deadline_after(now, 100);
+        pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl);
+    }
+    pthread_mutex_unlock(&e->land_mu);
+}
+
 void spac_engine_mmid_wait(void *user, const void *ids_data, int32_t expert) {
     spac_engine *e = (spac_engine *)user;
+    if (e != NULL && slots_on(e)) {
+        const int32_t l = mmid_slot_layer(e, ids_data);
+        if (l >= 0) {
+            mmid_wait_slot(e, l, expert);
+        }
+        return;
+    }
     if (e == NULL || expert < 0 || expert >= e->n_expert) {
         return;
     }
@@ -2489,4 +2983,155 @@ void spac_engine_mmid_wait(void *user, const void *ids_data, int32_t expert) {
         }
     }
     pthread_mutex_unlock(&e->land_mu);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * slot mode: set-up and the id maps (see spac_engine_set_slots in the header) */
+
+int32_t spac_engine_set_slots(spac_engine *e, int32_t n_groups, const int32_t *n_slots, const int32_t *group_of_layer,
+                              uint8_t *const *bases, const uint64_t *strides, int32_t n_readers) {
+    if (e == NULL || e->started || e->gslots != NULL || n_groups <= 0 || n_groups > SPAC_MAX_LAYERS ||
+        n_slots == NULL || group_of_layer == NULL || bases == NULL || strides == NULL || n_readers < 0 ||
+        n_readers > SPAC_MAX_THREADS) {
+        return -EINVAL;
+    }
+    int32_t max_slots = 1;
+    for (int32_t g = 0; g < n_groups; g++) {
+        if (n_slots[g] < 0 || n_slots[g] > SPAC_MAX_LAYERS * SPAC_MAX_EXPERTS) {
+            return -EINVAL;
+        }
+        max_slots = n_slots[g] > max_slots ? n_slots[g] : max_slots;
+    }
+    uint64_t bounce = e->page;
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        if (e->n_tensors[l] == 0) {
+            continue;
+        }
+        const int32_t g = group_of_layer[l];
+        if (g < 0 || g >= n_groups) {
+            return -EINVAL;
+        }
+        for (int32_t i = 0; i < e->n_tensors[l]; i++) {
+            const int64_t ti = (int64_t)l * e->max_t + i;
+            if ((n_slots[g] > 0 && bases[ti] == NULL) || strides[ti] < e->tensors[ti].bpe) {
+                return -EINVAL;
+            }
+            const uint64_t cover = ceil_pg(e, e->tensors[ti].bpe) + e->page; /* an unaligned slice: one page more */
+            bounce = cover > bounce ? cover : bounce;
+        }
+    }
+    const int64_t n = (int64_t)e->n_layer * e->n_expert, nt = (int64_t)e->n_layer * e->max_t;
+    e->n_groups = n_groups;
+    e->max_slots = max_slots;
+    e->bounce_bytes = bounce;
+    e->group_of = (int32_t *)malloc((size_t)e->n_layer * sizeof(int32_t));
+    e->sbase = (uint8_t **)calloc((size_t)nt, sizeof(uint8_t *));
+    e->sstride = (uint64_t *)calloc((size_t)nt, sizeof(uint64_t));
+    e->slot = (int32_t *)malloc((size_t)n * sizeof(int32_t));
+    e->sready = (uint8_t *)calloc((size_t)n, 1);
+    e->sleft = (int16_t *)calloc((size_t)n, sizeof(int16_t));
+    e->gslots = (int32_t *)calloc((size_t)n_groups, sizeof(int32_t));
+    e->gnfree = (int32_t *)calloc((size_t)n_groups, sizeof(int32_t));
+    e->gfree = (int32_t **)calloc((size_t)n_groups, sizeof(int32_t *));
+    e->gowner = (int64_t **)calloc((size_t)n_groups, sizeof(int64_t *));
+    e->pool_ids = (const void **)calloc((size_t)e->n_layer, sizeof(void *));
+    e->slot_order = (int32_t *)calloc((size_t)e->n_layer * (size_t)max_slots, sizeof(int32_t));
+    e->slot_mark = (uint8_t *)calloc((size_t)max_slots, 1);
+    e->readers = (pthread_t *)calloc((size_t)(n_readers > 0 ? n_readers : 1), sizeof(pthread_t));
+    move_t *dq = (move_t *)calloc((size_t)(n * e->max_t), sizeof(move_t)); /* a read per tensor */
+    int ok = e->group_of && e->sbase && e->sstride && e->slot && e->sready && e->sleft && e->gslots && e->gnfree &&
+             e->gfree && e->gowner && e->pool_ids && e->slot_order && e->slot_mark && e->readers && dq;
+    for (int32_t g = 0; g < n_groups && ok; g++) {
+        e->gfree[g] = (int32_t *)malloc((size_t)(n_slots[g] > 0 ? n_slots[g] : 1) * sizeof(int32_t));
+        e->gowner[g] = (int64_t *)malloc((size_t)(n_slots[g] > 0 ? n_slots[g] : 1) * sizeof(int64_t));
+        ok = e->gfree[g] != NULL && e->gowner[g] != NULL;
+        if (ok) {
+            e->gslots[g] = n_slots[g];
+            e->gnfree[g] = n_slots[g];
+            for (int32_t q = 0; q < n_slots[g]; q++) {
+                e->gfree[g][q] = n_slots[g] - 1 - q; /* slot 0 is taken first */
+                e->gowner[g][q] = -1;
+            }
+        }
+    }
+    if (!ok) {
+        free(dq);
+        return -ENOMEM; /* the arrays are freed with the engine; read_method stays */
+    }
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        e->group_of[l] = e->n_tensors[l] > 0 ? group_of_layer[l] : -1;
+    }
+    memcpy(e->sbase, bases, (size_t)nt * sizeof(uint8_t *));
+    memcpy(e->sstride, strides, (size_t)nt * sizeof(uint64_t));
+    for (int64_t j = 0; j < n; j++) {
+        e->slot[j] = -1;
+    }
+    pthread_mutex_lock(&e->mu);
+    free(e->dq);
+    e->dq = dq;
+    e->dq_cap = (int32_t)(n * e->max_t);
+    e->dq_head = e->dq_count = 0;
+    e->n_readers = n_readers;
+    pthread_mutex_unlock(&e->mu);
+    int rc = 0;
+    if (e->dfd < 0 && e->fd >= 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", e->fd); /* our descriptor again, with O_DIRECT */
+        e->dfd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+        rc = e->dfd < 0 ? 1 : 0; /* no O_DIRECT here: buffered reads (slot_fallbacks) */
+    }
+    __atomic_store_n(&e->read_method, SPAC_FLASH_READ_SLOTS, __ATOMIC_RELEASE);
+    return rc;
+}
+
+int32_t spac_engine_slot_of(spac_engine *e, int32_t layer, int32_t expert) {
+    if (e == NULL || !slots_on(e) || layer < 0 || layer >= e->n_layer || expert < 0 || expert >= e->n_expert) {
+        return -2;
+    }
+    pthread_mutex_lock(&e->mu);
+    const int32_t s = e->slot[idx(e, layer, expert)];
+    pthread_mutex_unlock(&e->mu);
+    return s;
+}
+
+void spac_engine_on_map(void *engine, int32_t layer, int32_t path, int32_t *row, int32_t n, const void *ids_out) {
+    spac_engine *e = (spac_engine *)engine;
+    if (e == NULL || row == NULL || !slots_on(e) || layer < 0 || layer >= e->n_layer || n != e->n_expert ||
+        (path != 0 && path != 1)) {
+        return;
+    }
+    const int32_t g = e->group_of[layer];
+    pthread_mutex_lock(&e->mu);
+    /* the layer's selected experts keep their slots until it has finished (in use: no eviction, no prefetch), so
+     * both rows agree on them: each is computed by exactly one path */
+    for (int32_t x = 0; x < n; x++) {
+        const int32_t s = g >= 0 ? e->slot[idx(e, layer, x)] : -1;
+        row[x] = path == 0 ? s : (s >= 0 ? -1 : x);
+    }
+    e->st.slot_maps++;
+    if (path == 0 && g >= 0) {
+        /* the order the pool's matmul takes the slots in: the selected ones that hold their expert, then those
+         * still being read (each waited for just before its rows), then the rest (no rows) */
+        e->pool_ids[layer] = ids_out;
+        int32_t *ord = e->slot_order + (int64_t)layer * e->max_slots, n_ord = 0;
+        const int32_t n_s = e->gslots[g];
+        for (int pass = 0; pass < 2; pass++) {
+            for (int32_t x = 0; x < n; x++) {
+                const int64_t j = idx(e, layer, x);
+                const int32_t s = e->slot[j];
+                if (s >= 0 && s < n_s && e->in_use[j] && !e->slot_mark[s] &&
+                    (pass == 1 || __atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE))) {
+                    ord[n_ord++] = s;
+                    e->slot_mark[s] = 1;
+                }
+            }
+        }
+        for (int32_t s = 0; s < n_s; s++) {
+            if (!e->slot_mark[s]) {
+                ord[n_ord++] = s;
+            }
+            e->slot_mark[s] = 0;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
 }

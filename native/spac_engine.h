@@ -116,7 +116,8 @@ enum {
     SPAC_ERR_DEFER = 8,    /* the deferred list was full: an eviction of an in-use expert was dropped */
     SPAC_ERR_NOMEM = 9,    /* out of memory for scratch buffers */
     SPAC_ERR_OVERLAY = 10, /* an overlay read or its mremap (SPAC_FLASH_READ_OVERLAY; the page cache served it instead) */
-    SPAC_ERR_KINDS = 11
+    SPAC_ERR_SLOT = 11,    /* an O_DIRECT read into a slot (SPAC_FLASH_READ_SLOTS; a buffered read filled the slot) */
+    SPAC_ERR_KINDS = 12
 };
 
 typedef struct spac_engine_stats {
@@ -153,6 +154,11 @@ typedef struct spac_engine_stats {
     int64_t overlay_fresh_bytes;         /* ... read into new pages (the pool had no run to recycle) */
     int64_t overlays;                    /* overlays now (spac_engine_get_stats) */
     int64_t pool_bytes;                  /* pages in the overlay pool now, free for the next read */
+    int64_t slot_reads, slot_read_bytes; /* SPAC_FLASH_READ_SLOTS: tensor slices read into slots, bytes */
+    int64_t slot_fallbacks;              /* ... that O_DIRECT could not read (a buffered pread did) */
+    int64_t slot_spills;                 /* misses with no free slot: read through the page cache, dropped after */
+    int64_t slots_held;                  /* slots holding (or loading) an expert now */
+    int64_t slot_maps;                   /* id map rows written for the graph (spac_engine_on_map) */
     int64_t error_count[SPAC_ERR_KINDS]; /* failures per kind */
     int64_t error_errno[SPAC_ERR_KINDS]; /* errno of the first failure of each kind (0: none) */
 } spac_engine_stats;
@@ -259,8 +265,35 @@ int32_t spac_engine_set_demand_mode(spac_engine *e, int32_t mode);
  * read) and maps the file there again. Demand loads are then awaited by the hook (the completer's page-fault
  * wait needs the page cache). Overlays stop at half of vm.max_map_count (each splits a mapping; beyond, the
  * page cache). Returns 0, or -errno (e.g. -EINVAL: the file system refuses O_DIRECT; nothing changed). */
-enum { SPAC_FLASH_READ_PAGECACHE = 0, SPAC_FLASH_READ_OVERLAY = 1 };
+enum { SPAC_FLASH_READ_PAGECACHE = 0, SPAC_FLASH_READ_OVERLAY = 1, SPAC_FLASH_READ_SLOTS = 2 };
 int32_t spac_engine_set_read_method(spac_engine *e, int32_t method, uint64_t pool_cap_bytes);
+
+/* SPAC_FLASH_READ_SLOTS: experts are kept in the slots of a host expert pool (patch 0003 configured on_host;
+ * patch 0005 gives its tensors' addresses) instead of the page cache. Set before spac_engine_start.
+ *   n_groups, n_slots[g]: the pool's groups and their slots; group_of_layer[l] (-1: no routed experts);
+ *   bases[l * max_t + i], strides[l * max_t + i]: where the layer's i-th registered tensor has slot 0 and the
+ *   bytes from one slot to the next (at least the tensor's bytes per expert);
+ *   n_readers: threads that complete demand reads (each O_DIRECT pread of one tensor slice: several in flight).
+ * A read is O_DIRECT into an aligned bounce buffer, then copied into the slot (a buffered pread where the file
+ * system refuses O_DIRECT, with the range dropped from the page cache after it); an eviction frees the slot (no
+ * system call); a prefetch takes a free slot (it waits, deferred, while none is free). A miss takes a free slot
+ * after layer admission or prompt keep freed its victim's; with none free it is read through the page cache and
+ * evicted after its layer (slot_spills). The layer's id maps (the pool's graph input) are written by
+ * spac_engine_on_map, which the sensor calls for each layer's map rows before the graph reads them; the matmul
+ * of the pool path waits for slots still being read (spac_engine_mmid_wait, so the MUL_MAT_ID hooks of patch
+ * 0004 must be installed for SPAC_DEMAND_ASYNC; in SPAC_DEMAND_WAIT the layer hook waits). Returns 0, -EINVAL
+ * (bad arguments, started already), -ENOMEM. */
+int32_t spac_engine_set_slots(spac_engine *e, int32_t n_groups, const int32_t *n_slots, const int32_t *group_of_layer,
+                              uint8_t *const *bases, const uint64_t *strides, int32_t n_readers);
+
+/* Sensor hook (decoding thread, in the graph callback's ask phase, before the graph reads it): write layer
+ * `layer`'s id map row for `path` 0 (the pool's: slot of each expert, -1 not in a slot) or 1 (the full tensors':
+ * the expert's own id when it is not in a slot, else -1) into row[0..n); ids_out: the data of the remapped ids
+ * the pool's MUL_MAT_ID will read (what spac_engine_mmid_order / _wait answer for). */
+void spac_engine_on_map(void *engine, int32_t layer, int32_t path, int32_t *row, int32_t n, const void *ids_out);
+
+/* The slot holding or loading (layer, expert): >= 0, -1 none, -2 bad arguments or no slots. */
+int32_t spac_engine_slot_of(spac_engine *e, int32_t layer, int32_t expert);
 
 /* Map the file again wherever an overlay is (their pages are freed), e.g. before the engine goes while the
  * model stays. Only while llama.cpp's mapping exists: after the model is freed, its munmap has already taken

@@ -11,6 +11,7 @@
 #include "spac_replay.h"
 
 #define SPAC_TOPK_PREFIX "ffn_moe_topk-"
+#define SPAC_POOL_MAP_NAME "spac_pool_map" /* patch 0003: the expert pool's id maps, a graph input */
 
 int32_t spac_node_layer(const char *name, const char *prefix) {
     size_t n = strlen(prefix);
@@ -40,7 +41,7 @@ int32_t spac_sensor_check_geometry(int32_t n_layer, int32_t n_expert, int32_t k_
 }
 
 const char *spac_sensor_error_name(int32_t kind) {
-    static const char *const names[SPAC_SENSOR_ERR_KINDS] = {"topk", "ids", "probs", "hidden", "nomem"};
+    static const char *const names[SPAC_SENSOR_ERR_KINDS] = {"topk", "ids", "probs", "hidden", "nomem", "map"};
     return kind >= 0 && kind < SPAC_SENSOR_ERR_KINDS ? names[kind] : "";
 }
 
@@ -376,12 +377,39 @@ static void record_topk(spac_sensor *s, struct ggml_tensor *t, int32_t layer) {
     }
 }
 
+/* A GET_ROWS node reading a row of the pool's id maps (a view of "spac_pool_map", [1, n_expert, 2 * n_layer]):
+ * hand the row to the map hook before the node is computed. Nodes of other shapes are counted and left alone. */
+static void map_rows(spac_sensor *s, struct ggml_tensor *t) {
+    struct ggml_tensor *row = t->src[0];
+    if (row == NULL || row->view_src == NULL || strcmp(row->view_src->name, SPAC_POOL_MAP_NAME) != 0) {
+        return;
+    }
+    const struct ggml_tensor *m = row->view_src;
+    const uint8_t *m0 = (const uint8_t *)m->data, *r0 = (const uint8_t *)row->data;
+    if (m->type != GGML_TYPE_I32 || m0 == NULL || r0 == NULL || t->data == NULL || m->ne[0] != 1 ||
+        m->ne[1] != s->n_expert || m->nb[1] != sizeof(int32_t) || m->nb[2] == 0 || row->ne[1] != s->n_expert ||
+        row->nb[1] != sizeof(int32_t) || r0 < m0 || !is_host(s, m)) {
+        note_error(s, SPAC_SENSOR_ERR_MAP, EINVAL);
+        return;
+    }
+    const size_t off = (size_t)(r0 - m0);
+    const int64_t r = (int64_t)(off / m->nb[2]);
+    if (off % m->nb[2] != 0 || r >= m->ne[2] || r / 2 >= s->n_layer) {
+        note_error(s, SPAC_SENSOR_ERR_MAP, EINVAL);
+        return;
+    }
+    s->map_hook(s->map_data, (int32_t)(r / 2), (int32_t)(r % 2), (int32_t *)row->data, s->n_expert, t->data);
+}
+
 bool spac_sensor_cb(struct ggml_tensor *t, bool ask, void *user_data) {
     spac_sensor *s = (spac_sensor *)user_data;
     if (t == NULL || s == NULL) {
         return false;
     }
     if (ask) {
+        if (s->map_hook != NULL && t->op == GGML_OP_GET_ROWS) {
+            map_rows(s, t); /* asked before any node of its range is computed: the row is read after this */
+        }
         bool user_wants = s->user_cb != NULL && s->user_cb(t, true, s->user_data);
         s->user_asked = user_wants;
         bool rewrite = (s->prior != NULL && s->prior->lambda != 0.0f) || s->replay != NULL;

@@ -36,7 +36,8 @@ enum {
     SPAC_SENSOR_ERR_PROBS = 2,  /* ffn_moe_probs node the cache prior or replay cannot use: not rewritten (EINVAL) */
     SPAC_SENSOR_ERR_HIDDEN = 3, /* l_out node the hidden hook cannot use: skipped (EINVAL) */
     SPAC_SENSOR_ERR_NOMEM = 4,  /* a scratch buffer could not be allocated (ENOMEM) */
-    SPAC_SENSOR_ERR_KINDS = 5
+    SPAC_SENSOR_ERR_MAP = 5,    /* a spac_pool_map row the map hook cannot use (not I32 rows in host memory) */
+    SPAC_SENSOR_ERR_KINDS = 6
 };
 
 typedef bool (*spac_eval_cb)(struct ggml_tensor *t, bool ask, void *user_data);
@@ -47,6 +48,11 @@ typedef void (*spac_layer_hook)(void *hook_data, int32_t layer, const uint8_t *m
 
 /* Called with each layer's output (l_out-<layer>, F32 [n_embd, rows], host memory): rows are
  * row_stride bytes apart (e.g. spac_engine_on_hidden, for layer-ahead prefetch). */
+/* Called in the ask phase of each GET_ROWS node that reads a row of the expert pool's id maps (a view of the graph
+ * input "spac_pool_map", patch 0003: rows 2*layer (pool slots) and 2*layer+1 (full tensors)), before the node is
+ * computed: row points at the row's n int32 entries, ids_out at the node's output (e.g. spac_engine_on_map). */
+typedef void (*spac_map_hook)(void *map_data, int32_t layer, int32_t path, int32_t *row, int32_t n, const void *ids_out);
+
 typedef void (*spac_hidden_hook)(void *hook_data, int32_t layer, const float *rows, int64_t n_rows, int64_t n_embd,
                                  int64_t row_stride);
 
@@ -136,6 +142,10 @@ typedef struct spac_sensor {
 
     /* data of the topk node the layer hook is being called for (the ids the layer's MUL_MAT_IDs read) */
     const void *topk_data;
+
+    /* optional hook on the expert pool's id map rows (flash tier with slots) */
+    spac_map_hook map_hook;
+    void *map_data;
 } spac_sensor;
 
 /* Whether the geometry is within spac_limits.h (0 < n_layer <= SPAC_MAX_LAYERS, 0 < n_expert <=

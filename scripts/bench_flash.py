@@ -12,7 +12,8 @@ dropped from the page cache first:
   cache into anonymous memory, and crashes on AMX machines with K-quant weights);
 * spac:  ``spac_llamacpp.Llama(tier="flash", budget=B)``, once per ``--demand`` mode (default ``async``:
   the layer's matmuls compute while its missing experts are read; ``wait``: the hook waits for them first;
-  ``overlay``: ``read="overlay"``, O_DIRECT reads moved onto the mapping; ``async-ordered``: ``async`` with
+  ``overlay``: ``read="overlay"``, O_DIRECT reads moved onto the mapping; ``slots``: ``read="slots"``, experts in
+  a host pool's slots read by O_DIRECT (tiers/slot_store.py); ``async-ordered``: ``async`` with
   patch 0004's MUL_MAT_ID hooks, the resident experts computed first).
 
 Both get the same prompts, token counts and draft settings. Before the limited runs, stock runs once
@@ -48,7 +49,7 @@ from pathlib import Path
 from spac_llamacpp.tools.benchmarks import add_draft_options, add_replay_options, run_child, timed_generation
 
 FLASH_MODES = {"async": {"demand": "async"}, "wait": {"demand": "wait"}, "overlay": {"read": "overlay"},
-               "async-ordered": {"demand": "async", "mmid_hooks": True}}
+               "async-ordered": {"demand": "async", "mmid_hooks": True}, "slots": {"read": "slots"}}
 """``--demand`` choices: the flash options of each (``async-ordered``: with patch 0004's hooks, resident experts
 computed first)."""
 

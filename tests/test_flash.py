@@ -136,6 +136,40 @@ def test_overlay_reads_give_stock_output_and_leave_no_overlay(flash_models, arch
         llm.close()
 
 
+@pytest.mark.parametrize("demand", ["async", "wait"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slot_store_gives_stock_output(flash_models, arch, demand):
+    """read="slots": experts live in a host pool's slots read by O_DIRECT, the graph's id maps are written per layer
+    before the graph reads them; the text is stock's, every move went through slots, the pool stays in the budget."""
+    from spac_llamacpp.native.expert_pool import TENSOR_DATA_PATCH_LEVEL
+    from spac_llamacpp.native.libs import spac_patch_level
+
+    path = flash_models[arch]
+    if spac_patch_level() < TENSOR_DATA_PATCH_LEVEL and not os.environ.get("SPAC_REQUIRE_PATCHED"):
+        pytest.skip("needs the patched library at level 5")
+    want = _stock_tokens(path, 24)
+    budget = _min_budget(path)
+    llm = _flash(path, budget=budget, read="slots", demand=demand)
+    try:
+        assert _greedy(llm, 24) == want
+        st = llm.stats(settle=5.0)
+        eng = st["engine"]
+        assert st["timing"]["read"] == "slots"
+        assert eng["slot_reads"] > 0 and eng["evictions"] > 0 and eng["demand_misses"] > 0
+        assert eng["errors"] == 0 and st["engine_errors"] == {} and st["sensor_errors"] == {}
+        assert eng["evict_in_use"] == 0 and eng["slot_fallbacks"] == 0
+        # both id map rows of every MoE layer of every evaluation were written (the graph computed from the slots)
+        n_moe = len(read_model_header(path).moe_layers)
+        assert eng["slot_maps"] >= 2 * n_moe * 24
+        assert (eng["demand_async"] > 0) == (demand == "async") or demand == "wait"
+        pool = llm._tier.pool
+        assert pool is not None and 0 < pool.pool_bytes <= budget
+        assert 0 < eng["slots_held"] <= sum(pool.n_slots)
+        assert st["resident_expert_bytes"] <= budget
+    finally:
+        llm.close()
+
+
 def test_io_overlap():
     from spac_llamacpp.tiers.flash import io_overlap
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from spac_llamacpp.gguf.info import MoEModelInfo
 
 POOL_PATCH_LEVEL = 3
+TENSOR_DATA_PATCH_LEVEL = 5  # llama_spac_pool_tensor_data (patch 0005): slots filled by the caller
 
 # llama_spac_status
 OK, E_ARG, E_NO_POOL, E_BUSY, E_RESIDENT, E_UNSUPPORTED, E_ALLOC = 0, -2, -3, -4, -5, -6, -7
@@ -77,6 +78,8 @@ def _lib() -> ctypes.CDLL:
         "llama_spac_pool_fence": (i32, [p, b]),
         "llama_spac_pool_counters": (None, [p, ctypes.POINTER(u64), ctypes.POINTER(u64)]),
     }
+    if spac_patch_level() >= TENSOR_DATA_PATCH_LEVEL:
+        sigs["llama_spac_pool_tensor_data"] = (p, [p, i32, i32, ctypes.POINTER(u64)])
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype = res
@@ -195,6 +198,17 @@ class ExpertPool:
         """Wait for the running evaluation; retired slots become free (returns how many).
         ``wait_loads`` also waits for every queued copy."""
         return self._check("fence", self.lib.llama_spac_pool_fence(self.ctx, wait_loads))
+
+    def tensor_data(self, group: int, kind: str) -> tuple[int, int]:
+        """``(address, bytes from one slot to the next)`` of a host pool's tensor of one kind (patch 0005), for
+        a caller that fills slots itself (the flash tier's slot store); ``(0, 0)`` when the group has no such
+        tensor. SpacError on a library without patch 0005."""
+        if not hasattr(self.lib, "llama_spac_pool_tensor_data"):
+            raise SpacError("filling pool slots directly needs spac's patched llama.cpp at patch level "
+                            f"{TENSOR_DATA_PATCH_LEVEL}; run scripts/build_llama.sh (docs/patches.md)")
+        nb = ctypes.c_uint64()
+        addr = self.lib.llama_spac_pool_tensor_data(self.ctx, group, KINDS[kind], ctypes.byref(nb))
+        return int(addr or 0), int(nb.value)
 
     def counters(self) -> tuple[int, int]:
         """``(copies done, bytes copied)`` since the pool was configured."""

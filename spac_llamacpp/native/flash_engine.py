@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ _STAT_FIELDS = ("prefetches", "prefetch_bytes", "evictions", "evict_bytes", "pin
                 "errors", "last_errno", "queued", "demand_wait_ns", "ahead_predicted", "ahead_issued", "ahead_useful",
                 "evict_waits", "evict_in_use", "staged", "prompt_kept", "prompt_released", "drains", "drain_ns",
                 "drained_here", "loading_defers", "demand_read_ns", "demand_async", "evict_pageouts", "admitted",
-                "overlay_loads", "overlay_fallbacks", "overlay_fresh_bytes", "overlays", "pool_bytes")
+                "overlay_loads", "overlay_fallbacks", "overlay_fresh_bytes", "overlays", "pool_bytes",
+                "slot_reads", "slot_read_bytes", "slot_fallbacks", "slot_spills", "slots_held", "slot_maps")
 DEMAND_MODES = {"wait": 0, "async": 1}  # SPAC_DEMAND_* (spac_engine.h)
-READ_METHODS = {"pagecache": 0, "overlay": 1}  # SPAC_FLASH_READ_* (spac_engine.h)
+READ_METHODS = {"pagecache": 0, "overlay": 1, "slots": 2}  # SPAC_FLASH_READ_* (spac_engine.h)
 FLAGS = {"staged": 0, "touched": 1, "kept": 2, "released": 3, "prefetching": 4}  # SPAC_FLAG_* (spac_engine.h)
 _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "prefetch": "prefetch reads (madvise WILLNEED/POPULATE_READ)",
@@ -54,7 +56,20 @@ _ERROR_WHAT = {  # what failed, per kind (SPAC_ERR_* in native/spac_engine.h)
     "defer": "deferring an eviction of an in-use expert (deferred list full)",
     "nomem": "allocating scratch memory",
     "overlay": "overlay reads (O_DIRECT pread / mremap; the page cache served those experts instead)",
+    "slot": "O_DIRECT reads into expert slots (a buffered read filled those slots instead)",
 }
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Where the slot store keeps experts (``spac_engine_set_slots``): a host expert pool's slots per group, the
+    group of each block (-1: none), and per registered expert tensor (the engine's order: block, then the
+    header's order) the address of its slot 0 and the bytes between slots."""
+
+    n_slots: tuple[int, ...]
+    group_of_layer: tuple[int, ...]
+    bases: dict[tuple[int, int], tuple[int, int]]  # (block, i-th tensor of the block) -> (address, stride)
+    readers: int = 3
 
 
 def error_report(counts: Any, codes: Any, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -133,6 +148,8 @@ def _release(lib: Any, ffi: Any, handle: Any, fd: int, hooked: list) -> None:
         s.event_mask = ffi.NULL
         s.hidden_hook = ffi.NULL
         s.hidden_data = ffi.NULL
+        s.map_hook = ffi.NULL
+        s.map_data = ffi.NULL
     hooked.clear()
     lib.spac_engine_free(handle)
     os.close(fd)
@@ -150,7 +167,7 @@ class FlashEngine:
     """
 
     def __init__(self, info: MoEModelInfo, mapping: FileMapping, threads: int = 2, queue: int = 65536,
-                 guard: bool = True) -> None:
+                 guard: bool = True, slots: SlotSpec | None = None) -> None:
         if info.n_expert <= 0:
             raise SpacError(f"{info.path} has no routed experts; the flash tier needs an MoE model")
         if mapping.offset > info.data_offset or mapping.offset + mapping.size < info.file_size:
@@ -180,6 +197,10 @@ class FlashEngine:
                 raise SpacError(f"expert tensor {t.name} lies outside the mapped file {info.path}; the GGUF is corrupt")
         self.readahead_chunk = readahead_chunk(info.path)
         self._lib.spac_engine_set_readahead(handle, self.readahead_chunk)
+        self.slots = slots
+        self.direct_io = False
+        if slots is not None:
+            self._set_slots(slots, per_layer)
         self.guarded = False
         if guard:
             self._guard(mapping, fd)
@@ -199,6 +220,29 @@ class FlashEngine:
                              for i in range(self._lib.SPAC_ERR_KINDS)]
         self._logged: set[str] = set()
         self.errors()  # setup failures (fdatasync, madvise RANDOM) are logged now
+
+    def _set_slots(self, spec: SlotSpec, per_layer: int) -> None:
+        ffi = self._ffi
+        n = self.n_layer * per_layer
+        bases = ffi.new("uint8_t *[]", n)
+        strides = ffi.new("uint64_t[]", n)
+        for (layer, i), (addr, stride) in spec.bases.items():
+            bases[layer * per_layer + i] = ffi.cast("uint8_t *", addr)
+            strides[layer * per_layer + i] = stride
+        rc = self._lib.spac_engine_set_slots(self._handle, len(spec.n_slots), ffi.new("int32_t[]", list(spec.n_slots)),
+                                             ffi.new("int32_t[]", list(spec.group_of_layer)), bases, strides,
+                                             spec.readers)
+        if rc < 0:
+            self.close()
+            raise SpacError(f"could not set up the slot store for {self.info.path} ({os.strerror(-rc)})")
+        self.direct_io = rc == 0
+        if not self.direct_io:
+            log.warning("flash engine: the file system of %s refuses O_DIRECT; slots are filled by buffered reads "
+                        "(more CPU per byte)", self.info.path)
+
+    def slot_of(self, layer: int, expert: int) -> int:
+        """The slot holding or loading (block, expert) in slot mode, -1 none."""
+        return int(self._lib.spac_engine_slot_of(self._live(), layer, expert))
 
     def _guard(self, mapping: FileMapping, fd: int) -> None:
         """The file guard (native/spac_engine.h): the mapped file changing under the model is detected, and
@@ -372,6 +416,9 @@ class FlashEngine:
         s.hook_data = self._live()
         s.layer_hook = self._ffi.addressof(self._lib, "spac_engine_on_layer")
         self._lib.spac_engine_set_topk_source(self._handle, self._ffi.addressof(s, "topk_data"))
+        if self.slots is not None:  # the pool's id maps, written before the graph reads them
+            s.map_data = self._live()
+            s.map_hook = self._ffi.addressof(self._lib, "spac_engine_on_map")
         self._hooked.append(s)
         self._sensor = sensor
 
@@ -437,6 +484,8 @@ class FlashEngine:
             s.event_mask = self._ffi.NULL
             s.hidden_hook = self._ffi.NULL
             s.hidden_data = self._ffi.NULL
+            s.map_hook = self._ffi.NULL
+            s.map_data = self._ffi.NULL
             if self._finalizer.alive:
                 self._lib.spac_engine_set_topk_source(self._handle, self._ffi.NULL)
             if s in self._hooked:

@@ -33,6 +33,7 @@ _ERROR_WHAT = {  # per kind (SPAC_SENSOR_ERR_* in native/spac_sensor.h)
     "probs": "ffn_moe_probs nodes the cache prior or routing replay could not rewrite (unexpected type or shape)",
     "hidden": "l_out nodes the layer-ahead hook could not read (not F32 rows in host memory)",
     "nomem": "sensor scratch allocations failed",
+    "map": "expert pool id map rows the slot store could not write (not I32 rows in host memory)",
 }
 _INT32_MAX = 2**31 - 1
 

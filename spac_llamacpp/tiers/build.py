@@ -58,7 +58,7 @@ class FlashBuilder(TierBuilder):
 
         assert sensor is not None
         mapping = new_whole_file_mapping(self._model_path, self._mappings_before, self.info.data_offset)
-        return FlashTier(self.info, mapping, sensor, self.budget, **self.options)
+        return FlashTier(self.info, mapping, sensor, self.budget, llm=llm, **self.options)
 
 
 class VramBuilder(TierBuilder):

@@ -165,7 +165,10 @@ class FlashTier(TierController):
             ones are read, a page in flight makes the matmul's fault wait for it), ``"wait"`` by the layer hook
             before the matmuls start. Same outputs; ``stats()["timing"]`` says what each costs.
         read: ``"pagecache"`` (default) or ``"overlay"``: experts' inner pages by O_DIRECT into anonymous pages
-            moved onto the mapping (docs/flash.md, "Overlay reads"; slower on the benchmark VM, so off).
+            moved onto the mapping (docs/flash.md, "Overlay reads"; slower on the benchmark VM, so off); ``"slots"``:
+            experts in the slots of a host expert pool, read by O_DIRECT (``tiers/slot_store.py``; needs ``llm``
+            and the patched library at level 5).
+        llm: the Llama whose context gets the slot pool (``read="slots"``; the tier's builder passes it).
         mmid_hooks: install patch 0004's MUL_MAT_ID hooks (resident experts first; with overlays, the matmul
             waits per miss); None: only with overlay reads. Ignored (logged) on a library without the patch.
         admission: where a policy that admits demand (``lru``, ``lfu``, ours) takes a step's demand loads in
@@ -222,6 +225,7 @@ class FlashTier(TierController):
         check_every: int = 4,
         guard_file: bool = True,
         check_bytes: int = DEFAULT_CHECK_BYTES,
+        llm: Any = None,
         **loop: Any,
     ) -> None:
         options = LoopOptions.parse(PlacementConfig.flash(), **loop)
@@ -273,7 +277,21 @@ class FlashTier(TierController):
         self.mapping = mapping
         self._warned_other_mappings = False
 
-        self.engine = FlashEngine(info, mapping, threads=threads, guard=guard_file)
+        self.pool = None
+        slots = None
+        if read == "slots":
+            if layer_ahead:
+                raise SpacError("read='slots' and layer_ahead do not go together (the lookahead's reads go to the "
+                                "page cache); turn one off")
+            from spac_llamacpp.tiers.slot_store import open_slot_store
+
+            self.pool, slots = open_slot_store(llm, info, self.budget)
+        try:
+            self.engine = FlashEngine(info, mapping, threads=threads, guard=guard_file, slots=slots)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
         self.non_expert_locked = 0
         self.demand_mode = demand
         try:
@@ -282,13 +300,16 @@ class FlashTier(TierController):
                 raise SpacError("read='overlay' and layer_ahead do not go together (the lookahead's reads go to the "
                                 "page cache); turn one off")
             # the pool of recycled overlay pages lives in the staging reserve, which is empty at a step boundary
-            self.read_method = read if self.engine.set_read_method(read, self.staging) else "pagecache"
+            if slots is not None:
+                self.read_method = "slots"
+            else:
+                self.read_method = read if self.engine.set_read_method(read, self.staging) else "pagecache"
             # the patched ggml-cpu's MUL_MAT_ID hooks (patch 0004): a layer's resident experts compute first, while
             # its misses are read (with overlays: the matmul waits for each miss just before its rows)
             # (None: with overlay reads only; on the page cache the order's gain was not distinguishable from this
             # VM's run-to-run spread, +13%, -22% and -4% in A/B runs: benchmarks.md "Overlay reads and the order")
             if mmid_hooks is None:
-                mmid_hooks = self.read_method == "overlay"
+                mmid_hooks = self.read_method in ("overlay", "slots")
             self.mmid_hooks = bool(mmid_hooks) and demand == "async" and self.engine.install_mmid_hooks()
             if mmid_hooks and demand == "async" and not self.mmid_hooks:
                 log.info("flash tier: llama.cpp without patch 0004: experts are computed in id order%s",
@@ -586,6 +607,7 @@ class FlashTier(TierController):
             "pinned_experts": int(self.pinned.sum()),
             "non_expert_locked_bytes": self.non_expert_locked,
             "staging_bytes": self.staging,
+            "slot_pool_bytes": self.pool.pool_bytes if self.pool is not None else 0,  # read="slots": RAM it holds
             "keep_reserve_bytes": self.keep_reserve,
             "lookahead_reserve_bytes": self.lookahead_reserve,
             "edge_reserve_bytes": self.budget_split.edges,
@@ -673,3 +695,6 @@ class FlashTier(TierController):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        pool = getattr(self, "pool", None)
+        if pool is not None:  # after the engine's threads, which write into its slots
+            pool.close()
