@@ -185,8 +185,7 @@ static inline int slots_on(const spac_engine *e) {
     return __atomic_load_n(&e->read_method, __ATOMIC_ACQUIRE) == SPAC_FLASH_READ_SLOTS;
 }
 
-static void slot_release_locked(spac_engine *e, int32_t layer, int64_t j);
-static uint64_t expert_bytes(const spac_engine *e, int32_t layer);
+static void slot_evict_locked(spac_engine *e, int32_t layer, int64_t j);
 static void requeue_deferred_locked(spac_engine *e);
 
 static inline int64_t idx(const spac_engine *e, int32_t layer, int32_t expert) {
@@ -403,13 +402,7 @@ static int32_t submit_locked(spac_engine *e, int32_t op, int32_t layer, int32_t 
         e->seq++;
         e->latest[jx] = e->seq; /* queued moves of it are stale */
         e->pending[jx] = 0;
-        slot_release_locked(e, layer, jx);
-        e->pinned[jx] = 0;
-        e->transient[jx] = 0;
-        e->flag_touched[jx] = 1;
-        e->st.evictions++;
-        e->st.evict_bytes += (int64_t)expert_bytes(e, layer);
-        requeue_deferred_locked(e); /* a prefetch that waited for a free slot */
+        slot_evict_locked(e, layer, jx);
         return 0;
     }
     move_t m = {op, layer, expert, e->seq + 1};
@@ -851,6 +844,33 @@ static void slot_release_locked(spac_engine *e, int32_t layer, int64_t j) {
     e->st.slots_held--;
 }
 
+/* The eviction of an idle expert in slot mode: its slot is free again (no system call). */
+static void slot_evict_locked(spac_engine *e, int32_t layer, int64_t j) {
+    slot_release_locked(e, layer, j);
+    e->pinned[j] = 0;
+    e->transient[j] = 0;
+    e->flag_touched[j] = 1;
+    e->st.evictions++;
+    e->st.evict_bytes += (int64_t)expert_bytes(e, layer);
+    requeue_deferred_locked(e); /* a prefetch that waited for a free slot */
+}
+
+/* Wait until (while the expert still has a slot) the slot holds its bytes, or the engine stops. */
+static void slot_wait_ready(spac_engine *e, int64_t j) {
+    if (__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    pthread_mutex_lock(&e->land_mu);
+    while (!__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE) && __atomic_load_n(&e->slot[j], __ATOMIC_ACQUIRE) >= 0 &&
+           !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE)) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        const struct timespec dl = deadline_after(now, 100);
+        pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl);
+    }
+    pthread_mutex_unlock(&e->land_mu);
+}
+
 /* The slot holds the expert's bytes now: wake the matmul or hook waiting for it. */
 static void slot_landed(spac_engine *e, int64_t j) {
     pthread_mutex_lock(&e->land_mu);
@@ -911,6 +931,16 @@ static uint64_t slot_read_tensor(spac_engine *e, int32_t layer, int32_t expert, 
     return 0;
 }
 
+/* Every tensor of (layer, expert) into slot s; returns the bytes read. */
+static int64_t slot_read_expert(spac_engine *e, int32_t layer, int32_t expert, int32_t s, int *errs,
+                                int64_t *fallbacks) {
+    int64_t bytes = 0;
+    for (int32_t i = 0; i < e->n_tensors[layer]; i++) {
+        bytes += (int64_t)slot_read_tensor(e, layer, expert, i, s, errs, fallbacks);
+    }
+    return bytes;
+}
+
 /* A prefetch in slot mode (a worker, holding mu on entry and exit): into a free slot; deferred while the expert
  * is in use (a layer computes it from where the hook found it) or no slot is free. */
 static void slot_prefetch_locked(spac_engine *e, move_t m, int64_t j) {
@@ -937,10 +967,8 @@ static void slot_prefetch_locked(spac_engine *e, move_t m, int64_t j) {
     e->running++;
     pthread_mutex_unlock(&e->mu);
     int errs[SPAC_ERR_KINDS] = {0};
-    int64_t bytes = 0, fallbacks = 0;
-    for (int32_t i = 0; i < e->n_tensors[m.layer]; i++) {
-        bytes += (int64_t)slot_read_tensor(e, m.layer, m.expert, i, s, errs, &fallbacks);
-    }
+    int64_t fallbacks = 0;
+    const int64_t bytes = slot_read_expert(e, m.layer, m.expert, s, errs, &fallbacks);
     slot_landed(e, j);
     pthread_mutex_lock(&e->mu);
     e->loading[j] = 0;
@@ -1375,13 +1403,7 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
     if (slots_on(e) && (m.op == SPAC_OP_PIN || m.op == SPAC_OP_UNPIN || (m.op == SPAC_OP_EVICT && e->slot[j] >= 0))) {
         /* a slot is freed, not dropped from the page cache: no system call; pins are moot (the pool is locked) */
         if (m.op == SPAC_OP_EVICT) {
-            slot_release_locked(e, m.layer, j);
-            e->pinned[j] = 0;
-            e->transient[j] = 0;
-            e->flag_touched[j] = 1;
-            e->st.evictions++;
-            e->st.evict_bytes += (int64_t)expert_bytes(e, m.layer);
-            requeue_deferred_locked(e); /* a prefetch that waited for a free slot */
+            slot_evict_locked(e, m.layer, j);
         } else {
             e->pinned[j] = m.op == SPAC_OP_PIN;
             e->st.pins += m.op == SPAC_OP_PIN;
@@ -2002,10 +2024,8 @@ static void on_layer_slots(spac_engine *e, int32_t layer, const int32_t *sel, in
 
     for (int32_t q = 0; q < n_sync; q++) { /* no room in the readers' queue (or no readers): read here */
         const int64_t j = idx(e, layer, sync_reads[q]);
-        int64_t fallbacks = 0, bytes = 0;
-        for (int32_t i = 0; i < nt; i++) {
-            bytes += (int64_t)slot_read_tensor(e, layer, sync_reads[q], i, e->slot[j], errs, &fallbacks);
-        }
+        int64_t fallbacks = 0;
+        const int64_t bytes = slot_read_expert(e, layer, sync_reads[q], e->slot[j], errs, &fallbacks);
         pthread_mutex_lock(&e->mu);
         e->demanding[j]--;
         e->st.slot_reads += nt;
@@ -2024,18 +2044,9 @@ static void on_layer_slots(spac_engine *e, int32_t layer, const int32_t *sel, in
         }
     }
     if (!async && n_miss + n_arriving > 0) { /* the matmul cannot wait per slot: every selected slot lands first */
-        pthread_mutex_lock(&e->land_mu);
         for (int32_t m = 0; m < n_sel; m++) {
-            const int64_t j = idx(e, layer, sel[m]);
-            while (!__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE) && __atomic_load_n(&e->slot[j], __ATOMIC_ACQUIRE) >= 0 &&
-                   !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE)) {
-                struct timespec now;
-                clock_gettime(CLOCK_MONOTONIC, &now);
-                const struct timespec dl = deadline_after(now, 100);
-                pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl);
-            }
+            slot_wait_ready(e, idx(e, layer, sel[m]));
         }
-        pthread_mutex_unlock(&e->land_mu);
     }
     const int64_t t1 = now_ns();
     pthread_mutex_lock(&e->mu);
@@ -2940,17 +2951,9 @@ static void mmid_wait_slot(spac_engine *e, int32_t l, int32_t s) {
         return;
     }
     const int64_t j = __atomic_load_n(&e->gowner[g][s], __ATOMIC_ACQUIRE);
-    if (j < 0 || __atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE)) {
-        return;
+    if (j >= 0) {
+        slot_wait_ready(e, j);
     }
-    pthread_mutex_lock(&e->land_mu);
-    while (!__atomic_load_n(&e->sready[j], __ATOMIC_ACQUIRE) && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE)) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        const struct timespec dl = deadline_after(now, 100);
-        pthread_cond_timedwait(&e->cv_landed, &e->land_mu, &dl);
-    }
-    pthread_mutex_unlock(&e->land_mu);
 }
 
 void spac_engine_mmid_wait(void *user, const void *ids_data, int32_t expert) {
