@@ -165,6 +165,10 @@ def test_slot_store_gives_stock_output(flash_models, arch, demand):
         pool = llm._tier.pool
         assert pool is not None and 0 < pool.pool_bytes <= budget
         assert 0 < eng["slots_held"] <= sum(pool.n_slots)
+        engine = llm._tier.engine
+        held = [engine.slot_of(b, x) for b in read_model_header(path).moe_layers for x in range(engine.n_expert)]
+        assert sum(s >= 0 for s in held) == eng["slots_held"]  # the engine's count is its slot table's
+        assert len({s for s in held if s >= 0}) == eng["slots_held"]  # (one group here: no slot held twice)
         assert st["resident_expert_bytes"] <= budget
     finally:
         llm.close()
