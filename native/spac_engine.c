@@ -789,11 +789,15 @@ static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off) {
 static __thread uint8_t *tls_bounce; /* the calling thread's O_DIRECT bounce buffer (page-aligned) */
 static __thread uint64_t tls_bounce_cap;
 
+static void bounce_release(void) {
+    free(tls_bounce);
+    tls_bounce = NULL;
+    tls_bounce_cap = 0;
+}
+
 static uint8_t *bounce_for(const spac_engine *e) {
     if (tls_bounce_cap < e->bounce_bytes) {
-        free(tls_bounce);
-        tls_bounce = NULL;
-        tls_bounce_cap = 0;
+        bounce_release();
         void *p = NULL;
         if (posix_memalign(&p, (size_t)e->page, (size_t)e->bounce_bytes) != 0) {
             return NULL;
@@ -802,12 +806,6 @@ static uint8_t *bounce_for(const spac_engine *e) {
         tls_bounce_cap = e->bounce_bytes;
     }
     return tls_bounce;
-}
-
-static void bounce_release(void) {
-    free(tls_bounce);
-    tls_bounce = NULL;
-    tls_bounce_cap = 0;
 }
 
 /* Bytes of the expert's data in all its tensors (what its slot holds). */
@@ -897,8 +895,9 @@ static int pread_direct(int fd, uint8_t *buf, uint64_t len, uint64_t off, uint64
 }
 
 /* Read tensor i of (layer, expert) into slot s (which nobody computes from until it is marked ready). Returns
- * the bytes read; on failure the slot gets the bytes from the mapping (page cache) or, when even that cannot be
- * read (the file changed: the guard answers with zero pages), zeros. */
+ * the bytes read; when O_DIRECT fails (or the file system refuses it) a buffered pread fills the slot and its pages
+ * are dropped from the page cache again; when that fails too (the file changed: the guard's fault makes the tier
+ * refuse the evaluation), the slot gets zeros. */
 static uint64_t slot_read_tensor(spac_engine *e, int32_t layer, int32_t expert, int32_t i, int32_t s, int *errs,
                                  int64_t *fallbacks) {
     const int64_t ti = (int64_t)layer * e->max_t + i;
@@ -1401,7 +1400,8 @@ static void exec_move_locked(spac_engine *e, move_t m, range_t *ranges) {
         return;
     }
     if (slots_on(e) && (m.op == SPAC_OP_PIN || m.op == SPAC_OP_UNPIN || (m.op == SPAC_OP_EVICT && e->slot[j] >= 0))) {
-        /* a slot is freed, not dropped from the page cache: no system call; pins are moot (the pool is locked) */
+        /* a slot is freed, not dropped from the page cache: no system call; a pin is only recorded (the pool's
+         * anonymous memory is not locked: not done yet) */
         if (m.op == SPAC_OP_EVICT) {
             slot_evict_locked(e, m.layer, j);
         } else {

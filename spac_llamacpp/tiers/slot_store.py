@@ -16,18 +16,11 @@ from spac_llamacpp.base.errors import SpacError
 from spac_llamacpp.gguf.info import MoEModelInfo
 from spac_llamacpp.native.expert_pool import KINDS, ExpertPool, PoolLayout
 from spac_llamacpp.native.flash_engine import SlotSpec
+from spac_llamacpp.planning.budgets import split_slots
+from spac_llamacpp.tiers.vram import pool_groups_of
 
 DEMAND_READERS = 3
 """Threads reading demand loads into slots (with the completer: four O_DIRECT reads in flight)."""
-
-
-def slot_counts(layout: PoolLayout, n_expert: int, budget: int) -> list[int]:
-    """Slots per group: the budget split over the groups by their expert bytes, in whole slots."""
-    weights = [layout.slot_bytes[g] * n_expert * len(layout.layers_of(g)) for g in range(len(layout.slot_bytes))]
-    total = sum(weights)
-    if total <= 0:
-        return [0 for _ in weights]
-    return [int(budget * w / total) // max(1, layout.slot_bytes[g]) for g, w in enumerate(weights)]
 
 
 def open_slot_store(llm: Any, info: MoEModelInfo, budget: int,
@@ -40,7 +33,7 @@ def open_slot_store(llm: Any, info: MoEModelInfo, budget: int,
     if model is None:
         raise SpacError("read='slots': the model is not loaded")
     layout = PoolLayout.of(model)
-    n_slots = slot_counts(layout, info.n_expert, budget)
+    n_slots = split_slots(budget, pool_groups_of(layout, info.n_expert))  # as the vram tier splits its pool
     if not any(n_slots):
         raise SpacError(f"a budget of {budget} bytes holds no expert slot of {info.path.name} "
                         f"({max(layout.slot_bytes, default=0)} bytes each); raise the budget")
